@@ -1,0 +1,210 @@
+"""`jaxembed.load(path)`: an HF / sentence-transformers folder as a ready-to-use text encoder."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxembed import hf
+from jaxembed.hf.sentence_transformers import STConfig, read_st_config
+from jaxembed.models.pooling import check_pooling, l2_normalize, pool
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "vocab.txt",
+    "vocab.json",
+    "sentencepiece.bpe.model",
+    "spiece.model",
+    "tokenizer.model",
+)
+MIN_BUCKET = 16
+
+
+def length_buckets(max_length: int) -> list[int]:
+    """Padded lengths we compile for: powers of two from 16, capped by and including max_length."""
+    buckets = []
+    b = MIN_BUCKET
+    while b < max_length:
+        buckets.append(b)
+        b *= 2
+    return [*buckets, max_length]
+
+
+def load_tokenizer(path: str | os.PathLike):
+    """The fast tokenizer saved in a model folder."""
+    from transformers import AutoTokenizer  # heavy import, only needed here
+
+    path = Path(path)
+    if not any((path / f).exists() for f in TOKENIZER_FILES):
+        raise FileNotFoundError(
+            f"{path}: no tokenizer found (looked for {', '.join(TOKENIZER_FILES)})"
+        )
+    try:
+        return AutoTokenizer.from_pretrained(str(path), local_files_only=True, use_fast=True)
+    except Exception as e:  # transformers raises many types here; keep the cause
+        raise FileNotFoundError(f"{path}: the tokenizer could not be loaded: {e}") from e
+
+
+class Encoder:
+    """A backbone, its tokenizer and its pooling: ``encode(texts) -> (n, dim)`` unit vectors."""
+
+    def __init__(
+        self,
+        model: nnx.Module,
+        tokenizer,
+        *,
+        pooling: str,
+        max_length: int,
+        st: STConfig | None = None,
+        name: str = "",
+    ):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.pooling = check_pooling(pooling)
+        self.max_length = int(max_length)
+        self.st = st or STConfig()
+        self.prompts = dict(self.st.prompts)
+        self.name = name
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        graphdef, state = nnx.split(model)
+        self._state = state
+
+        def embed(state, ids, mask, pool_mask):
+            h = nnx.merge(graphdef, state)(ids, mask)
+            return l2_normalize(pool(h, pool_mask, self.pooling, attention_mask=mask))
+
+        self._embed = jax.jit(embed)
+
+    @property
+    def dim(self) -> int:
+        return self.model.config.hidden_size
+
+    def resolve_prompt(self, prompt_name: str | None, prompt: str | None = None) -> str:
+        """The prompt text for ``prompt_name`` (or the folder's default prompt), "" if none."""
+        if prompt is not None:
+            return prompt
+        name = prompt_name if prompt_name is not None else self.st.default_prompt_name
+        if name is None:
+            return ""
+        if name not in self.prompts:
+            raise ValueError(
+                f"prompt_name {name!r} is not defined by {self.name or 'this model'}; "
+                f"defined prompts: {sorted(self.prompts) or 'none'}"
+            )
+        return self.prompts[name]
+
+    def _prompt_length(self, prompt: str) -> int:
+        """Prompt tokens to exclude from pooling, measured as sentence-transformers does."""
+        ids = self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+        n = len(ids)
+        if ids and ids[-1] in self.tokenizer.all_special_ids:
+            n -= 1
+        return n
+
+    def tokenize(self, texts: list[str], prompt: str = "") -> list[list[int]]:
+        if self.st.do_lower_case:
+            texts = [t.lower() for t in texts]
+        texts = [prompt + t for t in texts]
+        out = self.tokenizer(
+            texts, add_special_tokens=True, truncation=True, max_length=self.max_length
+        )
+        return out["input_ids"]
+
+    def encode(
+        self,
+        texts: list[str],
+        prompt_name: str | None = None,
+        batch_size: int = 32,
+        *,
+        prompt: str | None = None,
+        truncate_dim: int | None = None,
+    ) -> np.ndarray:
+        """Embeds ``texts`` as float32 unit vectors, shape (len(texts), dim).
+
+        Texts are sorted by length and padded to a few bucket lengths, and every batch but a
+        lone short one has ``batch_size`` rows, so only a handful of shapes are compiled.
+
+        Args:
+          texts: the strings to embed.
+          prompt_name: a key of the model's prompts (e.g. "query"); defaults to the folder's
+            ``default_prompt_name``, if any.
+          batch_size: rows per forward pass.
+          prompt: literal prompt text, overriding ``prompt_name``.
+          truncate_dim: keep the first ``truncate_dim`` features (Matryoshka), renormalised.
+        """
+        if isinstance(texts, str):
+            raise TypeError("encode() takes a list of strings, not a single string")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if truncate_dim is not None and not 0 < truncate_dim <= self.dim:
+            raise ValueError(f"truncate_dim={truncate_dim} must be in 1..{self.dim}")
+        dim = truncate_dim or self.dim
+        if len(texts) == 0:
+            return np.zeros((0, dim), np.float32)
+        prompt_text = self.resolve_prompt(prompt_name, prompt)
+        skip = self._prompt_length(prompt_text) if prompt_text and not self.st.include_prompt else 0
+        ids = self.tokenize(list(texts), prompt_text)
+        order = np.argsort([-len(x) for x in ids], kind="stable")
+        buckets = length_buckets(self.max_length)
+        rows = batch_size if len(texts) >= batch_size else 1 << (len(texts) - 1).bit_length()
+        out = np.zeros((len(texts), self.dim), np.float32)
+        for start in range(0, len(texts), rows):
+            idx = order[start : start + rows]
+            longest = max(len(ids[i]) for i in idx)
+            length = next(b for b in buckets if b >= longest)
+            batch = np.full((rows, length), self.pad_id, np.int32)
+            mask = np.zeros((rows, length), np.int32)
+            for r, i in enumerate(idx):
+                batch[r, : len(ids[i])] = ids[i]
+                mask[r, : len(ids[i])] = 1
+            pool_mask = mask.copy()
+            pool_mask[:, :skip] = 0
+            emb = self._embed(self._state, jnp.asarray(batch), jnp.asarray(mask), pool_mask)
+            out[idx] = np.asarray(emb)[: len(idx)]
+        if truncate_dim is not None:
+            out = out[:, :truncate_dim]
+            out /= np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
+        return out
+
+
+def load(
+    path: str | os.PathLike,
+    *,
+    dtype: str = "float32",
+    pooling: str | None = None,
+    max_length: int | None = None,
+) -> Encoder:
+    """Loads a local Hugging Face / sentence-transformers folder as an `Encoder`.
+
+    Args:
+      path: the model folder (``config.json``, weights, tokenizer files; sentence-transformers
+        files optional).
+      dtype: compute dtype, "float32" or "bfloat16"; parameters stay float32.
+      pooling: overrides the folder's pooling (default: the folder's ``1_Pooling``, else mean).
+      max_length: overrides the maximum token count (default: sentence-transformers'
+        ``max_seq_length``, else the tokenizer's and the position table's limit).
+    """
+    if dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {dtype!r}")
+    path = Path(path)
+    model = hf.load_model(path, dtype=jnp.dtype(dtype))
+    st = read_st_config(path)
+    tokenizer = load_tokenizer(path)
+    limit = model.config.max_tokens
+    if max_length is None:
+        max_length = st.max_seq_length or min(tokenizer.model_max_length, limit)
+    if not 0 < max_length <= limit:
+        raise ValueError(f"max_length={max_length} must be in 1..{limit} for {path}")
+    return Encoder(
+        model,
+        tokenizer,
+        pooling=pooling or st.pooling or "mean",
+        max_length=max_length,
+        st=st,
+        name=str(path),
+    )

@@ -1,0 +1,135 @@
+"""Small NNX building blocks shared by the backbones.
+
+Every parameter carries its logical axis names in the variable metadata key ``axes``
+(e.g. ``("embed", "mlp")``). `jaxembed.sharding` turns those names into mesh axes with a
+small rules table; the models themselves never see a mesh. We keep the names in our own
+metadata key instead of Flax's ``out_sharding`` so that creating a model outside a mesh
+context (loading, tests, export) never triggers Flax's eager sharding.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Axes = tuple[str | None, ...]
+
+
+def param(value: jax.Array, axes: Axes) -> nnx.Param:
+    """An fp32 (or given-dtype) parameter annotated with logical axis names."""
+    if len(axes) != value.ndim:
+        raise ValueError(f"axes {axes} do not match parameter shape {value.shape}")
+    return nnx.Param(value, axes=axes)
+
+
+def _normal(rngs: nnx.Rngs, shape, std: float, dtype) -> jax.Array:
+    return std * jax.random.normal(rngs.params(), shape, dtype)
+
+
+class Linear(nnx.Module):
+    """``y = x @ kernel + bias`` with the kernel stored (in, out), cast to ``dtype`` for compute."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        axes: Axes,
+        use_bias: bool = True,
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
+        init_std: float = 0.02,
+        rngs: nnx.Rngs,
+    ):
+        self.kernel = param(_normal(rngs, (in_features, out_features), init_std, param_dtype), axes)
+        self.bias = param(jnp.zeros((out_features,), param_dtype), axes[1:]) if use_bias else None
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.dtype)
+        return y
+
+
+class Embed(nnx.Module):
+    """A lookup table of shape (num_embeddings, features)."""
+
+    def __init__(
+        self,
+        num_embeddings: int,
+        features: int,
+        *,
+        axes: Axes,
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
+        init_std: float = 0.02,
+        rngs: nnx.Rngs,
+    ):
+        self.embedding = param(
+            _normal(rngs, (num_embeddings, features), init_std, param_dtype), axes
+        )
+        self.dtype = dtype
+
+    def __call__(self, ids: jax.Array) -> jax.Array:
+        return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
+
+
+class LayerNorm(nnx.Module):
+    """LayerNorm with statistics in fp32 whatever the compute dtype (bf16 variance underflows)."""
+
+    def __init__(self, features: int, *, eps: float, dtype=jnp.float32, param_dtype=jnp.float32):
+        self.scale = param(jnp.ones((features,), param_dtype), ("norm",))
+        self.bias = param(jnp.zeros((features,), param_dtype), ("norm",))
+        self.eps = eps
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        mean = x32.mean(-1, keepdims=True)
+        var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+        y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+        return y.astype(self.dtype)
+
+
+def dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
+    """Inverted dropout driven by an explicit key; the identity when ``rng`` is None.
+
+    An explicit key (instead of a stateful ``nnx.Rngs`` stream) makes the randomness a pure
+    function of its inputs, which GradCache needs to replay dropout exactly in its second pass.
+    """
+    if rng is None or rate == 0.0:
+        return x
+    keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
+
+
+def split_rng(rng: jax.Array | None, n: int) -> list[jax.Array | None]:
+    """``n`` independent keys, or ``n`` Nones when dropout is off."""
+    if rng is None:
+        return [None] * n
+    return list(jax.random.split(rng, n))
+
+
+ACTIVATIONS = {
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_fast": lambda x: jax.nn.gelu(x, approximate=True),
+    "relu": jax.nn.relu,
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+    "tanh": jnp.tanh,
+}
+
+
+def activation(name: str):
+    """The HF ``hidden_act`` by name, with the exact (erf) GELU for ``"gelu"`` as in PyTorch."""
+    try:
+        return ACTIVATIONS[name]
+    except KeyError:
+        raise ValueError(
+            f"unsupported hidden_act {name!r}; supported: {sorted(ACTIVATIONS)}"
+        ) from None

@@ -1,0 +1,69 @@
+"""Pooling of token states into one vector per text, L2 normalisation, Matryoshka truncation.
+
+All pooling runs in fp32 whatever the backbone's compute dtype: summing hundreds of bf16
+token states loses the low bits that separate near-duplicate embeddings.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+# The names sentence-transformers uses in 1_Pooling/config.json.
+POOLING_MODES = ("cls", "mean", "max", "mean_sqrt_len_tokens", "weightedmean", "lasttoken")
+
+
+def check_pooling(mode: str) -> str:
+    if mode not in POOLING_MODES:
+        raise ValueError(f"unsupported pooling {mode!r}; supported: {list(POOLING_MODES)}")
+    return mode
+
+
+def pool(
+    hidden: jax.Array, mask: jax.Array, mode: str, *, attention_mask: jax.Array | None = None
+) -> jax.Array:
+    """Pools (batch, length, hidden) states over the tokens where ``mask`` is 1.
+
+    ``mask`` is the attention mask, possibly with prompt tokens zeroed (sentence-transformers'
+    ``include_prompt=False``); ``attention_mask`` is the unmodified one, which only
+    ``weightedmean`` needs (its weights count from the first real token, prompt or not).
+    ``cls`` takes the first pooled token and ``lasttoken`` the last, so both are right for
+    right- and left-padded batches, as in sentence-transformers.
+    """
+    check_pooling(mode)
+    h = hidden.astype(jnp.float32)
+    m = mask.astype(jnp.float32)[..., None]
+    positions = jnp.arange(mask.shape[1])
+    if mode == "cls":
+        first = jnp.argmax(mask > 0, axis=1)
+        return jnp.take_along_axis(h, first[:, None, None], axis=1)[:, 0]
+    if mode == "lasttoken":
+        last = jnp.argmax(jnp.where(mask > 0, positions, -1), axis=1)
+        return jnp.take_along_axis(h, last[:, None, None], axis=1)[:, 0]
+    if mode == "max":
+        return jnp.max(jnp.where(m > 0, h, jnp.finfo(jnp.float32).min), axis=1)
+    if mode == "weightedmean":
+        full = mask if attention_mask is None else attention_mask
+        start = jnp.argmax(full > 0, axis=1)  # left padding shifts the weights
+        m = m * (positions[None, :] + 1 - start[:, None]).astype(jnp.float32)[..., None]
+    summed = jnp.sum(h * m, axis=1)
+    count = jnp.sum(m, axis=1)
+    if mode == "mean_sqrt_len_tokens":
+        return summed / jnp.sqrt(jnp.maximum(count, 1e-9))
+    return summed / jnp.maximum(count, 1e-9)
+
+
+def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
+    """``x / max(||x||, eps)`` in fp32, as ``torch.nn.functional.normalize``."""
+    x = x.astype(jnp.float32)
+    norm = jnp.sqrt(jnp.sum(x * x, axis=-1, keepdims=True))
+    return x / jnp.maximum(norm, eps)
+
+
+def truncate(x: jax.Array, dim: int | None) -> jax.Array:
+    """Keeps the first ``dim`` features (Matryoshka); renormalise afterwards."""
+    if dim is None:
+        return x
+    if not 0 < dim <= x.shape[-1]:
+        raise ValueError(f"truncate dim {dim} must be in 1..{x.shape[-1]}")
+    return x[..., :dim]

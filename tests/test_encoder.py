@@ -1,0 +1,167 @@
+"""`jaxembed.load(...).encode` against sentence-transformers on the real all-MiniLM-L6-v2."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from helpers import minilm_path
+from sentence_transformers import SentenceTransformer
+from sentence_transformers.sentence_transformer.modules import Pooling
+
+import jaxembed
+from jaxembed.encoder import length_buckets
+from jaxembed.models.pooling import POOLING_MODES, pool
+
+# Real sentences of mixed lengths and languages (ASCII and not, short and past 128 tokens).
+SENTENCES = [
+    "apt",
+    "Debian package manager",
+    "A fast, scalable, distributed revision control system.",
+    "GNU C Library: Shared libraries. Contains the standard libraries that are used by nearly "
+    "all programs on the system, including the standard C library and the math library.",
+    "Ein schnelles, skalierbares, verteiltes Versionskontrollsystem.",
+    "Système de gestion de versions distribué, rapide et évolutif.",
+    "Sistema de control de versiones distribuido, rápido y escalable.",
+    "Sistema di controllo di versione distribuito, veloce e scalabile.",
+    "Sistema de controle de versão distribuído, rápido e escalável.",
+    "Et hurtigt, skalerbart, distribueret versionsstyringssystem.",
+    "Szybki, skalowalny, rozproszony system kontroli wersji.",
+    "Rychlý, škálovatelný a distribuovaný systém pro správu verzí.",
+    "Быстрая масштабируемая распределённая система управления версиями.",
+    "Швидка масштабована розподілена система керування версіями.",
+    "高速でスケーラブルな分散型リビジョン管理システム",
+    "快速、可扩展的分布式版本控制系统。",
+    "빠르고 확장 가능한 분산 버전 관리 시스템",
+    "Where do I find the source code of a package?",
+    "How can I downgrade a package to an older version?",
+    "Utilities for managing the kernel's network configuration and routing tables.",
+    "This package provides the documentation in HTML format, including a tutorial, the "
+    "language reference, the library reference and a guide to extending and embedding the "
+    "interpreter in other applications. It also contains the release notes for every "
+    "version since the first one, which makes it a large package; install it only if you "
+    "read the documentation offline. " * 2,
+    "A lightweight X11 window manager.",
+    "Ein leichtgewichtiger Fenstermanager für X11, der wenig Speicher benötigt und sich über "
+    "eine einfache Textdatei konfigurieren lässt.",
+    "Un gestionnaire de fenêtres X11 léger.",
+    "Command-line JSON processor",
+    "Outil en ligne de commande pour traiter du JSON",
+    "Herramienta de línea de órdenes para procesar JSON",
+    "Python 3 interface to the SQLite 3 database engine",
+    "Interfaz de Python 3 para el motor de bases de datos SQLite 3",
+    "?!",
+    "12345 67890",
+    "The quick brown fox jumps over the lazy dog. " * 12,
+]
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    return jaxembed.load(minilm_path())
+
+
+@pytest.fixture(scope="module")
+def st_minilm():
+    return SentenceTransformer(str(minilm_path()), device="cpu")
+
+
+def test_real_minilm_matches_sentence_transformers(minilm, st_minilm):
+    assert len(SENTENCES) >= 30
+    ours = minilm.encode(SENTENCES, batch_size=8)
+    ref = st_minilm.encode(SENTENCES, batch_size=8, normalize_embeddings=True)
+    assert ours.dtype == np.float32 and ours.shape == (len(SENTENCES), 384)
+    err = np.abs(ours - ref).max()
+    print(f"all-MiniLM-L6-v2 vs sentence-transformers: max-abs diff {err:.2e}")
+    assert err <= 1e-5
+    np.testing.assert_allclose(np.linalg.norm(ours, axis=1), 1.0, atol=1e-6)
+    # A handful of shapes are compiled, not one per batch.
+    assert minilm._embed._cache_size() <= len(length_buckets(minilm.max_length)) + 1
+    assert minilm.dim == 384 and minilm.max_length == 256
+
+
+def test_matryoshka_truncation(minilm, st_minilm):
+    ours = minilm.encode(SENTENCES[:6], truncate_dim=64)
+    ref = st_minilm.encode(SENTENCES[:6], truncate_dim=64, normalize_embeddings=True)
+    assert ours.shape == (6, 64)
+    assert np.abs(ours - ref).max() <= 1e-5
+    with pytest.raises(ValueError, match=r"truncate_dim=999 must be in 1\.\.384"):
+        minilm.encode(["x"], truncate_dim=999)
+
+
+def test_order_and_small_inputs(minilm):
+    full = minilm.encode(SENTENCES, batch_size=16)
+    np.testing.assert_allclose(minilm.encode(SENTENCES[3:4]), full[3:4], atol=1e-6)
+    np.testing.assert_allclose(minilm.encode(SENTENCES[::-1])[::-1], full, atol=1e-6)
+    assert minilm.encode([]).shape == (0, 384)
+    with pytest.raises(TypeError, match="list of strings"):
+        minilm.encode("one string")
+
+
+@pytest.fixture(scope="module")
+def prompted_folder(tmp_path_factory):
+    """all-MiniLM with query/passage prompts and prompt tokens excluded from pooling."""
+    src, dst = minilm_path(), tmp_path_factory.mktemp("prompted")
+    for name in os.listdir(src):
+        if name not in ("config_sentence_transformers.json", "1_Pooling"):
+            os.symlink(src / name, dst / name)
+    (dst / "1_Pooling").mkdir()
+    pool_cfg = json.loads((src / "1_Pooling" / "config.json").read_text())
+    (dst / "1_Pooling" / "config.json").write_text(
+        json.dumps({**pool_cfg, "include_prompt": False})
+    )
+    (dst / "config_sentence_transformers.json").write_text(
+        json.dumps({"prompts": {"query": "query: ", "passage": "passage: "}})
+    )
+    return dst
+
+
+def test_prompts_excluded_from_pooling(prompted_folder):
+    enc = jaxembed.load(prompted_folder)
+    st = SentenceTransformer(str(prompted_folder), device="cpu")
+    assert not enc.st.include_prompt
+    for name in ("query", "passage"):
+        ours = enc.encode(SENTENCES[:10], prompt_name=name)
+        ref = st.encode(SENTENCES[:10], prompt_name=name, normalize_embeddings=True)
+        assert np.abs(ours - ref).max() <= 1e-5, name
+    assert not np.allclose(
+        enc.encode(SENTENCES[:2], prompt_name="query"), enc.encode(SENTENCES[:2])
+    )
+    with pytest.raises(
+        ValueError, match=r"prompt_name 'document' is not defined.*\['passage', 'query'\]"
+    ):
+        enc.encode(["x"], prompt_name="document")
+
+
+def test_bf16_compute_is_close(minilm):
+    enc = jaxembed.load(minilm_path(), dtype="bfloat16")
+    cos = np.sum(enc.encode(SENTENCES) * minilm.encode(SENTENCES), axis=1)
+    assert cos.min() > 0.99
+
+
+@pytest.mark.parametrize("mode", POOLING_MODES)
+@pytest.mark.parametrize("prompt_length", [0, 2])
+def test_pooling_matches_sentence_transformers(mode, prompt_length):
+    rng = np.random.default_rng(0)
+    hidden = rng.standard_normal((3, 7, 8)).astype(np.float32)
+    mask = np.array([[1] * 7, [1] * 4 + [0] * 3, [1] * 3 + [0] * 4], np.int64)
+    st_pool = Pooling(8, pooling_mode=mode, include_prompt=prompt_length == 0)
+    features = {"token_embeddings": torch.tensor(hidden), "attention_mask": torch.tensor(mask)}
+    if prompt_length:
+        features["prompt_length"] = prompt_length
+    ref = st_pool(features)["sentence_embedding"].numpy()
+    pool_mask = mask.copy()
+    pool_mask[:, :prompt_length] = 0
+    ours = np.asarray(pool(hidden, pool_mask, mode, attention_mask=mask))
+    np.testing.assert_allclose(ours, ref, atol=1e-6, rtol=1e-6)
+
+
+def test_missing_tokenizer_is_named(tmp_path):
+    src = minilm_path()
+    for name in ("config.json", "model.safetensors"):
+        os.symlink(src / name, tmp_path / name)
+    with pytest.raises(FileNotFoundError, match=r"no tokenizer found.*tokenizer\.json"):
+        jaxembed.load(tmp_path)
