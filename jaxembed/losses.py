@@ -1,0 +1,336 @@
+"""Contrastive losses: pure functions of raw embeddings.
+
+Every loss takes the GLOBAL batch (arrays possibly sharded over a mesh) and is written as
+plain ``jnp`` over the whole batch, so that inside a jitted step GSPMD inserts the
+all-gathers: in-batch and hard negatives then come from every device and host, and
+gradients flow back to every gathered passage. There are no collectives here on purpose
+(meshes with Explicit axes get one up-front ``reshard`` of the inputs, see ``_gathered``).
+
+Shared calling convention (``q``, ``p``, ``n`` are raw, unnormalised embeddings):
+
+- ``q``: ``[B, D]`` queries; ``p``: ``[B, D]`` positives; ``n``: ``[B, K, D]`` hard
+  negatives (``K`` may be 0).
+- ``temperature``: python float or scalar array (may be learnable); logits are
+  ``cos / temperature``.
+- ``neg_mask``: ``[B, K]`` bool, True where a negative is real; padded negatives are left
+  out of every softmax. ``None`` means all are real.
+- ``pos_hash``: ``[B]`` int hash of each positive's text; ``neg_hash``: ``[B, K]`` int hash
+  of each negative's text. For query ``i``, any candidate other than its own positive whose
+  hash equals ``pos_hash[i]`` is a false negative and is left out of that query's softmax.
+  ``None`` disables the masking (``neg_hash=None`` with ``pos_hash`` given masks only
+  in-batch positives).
+- ``reduce``: True returns the scalar mean over ``B``; False returns the ``[B]`` per-example
+  losses.
+
+Similarities are cosine similarities computed in at least float32 (bf16 inputs are
+upcast), so the returned loss is float32 for bf16/float32 inputs.
+"""
+
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import AxisType, NamedSharding, PartitionSpec
+
+# Finite rather than -inf: exp underflows to exactly 0 either way, but -inf turns into NaN
+# as soon as anything subtracts two masked logits or multiplies one by zero.
+_MASKED = -1e9
+
+TASKS = ("retrieval", "classification", "clustering")
+STYLES = ("joint", "f2llm")
+
+
+def _normalize(x: jax.Array) -> jax.Array:
+    """L2-normalises the last axis in (at least) float32.
+
+    rsqrt of a clamped squared norm rather than ``x / norm``: the gradient of ``sqrt`` at 0
+    is infinite, and all-zero padded negatives are common. Clamping the squared norm at
+    1e-24 matches ``torch.nn.functional.normalize``'s ``eps=1e-12`` on the norm.
+    """
+    x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    sq = jnp.sum(x * x, axis=-1, keepdims=True)
+    return x * jax.lax.rsqrt(jnp.maximum(sq, 1e-24))
+
+
+def _gathered(x: jax.Array) -> jax.Array:
+    """Replicates ``x`` if an Explicit mesh axis shards it; a no-op otherwise.
+
+    Under Auto axes GSPMD inserts the all-gathers ``q @ p.T`` needs by itself. Explicit axes
+    (``jax.make_mesh``'s default) type-check shardings instead and reject a product of two
+    batch-sharded operands, so gather up front: the same all-gather, and the gradient comes
+    back sharded like the input.
+    """
+    sharding = jax.typeof(x).sharding
+    mesh = getattr(sharding, "mesh", None)
+    if mesh is None or AxisType.Explicit not in tuple(mesh.axis_types):
+        return x
+    if all(axis is None for axis in sharding.spec):
+        return x
+    return jax.sharding.reshard(x, NamedSharding(mesh, PartitionSpec()))
+
+
+def _check_inputs(q, p, n, neg_mask, pos_hash, neg_hash) -> None:
+    if q.ndim != 2 or p.shape != q.shape:
+        raise ValueError(f"q and p must both be [B, D]; got q {q.shape}, p {p.shape}")
+    b, d = q.shape
+    if n.ndim != 3 or n.shape[0] != b or n.shape[2] != d:
+        raise ValueError(f"n must be [B={b}, K, D={d}]; got {n.shape}")
+    k = n.shape[1]
+    if neg_mask is not None and neg_mask.shape != (b, k):
+        raise ValueError(f"neg_mask must be [B={b}, K={k}]; got {neg_mask.shape}")
+    if pos_hash is not None and pos_hash.shape != (b,):
+        raise ValueError(f"pos_hash must be [B={b}]; got {pos_hash.shape}")
+    if neg_hash is not None and neg_hash.shape != (b, k):
+        raise ValueError(f"neg_hash must be [B={b}, K={k}]; got {neg_hash.shape}")
+
+
+def _prepare(q, p, n, temperature, neg_mask, pos_hash, neg_hash):
+    """Validates shapes; returns normalised q, p, n, the float temperature and a [B, K] mask."""
+    q, p, n = (_gathered(jnp.asarray(x)) for x in (q, p, n))
+    neg_mask = None if neg_mask is None else _gathered(jnp.asarray(neg_mask, bool))
+    pos_hash = None if pos_hash is None else _gathered(jnp.asarray(pos_hash))
+    neg_hash = None if neg_hash is None else _gathered(jnp.asarray(neg_hash))
+    _check_inputs(q, p, n, neg_mask, pos_hash, neg_hash)
+    qn, pn, nn = _normalize(q), _normalize(p), _normalize(n)
+    temp = jnp.asarray(temperature, qn.dtype)
+    if neg_mask is None:
+        neg_mask = jnp.ones(n.shape[:2], bool)
+    return qn, pn, nn, temp, neg_mask, pos_hash, neg_hash
+
+
+def _cross_entropy(logits: jax.Array, target: jax.Array) -> jax.Array:
+    """-log softmax(logits)[target] per row, given the target's logit (already in logits)."""
+    return jax.nn.logsumexp(logits, axis=-1) - target
+
+
+def _in_batch_valid(pos_hash) -> jax.Array | None:
+    """[B, B] bool, False where in-batch positive j is a false negative for row i.
+
+    Symmetric, so it serves both the query->passage and the passage->query direction.
+    """
+    if pos_hash is None:
+        return None
+    b = pos_hash.shape[0]
+    same = pos_hash[:, None] == pos_hash[None, :]
+    return ~same | jnp.eye(b, dtype=bool)
+
+
+def _in_batch_term(qn, pn, nn, temp, neg_mask, pos_hash, neg_hash, *, with_negatives, symmetric):
+    """Per-example in-batch loss.
+
+    Forward: query i against all B positives (plus all B*K hard negatives when
+    ``with_negatives``) in one softmax, target p_i. Backward, averaged in when
+    ``symmetric``: positive i against all B queries, target q_i (hard negatives are
+    passages, so they have no place there).
+    """
+    b = qn.shape[0]
+    qp = (qn @ pn.T) / temp  # [B, B]
+    valid = _in_batch_valid(pos_hash)
+    qp_masked = qp if valid is None else jnp.where(valid, qp, _MASKED)
+    target = jnp.diagonal(qp)
+    logits = qp_masked
+    if with_negatives:
+        flat = nn.reshape(-1, nn.shape[-1])  # [B*K, D]: the global pool of hard negatives
+        qn_logits = (qn @ flat.T) / temp  # [B, B*K]
+        neg_valid = jnp.broadcast_to(neg_mask.reshape(1, -1), (b, flat.shape[0]))
+        if pos_hash is not None and neg_hash is not None:
+            neg_valid = neg_valid & (neg_hash.reshape(1, -1) != pos_hash[:, None])
+        logits = jnp.concatenate([qp_masked, jnp.where(neg_valid, qn_logits, _MASKED)], axis=1)
+    forward = _cross_entropy(logits, target)
+    if not symmetric:
+        return forward
+    return (forward + _cross_entropy(qp_masked.T, target)) / 2
+
+
+def _hard_term(qn, pn, nn, temp, neg_mask, pos_hash, neg_hash):
+    """Per-example loss of query i against [p_i, n_i,0 .. n_i,K-1]."""
+    pos = jnp.sum(qn * pn, axis=-1) / temp  # [B]
+    neg = jnp.einsum("bd,bkd->bk", qn, nn) / temp  # [B, K]
+    valid = neg_mask
+    if pos_hash is not None and neg_hash is not None:
+        valid = valid & (neg_hash != pos_hash[:, None])
+    logits = jnp.concatenate([pos[:, None], jnp.where(valid, neg, _MASKED)], axis=1)
+    return _cross_entropy(logits, pos)
+
+
+def _reduce(per_example: jax.Array, reduce: bool) -> jax.Array:
+    return jnp.mean(per_example) if reduce else per_example
+
+
+def retrieval_loss(
+    q,
+    p,
+    n,
+    *,
+    temperature,
+    neg_mask=None,
+    pos_hash=None,
+    neg_hash=None,
+    symmetric: bool = False,
+    reduce: bool = True,
+) -> jax.Array:
+    """In-batch + hard-negative InfoNCE in one softmax (MultipleNegativesRanking style).
+
+    Query i is scored against all B positives and all B*K hard negatives of the global
+    batch; the target is p_i. False negatives (candidates other than p_i sharing
+    ``pos_hash[i]``) and padded negatives are left out of the softmax.
+
+    Args:
+        q: [B, D] query embeddings, unnormalised.
+        p: [B, D] positive embeddings, unnormalised.
+        n: [B, K, D] hard-negative embeddings, unnormalised; K may be 0.
+        temperature: scalar; logits are cosine / temperature. Differentiable.
+        neg_mask: optional [B, K] bool, True for real negatives.
+        pos_hash: optional [B] int hash of each positive's text.
+        neg_hash: optional [B, K] int hash of each negative's text.
+        symmetric: also score each positive p_i against all B queries (target q_i, queries
+            whose positive shares ``pos_hash[i]`` masked) and average the two directions,
+            as sentence-transformers' MultipleNegativesSymmetricRankingLoss does.
+        reduce: return the mean over B (True) or the [B] per-example losses (False).
+
+    Returns:
+        Scalar mean loss, or [B] per-example losses when ``reduce`` is False.
+    """
+    qn, pn, nn, temp, neg_mask, pos_hash, neg_hash = _prepare(
+        q, p, n, temperature, neg_mask, pos_hash, neg_hash
+    )
+    per_example = _in_batch_term(
+        qn, pn, nn, temp, neg_mask, pos_hash, neg_hash, with_negatives=True, symmetric=symmetric
+    )
+    return _reduce(per_example, reduce)
+
+
+def f2llm_retrieval_loss(
+    q,
+    p,
+    n,
+    *,
+    temperature,
+    neg_mask=None,
+    pos_hash=None,
+    neg_hash=None,
+    symmetric: bool = False,
+    reduce: bool = True,
+) -> jax.Array:
+    """F2LLM retrieval loss: in-batch loss plus hard-negative loss, summed unweighted.
+
+    The in-batch term scores query i against the B positives only (false negatives
+    masked); the hard term scores query i against [p_i, its own K negatives]. Arguments
+    are as in :func:`retrieval_loss`; ``symmetric`` applies to the in-batch term only.
+
+    Returns:
+        Scalar mean loss, or [B] per-example losses when ``reduce`` is False.
+    """
+    qn, pn, nn, temp, neg_mask, pos_hash, neg_hash = _prepare(
+        q, p, n, temperature, neg_mask, pos_hash, neg_hash
+    )
+    in_batch = _in_batch_term(
+        qn, pn, nn, temp, neg_mask, pos_hash, neg_hash, with_negatives=False, symmetric=symmetric
+    )
+    hard = _hard_term(qn, pn, nn, temp, neg_mask, pos_hash, neg_hash)
+    return _reduce(in_batch + hard, reduce)
+
+
+def hard_negative_loss(
+    q,
+    p,
+    n,
+    *,
+    temperature,
+    neg_mask=None,
+    pos_hash=None,
+    neg_hash=None,
+    symmetric: bool = False,
+    reduce: bool = True,
+) -> jax.Array:
+    """Hard-negative-only InfoNCE for classification and clustering tasks.
+
+    Query i is scored against [p_i, n_i,0 .. n_i,K-1] only: in a classification batch
+    other rows' positives are often the same label, so in-batch negatives would be wrong.
+    With K = 0 (or every negative masked) this is a 1-way softmax and the loss is 0.
+
+    Args:
+        q: [B, D] query embeddings, unnormalised.
+        p: [B, D] positive embeddings, unnormalised.
+        n: [B, K, D] hard-negative embeddings, unnormalised.
+        temperature: scalar; logits are cosine / temperature. Differentiable.
+        neg_mask: optional [B, K] bool, True for real negatives.
+        pos_hash: optional [B] int hash of each positive's text.
+        neg_hash: optional [B, K] int hash of each negative's text; own negatives sharing
+            ``pos_hash[i]`` are masked.
+        symmetric: accepted so that every function :func:`task_loss` returns takes the same
+            arguments; ignored, since there is no in-batch direction to mirror.
+        reduce: return the mean over B (True) or the [B] per-example losses (False).
+
+    Returns:
+        Scalar mean loss, or [B] per-example losses when ``reduce`` is False.
+    """
+    del symmetric
+    qn, pn, nn, temp, neg_mask, pos_hash, neg_hash = _prepare(
+        q, p, n, temperature, neg_mask, pos_hash, neg_hash
+    )
+    return _reduce(_hard_term(qn, pn, nn, temp, neg_mask, pos_hash, neg_hash), reduce)
+
+
+def matryoshka(
+    loss_fn: Callable[..., jax.Array],
+    dims: Sequence[int],
+    weights: Sequence[float] | None = None,
+) -> Callable[..., jax.Array]:
+    """Wraps a loss so it is the weighted sum over Matryoshka prefix dimensions.
+
+    Args:
+        loss_fn: a loss with the shared signature ``(q, p, n, *, temperature, ...)``; it
+            renormalises the truncated embeddings itself.
+        dims: embedding prefix sizes; each must be positive and at most D (checked when the
+            returned function is called, since D is only known then).
+        weights: one weight per dim; all 1.0 if omitted.
+
+    Returns:
+        A function with ``loss_fn``'s signature returning
+        ``sum_i weights[i] * loss_fn(q[..., :dims[i]], p[..., :dims[i]], n[..., :dims[i]])``.
+    """
+    dims = tuple(dims)
+    if not dims:
+        raise ValueError("matryoshka: dims must not be empty")
+    for d in dims:
+        if isinstance(d, bool) or not isinstance(d, int) or d <= 0:
+            raise ValueError(f"matryoshka: every dim must be a positive int; got {d!r}")
+    weights = (1.0,) * len(dims) if weights is None else tuple(weights)
+    if len(weights) != len(dims):
+        raise ValueError(
+            f"matryoshka: got {len(weights)} weights for {len(dims)} dims; need one per dim"
+        )
+
+    def loss(q, p, n, **kwargs):
+        full = q.shape[-1]
+        for d in dims:
+            if d > full:
+                raise ValueError(f"matryoshka: dim {d} exceeds the embedding size D={full}")
+        total = 0.0
+        for d, w in zip(dims, weights, strict=True):
+            total = total + w * loss_fn(q[..., :d], p[..., :d], n[..., :d], **kwargs)
+        return total
+
+    return loss
+
+
+def task_loss(task: str, style: str = "joint") -> Callable[..., jax.Array]:
+    """Returns the loss function for a task.
+
+    Args:
+        task: one of ``TASKS``. Retrieval uses in-batch plus hard negatives; classification
+            and clustering use hard negatives only.
+        style: one of ``STYLES``, used for retrieval only: "joint" is
+            :func:`retrieval_loss` (one softmax), "f2llm" is :func:`f2llm_retrieval_loss`.
+
+    Returns:
+        A loss function; all of them share the same keyword arguments.
+    """
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; allowed: {', '.join(TASKS)}")
+    if style not in STYLES:
+        raise ValueError(f"unknown loss style {style!r}; allowed: {', '.join(STYLES)}")
+    if task != "retrieval":
+        return hard_negative_loss
+    return retrieval_loss if style == "joint" else f2llm_retrieval_loss
