@@ -72,7 +72,7 @@ class Encoder:
         self.name = name
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         graphdef, state = nnx.split(model)
-        self._state = state
+        self._state = jax.device_put(state)
 
         def embed(state, ids, mask, pool_mask):
             h = nnx.merge(graphdef, state)(ids, mask)

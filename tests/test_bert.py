@@ -83,7 +83,7 @@ def test_remat_and_dropout(tiny):
     key = jax.random.key(3)
 
     def loss(model, rng):
-        return jnp.sum(pool(model(ids, mask, dropout_rng=rng), mask, "mean") ** 2)
+        return jnp.sum(pool(model(ids, mask, dropout_seed=rng), mask, "mean") ** 2)
 
     # Same key, same dropout masks: remat changes memory, never values or gradients.
     l1, g1 = nnx.value_and_grad(loss)(plain, key)

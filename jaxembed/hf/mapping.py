@@ -115,7 +115,8 @@ def load_params(
                 f"expected {tuple(TRANSFORMS[row.transform][1](np.empty(var.shape)).shape)} "
                 f"for parameter {row.flax} {tuple(var.shape)}"
             )
-        var.set_value(jnp.asarray(value, dtype=param_dtype))
+        # Host memory: the caller places parameters (one device, or sharded over a mesh).
+        var.set_value(np.asarray(value, dtype=param_dtype))
         used.add(key)
     unused = [k for k in tensors if k.startswith(prefix) and k not in used]
     unused = [k for k in unused if not k.endswith("position_ids")]  # a non-persistent buffer

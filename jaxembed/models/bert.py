@@ -17,7 +17,15 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxembed.models.layers import Embed, LayerNorm, Linear, activation, dropout, split_rng
+from jaxembed.models.layers import (
+    Embed,
+    LayerNorm,
+    Linear,
+    activation,
+    dropout,
+    split_rng,
+    to_seed,
+)
 
 # model_type -> whether positions start after the padding index (RoBERTa-style).
 FAMILIES = {"bert": False, "roberta": True, "xlm-roberta": True, "camembert": True}
@@ -230,7 +238,7 @@ class BertModel(nnx.Module):
         attention_mask: jax.Array,
         token_type_ids: jax.Array | None = None,
         *,
-        dropout_rng: jax.Array | None = None,
+        dropout_seed: jax.Array | None = None,
     ) -> jax.Array:
         """Runs the encoder.
 
@@ -238,14 +246,15 @@ class BertModel(nnx.Module):
           input_ids: int (batch, length).
           attention_mask: (batch, length), 1 for real tokens, 0 for padding.
           token_type_ids: int (batch, length); zeros when None.
-          dropout_rng: a PRNG key turns dropout on (training); None is deterministic.
+          dropout_seed: a uint32 seed (or a PRNG key) turns dropout on (training); None is
+            deterministic. The same seed gives the same masks.
 
         Returns:
           Last hidden states (batch, length, hidden) in the compute dtype.
         """
         if token_type_ids is None:
             token_type_ids = jnp.zeros_like(input_ids)
-        r_emb, r_enc = split_rng(dropout_rng, 2)
+        r_emb, r_enc = split_rng(to_seed(dropout_seed), 2)
         x = self.embeddings(input_ids, token_type_ids, r_emb)
         # Additive mask in fp32: the most negative float, as HF does, keeps fully padded rows
         # finite (uniform attention) instead of NaN.

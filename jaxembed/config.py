@@ -1,0 +1,103 @@
+"""The shared config schema: defaults, grouped as model / loss / optim / mesh / train.
+
+Configs are Python files whose ``get_config()`` starts from `default_config()` and overrides
+what the recipe needs; the CLI overrides further with ``--config.optim.lr=...``.
+`validate` checks every value and names the key and the allowed values on error.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+DTYPES = ("float32", "bfloat16")
+LOSS_STYLES = ("joint", "f2llm")
+SCHEDULES = ("cosine", "linear", "constant")
+
+
+def default_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+
+    c.model = ml_collections.ConfigDict()
+    c.model.path = ""  # local HF / sentence-transformers folder
+    c.model.dtype = "float32"  # compute dtype; parameters are always float32
+    c.model.remat = False  # recompute each layer in the backward pass (less memory)
+    c.model.pooling = ""  # "" = the folder's pooling (sentence-transformers), else mean
+
+    c.loss = ml_collections.ConfigDict()
+    c.loss.style = "joint"  # retrieval: "joint" one softmax, "f2llm" in-batch + hard, summed
+    c.loss.temperature = 0.05
+    c.loss.learnable_temperature = False
+    c.loss.symmetric = False  # add the passage -> query direction to the in-batch term
+    c.loss.false_negative_masking = True  # mask candidates whose text equals the positive
+    c.loss.matryoshka_dims = ()  # e.g. (768, 512, 256, 128); () = off
+    c.loss.matryoshka_weights = ()  # one per dim; () = all 1
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.lr = 2e-5
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.999
+    c.optim.eps = 1e-8
+    c.optim.weight_decay = 0.01  # not applied to LayerNorm scales, biases or the temperature
+    c.optim.warmup_steps = 100
+    c.optim.schedule = "cosine"  # after warmup: cosine / linear decay to min_lr, or constant
+    c.optim.min_lr = 0.0
+    c.optim.clip_norm = 1.0  # global-norm clipping; 0 = off
+
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = -1  # -1: all devices left over by the other axes
+    c.mesh.fsdp = 1
+    c.mesh.tensor = 1
+
+    c.train = ml_collections.ConfigDict()
+    c.train.steps = 1000
+    c.train.global_batch = 64
+    c.train.seed = 0
+    c.train.dropout = True  # the backbone's dropout during training
+    c.train.gradcache = False
+    c.train.gradcache_chunk = 16  # rows per GradCache chunk (a multiple of data parallelism)
+    return c
+
+
+def _choice(c, key: str, allowed) -> None:
+    value = c
+    for part in key.split("."):
+        value = value[part]
+    if value not in allowed:
+        raise ValueError(f"config.{key}={value!r} is not allowed; choose one of {list(allowed)}")
+
+
+def _positive(c, key: str, allow_zero: bool = False) -> None:
+    value = c
+    for part in key.split("."):
+        value = value[part]
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ValueError(f"config.{key}={value!r} must be {'>= 0' if allow_zero else '> 0'}")
+
+
+def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Checks the values `default_config` defines; returns the config."""
+    _choice(c, "model.dtype", DTYPES)
+    _choice(c, "loss.style", LOSS_STYLES)
+    _choice(c, "optim.schedule", SCHEDULES)
+    for key in ("loss.temperature", "optim.lr", "train.steps", "train.global_batch"):
+        _positive(c, key)
+    for key in ("optim.weight_decay", "optim.warmup_steps", "optim.min_lr", "optim.clip_norm"):
+        _positive(c, key, allow_zero=True)
+    if c.train.gradcache:
+        _positive(c, "train.gradcache_chunk")
+        if c.train.global_batch % c.train.gradcache_chunk:
+            raise ValueError(
+                f"config.train.gradcache_chunk={c.train.gradcache_chunk} must divide "
+                f"config.train.global_batch={c.train.global_batch}"
+            )
+    if c.optim.min_lr > c.optim.lr:
+        raise ValueError(
+            f"config.optim.min_lr={c.optim.min_lr} exceeds config.optim.lr={c.optim.lr}"
+        )
+    dims, weights = tuple(c.loss.matryoshka_dims), tuple(c.loss.matryoshka_weights)
+    if weights and len(weights) != len(dims):
+        raise ValueError(
+            f"config.loss.matryoshka_weights has {len(weights)} entries for "
+            f"{len(dims)} config.loss.matryoshka_dims"
+        )
+    return c

@@ -1,0 +1,177 @@
+"""Device mesh, logical-axis rules and the shardings of parameters and batches.
+
+Parameters carry logical axis names (``vocab``, ``embed``, ``heads``, ``mlp``, ``norm``; see
+`jaxembed.models.layers`). A small rules table maps each name to mesh axes:
+
+    embed -> fsdp          (FSDP: every weight matrix is split along its model dimension)
+    heads, mlp, vocab -> tensor   (Megatron-style tensor parallelism, if the mesh has it)
+    batch -> (data, fsdp)  (the global batch is split over every data-parallel device)
+
+A dimension that the mesh axes do not divide evenly is replicated instead (logged in the
+start-up table), so any device count works with any model. The mesh uses Auto axes: the
+losses multiply globally sharded embeddings and GSPMD inserts the cross-device gathers.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.experimental import mesh_utils
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
+    ("batch", BATCH_AXES),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("mlp", "tensor"),
+    ("vocab", "tensor"),
+    ("norm", None),
+)
+
+
+def make_mesh(
+    data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence | None = None
+) -> Mesh:
+    """A ``(data, fsdp, tensor)`` mesh over ``devices`` (default: all, across every host).
+
+    One size may be -1: it takes whatever the others leave. The product must equal the
+    device count.
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = {"data": data, "fsdp": fsdp, "tensor": tensor}
+    free = [k for k, v in sizes.items() if v == -1]
+    if len(free) > 1:
+        raise ValueError(f"mesh: at most one axis may be -1, got {sizes}")
+    for k, v in sizes.items():
+        if v != -1 and v < 1:
+            raise ValueError(f"mesh.{k}={v} must be >= 1 or -1")
+    fixed = math.prod(v for v in sizes.values() if v != -1)
+    if free:
+        if len(devices) % fixed:
+            raise ValueError(
+                f"mesh: {len(devices)} devices cannot be split as {sizes} "
+                f"({len(devices)} is not divisible by {fixed})"
+            )
+        sizes[free[0]] = len(devices) // fixed
+    if math.prod(sizes.values()) != len(devices):
+        raise ValueError(
+            f"mesh: data*fsdp*tensor = {math.prod(sizes.values())} ({sizes}) but there are "
+            f"{len(devices)} devices"
+        )
+    shape = tuple(sizes[a] for a in MESH_AXES)
+    if len(devices) == len(jax.devices()) and devices == list(jax.devices()):
+        # create_device_mesh orders devices so neighbouring mesh coordinates are fast links.
+        dev_array = mesh_utils.create_device_mesh(shape, devices)
+    else:
+        dev_array = np.asarray(devices).reshape(shape)
+    return Mesh(dev_array, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def data_parallel_size(mesh: Mesh) -> int:
+    return math.prod(mesh.shape[a] for a in BATCH_AXES)
+
+
+def check_global_batch(global_batch: int, mesh: Mesh, what: str = "global batch size") -> None:
+    """The global batch must split evenly over the data-parallel devices."""
+    n = data_parallel_size(mesh)
+    if global_batch % n:
+        raise ValueError(
+            f"{what} {global_batch} is not divisible by the data-parallel size {n} "
+            f"(mesh data={mesh.shape['data']} x fsdp={mesh.shape['fsdp']})"
+        )
+
+
+def _mesh_axes_for(name, rules) -> tuple[str, ...]:
+    if name is None:
+        return ()
+    table = dict(rules)
+    if name not in table:
+        raise KeyError(f"logical axis {name!r} has no sharding rule; rules: {sorted(table)}")
+    axes = table[name]
+    if axes is None:
+        return ()
+    return (axes,) if isinstance(axes, str) else tuple(axes)
+
+
+def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh, rules=None) -> P:
+    """The PartitionSpec for a tensor of ``shape`` with logical ``axes``.
+
+    Mesh axes of size 1 are dropped, a mesh axis is used at most once per tensor, and a
+    dimension not divisible by its mesh axes' total size stays replicated.
+    """
+    rules = DEFAULT_RULES if rules is None else rules
+    used: set[str] = set()
+    spec = []
+    for name, dim in zip(axes, shape, strict=True):
+        mesh_axes = tuple(
+            a for a in _mesh_axes_for(name, rules) if a not in used and mesh.shape.get(a, 1) > 1
+        )
+        size = math.prod(mesh.shape[a] for a in mesh_axes)
+        if not mesh_axes or dim % size:
+            spec.append(None)
+            continue
+        used.update(mesh_axes)
+        spec.append(mesh_axes[0] if len(mesh_axes) == 1 else mesh_axes)
+    return P(*spec)
+
+
+def state_shardings(state: nnx.State, mesh: Mesh, rules=None):
+    """NamedShardings for an (abstract) state of `nnx.Variable`s, from their ``axes`` metadata.
+
+    Variables without axes metadata are replicated.
+    """
+
+    def one(var):
+        axes = var.get_metadata("axes", None) if isinstance(var, nnx.Variable) else None
+        if axes is None:
+            return NamedSharding(mesh, P())
+        return NamedSharding(mesh, logical_to_spec(axes, var.shape, mesh, rules))
+
+    return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:
+    """Leading (batch) dimension over the data-parallel axes, the rest replicated."""
+    return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def shard_batch(batch: dict, mesh: Mesh) -> dict:
+    """Places a host-complete batch on the mesh, every array split on its leading dimension.
+
+    (Multi-host input, where each host holds only its slice, assembles global arrays with
+    ``jax.make_array_from_process_local_data`` in the data pipeline instead.)
+    """
+    return {k: jax.device_put(v, batch_sharding(mesh, np.ndim(v))) for k, v in batch.items()}
+
+
+def describe(state: nnx.State, shardings) -> str:
+    """A table of every parameter: path, shape, dtype, logical axes, PartitionSpec."""
+    rows = [("parameter", "shape", "dtype", "logical axes", "sharding")]
+    flat_state = nnx.to_flat_state(state)
+    flat_sh = dict(nnx.to_flat_state(shardings)) if isinstance(shardings, nnx.State) else None
+    total = 0
+    for path, var in flat_state:
+        name = ".".join(str(p) for p in path)
+        sh = flat_sh[path] if flat_sh is not None else None
+        spec = getattr(sh, "spec", None) if sh is not None else None
+        axes = var.get_metadata("axes", None) if isinstance(var, nnx.Variable) else None
+        rows.append(
+            (name, str(tuple(var.shape)), str(var.dtype), str(axes), str(spec) if spec else "-")
+        )
+        total += math.prod(var.shape)
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    lines.append(f"{total:,} parameters")
+    return "\n".join(lines)

@@ -1,0 +1,283 @@
+"""Mesh, sharding rules, the sharded train step, GradCache and the optimizer."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxembed import config as config_lib
+from jaxembed import sharding, train
+from jaxembed.models.bert import BertConfig, BertModel
+
+TINY = BertConfig(
+    vocab_size=64,
+    hidden_size=32,
+    num_hidden_layers=1,  # one layer keeps compiles short; layer stacking is tested in test_bert
+    num_attention_heads=4,
+    intermediate_size=64,
+    max_position_embeddings=32,
+    hidden_dropout_prob=0.1,
+    attention_probs_dropout_prob=0.1,
+    add_pooling_layer=False,
+)
+B, K, LQ, LP = 16, 2, 8, 12
+
+
+def tiny_model(seed=0):
+    return BertModel(TINY, rngs=nnx.Rngs(seed))
+
+
+def make_config(**train_overrides):
+    c = config_lib.default_config()
+    c.train.global_batch = B
+    c.train.steps = 40
+    c.optim.warmup_steps = 0
+    c.optim.lr = 1e-3
+    c.train.update(train_overrides)
+    return config_lib.validate(c)
+
+
+def random_batch(seed=0, b=B, k=K):
+    rng = np.random.default_rng(seed)
+
+    def ids(*shape):
+        lengths = rng.integers(2, shape[-1] + 1, shape[:-1])
+        mask = (np.arange(shape[-1]) < lengths[..., None]).astype(np.int32)
+        return (rng.integers(1, TINY.vocab_size, shape) * mask).astype(np.int32), mask
+
+    q, qm = ids(b, LQ)
+    p, pm = ids(b, LP)
+    n, nm = ids(b, k, LP)
+    pos_hash = rng.integers(0, 1 << 30, b).astype(np.int32)
+    pos_hash[3] = pos_hash[5]  # one duplicate positive: exercises false-negative masking
+    valid = np.ones((b, k), bool)
+    if k:
+        valid[0, -1] = False
+    return dict(
+        query_ids=q,
+        query_mask=qm,
+        pos_ids=p,
+        pos_mask=pm,
+        neg_ids=n,
+        neg_mask=nm,
+        neg_valid=valid,
+        pos_hash=pos_hash,
+        neg_hash=rng.integers(0, 1 << 30, (b, k)).astype(np.int32),
+    )
+
+
+# --- mesh and rules -------------------------------------------------------------------------
+
+
+def test_mesh_shapes_and_errors():
+    assert dict(sharding.make_mesh().shape) == {"data": 8, "fsdp": 1, "tensor": 1}
+    assert dict(sharding.make_mesh(2, -1).shape) == {"data": 2, "fsdp": 4, "tensor": 1}
+    assert dict(sharding.make_mesh(2, 2, 2).shape) == {"data": 2, "fsdp": 2, "tensor": 2}
+    with pytest.raises(ValueError, match=r"data\*fsdp\*tensor = 6 .* there are 8 devices"):
+        sharding.make_mesh(3, 2, 1)
+    with pytest.raises(ValueError, match="not divisible by 3"):
+        sharding.make_mesh(-1, 3)
+    mesh = sharding.make_mesh(2, 4)
+    with pytest.raises(
+        ValueError, match="global batch size 12 is not divisible by the data-parallel size 8"
+    ):
+        sharding.check_global_batch(12, mesh)
+
+
+def test_logical_rules():
+    mesh = sharding.make_mesh(2, 2, 2)
+    P = jax.sharding.PartitionSpec
+    assert sharding.logical_to_spec(("embed", "mlp"), (32, 64), mesh) == P("fsdp", "tensor")
+    assert sharding.logical_to_spec(("vocab", "embed"), (63, 32), mesh) == P(None, "fsdp")
+    assert sharding.logical_to_spec(("batch", None), (16, 5), mesh) == P(("data", "fsdp"), None)
+    with pytest.raises(KeyError, match="logical axis 'bogus' has no sharding rule"):
+        sharding.logical_to_spec(("bogus",), (4,), mesh)
+    # Parameters are placed in their shards and the start-up table lists them.
+    c = make_config()
+    tx, _ = train.make_optimizer(c.optim, c.train.steps)
+    _, state, _ = train.create_state(tiny_model(), c, mesh, tx)
+    kernel = state.params["model"]["encoder"]["layer"][0]["intermediate"]["dense"]["kernel"]
+    assert kernel.sharding.spec == P("fsdp", "tensor")
+    assert len(kernel.addressable_shards) == 8 and kernel.addressable_shards[0].data.shape == (
+        16,
+        32,
+    )
+    table = sharding.describe(
+        nnx.state(tiny_model()), sharding.state_shardings(nnx.state(tiny_model()), mesh)
+    )
+    assert "encoder.layer.0.intermediate.dense.kernel" in table and "P('fsdp', 'tensor')" in table
+
+
+# --- the same loss and gradients on every mesh ----------------------------------------------
+
+MESHES = {
+    "1x1": (1, 1, 1),
+    "8x1": (8, 1, 1),
+    "1x8": (1, 8, 1),
+    "2x4": (2, 4, 1),
+    "2x2x2": (2, 2, 2),
+}
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """Loss and gradients on one device, dropout on, no GradCache."""
+    return loss_and_grads_on(MESHES["1x1"], gradcache=False)
+
+
+def loss_and_grads_on(shape, gradcache: bool, chunk: int = 8, task: str = "retrieval"):
+    devices = jax.devices()[: int(np.prod(shape))]
+    mesh = sharding.make_mesh(*shape, devices=devices)
+    c = make_config(gradcache=gradcache, gradcache_chunk=chunk)
+    c.loss.symmetric = True
+    c.loss.learnable_temperature = True
+    tx, _ = train.make_optimizer(c.optim, c.train.steps)
+    graphdef, state, _ = train.create_state(tiny_model(), c, mesh, tx)
+    fn = jax.jit(train.make_loss_and_grads(graphdef, c, task, "mean", mesh))
+    batch = sharding.shard_batch(random_batch(), mesh)
+    loss, grads, _ = fn(state.params, batch, jax.random.key(7))
+    return float(loss), jax.tree.map(np.asarray, grads)
+
+
+def assert_grads_close(a, b, atol):
+    for (path, x), y in zip(
+        jax.tree_util.tree_flatten_with_path(a)[0], jax.tree.leaves(b), strict=True
+    ):
+        np.testing.assert_allclose(x, y, atol=atol, rtol=0, err_msg=jax.tree_util.keystr(path))
+
+
+@pytest.mark.parametrize("name", ["8x1", "1x8", "2x4", "2x2x2"])
+def test_loss_and_grads_independent_of_mesh(reference, name):
+    loss, grads = loss_and_grads_on(MESHES[name], gradcache=False)
+    assert abs(loss - reference[0]) <= 1e-5
+    assert_grads_close(grads, reference[1], atol=1e-5)
+
+
+def test_gradcache_equals_full_batch_with_dropout(reference):
+    loss, grads = loss_and_grads_on(MESHES["2x4"], gradcache=True, chunk=8)
+    assert abs(loss - reference[0]) <= 1e-5
+    assert_grads_close(grads, reference[1], atol=1e-5)
+    # Gradient reaches every parameter (no silently detached tower).
+    assert all(np.abs(g).max() > 0 for g in jax.tree.leaves(grads))
+
+
+def test_chunk_and_batch_errors():
+    with pytest.raises(
+        ValueError, match=r"gradcache_chunk=5 must divide config\.train\.global_batch=16"
+    ):
+        make_config(gradcache=True, gradcache_chunk=5)
+    c = make_config()
+    mesh = sharding.make_mesh(8)
+    tx, schedule = train.make_optimizer(c.optim, c.train.steps)
+    graphdef, state, sh = train.create_state(tiny_model(), c, mesh, tx)
+    step = train.TrainStep(graphdef, c, mesh, tx, schedule, sh, "mean")
+    with pytest.raises(ValueError, match=r"batch has 8 rows but config\.train\.global_batch=16"):
+        step(state, random_batch(b=8), "retrieval")
+    with pytest.raises(ValueError, match="unknown task 'ranking'"):
+        step(state, random_batch(), "ranking")
+    c.train.global_batch = 12
+    with pytest.raises(
+        ValueError, match="global batch size 12 is not divisible by the data-parallel size 8"
+    ):
+        train.TrainStep(graphdef, c, mesh, tx, schedule, sh, "mean")
+
+
+# --- optimizer ------------------------------------------------------------------------------
+
+
+def test_schedule_and_decay_mask():
+    c = config_lib.default_config()
+    c.optim.lr, c.optim.min_lr, c.optim.warmup_steps = 1e-3, 1e-5, 10
+    sched = train.make_schedule(c.optim, 110)
+    assert float(sched(0)) == 0.0
+    np.testing.assert_allclose(float(sched(5)), 5e-4, rtol=1e-6)
+    np.testing.assert_allclose(float(sched(10)), 1e-3, rtol=1e-6)
+    np.testing.assert_allclose(float(sched(60)), (1e-3 + 1e-5) / 2, rtol=1e-5)
+    np.testing.assert_allclose(float(sched(110)), 1e-5, rtol=1e-5)
+    c.optim.schedule = "linear"
+    np.testing.assert_allclose(
+        float(train.make_schedule(c.optim, 110)(60)), (1e-3 + 1e-5) / 2, rtol=1e-5
+    )
+    params = {"model": nnx.to_pure_dict(nnx.state(tiny_model())), "log_temperature": jnp.float32(0)}
+    mask = train.decay_mask(params)
+    layer = mask["model"]["encoder"]["layer"][0]
+    assert layer["intermediate"]["dense"]["kernel"] and not layer["intermediate"]["dense"]["bias"]
+    assert not layer["output"]["LayerNorm"]["scale"] and not mask["log_temperature"]
+    assert mask["model"]["embeddings"]["word_embeddings"]["embedding"]
+    with pytest.raises(
+        ValueError, match=r"config.optim.schedule='step' is not allowed; choose one of \['cosine'"
+    ):
+        c.optim.schedule = "step"
+        config_lib.validate(c)
+
+
+# --- it learns ------------------------------------------------------------------------------
+
+
+def topic_pairs(seed, b=B, topics=24, per_topic=2):
+    """Query and positive share a topic's tokens, drowned in noise tokens common to all rows.
+
+    At initialisation the noise dominates the mean-pooled embeddings (loss near log B); the
+    model has to learn to weigh the topic tokens. One topic per row, so no false negatives.
+    """
+    rng = np.random.default_rng(seed)
+    chosen = rng.permutation(topics)[:b]
+    vocab = np.arange(1, 1 + topics * per_topic).reshape(topics, per_topic)
+    noise = np.arange(1 + topics * per_topic, TINY.vocab_size)
+
+    def draw(length, n_topic):
+        rows = []
+        for t in chosen:
+            row = np.concatenate(
+                [rng.choice(vocab[t], n_topic), rng.choice(noise, length - n_topic)]
+            )
+            rows.append(rng.permutation(row))
+        return np.stack(rows).astype(np.int32)
+
+    batch = random_batch(seed, b=b, k=0)
+    batch.update(
+        query_ids=draw(LQ, 2),
+        query_mask=np.ones((b, LQ), np.int32),
+        pos_ids=draw(LP, 3),
+        pos_mask=np.ones((b, LP), np.int32),
+        pos_hash=chosen.astype(np.int32),
+    )
+    return batch
+
+
+def test_tiny_model_learns_pairs():
+    c = make_config(dropout=False)
+    c.train.steps, c.optim.lr = 100, 3e-3
+    mesh = sharding.make_mesh(2, 4)
+    tx, schedule = train.make_optimizer(c.optim, c.train.steps)
+    graphdef, state, sh = train.create_state(tiny_model(), c, mesh, tx)
+    step = train.TrainStep(graphdef, c, mesh, tx, schedule, sh, "mean")
+    losses = []
+    for i in range(c.train.steps):
+        state, metrics = step(state, sharding.shard_batch(topic_pairs(i), mesh), "retrieval")
+        losses.append(float(metrics["loss"]))
+    first, last = np.mean(losses[:3]), np.mean(losses[-3:])
+    print(f"loss {first:.3f} -> {last:.3f}")
+    assert last < first / 10
+    assert int(state.step) == c.train.steps
+    # The right positive ranks first for unseen draws.
+    batch = topic_pairs(10_000)
+    encode = jax.jit(train.make_encode(graphdef, "mean"))
+    q = np.asarray(
+        encode(
+            state.params["model"],
+            batch["query_ids"],
+            batch["query_mask"],
+            batch["query_mask"],
+            None,
+        )
+    )
+    p = np.asarray(
+        encode(state.params["model"], batch["pos_ids"], batch["pos_mask"], batch["pos_mask"], None)
+    )
+    q = q / np.linalg.norm(q, axis=1, keepdims=True)
+    p = p / np.linalg.norm(p, axis=1, keepdims=True)
+    assert (np.argmax(q @ p.T, axis=1) == np.arange(B)).mean() == 1.0
