@@ -1,0 +1,317 @@
+"""The Grain input pipeline: task-homogeneous global batches, sharded per host, exactly resumable.
+
+The pipeline is a `grain.MapDataset` indexed by *global step*: element ``s`` is this host's
+slice of global batch ``s``. Everything about batch ``s`` is a pure function of
+``(seed, s)`` and the dataset sizes, so
+
+- every host agrees on which dataset batch ``s`` comes from and which rows it holds, with
+  no communication (each host materialises only its rows);
+- resuming is exact: Grain's iterator state is the next step index, saved with the model;
+- worker processes (``mp_prefetch``) can build batches out of order and in parallel.
+
+Mixing (which dataset each global batch comes from):
+
+- ``"remaining"`` (F2LLM): each epoch is a uniformly random order of all datasets' batches,
+  which is the same as picking a dataset with probability proportional to its remaining
+  batches at every step. Seeded by (seed, epoch).
+- ``"temperature"``: every step independently picks dataset d with probability
+  proportional to ``rows_d ** (1 / T)``; each dataset cycles through its own epochs.
+
+Within a dataset, rows are shuffled per (seed, dataset, epoch); a batch's hard negatives are
+sampled from each row's stored pool per (seed, dataset, epoch, row). Shapes: every host
+tokenises the whole global batch (cheap next to the step) so that all hosts pad to the
+same bucket length without talking to each other; only the local rows are returned.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from collections import OrderedDict
+from collections.abc import Sequence
+
+import grain
+import numpy as np
+
+MIXING = ("remaining", "temperature")
+DEFAULT_NEGATIVES = {"retrieval": 7, "clustering": 7, "classification": 1}
+
+
+def text_hash(text: str) -> int:
+    """A stable 31-bit hash of a text (the same on every host and every run)."""
+    digest = hashlib.blake2b(text.encode("utf-8"), digest_size=4).digest()
+    return int.from_bytes(digest, "little") & 0x7FFFFFFF
+
+
+def default_buckets(max_length: int) -> tuple[int, ...]:
+    """Three padded lengths per text kind: a quarter, half and all of ``max_length``."""
+    return tuple(sorted({max(16, max_length // 4), max(16, max_length // 2), max_length}))
+
+
+def bucket_length(ids: list[list[int]], buckets: Sequence[int]) -> int:
+    """The smallest bucket that holds the longest sequence (texts are already truncated)."""
+    longest = max((len(x) for x in ids), default=1)
+    return next(b for b in buckets if b >= longest)
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineConfig:
+    global_batch: int
+    seed: int = 0
+    mixing: str = "remaining"
+    mixing_temperature: float = 1.0
+    num_negatives: tuple[tuple[str, int], ...] = tuple(DEFAULT_NEGATIVES.items())
+    max_query_length: int = 64
+    max_passage_length: int = 256
+    query_buckets: tuple[int, ...] = ()  # () = default_buckets(max_query_length)
+    passage_buckets: tuple[int, ...] = ()
+    query_prefix: str = ""  # e.g. E5's "query: "
+    passage_prefix: str = ""  # e.g. E5's "passage: "
+    # Applied when a record has an instruction (F2LLM's format); passages never get one.
+    instruction_template: str = "Instruct: {instruction}\nQuery: {query}"
+
+    def __post_init__(self):
+        if self.mixing not in MIXING:
+            raise ValueError(f"config.data.mixing={self.mixing!r}; choose one of {list(MIXING)}")
+        if self.global_batch < 1:
+            raise ValueError(f"global batch {self.global_batch} must be >= 1")
+        for name in ("query_buckets", "passage_buckets"):
+            limit = self.max_query_length if name == "query_buckets" else self.max_passage_length
+            if any(b > limit or b < 1 for b in getattr(self, name)):
+                raise ValueError(f"config.data.{name}={getattr(self, name)} must lie in 1..{limit}")
+
+    def negatives_for(self, task: str) -> int:
+        return dict(self.num_negatives)[task]
+
+    def buckets(self, kind: str) -> tuple[int, ...]:
+        """Padded lengths for ``kind`` ("query" / "passage"), always ending at the maximum."""
+        given = self.query_buckets if kind == "query" else self.passage_buckets
+        limit = self.max_query_length if kind == "query" else self.max_passage_length
+        return tuple(sorted({*given, limit})) if given else default_buckets(limit)
+
+
+class Schedule:
+    """Which dataset, epoch and batch number every global step reads: identical on all hosts."""
+
+    def __init__(self, sizes: Sequence[int], global_batch: int, total_steps: int, cfg):
+        self.batches = np.array([n // global_batch for n in sizes], np.int64)
+        empty = [i for i, n in enumerate(self.batches) if n == 0]
+        if empty:
+            raise ValueError(
+                f"datasets {empty} have fewer rows ({[sizes[i] for i in empty]}) than one "
+                f"global batch ({global_batch})"
+            )
+        if cfg.mixing == "remaining":
+            per_epoch = np.repeat(np.arange(len(sizes)), self.batches)
+            epochs = -(-total_steps // len(per_epoch))
+            choices = np.concatenate(
+                [
+                    np.random.default_rng([cfg.seed, 1, e]).permutation(per_epoch)
+                    for e in range(epochs)
+                ]
+            )[:total_steps]
+        else:
+            p = np.asarray(sizes, np.float64) ** (1.0 / cfg.mixing_temperature)
+            choices = np.random.default_rng([cfg.seed, 1]).choice(
+                len(sizes), total_steps, p=p / p.sum()
+            )
+        self.choices = choices
+        # How many earlier steps chose the same dataset: that dataset's running batch count.
+        self.counts = np.zeros(total_steps, np.int64)
+        for d in range(len(sizes)):
+            where = choices == d
+            self.counts[where] = np.arange(where.sum())
+        self.steps_per_epoch = int(self.batches.sum())
+
+    def __len__(self) -> int:
+        return len(self.choices)
+
+    def lookup(self, step: int) -> tuple[int, int, int]:
+        """(dataset, that dataset's epoch, batch number within the epoch) of a global step."""
+        d = int(self.choices[step])
+        epoch, j = divmod(int(self.counts[step]), int(self.batches[d]))
+        return d, epoch, j
+
+
+class BatchBuilder:
+    """Builds this host's slice of global batch ``step`` (Grain's map function).
+
+    Picklable: the tokenizer is loaded lazily from its folder in each worker process.
+    """
+
+    def __init__(
+        self,
+        sources: Sequence,
+        tokenizer_path: str,
+        cfg: PipelineConfig,
+        total_steps: int,
+        process_index: int = 0,
+        process_count: int = 1,
+    ):
+        if cfg.global_batch % process_count:
+            raise ValueError(
+                f"global batch {cfg.global_batch} is not divisible by the {process_count} hosts"
+            )
+        tasks = {s.task for s in sources}
+        unknown = tasks - set(dict(cfg.num_negatives))
+        if unknown:
+            raise ValueError(f"no num_negatives entry for tasks {sorted(unknown)}")
+        self.sources = list(sources)
+        self.tokenizer_path = str(tokenizer_path)
+        self.cfg = cfg
+        self.schedule = Schedule([len(s) for s in sources], cfg.global_batch, total_steps, cfg)
+        per_host = cfg.global_batch // process_count
+        self.local = slice(process_index * per_host, (process_index + 1) * per_host)
+        self._tokenizer = None
+        self._perms: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_tokenizer"] = None
+        state["_perms"] = OrderedDict()
+        return state
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            from jaxembed.encoder import load_tokenizer
+
+            self._tokenizer = load_tokenizer(self.tokenizer_path)
+        return self._tokenizer
+
+    def _rows(self, d: int, epoch: int, j: int) -> np.ndarray:
+        key = (d, epoch)
+        if key not in self._perms:
+            rng = np.random.default_rng([self.cfg.seed, 2, d, epoch])
+            self._perms[key] = rng.permutation(len(self.sources[d]))
+            while len(self._perms) > 2 * len(self.sources):
+                self._perms.popitem(last=False)
+        g = self.cfg.global_batch
+        return self._perms[key][j * g : (j + 1) * g]
+
+    def _query_text(self, record: dict) -> str:
+        if record.get("instruction"):
+            return self.cfg.instruction_template.format(
+                instruction=record["instruction"], query=record["query"]
+            )
+        return self.cfg.query_prefix + record["query"]
+
+    def _tokenize(self, texts: list[str], max_length: int) -> list[list[int]]:
+        if not texts:
+            return []
+        out = self.tokenizer(texts, add_special_tokens=True, truncation=True, max_length=max_length)
+        return out["input_ids"]
+
+    @staticmethod
+    def _pad(ids: list[list[int]], length: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+        out = np.full((len(ids), length), pad_id, np.int32)
+        mask = np.zeros((len(ids), length), np.int32)
+        for r, x in enumerate(ids):
+            out[r, : len(x)] = x
+            mask[r, : len(x)] = 1
+        return out, mask
+
+    def __call__(self, step: int) -> dict:
+        cfg = self.cfg
+        d, epoch, j = self.schedule.lookup(int(step))
+        source = self.sources[d]
+        task = source.task
+        k = cfg.negatives_for(task)
+        rows = self._rows(d, epoch, j)
+        records = [source[int(i)] for i in rows]
+        negatives, valid = [], np.zeros((len(rows), k), bool)
+        for r, (i, rec) in enumerate(zip(rows, records, strict=True)):
+            pool = rec["negatives"]
+            rng = np.random.default_rng([cfg.seed, 3, d, epoch, int(i)])
+            take = rng.permutation(len(pool))[:k] if pool else []
+            negatives.append([pool[t] for t in take])
+            valid[r, : len(take)] = True
+        pad_id = self.tokenizer.pad_token_id or 0
+        q_ids = self._tokenize([self._query_text(r) for r in records], cfg.max_query_length)
+        p_ids = self._tokenize(
+            [cfg.passage_prefix + r["positive"] for r in records], cfg.max_passage_length
+        )
+        flat_negs = [cfg.passage_prefix + t for negs in negatives for t in negs]
+        n_flat = self._tokenize(flat_negs, cfg.max_passage_length)
+        # Every host sees the whole global batch here, so all pick the same padded lengths.
+        lq = bucket_length(q_ids, cfg.buckets("query"))
+        lp = bucket_length(p_ids + n_flat, cfg.buckets("passage"))
+
+        local = self.local
+        n_local = local.stop - local.start
+        q, qm = self._pad(q_ids[local], lq, pad_id)
+        p, pm = self._pad(p_ids[local], lp, pad_id)
+        neg = np.full((n_local, k, lp), pad_id, np.int32)
+        negm = np.zeros((n_local, k, lp), np.int32)
+        neg_hash = np.zeros((n_local, k), np.int32)
+        offsets = np.cumsum([0] + [len(x) for x in negatives])
+        for r in range(local.start, local.stop):
+            for t, text in enumerate(negatives[r]):
+                ids = n_flat[offsets[r] + t]
+                neg[r - local.start, t, : len(ids)] = ids
+                negm[r - local.start, t, : len(ids)] = 1
+                neg_hash[r - local.start, t] = text_hash(text)
+        local_records = records[local]
+        return {
+            "query_ids": q,
+            "query_mask": qm,
+            "pos_ids": p,
+            "pos_mask": pm,
+            "neg_ids": neg,
+            "neg_mask": negm,
+            "neg_valid": valid[local],
+            "pos_hash": np.array([text_hash(r["positive"]) for r in local_records], np.int32),
+            "neg_hash": neg_hash,
+            "step": np.int64(step),
+            "task": task,
+            "dataset": source.name,
+            "num_tokens": np.int64(qm.sum() + pm.sum() + negm.sum()),
+        }
+
+
+def make_dataset(builder: BatchBuilder, start_step: int = 0) -> grain.MapDataset:
+    """Global steps ``start_step .. total`` as a Grain MapDataset of host-local batches."""
+    return grain.MapDataset.range(start_step, len(builder.schedule)).map(builder)
+
+
+def make_iterator(dataset: grain.MapDataset, workers: int = 0, prefetch: int = 2):
+    """An iterator with Grain checkpointable state (``get_state`` / ``set_state``).
+
+    ``workers`` > 0 builds batches in that many processes, ahead of the train step.
+    """
+    it = dataset.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=prefetch))
+    if workers > 0:
+        from absl import flags
+
+        # Grain's worker processes read absl flags; outside an absl app nobody parsed them.
+        if not flags.FLAGS.is_parsed():
+            flags.FLAGS.mark_as_parsed()
+        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+    return iter(it)
+
+
+ARRAY_KEYS = (
+    "query_ids",
+    "query_mask",
+    "pos_ids",
+    "pos_mask",
+    "neg_ids",
+    "neg_mask",
+    "neg_valid",
+    "pos_hash",
+    "neg_hash",
+)
+
+
+def to_global(batch: dict, mesh) -> dict:
+    """Assembles global arrays from every host's local slice (the train step's input)."""
+    import jax
+
+    from jaxembed import sharding
+
+    return {
+        key: jax.make_array_from_process_local_data(
+            sharding.batch_sharding(mesh, np.ndim(batch[key])), batch[key]
+        )
+        for key in ARRAY_KEYS
+    }

@@ -1,0 +1,509 @@
+"""Random-access record sources over JSONL, Parquet and TFDS/ArrayRecord, ready for Grain.
+
+``open_source(path)`` returns a `RecordSource`: ``len(src)`` records, ``src[i]`` the i-th
+one as a validated dict of the `jaxembed.data.records` schema, in any order. A source holds
+one dataset and one task (a global batch is drawn from one dataset), so the attributes
+``src.name`` and ``src.task`` describe every record, and a file that mixes them is refused
+with the file and the first conflicting line.
+
+Sources follow Grain's ``RandomAccessDataSource`` protocol (``__len__``, ``__getitem__``,
+``__repr__`` for checkpointing) and pickle to a few paths and offsets: open file handles,
+Arrow tables and TFDS readers are dropped on pickling and reopened lazily in each Grain
+worker process.
+
+Formats, chosen by the path:
+
+* ``*.jsonl``: one JSON record per line. Opening validates every line once and keeps only
+  the byte offset and length of each good line; ``src[i]`` reads that line back with
+  ``os.pread`` (no shared file position, so threads may read concurrently). Blank lines
+  are ignored.
+* ``*.jsonl.gz``: gzip has no random access, so the validated records are kept decoded in
+  memory (and travel to each Grain worker when the source is pickled). For corpora too
+  large for that, convert them once with ``python -m jaxembed.data.prepare``.
+* ``*.parquet`` in F2LLM's layout: columns ``query``, ``passage``, ``negative_1`` ..
+  ``negative_N`` and optionally ``task``, ``dataset``, ``instruction``. The needed columns
+  are loaded into Arrow memory at open (compact: no Python object per string; pyarrow's
+  default row groups are too large to re-read one per random access) and reloaded in each
+  worker. ``passage`` becomes ``positive``; negatives keep column order, with null or empty
+  trailing negatives dropped. Errors name ``file:row N``, N counted from 0, and the schema's
+  field names (``positive`` for the ``passage`` column).
+* a directory holding ``dataset_info.json``: a TFDS dataset of ArrayRecord files as written
+  by `jaxembed.data.prepare`, read with ``tfds.builder_from_directory(dir).as_data_source``,
+  which needs no TensorFlow. Its records were validated when it was written, and its task
+  and dataset come from its ``metadata.json``; other TFDS directories with the same
+  features get one validating pass at open instead. Errors name ``dir:record N``.
+
+``task`` and ``dataset`` given to `open_source` fill in records that lack those fields
+(F2LLM files carry neither); a record's own value wins. With ``skip_bad=True`` a record
+that breaks the schema is skipped and counted in ``src.skipped`` (logged once at open)
+instead of raising; a file that mixes tasks or datasets is refused either way, since that
+is a mistake in how the data was assembled, not one bad line.
+"""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import json
+import logging
+import operator
+import os
+import re
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from jaxembed.data.records import RecordError, check_record
+
+log = logging.getLogger(__name__)
+
+RECORD_SUFFIXES = (".jsonl", ".jsonl.gz", ".parquet")
+TFDS_MARKER = "dataset_info.json"
+NEGATIVE_COLUMN = re.compile(r"negative_(\d+)")
+
+
+class RecordSource:
+    """Random access to the validated records of one file or TFDS directory.
+
+    Attributes:
+      path: the file or directory read.
+      name: the dataset name shared by every record.
+      task: the task shared by every record (one of `jaxembed.data.records.TASKS`).
+      skipped: bad records skipped at open (only with ``skip_bad=True``).
+    """
+
+    path: Path
+    name: str
+    task: str
+    skipped: int
+
+    def __init__(self, path: Path, task: str | None, dataset: str | None, skip_bad: bool):
+        self.path = path
+        self._default_task = task
+        self._default_dataset = dataset
+        self._skip_bad = skip_bad
+        self.name = ""
+        self.task = ""
+        self.skipped = 0
+        self._first_where = ""
+        self._first_error = ""
+
+    # --- Grain's random-access protocol ---------------------------------------------------
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def __getitem__(self, index: int) -> dict:
+        i = operator.index(index)
+        n = len(self)
+        if i < 0:
+            i += n
+        if not 0 <= i < n:
+            raise IndexError(f"{self.path}: index {index} out of range for {n} records")
+        return self._get(i)
+
+    def __repr__(self) -> str:
+        # Grain's checkpointing compares reprs, so they identify the data, not the object.
+        return (
+            f"{type(self).__name__}(path={str(self.path)!r}, name={self.name!r}, "
+            f"task={self.task!r}, len={len(self)}, skipped={self.skipped})"
+        )
+
+    def _get(self, i: int) -> dict:
+        raise NotImplementedError
+
+    # --- shared by the readers -------------------------------------------------------------
+
+    def _fill(self, obj: Any) -> Any:
+        """Fills a missing (absent or null) task / dataset from the defaults given at open."""
+        if isinstance(obj, dict):
+            if obj.get("task") is None and self._default_task is not None:
+                obj["task"] = self._default_task
+            if obj.get("dataset") is None and self._default_dataset is not None:
+                obj["dataset"] = self._default_dataset
+        return obj
+
+    def _admit(self, make: Any, where: str) -> dict | None:
+        """Builds and validates one record at open; None when it is bad and skipped.
+
+        Args:
+          make: a callable returning the record (so decode errors count as bad records too).
+          where: ``file:line`` for messages.
+        """
+        try:
+            record = check_record(self._fill(make()), where)
+        except RecordError as e:
+            if not self._skip_bad:
+                raise
+            if not self.skipped:
+                self._first_error = str(e)
+            self.skipped += 1
+            return None
+        self._agree(record, where)
+        return record
+
+    def _agree(self, record: dict, where: str) -> None:
+        """Raises unless ``record`` has the task and dataset of the source's first record."""
+        if not self._first_where:
+            self.task, self.name, self._first_where = record["task"], record["dataset"], where
+            return
+        for key, have in (("task", self.task), ("dataset", self.name)):
+            if record[key] != have:
+                raise RecordError(
+                    f"{where}: {key} {record[key]!r} differs from {have!r} at "
+                    f"{self._first_where}; every record of one source must share one task "
+                    "and one dataset (split the file)"
+                )
+
+    def _opened(self) -> None:
+        """Reports skipped records once; an empty source takes task and name from the defaults."""
+        if self.skipped:
+            log.warning(
+                "%s: skipped %d bad record(s) (skip_bad=True); first: %s",
+                self.path,
+                self.skipped,
+                self._first_error,
+            )
+        if not self._first_where:
+            # No record to take them from: keep the defaults (or ''), so an empty file can
+            # still be listed and the caller decides whether empty is fine.
+            self.task = self._default_task or ""
+            self.name = self._default_dataset or ""
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        for key in self._unpicklable():
+            state[key] = None
+        return state
+
+    def _unpicklable(self) -> tuple[str, ...]:
+        return ()
+
+
+# --- JSONL -----------------------------------------------------------------------------------
+
+
+def _decode_line(raw: bytes, where: str) -> Any:
+    """Strict UTF-8 then JSON, so either failure can name the line."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise RecordError(f"{where}: invalid UTF-8 at byte {e.start} of the line") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise RecordError(f"{where}: malformed JSON: {e.msg} (column {e.colno})") from None
+
+
+class JsonlSource(RecordSource):
+    """A JSONL file: plain (lines read back by byte offset) or gzipped (records in memory)."""
+
+    def __init__(self, path: Path, task=None, dataset=None, skip_bad=False):
+        super().__init__(path, task, dataset, skip_bad)
+        self._gzip = path.name.endswith(".gz")
+        self._records: list[dict] | None = [] if self._gzip else None
+        offsets: list[int] = []
+        lengths: list[int] = []
+        for lineno, offset, raw in self._lines():
+            if not raw.strip():
+                continue
+            where = f"{path}:{lineno}"
+            record = self._admit(functools.partial(_decode_line, raw, where), where)
+            if record is None:
+                continue
+            if self._gzip:
+                self._records.append(record)
+            else:
+                offsets.append(offset)
+                lengths.append(len(raw))
+        self._offsets = np.asarray(offsets, np.int64)
+        self._lengths = np.asarray(lengths, np.int64)
+        self._fd: int | None = None
+        self._opened()
+
+    def _lines(self) -> Iterator[tuple[int, int, bytes]]:
+        """Yields (1-based line number, byte offset, line without its newline)."""
+        opener = gzip.open if self._gzip else open
+        offset = 0
+        with opener(self.path, "rb") as f:
+            for lineno, line in enumerate(f, 1):
+                yield lineno, offset, line.rstrip(b"\r\n")
+                offset += len(line)
+
+    def __len__(self) -> int:
+        return len(self._records) if self._gzip else len(self._offsets)
+
+    def _get(self, i: int) -> dict:
+        if self._gzip:
+            record = self._records[i]
+            return dict(record, negatives=list(record["negatives"]))
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDONLY)
+        offset, length = int(self._offsets[i]), int(self._lengths[i])
+        raw = os.pread(self._fd, length, offset)
+        # Validated at open; failing now means the file changed underneath us.
+        where = f"{self.path}: record {i} at byte {offset} (changed since open?)"
+        return check_record(self._fill(_decode_line(raw, where)), where)
+
+    def _unpicklable(self) -> tuple[str, ...]:
+        return ("_fd",)
+
+    def __del__(self):
+        if getattr(self, "_fd", None) is not None:
+            os.close(self._fd)
+
+
+# --- Parquet (F2LLM layout) ------------------------------------------------------------------
+
+
+class ParquetSource(RecordSource):
+    """A Parquet file in F2LLM's layout, its needed columns held as an Arrow table."""
+
+    def __init__(self, path: Path, task=None, dataset=None, skip_bad=False):
+        # F2LLM files carry neither task nor dataset: the file is the dataset.
+        super().__init__(
+            path, task or "retrieval", dataset or path.name[: -len(".parquet")], skip_bad
+        )
+        import pyarrow.parquet as pq  # imported here: only Parquet users need pyarrow
+
+        names = pq.read_schema(path).names
+        for col in ("query", "passage"):
+            if col not in names:
+                raise RecordError(
+                    f"{path}: no column {col!r}; expected F2LLM's layout (query, passage, "
+                    f"negative_1..negative_N), found {names}"
+                )
+        self._negatives = [c for c in names if NEGATIVE_COLUMN.fullmatch(c)]
+        self._columns = ["query", "passage", *self._negatives] + [
+            c for c in ("task", "dataset", "instruction") if c in names
+        ]
+        self._table = None
+        bad = []
+        row = 0
+        for batch in self._load().to_batches(max_chunksize=4096):
+            for values in batch.to_pylist():
+                where = f"{path}:row {row}"
+                if self._admit(functools.partial(self._to_record, values), where) is None:
+                    bad.append(row)
+                row += 1
+        self._rows = _kept(row, bad)
+        self._num_rows = row
+        self._opened()
+
+    def _load(self):
+        if self._table is None:
+            import pyarrow.parquet as pq
+
+            self._table = pq.read_table(self.path, columns=self._columns)
+        return self._table
+
+    def _to_record(self, values: dict) -> dict:
+        negatives = [values[c] for c in self._negatives]
+        while negatives and (negatives[-1] is None or not str(negatives[-1]).strip()):
+            negatives.pop()
+        record = {
+            "query": values["query"],
+            "positive": values["passage"],
+            "negatives": negatives,
+            "task": values.get("task"),
+            "dataset": values.get("dataset"),
+        }
+        if values.get("instruction") is not None:
+            record["instruction"] = values["instruction"]
+        return record
+
+    def __len__(self) -> int:
+        return self._num_rows - self.skipped
+
+    def _get(self, i: int) -> dict:
+        row = i if self._rows is None else int(self._rows[i])
+        values = self._load().slice(row, 1).to_pylist()[0]
+        return check_record(self._fill(self._to_record(values)), f"{self.path}:row {row}")
+
+    def _unpicklable(self) -> tuple[str, ...]:
+        return ("_table",)
+
+
+def _kept(total: int, bad: list[int]) -> np.ndarray | None:
+    """The indices of the good records, or None (position == index) when none was bad."""
+    return np.setdiff1d(np.arange(total, dtype=np.int64), bad) if bad else None
+
+
+# --- TFDS / ArrayRecord ----------------------------------------------------------------------
+
+
+def _text(value: Any, where: str, key: str) -> str:
+    """TFDS hands text back as bytes; decode strictly so a bad record is named."""
+    if isinstance(value, str):
+        return value
+    try:
+        return bytes(value).decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise RecordError(f"{where}: field {key!r} is invalid UTF-8 at byte {e.start}") from None
+
+
+def _from_tfds(example: dict, where: str) -> dict:
+    """A TFDS example (bytes, lists or arrays of bytes) as a schema dict; '' means absent."""
+    record = {}
+    for key in ("query", "positive", "task", "dataset", "instruction"):
+        if key in example:
+            text = _text(example[key], where, key)
+            # TFDS Text features cannot be null: prepare writes '' for an absent field.
+            record[key] = text if text or key in ("query", "positive") else None
+    record["negatives"] = [_text(v, where, "negatives") for v in example.get("negatives", [])]
+    return record
+
+
+class TfdsSource(RecordSource):
+    """A TFDS dataset directory of ArrayRecord files, read without TensorFlow."""
+
+    def __init__(self, path: Path, task=None, dataset=None, skip_bad=False):
+        super().__init__(path, task, dataset, skip_bad)
+        self._ds = None
+        builder = self._builder()
+        splits = list(builder.info.splits)
+        if "train" in splits:
+            self._split = "train"
+        elif len(splits) == 1:
+            self._split = splits[0]
+        else:
+            raise RecordError(f"{path}: no 'train' split and several others: {splits}")
+        meta = dict(builder.info.metadata or {})
+        ds = self._source(builder)
+        self._rows = None
+        if meta.get("task") and meta.get("dataset"):
+            # Written by jaxembed.data.prepare, which validated every record already.
+            self.task, self.name = meta["task"], meta["dataset"]
+            self._first_where = f"{path}/metadata.json"
+            self._num = len(ds)
+        else:
+            bad = []
+            for j in range(len(ds)):
+                where = f"{path}:record {j}"
+                if self._admit(lambda j=j, w=where: _from_tfds(ds[j], w), where) is None:
+                    bad.append(j)
+            self._num = len(ds) - len(bad)
+            self._rows = _kept(len(ds), bad)
+        self._opened()
+
+    def _builder(self):
+        # Imported here: tensorflow_datasets takes about a second to import, and JSONL or
+        # Parquet users should not pay for it.
+        import tensorflow_datasets as tfds
+
+        return tfds.builder_from_directory(os.fspath(self.path))
+
+    def _source(self, builder=None):
+        if self._ds is None:
+            self._ds = (builder or self._builder()).as_data_source(split=self._split)
+        return self._ds
+
+    def __len__(self) -> int:
+        return self._num
+
+    def _get(self, i: int) -> dict:
+        j = i if self._rows is None else int(self._rows[i])
+        where = f"{self.path}:record {j}"
+        record = check_record(self._fill(_from_tfds(self._source()[j], where)), where)
+        if record["task"] != self.task or record["dataset"] != self.name:
+            raise RecordError(
+                f"{where}: task/dataset {record['task']!r}/{record['dataset']!r} differ from "
+                f"the source's {self.task!r}/{self.name!r}"
+            )
+        return record
+
+    def _unpicklable(self) -> tuple[str, ...]:
+        return ("_ds",)
+
+
+# --- opening ---------------------------------------------------------------------------------
+
+
+def is_tfds_dir(path: str | os.PathLike) -> bool:
+    """True for a directory holding a TFDS dataset (its ``dataset_info.json``)."""
+    return (Path(path) / TFDS_MARKER).is_file()
+
+
+def open_source(
+    path: str | os.PathLike,
+    *,
+    task: str | None = None,
+    dataset: str | None = None,
+    skip_bad: bool = False,
+) -> RecordSource:
+    """Opens one JSONL / JSONL.gz / Parquet file or TFDS directory for random access.
+
+    Args:
+      path: a ``.jsonl``, ``.jsonl.gz`` or ``.parquet`` file, or a TFDS dataset directory.
+      task: the task of records that lack one (Parquet without a ``task`` column defaults
+        to ``"retrieval"``).
+      dataset: the dataset name of records that lack one (Parquet defaults to the file stem).
+      skip_bad: skip and count records that break the schema instead of raising.
+
+    Returns:
+      The source; every record in it shares ``source.task`` and ``source.name``.
+
+    Raises:
+      RecordError: a bad record (``file:line``, ``file:row N`` or ``dir:record N``), or a
+        file that mixes tasks or datasets.
+      FileNotFoundError: ``path`` does not exist.
+      ValueError: ``path`` is no format known here.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file or directory")
+    kw = dict(task=task, dataset=dataset, skip_bad=skip_bad)
+    if path.is_dir():
+        if is_tfds_dir(path):
+            return TfdsSource(path, **kw)
+        raise ValueError(
+            f"{path}: a directory without {TFDS_MARKER} is no TFDS dataset; "
+            "open_sources expands directories of record files"
+        )
+    if path.name.endswith((".jsonl", ".jsonl.gz")):
+        return JsonlSource(path, **kw)
+    if path.name.endswith(".parquet"):
+        return ParquetSource(path, **kw)
+    raise ValueError(f"{path}: unknown record format; expected one of {RECORD_SUFFIXES}")
+
+
+def expand(paths: str | os.PathLike | Iterable[str | os.PathLike]) -> list[Path]:
+    """Files and TFDS directories named by ``paths``, directories expanded one level.
+
+    A directory that is not itself a TFDS dataset contributes its ``*.jsonl``,
+    ``*.jsonl.gz`` and ``*.parquet`` files and its TFDS subdirectories, sorted by name;
+    hidden entries and half-written ``*.tmp-<pid>`` outputs of `jaxembed.data.prepare` are
+    left out.
+    """
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    found = []
+    for path in map(Path, paths):
+        if not path.is_dir() or is_tfds_dir(path):
+            found.append(path)
+            continue
+        children = [
+            child
+            for child in sorted(path.iterdir())
+            if not child.name.startswith(".")
+            and ".tmp-" not in child.name
+            and ((child.name.endswith(RECORD_SUFFIXES) and child.is_file()) or is_tfds_dir(child))
+        ]
+        if not children:
+            raise ValueError(f"{path}: no {', '.join(RECORD_SUFFIXES)} files or TFDS datasets")
+        found.extend(children)
+    return found
+
+
+def open_sources(
+    paths: str | os.PathLike | Iterable[str | os.PathLike], **kw: Any
+) -> list[RecordSource]:
+    """`open_source` on every file and TFDS directory of ``paths`` (see `expand`).
+
+    Args:
+      paths: files, TFDS directories, or directories of them.
+      **kw: ``task``, ``dataset``, ``skip_bad``, as for `open_source`.
+    """
+    return [open_source(path, **kw) for path in expand(paths)]

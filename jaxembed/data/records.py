@@ -1,0 +1,62 @@
+"""The training record: one query, its positive, its mined negatives, its task and dataset.
+
+Every reader (JSONL, Parquet, TFDS/ArrayRecord) yields plain dicts of this shape, checked by
+`check_record`, whose errors name the file and the line (or row):
+
+    {"query": str, "positive": str, "negatives": [str, ...], "task": str, "dataset": str,
+     "instruction": str (optional; the query-side instruction, F2LLM's "Instruct: ...")}
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+TASKS = ("retrieval", "classification", "clustering")
+REQUIRED = ("query", "positive", "task", "dataset")
+FIELDS = (*REQUIRED, "negatives", "instruction")
+
+
+class RecordError(ValueError):
+    """A record that breaks the schema; the message starts with ``file:line:``."""
+
+
+def check_record(obj: Any, where: str) -> dict:
+    """Validates one record and returns it normalised (``negatives`` a list, no extra keys).
+
+    Args:
+      obj: the decoded record.
+      where: ``"path:line"`` (or ``"path:row N"``) for the error message.
+    """
+    if not isinstance(obj, dict):
+        raise RecordError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    for key in REQUIRED:
+        if key not in obj or obj[key] is None:
+            raise RecordError(f"{where}: missing field '{key}'")
+        if not isinstance(obj[key], str):
+            raise RecordError(
+                f"{where}: field '{key}' must be a string, got {type(obj[key]).__name__}"
+            )
+        if not obj[key].strip():
+            raise RecordError(f"{where}: field '{key}' is empty")
+    if obj["task"] not in TASKS:
+        raise RecordError(f"{where}: field 'task' is {obj['task']!r}; allowed: {', '.join(TASKS)}")
+    negatives = obj.get("negatives") or []
+    if not isinstance(negatives, (list, tuple)):
+        raise RecordError(
+            f"{where}: field 'negatives' must be a list of strings, got {type(negatives).__name__}"
+        )
+    for i, neg in enumerate(negatives):
+        if not isinstance(neg, str):
+            raise RecordError(f"{where}: negatives[{i}] must be a string, got {type(neg).__name__}")
+        if not neg.strip():
+            raise RecordError(f"{where}: negatives[{i}] is empty")
+    instruction = obj.get("instruction")
+    if instruction is not None and not isinstance(instruction, str):
+        raise RecordError(
+            f"{where}: field 'instruction' must be a string, got {type(instruction).__name__}"
+        )
+    record = {k: obj[k] for k in REQUIRED}
+    record["negatives"] = list(negatives)
+    if instruction:
+        record["instruction"] = instruction
+    return record

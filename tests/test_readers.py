@@ -1,0 +1,364 @@
+"""Tests for jaxembed.data.readers and jaxembed.data.prepare on small files written here."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import logging
+import pickle
+import random
+import re
+import sys
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from jaxembed.data import prepare as prepare_lib
+from jaxembed.data import readers
+from jaxembed.data.readers import (
+    JsonlSource,
+    ParquetSource,
+    TfdsSource,
+    expand,
+    open_source,
+    open_sources,
+)
+from jaxembed.data.records import RecordError
+
+RECORDS = [
+    {
+        "query": f"query {i} – café",
+        "positive": f"positive {i} 東京",
+        "negatives": [f"negative {i}.{k}" for k in range(i % 4)],
+        "task": "retrieval",
+        "dataset": "toy",
+        **({"instruction": "Instruct: find the passage"} if i % 2 else {}),
+    }
+    for i in range(11)
+]
+
+
+def write_jsonl(path, lines):
+    """Writes ``lines`` (dicts as JSON, str / bytes verbatim) one per line."""
+    out = b""
+    for line in lines:
+        if isinstance(line, dict):
+            line = json.dumps(line, ensure_ascii=False)
+        out += (line if isinstance(line, bytes) else line.encode()) + b"\n"
+    with gzip.open(path, "wb") if path.name.endswith(".gz") else open(path, "wb") as f:
+        f.write(out)
+    return path
+
+
+def write_f2llm(path, rows, num_negatives, **extra_columns):
+    """Writes rows ``(query, passage, [negatives])`` as F2LLM's Parquet layout."""
+    columns = {"query": [r[0] for r in rows], "passage": [r[1] for r in rows]}
+    for k in range(num_negatives):
+        columns[f"negative_{k + 1}"] = [r[2][k] if k < len(r[2]) else None for r in rows]
+    columns.update(extra_columns)
+    pq.write_table(pa.table(columns), path)
+    return path
+
+
+def check_random_access(src, expected):
+    """Every record, read in a shuffled order, and again after a pickle round trip."""
+    assert len(src) == len(expected)
+    order = list(range(len(expected)))
+    random.Random(0).shuffle(order)
+    assert [src[i] for i in order] == [expected[i] for i in order]
+    assert src[-1] == expected[-1]
+    clone = pickle.loads(pickle.dumps(src))
+    assert [clone[i] for i in reversed(order)] == [expected[i] for i in reversed(order)]
+    with pytest.raises(IndexError):
+        src[len(expected)]
+
+
+# --- readers ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".jsonl.gz"])
+def test_jsonl(tmp_path, suffix):
+    path = write_jsonl(tmp_path / f"toy{suffix}", [*RECORDS[:5], "", "  ", *RECORDS[5:]])
+    src = open_source(path)
+    assert isinstance(src, JsonlSource)
+    assert (src.path, src.name, src.task, src.skipped) == (path, "toy", "retrieval", 0)
+    check_random_access(src, RECORDS)
+
+
+def test_jsonl_fills_missing_task_and_dataset_from_arguments(tmp_path):
+    bare = [{k: v for k, v in r.items() if k not in ("task", "dataset")} for r in RECORDS[:3]]
+    path = write_jsonl(tmp_path / "bare.jsonl", bare)
+    src = open_source(path, task="clustering", dataset="bare")
+    assert (src.task, src.name) == ("clustering", "bare")
+    assert src[2] == {**RECORDS[2], "task": "clustering", "dataset": "bare"}
+    # A record's own value wins over the argument.
+    path = write_jsonl(tmp_path / "own.jsonl", RECORDS[:2])
+    assert open_source(path, task="clustering", dataset="other").task == "retrieval"
+
+
+def test_parquet_three_negatives(tmp_path):
+    rows = [
+        ("q0", "p0", ["n0a", "n0b", "n0c"]),
+        ("q1", "p1", ["n1a", "", None]),  # empty and null trailing negatives are dropped
+        ("q2", "p2", []),
+    ]
+    path = write_f2llm(tmp_path / "msmarco.parquet", rows, 3)
+    src = open_source(path)
+    assert isinstance(src, ParquetSource)
+    assert (src.name, src.task) == ("msmarco", "retrieval")  # file stem; default task
+    expected = [
+        {
+            "query": q,
+            "positive": p,
+            "negatives": [n for n in negs if n],
+            "task": "retrieval",
+            "dataset": "msmarco",
+        }
+        for q, p, negs in rows
+    ]
+    check_random_access(src, expected)
+
+
+def test_parquet_one_negative_with_task_and_instruction_columns(tmp_path):
+    rows = [(f"text {i}", f"label {i % 3}", [f"label {(i + 1) % 3}"]) for i in range(6)]
+    path = write_f2llm(
+        tmp_path / "emotion.parquet",
+        rows,
+        1,
+        task=["classification"] * 6,
+        dataset=["emotion"] * 6,
+        instruction=["Instruct: classify the emotion"] * 6,
+    )
+    src = open_source(path, task="retrieval", dataset="ignored")  # the columns win
+    assert (src.name, src.task) == ("emotion", "classification")
+    assert src[4] == {
+        "query": "text 4",
+        "positive": "label 1",
+        "negatives": ["label 2"],
+        "task": "classification",
+        "dataset": "emotion",
+        "instruction": "Instruct: classify the emotion",
+    }
+    assert open_source(write_f2llm(tmp_path / "b.parquet", rows, 1), task="clustering").task == (
+        "clustering"
+    )
+
+
+def test_tfds_round_trip_via_prepare(tmp_path, capsys):
+    jsonl = write_jsonl(tmp_path / "part1.jsonl", RECORDS[:7])
+    rows = [(r["query"], r["positive"], r["negatives"]) for r in RECORDS[7:]]
+    parquet = write_f2llm(tmp_path / "part2.parquet", rows, 3)
+    out = tmp_path / "out" / "toy"
+    prepare_lib.main(
+        ["--input", str(jsonl), str(parquet), "--out", str(out), "--name", "toy", "--shards", "3"]
+    )
+    assert "wrote 11 records of 'toy' (retrieval) in 3 shard(s)" in capsys.readouterr().out
+    assert len(list(out.glob("toy-train.array_record-*-of-00003"))) == 3
+    src = open_source(out)
+    assert isinstance(src, TfdsSource)
+    assert (src.name, src.task, src.skipped) == ("toy", "retrieval", 0)
+    # Parquet rows carry no instruction.
+    expected = RECORDS[:7] + [
+        {k: v for k, v in r.items() if k != "instruction"} for r in RECORDS[7:]
+    ]
+    check_random_access(src, expected)
+    assert "tensorflow" not in sys.modules
+
+
+def test_tfds_reads_with_tfds_data_source_and_grain(tmp_path):
+    import grain
+    import tensorflow_datasets as tfds
+
+    out = tmp_path / "toy"
+    prepare_lib.prepare([write_jsonl(tmp_path / "a.jsonl", RECORDS)], out)
+    ds = tfds.builder_from_directory(out).as_data_source(split="train")
+    assert ds[3]["query"] == RECORDS[3]["query"].encode()
+    src = open_source(out)
+    got = list(grain.MapDataset.source(src).shuffle(seed=0))
+    assert sorted(got, key=lambda r: r["query"]) == sorted(RECORDS, key=lambda r: r["query"])
+
+
+def test_tfds_without_metadata_gets_a_validating_pass(tmp_path, monkeypatch):
+    # A TFDS directory from elsewhere: no metadata.json, and one record breaking the schema
+    # (written by letting it past the validator).
+    bad = [*RECORDS[:2], {**RECORDS[2], "query": " "}, RECORDS[3]]
+    path = write_jsonl(tmp_path / "bad.jsonl", bad)
+    with monkeypatch.context() as m:
+        m.setattr(readers, "check_record", lambda obj, where: {"negatives": [], **obj})
+        prepare_lib.prepare([path], tmp_path / "foreign")
+    (tmp_path / "foreign" / "metadata.json").unlink()
+    with pytest.raises(RecordError, match=re.escape(f"{tmp_path / 'foreign'}:record 2: field")):
+        open_source(tmp_path / "foreign")
+    src = open_source(tmp_path / "foreign", skip_bad=True)
+    assert (src.name, src.task, src.skipped) == ("toy", "retrieval", 1)
+    check_random_access(src, [*RECORDS[:2], RECORDS[3]])
+
+
+def test_open_sources_expands_directories(tmp_path):
+    write_jsonl(tmp_path / "b.jsonl", RECORDS[:2])
+    write_jsonl(tmp_path / "a.jsonl.gz", RECORDS[:3])
+    write_f2llm(tmp_path / "c.parquet", [("q", "p", ["n"])], 1)
+    prepare_lib.prepare([tmp_path / "b.jsonl"], tmp_path / "d_tfds")
+    (tmp_path / "notes.txt").write_text("not records")
+    (tmp_path / "e.tmp-123").mkdir()  # a half-written prepare output
+    names = [p.name for p in expand(tmp_path)]
+    assert names == ["a.jsonl.gz", "b.jsonl", "c.parquet", "d_tfds"]
+    sources = open_sources([tmp_path, tmp_path / "b.jsonl"])
+    assert [len(s) for s in sources] == [3, 2, 1, 2, 2]
+
+
+# --- validation errors -----------------------------------------------------------------------
+
+GOOD = json.dumps(RECORDS[0])
+BAD_LINES = {
+    "malformed JSON": ('{"query": "q", "positive": ', r"malformed JSON"),
+    "missing field": (
+        json.dumps({k: v for k, v in RECORDS[0].items() if k != "positive"}),
+        r"missing field 'positive'",
+    ),
+    "null field": (json.dumps({**RECORDS[0], "query": None}), r"missing field 'query'"),
+    "empty field": (json.dumps({**RECORDS[0], "query": "  "}), r"field 'query' is empty"),
+    "wrong type": (json.dumps({**RECORDS[0], "query": 3}), r"field 'query' must be a string"),
+    "wrong negative": (json.dumps({**RECORDS[0], "negatives": ["a", 1]}), r"negatives\[1\]"),
+    "invalid UTF-8": (b'{"query": "caf\xe9", "positive": "p"}', r"invalid UTF-8 at byte 14"),
+    "unknown task": (json.dumps({**RECORDS[0], "task": "ranking"}), r"field 'task' is 'ranking'"),
+    "not an object": ("[1, 2]", r"expected a JSON object"),
+}
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".jsonl.gz"])
+@pytest.mark.parametrize("case", list(BAD_LINES))
+def test_jsonl_errors_name_file_and_line(tmp_path, case, suffix):
+    bad, message = BAD_LINES[case]
+    path = write_jsonl(tmp_path / f"bad{suffix}", [GOOD, "", bad, GOOD])
+    with pytest.raises(RecordError, match=re.escape(f"{path}:3: ") + message):
+        open_source(path)
+
+
+def test_mixed_tasks_and_datasets_name_the_first_conflicting_line(tmp_path):
+    path = write_jsonl(
+        tmp_path / "mixed.jsonl", [GOOD, GOOD, {**RECORDS[0], "task": "clustering"}, GOOD]
+    )
+    message = f"{path}:3: task 'clustering' differs from 'retrieval' at {path}:1"
+    with pytest.raises(RecordError, match=re.escape(message)):
+        open_source(path)
+    # A file that mixes tasks is refused even when bad records are skipped.
+    with pytest.raises(RecordError, match=re.escape(message)):
+        open_source(path, skip_bad=True)
+    path = write_jsonl(tmp_path / "two.jsonl", [GOOD, {**RECORDS[0], "dataset": "other"}])
+    with pytest.raises(RecordError, match=re.escape(f"{path}:2: dataset 'other' differs")):
+        open_source(path)
+
+
+def test_parquet_errors_name_file_and_row(tmp_path):
+    rows = [("q0", "p0", ["n"]), ("q1", "p1", ["n"]), ("q2", "  ", ["n"])]
+    path = write_f2llm(tmp_path / "bad.parquet", rows, 1)
+    with pytest.raises(RecordError, match=re.escape(f"{path}:row 2: field 'positive' is empty")):
+        open_source(path)
+    # A null before a non-empty negative is no trailing gap: it is an error.
+    path = write_f2llm(tmp_path / "gap.parquet", [("q", "p", [None, "n"])], 2)
+    with pytest.raises(RecordError, match=re.escape(f"{path}:row 0: negatives[0] must be")):
+        open_source(path)
+    path = write_f2llm(tmp_path / "task.parquet", rows[:2], 1, task=["retrieval", "sorting"])
+    with pytest.raises(RecordError, match=re.escape(f"{path}:row 1: field 'task' is 'sorting'")):
+        open_source(path)
+    path = write_f2llm(tmp_path / "mix.parquet", rows[:2], 1, task=["retrieval", "clustering"])
+    with pytest.raises(RecordError, match=re.escape(f"{path}:row 1: task 'clustering' differs")):
+        open_source(path)
+    pq.write_table(pa.table({"query": ["q"], "positive": ["p"]}), tmp_path / "layout.parquet")
+    with pytest.raises(RecordError, match="no column 'passage'"):
+        open_source(tmp_path / "layout.parquet")
+
+
+def test_unknown_format_and_missing_path(tmp_path):
+    (tmp_path / "x.csv").write_text("a,b\n")
+    with pytest.raises(ValueError, match="unknown record format"):
+        open_source(tmp_path / "x.csv")
+    with pytest.raises(FileNotFoundError):
+        open_source(tmp_path / "nope.jsonl")
+
+
+# --- skip_bad ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".jsonl.gz"])
+def test_skip_bad_counts_and_skips(tmp_path, suffix, caplog):
+    lines = [RECORDS[0]]
+    for bad, _ in BAD_LINES.values():
+        lines += [bad, RECORDS[len(lines) % len(RECORDS)]]
+    path = write_jsonl(tmp_path / f"some_bad{suffix}", lines)
+    with caplog.at_level(logging.WARNING):
+        src = open_source(path, skip_bad=True)
+    assert src.skipped == len(BAD_LINES)
+    assert [src[i] for i in range(len(src))] == [r for r in lines if isinstance(r, dict)]
+    assert f"skipped {len(BAD_LINES)} bad record(s)" in caplog.text
+    assert pickle.loads(pickle.dumps(src))[len(src) - 1] == src[len(src) - 1]
+
+
+def test_skip_bad_parquet_and_prepare(tmp_path, capsys):
+    rows = [("q0", "p0", ["n"]), (None, "p1", ["n"]), ("q2", "p2", ["n"]), ("q3", "", ["n"])]
+    path = write_f2llm(tmp_path / "rows.parquet", rows, 1)
+    src = open_source(path, skip_bad=True)
+    assert (len(src), src.skipped) == (2, 2)
+    assert [src[0]["query"], src[1]["query"]] == ["q0", "q2"]
+    prepare_lib.main(["--input", str(path), "--out", str(tmp_path / "out"), "--skip-bad"])
+    printed = capsys.readouterr().out
+    assert "wrote 2 records" in printed and "skipped 2 bad" in printed
+    assert [open_source(tmp_path / "out")[i]["query"] for i in range(2)] == ["q0", "q2"]
+
+
+# --- prepare -----------------------------------------------------------------------------------
+
+
+def test_prepare_failure_midway_leaves_nothing(tmp_path, monkeypatch):
+    (tmp_path / "in").mkdir()
+    path = write_jsonl(tmp_path / "in" / "toy.jsonl", RECORDS)
+    real = prepare_lib._write_shard
+    calls = []
+
+    def write_one_then_fail(shard, serialized):
+        calls.append(shard)
+        if len(calls) == 2:
+            next(iter(serialized))  # half a shard: one record pulled, then the disk "fails"
+            raise OSError("disk full")
+        return real(shard, serialized)
+
+    monkeypatch.setattr(prepare_lib, "_write_shard", write_one_then_fail)
+    out = tmp_path / "out"
+    with pytest.raises(OSError, match="disk full"):
+        prepare_lib.prepare([path], out, shards=3)
+    assert len(calls) == 2 and not calls[0].exists()  # the finished shard went too
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]
+
+
+def test_prepare_with_worker_processes(tmp_path):
+    parts = [write_jsonl(tmp_path / f"{k}.jsonl", RECORDS[k::3]) for k in range(3)]
+    stats = prepare_lib.prepare(parts, tmp_path / "out", shards=4, workers=2)
+    assert (stats["records"], stats["shards"]) == (len(RECORDS), 4)
+    check_random_access(open_source(tmp_path / "out"), [r for k in range(3) for r in RECORDS[k::3]])
+
+
+def test_prepare_refuses_a_non_empty_out_dir(tmp_path, capsys):
+    path = write_jsonl(tmp_path / "toy.jsonl", RECORDS[:3])
+    out = tmp_path / "out"
+    out.mkdir()  # an empty directory is fine to fill
+    prepare_lib.prepare([path], out)
+    before = sorted(p.name for p in out.iterdir())
+    with pytest.raises(FileExistsError, match="not empty; pass --overwrite"):
+        prepare_lib.prepare([path], out)
+    with pytest.raises(SystemExit):
+        prepare_lib.main(["--input", str(path), "--out", str(out)])
+    assert "not empty" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == before
+    stats = prepare_lib.prepare([write_jsonl(tmp_path / "new.jsonl", RECORDS)], out, overwrite=True)
+    assert stats["records"] == len(open_source(out)) == len(RECORDS)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["new.jsonl", "out", "toy.jsonl"]
+
+
+def test_prepare_refuses_inputs_of_two_datasets(tmp_path):
+    a = write_jsonl(tmp_path / "a.jsonl", RECORDS[:2])
+    b = write_jsonl(tmp_path / "b.jsonl", [{**r, "dataset": "other"} for r in RECORDS[:2]])
+    with pytest.raises(ValueError, match="one output directory per dataset"):
+        prepare_lib.prepare([a, b], tmp_path / "out")
+    assert not (tmp_path / "out").exists()
