@@ -55,6 +55,41 @@ def default_config() -> ml_collections.ConfigDict:
     c.train.dropout = True  # the backbone's dropout during training
     c.train.gradcache = False
     c.train.gradcache_chunk = 16  # rows per GradCache chunk (a multiple of data parallelism)
+
+    c.data = ml_collections.ConfigDict()
+    c.data.train = ()  # JSONL / Parquet files, directories of them, or prepared TFDS dirs
+    c.data.skip_bad = False  # skip (and count) malformed records instead of stopping
+    c.data.mixing = "remaining"  # F2LLM: proportional to remaining batches; or "temperature"
+    c.data.mixing_temperature = 1.0
+    c.data.num_negatives = ml_collections.ConfigDict(
+        {"retrieval": 7, "classification": 1, "clustering": 7}
+    )
+    c.data.max_query_length = 64
+    c.data.max_passage_length = 256
+    c.data.query_buckets = ()  # padded lengths; () = a quarter, half and all of the maximum
+    c.data.passage_buckets = ()
+    c.data.query_prefix = ""  # e.g. "query: " (E5)
+    c.data.passage_prefix = ""  # e.g. "passage: "
+    c.data.instruction_template = "Instruct: {instruction}\nQuery: {query}"
+    c.data.workers = 0  # Grain worker processes building batches ahead of the step
+    c.data.prefetch = 2
+
+    c.ckpt = ml_collections.ConfigDict()
+    c.ckpt.every = 500  # steps between checkpoints (and one at the end)
+    c.ckpt.keep = 3
+    c.ckpt.keep_best = 0  # also keep this many best by eval.best_metric
+    c.ckpt.async_save = True
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.every = 0  # steps between evaluations; 0 = only before and after training
+    c.eval.data = ()  # BEIR-layout folders (corpus.jsonl, queries.jsonl, qrels/<split>.tsv)
+    c.eval.split = "dev"
+    c.eval.batch_size = 64
+    c.eval.best_metric = "ndcg@10"  # averaged over eval.data; used by ckpt.keep_best
+
+    c.log = ml_collections.ConfigDict()
+    c.log.every = 10
+    c.log.tensorboard = True
     return c
 
 
@@ -94,6 +129,16 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         raise ValueError(
             f"config.optim.min_lr={c.optim.min_lr} exceeds config.optim.lr={c.optim.lr}"
         )
+    _choice(c, "data.mixing", ("remaining", "temperature"))
+    for task in c.data.num_negatives:
+        if task not in ("retrieval", "classification", "clustering"):
+            raise ValueError(
+                f"config.data.num_negatives.{task}: unknown task; "
+                "allowed: retrieval, classification, clustering"
+            )
+    for key in ("data.max_query_length", "data.max_passage_length", "log.every", "ckpt.every"):
+        _positive(c, key)
+    _positive(c, "eval.every", allow_zero=True)
     dims, weights = tuple(c.loss.matryoshka_dims), tuple(c.loss.matryoshka_weights)
     if weights and len(weights) != len(dims):
         raise ValueError(

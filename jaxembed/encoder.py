@@ -80,6 +80,13 @@ class Encoder:
 
         self._embed = jax.jit(embed)
 
+    def set_params(self, model_params) -> None:
+        """Swaps in new backbone parameters (e.g. live training parameters) without recompiling.
+
+        ``model_params`` is an `nnx.State` or its pure-dict form, possibly sharded on a mesh.
+        """
+        self._state = model_params
+
     @property
     def dim(self) -> int:
         return self.model.config.hidden_size

