@@ -183,3 +183,20 @@ def test_no_weights(bert_folder, tmp_path):
     shutil.copy(bert_folder / "config.json", tmp_path / "config.json")
     with pytest.raises(hf.ModelFolderError, match="no weights found"):
         hf.load_model(tmp_path)
+
+
+def test_sharded_safetensors_round_trip(bert_folder, tmp_path):
+    from jaxembed.hf.io import write_weights
+
+    tensors = {k: np.array(v) for k, v in read_weights(bert_folder).items()}
+    tensors["bf16"] = np.arange(6, dtype=np.float32).astype(jnp.bfloat16).reshape(2, 3)
+    files = write_weights(tmp_path, tensors, max_shard_bytes=20_000)
+    assert "model.safetensors.index.json" in files and len(files) > 3
+    back = read_weights(tmp_path)
+    assert set(back) == set(tensors)
+    for key, value in tensors.items():
+        np.testing.assert_array_equal(back[key], value, err_msg=key)
+    assert back["bf16"].dtype == jnp.bfloat16
+    shutil.copy(bert_folder / "config.json", tmp_path / "config.json")
+    model = hf.load_model(tmp_path)  # loads through the shard index
+    assert model.config.num_hidden_layers == 2
