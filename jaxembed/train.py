@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import functools
 import json
-import math
 import os
 import shutil
 import signal
@@ -222,8 +221,7 @@ def make_loss_and_grads(graphdef, config: ml_collections.ConfigDict, task: str, 
         # Keep each GradCache chunk spread over the data-parallel devices.
         if x is None:
             return x
-        spec = jax.sharding.PartitionSpec(sharding.BATCH_AXES, *([None] * (x.ndim - 1)))
-        return jax.lax.with_sharding_constraint(x, jax.sharding.NamedSharding(mesh, spec))
+        return jax.lax.with_sharding_constraint(x, sharding.batch_sharding(mesh, x.ndim))
 
     def temperature(extra):
         if "log_temperature" in extra:
@@ -327,10 +325,6 @@ class TrainStep:
                 f"batch has {b} rows but config.train.global_batch={self.config.train.global_batch}"
             )
         return self._compiled[task](state, batch)
-
-
-def num_params(params) -> int:
-    return sum(math.prod(x.shape) for x in jax.tree.leaves(params))
 
 
 # --- the training run -----------------------------------------------------------------------
@@ -499,7 +493,6 @@ def main(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
 
     # --- mesh ---------------------------------------------------------------------------------
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
-    sharding.check_global_batch(config.train.global_batch, mesh)
     log.print(
         f"mesh {dict(mesh.shape)} over {jax.device_count()} devices, "
         f"{jax.process_count()} processes"
@@ -532,6 +525,8 @@ def main(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
     graphdef = nnx.graphdef(abstract_model)
     tx, schedule = make_optimizer(config.optim, config.train.steps)
     abstract, state_sh = abstract_state(abstract_model, config, mesh, tx)
+    # Built before any weights load: it checks the batch against the mesh.
+    step_fn = TrainStep(graphdef, config, mesh, tx, schedule, state_sh, pooling)
     mngr = checkpoint.manager(
         workdir,
         keep=config.ckpt.keep,
@@ -563,7 +558,6 @@ def main(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
         "datasets": {s.name: {"task": s.task, "rows": len(s)} for s in sources},
     }
 
-    step_fn = TrainStep(graphdef, config, mesh, tx, schedule, state_sh, pooling)
     tokenizer = load_tokenizer(model_dir)
     evaluator = Evaluator(
         config, nnx.merge(graphdef, state.params["model"]), tokenizer, pooling, st
