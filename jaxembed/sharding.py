@@ -4,6 +4,7 @@ Parameters carry logical axis names (``vocab``, ``embed``, ``heads``, ``mlp``, `
 `jaxembed.models.layers`). A small rules table maps each name to mesh axes:
 
     embed -> fsdp          (FSDP: every weight matrix is split along its model dimension)
+    layers, norm -> replicated  (``layers``: the stacked dimension of scanned decoders)
     heads, mlp, vocab -> tensor   (Megatron-style tensor parallelism, if the mesh has it)
     batch -> (data, fsdp)  (the global batch is split over every data-parallel device)
 
@@ -33,6 +34,8 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("mlp", "tensor"),
     ("vocab", "tensor"),
     ("norm", None),
+    # The stacked-layer dimension of scanned decoders stays whole: the scan slices it.
+    ("layers", None),
 )
 
 

@@ -97,3 +97,63 @@ def toy_records(name: str, task: str, n: int, n_neg: int):
             }
         )
     return out
+
+
+TINY_QWEN3 = dict(
+    vocab_size=300,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    max_position_embeddings=128,
+    rope_theta=10000.0,
+    tie_word_embeddings=True,
+    initializer_range=0.2,
+)
+
+
+def save_qwen3_tokenizer(folder: Path, vocab_size: int = 300) -> Path:
+    """A small byte-level BPE tokenizer in Qwen's format (``<|endoftext|>`` as EOS and pad,
+    no special tokens added by default), trained on a few sentences; saved to ``folder``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import Qwen2Tokenizer
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    corpus = [
+        "Instruct: Given a web search query, retrieve relevant passages\nQuery: ",
+        "the quick brown fox jumps over the lazy dog",
+        "Debian packages describe libraries, tools and documentation.",
+        "Ein Werkzeug zur Verwaltung von Paketen. Un outil pour gérer les paquets.",
+    ] * 20
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size - 1,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(corpus, trainer)
+    import json
+
+    merges = json.loads(tok.to_str())["model"]["merges"]
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in merges]
+    vocab = tok.get_vocab()
+    Qwen2Tokenizer(vocab=vocab, merges=merges, model_max_length=128).save_pretrained(folder)
+    return folder
+
+
+def save_tiny_qwen3(folder: Path, seed: int = 0, tokenizer: bool = True, **overrides) -> Path:
+    """A tiny random ``transformers`` Qwen3 model (+ tokenizer), saved to ``folder``."""
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    kwargs = dict(TINY_QWEN3, **overrides)
+    cfg = transformers.Qwen3Config(**kwargs, eos_token_id=0, pad_token_id=0)
+    transformers.Qwen3Model(cfg).eval().save_pretrained(folder)
+    if tokenizer:
+        save_qwen3_tokenizer(folder, kwargs["vocab_size"])
+    return folder

@@ -13,17 +13,23 @@ from pathlib import Path
 from types import ModuleType
 
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
-from jaxembed.hf import bert
-from jaxembed.hf.io import ModelFolderError, read_weights, write_weights
-from jaxembed.hf.mapping import expand, export_params, load_params
+from jaxembed.hf import bert, mapping, qwen3
+from jaxembed.hf.io import ModelFolderError, read_weights, write_weights_stream
+from jaxembed.hf.mapping import Row, expand, export_params, load_params
 
-FAMILIES: dict[str, ModuleType] = dict.fromkeys(bert.MODEL_TYPES, bert)
+FAMILIES: dict[str, ModuleType] = {
+    **dict.fromkeys(bert.MODEL_TYPES, bert),
+    **dict.fromkeys(qwen3.MODEL_TYPES, qwen3),
+}
 __all__ = [
     "FAMILIES",
     "ModelFolderError",
     "export_state_dict",
+    "hf_config",
+    "iter_export",
     "load_model",
     "read_config",
     "save_model",
@@ -58,6 +64,11 @@ def family(model_type: str) -> ModuleType:
         ) from None
 
 
+def has_pooler(fam: ModuleType, keys) -> bool:
+    """Whether a family's optional pooler tensors are among ``keys`` (BERT's tanh pooler)."""
+    return fam.POOLER_KEY is not None and any(k.endswith(fam.POOLER_KEY) for k in keys)
+
+
 def load_model(path: str | os.PathLike, *, dtype=jnp.float32, remat: bool = False) -> nnx.Module:
     """Builds the NNX backbone of an HF folder and fills it with the folder's weights.
 
@@ -69,29 +80,63 @@ def load_model(path: str | os.PathLike, *, dtype=jnp.float32, remat: bool = Fals
     hf_cfg = read_config(path)
     fam = family(hf_cfg["model_type"])
     tensors = read_weights(path)
-    cfg = fam.config_from_hf(hf_cfg, has_pooler=any(k.endswith(fam.POOLER_KEY) for k in tensors))
+    cfg = fam.config_from_hf(hf_cfg, has_pooler=has_pooler(fam, tensors))
     model = nnx.eval_shape(lambda: fam.build(cfg, dtype=dtype, remat=remat, rngs=nnx.Rngs(0)))
     rows = expand(fam.table(cfg), fam.num_layers(cfg))
     load_params(model, rows, tensors, source=str(path))
     return model
 
 
-def export_state_dict(model: nnx.Module, dtype=jnp.float32) -> dict:
-    """The HF state dict (NumPy) of a backbone, through the same table that loaded it."""
+def export_rows(model: nnx.Module) -> list[Row]:
+    """The expanded mapping table of a backbone: what export walks, in order."""
     cfg = model.config
     fam = family(cfg.model_type)
-    return export_params(model, expand(fam.table(cfg), fam.num_layers(cfg)), dtype=dtype)
+    return expand(fam.table(cfg), fam.num_layers(cfg))
 
 
-def save_model(model: nnx.Module, path: str | os.PathLike, dtype=jnp.float32) -> list[str]:
-    """Writes ``config.json`` and the safetensors weights of ``model`` into ``path``."""
+def export_state_dict(model: nnx.Module, dtype=jnp.float32) -> dict:
+    """The HF state dict (NumPy) of a backbone, through the same table that loaded it."""
+    return export_params(model, export_rows(model), dtype=dtype)
+
+
+def iter_export(model: nnx.Module, dtype=jnp.float32, fetch=np.asarray):
+    """``(hf_key, array)`` pairs of a backbone, one at a time (see `mapping.iter_export`)."""
+    return mapping.iter_export(model, export_rows(model), dtype, fetch)
+
+
+def hf_config(model: nnx.Module, dtype=jnp.float32) -> dict:
+    """The ``config.json`` dict of a backbone: its family's HF config, updated."""
+    cfg = model.config
+    out = family(cfg.model_type).config_to_hf(cfg)
+    out["torch_dtype"] = jnp.dtype(dtype).name
+    return out
+
+
+def save_model(
+    model: nnx.Module,
+    path: str | os.PathLike,
+    dtype=jnp.float32,
+    *,
+    fetch=np.asarray,
+    max_shard_bytes: int = 5 << 30,
+) -> list[str]:
+    """Writes ``config.json`` and the safetensors weights of ``model`` into ``path``.
+
+    Tensors are converted and written one at a time (`iter_export`), so host memory holds
+    one tensor beyond the model, whatever the model's size. ``fetch`` brings a parameter
+    to host memory (default: `numpy.asarray`; multi-host callers gather). Returns the
+    file names written.
+    """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    cfg = model.config
-    hf_cfg = family(cfg.model_type).config_to_hf(cfg)
-    hf_cfg["torch_dtype"] = jnp.dtype(dtype).name
-    files = write_weights(path, export_state_dict(model, dtype=dtype))
+    rows = export_rows(model)
+    files = write_weights_stream(
+        path,
+        mapping.export_specs(model, rows, dtype),
+        mapping.iter_export(model, rows, dtype, fetch),
+        max_shard_bytes,
+    )
     tmp = path / "config.json.tmp"
-    tmp.write_text(json.dumps(hf_cfg, indent=2, sort_keys=True) + "\n")
+    tmp.write_text(json.dumps(hf_config(model, dtype), indent=2, sort_keys=True) + "\n")
     os.replace(tmp, path / "config.json")
     return ["config.json", *files]

@@ -15,6 +15,7 @@ import os
 import pickle
 import zipfile
 from collections import OrderedDict
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import ml_dtypes
@@ -72,34 +73,74 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
     return out
 
 
+TensorSpec = tuple[tuple[int, ...], np.dtype]  # (shape, dtype) of a tensor to be written
+
+
+def spec_of(array: np.ndarray) -> TensorSpec:
+    return tuple(array.shape), np.dtype(array.dtype)
+
+
+def _nbytes(spec: TensorSpec) -> int:
+    shape, dtype = spec
+    return int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+
+
 def write_safetensors(
     path: str | os.PathLike, tensors: dict[str, np.ndarray], metadata: dict | None = None
 ) -> None:
     """Writes ``tensors`` to ``path`` atomically (temp file, then rename)."""
+    keys = sorted(tensors)
+    write_safetensors_stream(
+        path, {k: spec_of(tensors[k]) for k in keys}, ((k, tensors[k]) for k in keys), metadata
+    )
+
+
+def write_safetensors_stream(
+    path: str | os.PathLike,
+    specs: dict[str, TensorSpec],
+    tensors: Iterable[tuple[str, np.ndarray]],
+    metadata: dict | None = None,
+) -> None:
+    """Writes one safetensors file from an iterator, holding one tensor in memory at a time.
+
+    The header (shapes, dtypes, offsets) comes first in the format, so it is built from
+    ``specs``; ``tensors`` must then yield exactly those keys, in the same order, with
+    those shapes and dtypes. Atomic: a temp file, renamed when complete.
+    """
     path = Path(path)
+    tensors = iter(tensors)
     header: dict = {"__metadata__": metadata or {"format": "pt"}}
     offset = 0
-    arrays = []
-    for key in sorted(tensors):
-        a = np.ascontiguousarray(tensors[key])
-        if a.dtype not in _ST_NAMES:
-            raise WeightsError(f"cannot write tensor {key!r} of dtype {a.dtype} to safetensors")
+    for key, (shape, dtype) in specs.items():
+        if np.dtype(dtype) not in _ST_NAMES:
+            raise WeightsError(f"{path}: cannot write tensor {key!r} of dtype {dtype}")
+        nbytes = _nbytes((shape, dtype))
         header[key] = {
-            "dtype": _ST_NAMES[a.dtype],
-            "shape": list(a.shape),
-            "data_offsets": [offset, offset + a.nbytes],
+            "dtype": _ST_NAMES[np.dtype(dtype)],
+            "shape": list(shape),
+            "data_offsets": [offset, offset + nbytes],
         }
-        offset += a.nbytes
-        arrays.append(a)
+        offset += nbytes
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # the format aligns the data section to 8 bytes
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(len(blob).to_bytes(8, "little"))
-        f.write(blob)
-        for a in arrays:
-            f.write(a.tobytes())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(len(blob).to_bytes(8, "little"))
+            f.write(blob)
+            for expected in specs:
+                key, a = next(tensors, (None, None))
+                if key != expected:
+                    raise WeightsError(f"{path}: expected tensor {expected!r} next, got {key!r}")
+                if spec_of(a) != (tuple(specs[key][0]), np.dtype(specs[key][1])):
+                    raise WeightsError(
+                        f"{path}: tensor {key!r} is {spec_of(a)}, the header says {specs[key]}"
+                    )
+                # A byte view, not tobytes(): no second copy of a large tensor.
+                f.write(np.ascontiguousarray(a).reshape(-1).view(np.uint8).data)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 # --- pytorch_model.bin -----------------------------------------------------------------------
@@ -201,6 +242,20 @@ def read_weights(folder: str | os.PathLike) -> dict[str, np.ndarray]:
     raise WeightsError(f"{folder}: no weights found (looked for {', '.join(WEIGHT_FILES)})")
 
 
+def shard_plan(specs: dict[str, TensorSpec], max_shard_bytes: int) -> list[list[str]]:
+    """The keys of each shard, in ``specs`` order: a new shard starts where one would overflow."""
+    shards: list[list[str]] = [[]]
+    size = 0
+    for key, spec in specs.items():
+        nbytes = _nbytes(spec)
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(key)
+        size += nbytes
+    return shards
+
+
 def write_weights(
     folder: str | os.PathLike, tensors: dict[str, np.ndarray], max_shard_bytes: int = 5 << 30
 ) -> list[str]:
@@ -208,29 +263,46 @@ def write_weights(
 
     Returns the file names written.
     """
+    keys = sorted(tensors)
+    specs = {k: spec_of(tensors[k]) for k in keys}
+    return write_weights_stream(folder, specs, ((k, tensors[k]) for k in keys), max_shard_bytes)
+
+
+def write_weights_stream(
+    folder: str | os.PathLike,
+    specs: dict[str, TensorSpec],
+    tensors: Iterable[tuple[str, np.ndarray]],
+    max_shard_bytes: int = 5 << 30,
+) -> list[str]:
+    """`write_weights` from an iterator yielding ``specs``' keys in order, one tensor at a time.
+
+    A model larger than host memory can be written this way: only the tensor being written
+    is held. Returns the file names written.
+    """
     folder = Path(folder)
-    shards: list[dict[str, np.ndarray]] = [{}]
-    size = 0
-    for key in sorted(tensors):
-        nbytes = tensors[key].nbytes
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][key] = tensors[key]
-        size += nbytes
+    tensors = iter(tensors)  # shared by the shards: each takes its keys from the front
+    shards = shard_plan(specs, max_shard_bytes)
     if len(shards) == 1:
-        write_safetensors(folder / "model.safetensors", shards[0])
+        write_safetensors_stream(folder / "model.safetensors", specs, tensors)
+        _check_exhausted(tensors, folder)
         return ["model.safetensors"]
     names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     weight_map = {}
-    for name, shard in zip(names, shards, strict=True):
-        write_safetensors(folder / name, shard)
-        weight_map.update(dict.fromkeys(shard, name))
+    for name, keys in zip(names, shards, strict=True):
+        write_safetensors_stream(folder / name, {k: specs[k] for k in keys}, tensors)
+        weight_map.update(dict.fromkeys(keys, name))
+    _check_exhausted(tensors, folder)
     index = {
-        "metadata": {"total_size": int(sum(t.nbytes for t in tensors.values()))},
+        "metadata": {"total_size": sum(_nbytes(s) for s in specs.values())},
         "weight_map": weight_map,
     }
     tmp = folder / "model.safetensors.index.json.tmp"
     tmp.write_text(json.dumps(index, indent=2))
     os.replace(tmp, folder / "model.safetensors.index.json")
     return [*names, "model.safetensors.index.json"]
+
+
+def _check_exhausted(tensors: Iterator, folder: Path) -> None:
+    extra = next(tensors, None)
+    if extra is not None:
+        raise WeightsError(f"{folder}: tensor {extra[0]!r} is not among the tensors to write")
