@@ -2,8 +2,9 @@
 
 A checkpoint holds the train state (parameters, optimizer state, step, RNG), the Grain
 iterator state (so a resumed run reads exactly the batches an uninterrupted one would),
-and a JSON ``meta`` item: the backbone's HF config, pooling, prompts and the run config,
-enough to rebuild the encoder without the original model folder.
+and a JSON ``meta`` item (`jaxembed.train.run_meta`): the run's copy of the model folder
+(config.json, tokenizer), pooling, prompts, datasets and the run config, enough to rebuild
+the encoder (`jaxembed.convert`, `jaxembed.load(workdir)`) without the original folder.
 
 Saves are asynchronous and atomic (Orbax writes to a temporary directory and renames it
 when complete), so a run killed at any moment resumes from the last complete checkpoint.

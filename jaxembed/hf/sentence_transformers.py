@@ -1,9 +1,11 @@
 """The sentence-transformers files around an HF folder: pooling, prompts, max length.
 
-Reads ``modules.json``, ``1_Pooling/config.json`` (legacy ``pooling_mode_*`` booleans and the
-newer ``pooling_mode`` key), ``sentence_bert_config.json`` and
-``config_sentence_transformers.json``. A pipeline we cannot reproduce exactly (a Dense
-projection, several pooling modes concatenated) is an error, never a silent difference.
+`read_st_config` reads ``modules.json``, ``1_Pooling/config.json`` (legacy
+``pooling_mode_*`` booleans and the newer ``pooling_mode`` key),
+``sentence_bert_config.json`` and ``config_sentence_transformers.json``; `write_st_config`
+writes them (the exporter, `jaxembed.convert`). A pipeline we cannot reproduce exactly (a
+Dense projection, several pooling modes concatenated) is an error, never a silent
+difference.
 """
 
 from __future__ import annotations
@@ -91,3 +93,64 @@ def read_st_config(path: str | Path) -> STConfig:
         st.prompts = dict(cfg.get("prompts") or {})
         st.default_prompt_name = cfg.get("default_prompt_name")
     return st
+
+
+def _write_json(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+
+
+def write_st_config(path: str | Path, st: STConfig, embedding_dim: int) -> list[str]:
+    """Writes the sentence-transformers files of ``st`` around the backbone in ``path``.
+
+    Transformer -> Pooling (-> Normalize): ``modules.json``, ``1_Pooling/config.json``,
+    ``sentence_bert_config.json`` and ``config_sentence_transformers.json`` (prompts).
+    `read_st_config` reads them back to the same `STConfig`. The pooling file uses the
+    legacy ``pooling_mode_*`` booleans, which every sentence-transformers version reads
+    (newer ones convert them). Returns the paths written, relative to ``path``.
+    """
+    path = Path(path)
+    if st.pooling not in POOLING_MODES:
+        raise ValueError(f"pooling {st.pooling!r}; supported: {list(POOLING_MODES)}")
+    modules = [
+        ("Transformer", ""),
+        ("Pooling", "1_Pooling"),
+        *([("Normalize", "2_Normalize")] if st.normalize else []),
+    ]
+    _write_json(
+        path / "modules.json",
+        [
+            {"idx": i, "name": str(i), "path": p, "type": f"sentence_transformers.models.{kind}"}
+            for i, (kind, p) in enumerate(modules)
+        ],
+    )
+    pooling = {"word_embedding_dimension": int(embedding_dim)}
+    pooling.update({key: mode == st.pooling for key, mode in _LEGACY_POOLING.items()})
+    pooling["include_prompt"] = bool(st.include_prompt)
+    _write_json(path / "1_Pooling" / "config.json", pooling)
+    written = ["modules.json", "1_Pooling/config.json"]
+    if st.normalize:
+        # Normalize has no parameters; sentence-transformers itself saves an empty folder.
+        (path / "2_Normalize").mkdir(exist_ok=True)
+    if st.max_seq_length is not None:
+        _write_json(
+            path / "sentence_bert_config.json",
+            {"max_seq_length": int(st.max_seq_length), "do_lower_case": st.do_lower_case},
+        )
+        written.append("sentence_bert_config.json")
+    if st.default_prompt_name is not None and st.default_prompt_name not in st.prompts:
+        raise ValueError(
+            f"default_prompt_name {st.default_prompt_name!r} is not among the prompts "
+            f"{sorted(st.prompts)}"
+        )
+    _write_json(
+        path / "config_sentence_transformers.json",
+        {
+            "model_type": "SentenceTransformer",
+            "prompts": dict(st.prompts),
+            "default_prompt_name": st.default_prompt_name,
+            "similarity_fn_name": "cosine",
+        },
+    )
+    written.append("config_sentence_transformers.json")
+    return written
