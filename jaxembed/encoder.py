@@ -50,6 +50,32 @@ def load_tokenizer(path: str | os.PathLike):
         raise FileNotFoundError(f"{path}: the tokenizer could not be loaded: {e}") from e
 
 
+def append_eos(tokenizer, pooling: str):
+    """Makes ``tokenizer`` end every text with EOS when ``pooling`` is last-token.
+
+    Last-token pooling of a decoder (F2LLM, Qwen3-Embedding) reads the hidden state of an
+    EOS appended *after* truncation: a text truncated to ``max_length`` keeps
+    ``max_length - 1`` tokens plus EOS. Qwen tokenizers add no special tokens by default,
+    so we switch on the tokenizer's own EOS post-processor; it truncates exactly that way,
+    and a folder saved from this tokenizer makes sentence-transformers do the same.
+    Tokenizers that already end with EOS (XLM-R's ``</s>``) or have none (BERT) are left as
+    they are.
+    """
+    if pooling != "lasttoken" or tokenizer.eos_token_id is None:
+        return tokenizer
+    if tokenizer("a")["input_ids"][-1:] == [tokenizer.eos_token_id]:
+        return tokenizer
+    if not hasattr(type(tokenizer), "add_eos_token"):
+        raise ValueError(
+            f"{type(tokenizer).__name__} cannot be told to append EOS "
+            "(needed for last-token pooling); use a fast (tokenizers) tokenizer"
+        )
+    tokenizer.add_eos_token = True
+    if tokenizer("a")["input_ids"][-1:] != [tokenizer.eos_token_id]:
+        raise ValueError(f"{type(tokenizer).__name__} did not start appending EOS")
+    return tokenizer
+
+
 class Encoder:
     """A backbone, its tokenizer and its pooling: ``encode(texts) -> (n, dim)`` unit vectors."""
 
@@ -79,6 +105,44 @@ class Encoder:
             return l2_normalize(pool(h, pool_mask, self.pooling, attention_mask=mask))
 
         self._embed = jax.jit(embed)
+        self._mesh = None
+
+    def use_mesh(self, mesh) -> Encoder:
+        """Splits every batch over ``mesh``'s data-parallel axes; returns ``self``.
+
+        Batches are padded to a multiple of the data-parallel size (pad rows are dropped),
+        the parameters are replicated unless they already live on ``mesh`` (live training
+        parameters keep their sharding). Embeddings do not depend on the mesh.
+        """
+        from jaxembed import sharding
+
+        self._mesh = mesh if sharding.data_parallel_size(mesh) > 1 else None
+        if self._mesh is not None:
+            self._state = self._place(self._state)
+        else:  # one device: bring parameters back from a previous, larger mesh
+            self._state = jax.device_put(self._state, mesh.devices.flat[0])
+        return self
+
+    def _place(self, state):
+        from jaxembed import sharding
+
+        leaves = jax.tree.leaves(state)
+        on_mesh = (
+            leaves and getattr(getattr(leaves[0], "sharding", None), "mesh", None) == self._mesh
+        )
+        return state if on_mesh else jax.device_put(state, sharding.replicated(self._mesh))
+
+    def _forward(self, ids: np.ndarray, mask: np.ndarray, pool_mask: np.ndarray) -> jax.Array:
+        if self._mesh is None:
+            return self._embed(self._state, jnp.asarray(ids), jnp.asarray(mask), pool_mask)
+        from jaxembed import sharding
+
+        rows, n = ids.shape[0], sharding.data_parallel_size(self._mesh)
+        placed = []
+        for a in (ids, mask, pool_mask):
+            a = np.concatenate([a, np.zeros((-rows % n, *a.shape[1:]), a.dtype)])
+            placed.append(jax.device_put(a, sharding.batch_sharding(self._mesh, a.ndim)))
+        return self._embed(self._place(self._state), *placed)[:rows]
 
     def set_params(self, model_params) -> None:
         """Swaps in new backbone parameters (e.g. live training parameters) without recompiling.
@@ -171,7 +235,7 @@ class Encoder:
                 mask[r, : len(ids[i])] = 1
             pool_mask = mask.copy()
             pool_mask[:, :skip] = 0
-            emb = self._embed(self._state, jnp.asarray(batch), jnp.asarray(mask), pool_mask)
+            emb = self._forward(batch, mask, pool_mask)
             out[idx] = np.asarray(emb)[: len(idx)]
         if truncate_dim is not None:
             out = out[:, :truncate_dim]
@@ -186,11 +250,13 @@ def load(
     pooling: str | None = None,
     max_length: int | None = None,
 ) -> Encoder:
-    """Loads a local Hugging Face / sentence-transformers folder as an `Encoder`.
+    """Loads a local Hugging Face / sentence-transformers folder or a training run as an `Encoder`.
 
     Args:
       path: the model folder (``config.json``, weights, tokenizer files; sentence-transformers
-        files optional).
+        files optional), or a training run: WORKDIR (its latest checkpoint), WORKDIR/STEP or
+        WORKDIR/checkpoints/STEP. A run encodes as its export (`jaxembed.convert`) does:
+        pooling, prompts and max length as trained.
       dtype: compute dtype, "float32" or "bfloat16"; parameters stay float32.
       pooling: overrides the folder's pooling (default: the folder's ``1_Pooling``, else mean).
       max_length: overrides the maximum token count (default: sentence-transformers'
@@ -199,9 +265,9 @@ def load(
     if dtype not in ("float32", "bfloat16"):
         raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {dtype!r}")
     path = Path(path)
-    model = hf.load_model(path, dtype=jnp.dtype(dtype))
-    st = read_st_config(path)
-    tokenizer = load_tokenizer(path)
+    model, st, files = _model_and_settings(path, dtype)
+    pooling = pooling or st.pooling or "mean"
+    tokenizer = append_eos(load_tokenizer(files), pooling)
     limit = model.config.max_tokens
     if max_length is None:
         max_length = st.max_seq_length or min(tokenizer.model_max_length, limit)
@@ -210,8 +276,22 @@ def load(
     return Encoder(
         model,
         tokenizer,
-        pooling=pooling or st.pooling or "mean",
+        pooling=pooling,
         max_length=max_length,
         st=st,
         name=str(path),
     )
+
+
+def _model_and_settings(path: Path, dtype: str) -> tuple[nnx.Module, STConfig, Path]:
+    """``(model, sentence-transformers settings, folder with the tokenizer)`` of ``path``."""
+    if (path / "config.json").exists():
+        return hf.load_model(path, dtype=jnp.dtype(dtype)), read_st_config(path), path
+    from jaxembed import convert  # Orbax and the training code: only when a run is loaded
+
+    if not convert.is_checkpoint(path):
+        return hf.load_model(path, dtype=jnp.dtype(dtype)), read_st_config(path), path  # errors
+    ckpt = convert.find_checkpoint(path)
+    # Host (NumPy) parameters, like hf.load_model's; Encoder places them on the device.
+    model = convert.restore_model(ckpt, dtype=dtype)
+    return model, convert.trained_st_config(ckpt, model.config), ckpt.model_dir

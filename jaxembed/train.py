@@ -21,6 +21,7 @@ selects the loss: one compiled step per task.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -364,12 +365,17 @@ class Logger:
             self.tb.close()
 
 
-def prepare_model_dir(source: str, target: Path) -> Path:
+def prepare_model_dir(source: str, target: Path, pooling: str = "") -> Path:
     """The run's own copy of the backbone's non-weight files (config, tokenizer, ST files).
 
     A resumed run, the exporter and `jaxembed.load(workdir)` read this copy, so the original
-    folder is only needed for the first initialisation.
+    folder is only needed for the first initialisation. With last-token pooling (``pooling``,
+    else the folder's own) the copied tokenizer is saved appending EOS (`encoder.append_eos`),
+    so the data pipeline, evaluation and the exported folder all tokenize the same way.
     """
+    from jaxembed.encoder import append_eos, load_tokenizer
+    from jaxembed.hf.sentence_transformers import read_st_config
+
     if (target / "config.json").exists():
         return target
     if not source:
@@ -392,9 +398,14 @@ def prepare_model_dir(source: str, target: Path) -> Path:
     fam = hf.family(hf.read_config(src)["model_type"])
     info = {
         "source": str(src.absolute()),
-        "has_pooler": any(k.endswith(fam.POOLER_KEY) for k in tensors),
+        "has_pooler": hf.has_pooler(fam, tensors),
     }
     (tmp / "jaxembed.json").write_text(json.dumps(info, indent=2))
+    if (pooling or read_st_config(tmp).pooling) == "lasttoken":
+        tokenizer = load_tokenizer(tmp)
+        before = tokenizer("a")["input_ids"]
+        if append_eos(tokenizer, "lasttoken")("a")["input_ids"] != before:
+            tokenizer.save_pretrained(tmp)
     os.replace(tmp, target)
     return target
 
@@ -413,25 +424,42 @@ def build_abstract_model(model_dir: Path, config):
 class Evaluator:
     """Dev retrieval metrics with the live parameters (no export), averaged over datasets."""
 
-    def __init__(self, config, model, tokenizer, pooling: str, st):
+    def __init__(self, config, model, tokenizer, pooling: str, st, meta: dict):
+        from jaxembed.convert import trained_prompts
         from jaxembed.encoder import Encoder
         from jaxembed.evaluate import load_beir
 
         self.sets = {Path(p).name: load_beir(p, config.eval.split) for p in config.eval.data}
         max_len = max(config.data.max_query_length, config.data.max_passage_length)
+        # Training pools over prompt tokens too, whatever the source folder's include_prompt.
+        st = dataclasses.replace(st, include_prompt=True)
         self.encoder = Encoder(model, tokenizer, pooling=pooling, max_length=max_len, st=st)
         self.batch_size = config.eval.batch_size
-        self.query_prompt = config.data.query_prefix
-        self.passage_prompt = config.data.passage_prefix
+        # The prompts the exported folder will carry (e.g. F2LLM's one instruction), so the
+        # numbers logged here are what `jaxembed.evaluate` gives on the checkpoint.
+        prompts = trained_prompts(meta)
+        self.query_prompt, self.passage_prompt = prompts["query"], prompts["passage"]
         self.q_len, self.p_len = config.data.max_query_length, config.data.max_passage_length
 
+    @staticmethod
+    def _mesh_of(params):
+        """The mesh the live parameters are sharded on, if this process sees all of it."""
+        leaf = jax.tree.leaves(params)[0]
+        mesh = getattr(getattr(leaf, "sharding", None), "mesh", None)
+        return mesh if mesh is not None and jax.process_count() == 1 else None
+
     def __call__(self, params) -> dict:
-        from jaxembed.evaluate import METRICS, evaluate_beir
+        from jaxembed.evaluate import METRICS, evaluate_beir, mean_over_sets, on_mesh
 
         if not self.sets:
             return {}
         self.encoder.set_params(params["model"])
         enc = self.encoder
+        mesh = self._mesh_of(params["model"])
+        if mesh is not None:
+            # Eval batches split over the training mesh's data axes, like `jaxembed.evaluate`
+            # on its own mesh; the parameters stay where training keeps them.
+            on_mesh(enc, mesh)
 
         def queries(texts):
             enc.max_length = self.q_len
@@ -441,15 +469,48 @@ class Evaluator:
             enc.max_length = self.p_len
             return enc.encode(texts, batch_size=self.batch_size, prompt=self.passage_prompt)
 
-        out = {}
-        for name, data in self.sets.items():
-            for metric, value in evaluate_beir(queries, docs, None, data=data).items():
-                out[f"eval/{name}/{metric}"] = value
-        for metric in METRICS:
-            out[f"eval/{metric}"] = float(
-                np.mean([out[f"eval/{name}/{metric}"] for name in self.sets])
-            )
+        per_set = {
+            name: evaluate_beir(queries, docs, None, data=data) for name, data in self.sets.items()
+        }
+        out = {f"eval/{name}/{m}": r[m] for name, r in per_set.items() for m in METRICS}
+        out.update({f"eval/{m}": v for m, v in mean_over_sets(per_set).items()})
         return out
+
+
+INSTRUCTION_SAMPLE = 64  # rows per dataset read to record its instructions
+
+
+def dataset_instructions(source, sample: int = INSTRUCTION_SAMPLE) -> list[str]:
+    """The distinct query instructions of ``sample`` evenly spaced rows of a dataset.
+
+    Instructions are per record, but datasets (F2LLM's, the Debian builder's) use one each;
+    a sample finds it without reading a large dataset whole.
+    """
+    n = len(source)
+    rows = np.unique(np.linspace(0, n - 1, min(sample, n)).astype(np.int64)) if n else []
+    found = [source[int(i)].get("instruction") or "" for i in rows]
+    return sorted({x for x in found if x})
+
+
+def run_meta(config, model_dir: Path, pooling: str, sources) -> dict:
+    """The checkpoint's JSON ``meta`` item: what the exporter and `jaxembed.load` rebuild from."""
+    datasets = {}
+    for s in sources:
+        d = datasets.setdefault(s.name, {"task": s.task, "rows": 0, "instructions": []})
+        d["rows"] += len(s)
+        d["instructions"] = sorted({*d["instructions"], *dataset_instructions(s)})
+    return {
+        "model_dir": str(model_dir.absolute()),
+        "pooling": pooling,
+        # Training pools over every query token, prompt included: batches carry no
+        # ``query_pool_mask`` (see `_towers`), so an export must say include_prompt=True.
+        "include_prompt": True,
+        "query_prefix": config.data.query_prefix,
+        "passage_prefix": config.data.passage_prefix,
+        "instruction_template": config.data.instruction_template,
+        "config": config.to_json_best_effort(),
+        "datasets": datasets,
+    }
 
 
 def pipeline_config(config) -> pipeline.PipelineConfig:
@@ -499,7 +560,7 @@ def main(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
     )
 
     # --- model files and data -----------------------------------------------------------------
-    model_dir = prepare_model_dir(config.model.path, workdir / "model")
+    model_dir = prepare_model_dir(config.model.path, workdir / "model", config.model.pooling)
     st = read_st_config(model_dir)
     pooling = config.model.pooling or st.pooling or "mean"
     sources = readers.open_sources(list(config.data.train), skip_bad=config.data.skip_bad)
@@ -548,19 +609,11 @@ def main(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
             nnx.state(abstract_model), sharding.state_shardings(nnx.state(abstract_model), mesh)
         )
     )
-    meta = {
-        "model_dir": str(model_dir.absolute()),
-        "pooling": pooling,
-        "query_prefix": config.data.query_prefix,
-        "passage_prefix": config.data.passage_prefix,
-        "instruction_template": config.data.instruction_template,
-        "config": config.to_json_best_effort(),
-        "datasets": {s.name: {"task": s.task, "rows": len(s)} for s in sources},
-    }
+    meta = run_meta(config, model_dir, pooling, sources)
 
     tokenizer = load_tokenizer(model_dir)
     evaluator = Evaluator(
-        config, nnx.merge(graphdef, state.params["model"]), tokenizer, pooling, st
+        config, nnx.merge(graphdef, state.params["model"]), tokenizer, pooling, st, meta
     )
     results: dict = {}
     if start == 0 and evaluator.sets:
