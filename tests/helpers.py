@@ -99,6 +99,23 @@ def toy_records(name: str, task: str, n: int, n_neg: int):
     return out
 
 
+def write_toy_beir(folder: Path, n: int) -> Path:
+    """A BEIR dev set of ``n`` `toy_records`: each query's positive is its one relevant doc."""
+    (folder / "qrels").mkdir(parents=True)
+    recs = toy_records("dev", "retrieval", n, 0)
+    write_jsonl(
+        folder / "corpus.jsonl",
+        [{"_id": f"d{i}", "text": r["positive"]} for i, r in enumerate(recs)],
+    )
+    write_jsonl(
+        folder / "queries.jsonl", [{"_id": f"q{i}", "text": r["query"]} for i, r in enumerate(recs)]
+    )
+    (folder / "qrels" / "dev.tsv").write_text(
+        "query-id\tcorpus-id\tscore\n" + "".join(f"q{i}\td{i}\t1\n" for i in range(n))
+    )
+    return folder
+
+
 TINY_QWEN3 = dict(
     vocab_size=300,
     hidden_size=32,

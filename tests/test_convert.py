@@ -16,7 +16,7 @@ import jax
 import numpy as np
 import pytest
 import transformers
-from helpers import minilm_path, save_tiny_with_tokenizer, toy_records, write_jsonl
+from helpers import minilm_path, save_tiny_with_tokenizer, toy_records, write_jsonl, write_toy_beir
 from sentence_transformers import SentenceTransformer
 
 import jaxembed
@@ -79,16 +79,7 @@ def base(tmp_path_factory):
         "retr": write_jsonl(root / "retr.jsonl", instructed),
         "plain": write_jsonl(root / "plain.jsonl", toy_records("plain", "retrieval", 16, 2)),
     }
-    dev = root / "dev"
-    (dev / "qrels").mkdir(parents=True)
-    recs = toy_records("dev", "retrieval", 8, 0)
-    write_jsonl(
-        dev / "corpus.jsonl", [{"_id": f"d{i}", "text": r["positive"]} for i, r in enumerate(recs)]
-    )
-    write_jsonl(
-        dev / "queries.jsonl", [{"_id": f"q{i}", "text": r["query"]} for i, r in enumerate(recs)]
-    )
-    (dev / "qrels" / "dev.tsv").write_text("".join(f"q{i}\td{i}\t1\n" for i in range(8)))
+    dev = write_toy_beir(root / "dev", 8)
     models = {
         "bert": save_tiny_with_tokenizer("bert", root / "bert", num_hidden_layers=1),
         "xlm-roberta": save_tiny_with_tokenizer("xlm-roberta", root / "xlmr", num_hidden_layers=1),

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import save_tiny_with_tokenizer, toy_records, write_jsonl
+from helpers import save_tiny_with_tokenizer, toy_records, write_jsonl, write_toy_beir
 
 from jaxembed import checkpoint, train
 from jaxembed import config as config_lib
@@ -27,19 +27,7 @@ def setup(tmp_path_factory):
     model = save_tiny_with_tokenizer("bert", base / "model", num_hidden_layers=1)
     retr = write_jsonl(base / "retr.jsonl", toy_records("retr", "retrieval", 48, 3))
     cls = write_jsonl(base / "cls.jsonl", toy_records("cls", "classification", 24, 1))
-    # A BEIR dev set: queries and their positives as the corpus.
-    dev = base / "dev"
-    (dev / "qrels").mkdir(parents=True)
-    recs = toy_records("dev", "retrieval", 16, 0)
-    write_jsonl(
-        dev / "corpus.jsonl", [{"_id": f"d{i}", "text": r["positive"]} for i, r in enumerate(recs)]
-    )
-    write_jsonl(
-        dev / "queries.jsonl", [{"_id": f"q{i}", "text": r["query"]} for i, r in enumerate(recs)]
-    )
-    (dev / "qrels" / "dev.tsv").write_text(
-        "query-id\tcorpus-id\tscore\n" + "".join(f"q{i}\td{i}\t1\n" for i in range(16))
-    )
+    dev = write_toy_beir(base / "dev", 16)
     return base, model, (retr, cls), dev
 
 
