@@ -1,10 +1,15 @@
 """Orbax checkpoints behind three functions: `save`, `restore_or_init`, `latest_step`.
 
-A checkpoint holds the train state (parameters, optimizer state, step, RNG), the Grain
-iterator state (so a resumed run reads exactly the batches an uninterrupted one would),
-and a JSON ``meta`` item (`jaxembed.train.run_meta`): the run's copy of the model folder
-(config.json, tokenizer), pooling, prompts, datasets and the run config, enough to rebuild
-the encoder (`jaxembed.convert`, `jaxembed.load(workdir)`) without the original folder.
+A checkpoint holds the train state (parameters, optimizer state, step, RNG), the data
+position (a JSON ``data`` item: the next global batch; the pipeline is a pure function of
+the batch index, so a resumed run reads exactly the batches an uninterrupted one would, on
+any number of hosts), and a JSON ``meta`` item (`jaxembed.train.run_meta`): the run's
+copy of the model folder (config.json, tokenizer), pooling, prompts, datasets and the run
+config, enough to rebuild the encoder (`jaxembed.convert`, `jaxembed.load(workdir)`)
+without the original folder.
+
+The state is saved by every process (each writes its own shards) and restores into any
+mesh on any number of processes: Orbax reshards to the shardings of the abstract state.
 
 Saves are asynchronous and atomic (Orbax writes to a temporary directory and renames it
 when complete), so a run killed at any moment resumes from the last complete checkpoint.
@@ -16,7 +21,6 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-import grain
 import jax
 import orbax.checkpoint as ocp
 
@@ -80,15 +84,18 @@ def save(
     mngr: ocp.CheckpointManager,
     step: int,
     state,
-    data_iter,
+    data: dict | None,
     meta: dict,
     metrics: dict | None = None,
     force: bool = False,
 ) -> bool:
-    """Starts an (async) save of state, data iterator and meta at ``step``."""
+    """Starts an (async) save of state, data position and meta at ``step``; every process calls it.
+
+    ``data`` is the input position, e.g. ``{"next_batch": step}`` (None: no data item).
+    """
     args = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(meta)}
-    if data_iter is not None:
-        args["data"] = grain.checkpoint.CheckpointSave(data_iter)
+    if data is not None:
+        args["data"] = ocp.args.JsonSave(data)
     return mngr.save(step, args=ocp.args.Composite(**args), metrics=metrics, force=force)
 
 
@@ -99,13 +106,13 @@ def abstract_like(state, shardings):
     )
 
 
-def restore(mngr: ocp.CheckpointManager, step: int, abstract_state, data_iter=None):
-    """Restores ``(state, meta)`` at ``step``; ``data_iter``'s position is restored in place."""
+def restore(mngr: ocp.CheckpointManager, step: int, abstract_state, with_data: bool = False):
+    """Restores ``(state, meta, data)`` at ``step`` into ``abstract_state``'s shardings."""
     args = {"state": ocp.args.StandardRestore(abstract_state), "meta": ocp.args.JsonRestore()}
-    if data_iter is not None:
-        args["data"] = grain.checkpoint.CheckpointRestore(data_iter)
+    if with_data:
+        args["data"] = ocp.args.JsonRestore()
     out = mngr.restore(step, args=ocp.args.Composite(**args))
-    return out["state"], out["meta"]
+    return out["state"], out["meta"], out["data"] if with_data else None
 
 
 def restore_meta(workdir: str | os.PathLike, step: int | None = None) -> tuple[int, dict]:
@@ -126,19 +133,15 @@ def restore_meta(workdir: str | os.PathLike, step: int | None = None) -> tuple[i
     return step, meta
 
 
-def restore_or_init(
-    mngr: ocp.CheckpointManager,
-    init: Callable[[], object],
-    abstract_state,
-    data_iter=None,
-):
+def restore_or_init(mngr: ocp.CheckpointManager, init: Callable[[], object], abstract_state):
     """The latest checkpoint if the run has one, else ``init()``.
 
-    Returns ``(state, meta_or_None, step)``. A workdir with a checkpoint always resumes:
-    the initialisation (e.g. loading HF weights) is not even run then.
+    Returns ``(state, data, step)``: ``data`` is the saved data position (None when
+    initialised). A workdir with a checkpoint always resumes: the initialisation (e.g.
+    loading HF weights) is not even run then.
     """
     step = mngr.latest_step()
     if step is None:
         return init(), None, 0
-    state, meta = restore(mngr, step, abstract_state, data_iter)
-    return state, meta, step
+    state, _, data = restore(mngr, step, abstract_state, with_data=True)
+    return state, data, step

@@ -12,7 +12,7 @@ an index), the tokenizer files, the sentence-transformers files and a model card
 Large and multi-host models: the parameters are restored sharded over every device of
 every host (FSDP), then gathered and written one tensor at a time, by process 0 only, so
 neither a device nor the host ever holds the whole model beyond its shards. Run the same
-command on every host (with ``--distributed``) for a multi-host export.
+command on every host for a multi-host export (``launch/``; `jaxembed.distributed`).
 
 The other direction needs no tool: a Hugging Face / sentence-transformers folder is what
 ``config.model.path`` names to train from, and what `jaxembed.load` reads.
@@ -35,7 +35,7 @@ import numpy as np
 from flax import nnx
 
 from jaxembed import checkpoint as ckpt_lib
-from jaxembed import hf
+from jaxembed import distributed, hf
 from jaxembed.hf.io import ModelFolderError
 from jaxembed.hf.sentence_transformers import STConfig, read_st_config, write_st_config
 
@@ -586,7 +586,7 @@ def main(argv: list[str] | None = None) -> int:
             "The other direction needs no conversion: a Hugging Face / sentence-transformers "
             "folder is trained from with --config.model.path=DIR (python -m jaxembed.train) "
             "and loaded with jaxembed.load(DIR). Multi-host: run the same command on every "
-            "host with --distributed; process 0 writes."
+            "host (launch/*.sh, or the flags below); process 0 writes."
         ),
     )
     parser.add_argument(
@@ -613,14 +613,13 @@ def main(argv: list[str] | None = None) -> int:
         help="split model.safetensors into shards of at most this size, with an index "
         "(default 5GiB; e.g. 2GB, 500MB)",
     )
-    parser.add_argument(
-        "--distributed",
-        action="store_true",
-        help="call jax.distributed.initialize() first (multi-host: run on every host)",
-    )
+    distributed.add_flags(parser)
     args = parser.parse_args(argv)
-    if args.distributed:
-        jax.distributed.initialize()
+    distributed.initialize_from_args(args)
+    return distributed.run(lambda: _main(args))
+
+
+def _main(args) -> int:
     try:
         out = export(
             args.checkpoint,
@@ -630,6 +629,7 @@ def main(argv: list[str] | None = None) -> int:
             max_shard_bytes=args.max_shard_size,
         )
     except (FileNotFoundError, FileExistsError, ValueError) as e:
+        # The same on every host (the checkpoint is on shared storage): all stop here.
         print(f"error: {e}", file=sys.stderr)
         return 2
     if jax.process_index() == 0:

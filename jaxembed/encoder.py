@@ -98,13 +98,19 @@ class Encoder:
         self.name = name
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         graphdef, state = nnx.split(model)
-        self._state = jax.device_put(state)
+        # Host (NumPy) parameters go to the default device; live arrays (perhaps sharded
+        # over several hosts) stay where they are.
+        self._state = jax.tree.map(
+            lambda x: x if isinstance(x, jax.Array) else jax.device_put(x), state
+        )
 
         def embed(state, ids, mask, pool_mask):
             h = nnx.merge(graphdef, state)(ids, mask)
             return l2_normalize(pool(h, pool_mask, self.pooling, attention_mask=mask))
 
+        self._embed_fn = embed
         self._embed = jax.jit(embed)
+        self._embed_on_mesh = None  # jitted with replicated output once a mesh is set
         self._mesh = None
 
     def use_mesh(self, mesh) -> Encoder:
@@ -113,11 +119,17 @@ class Encoder:
         Batches are padded to a multiple of the data-parallel size (pad rows are dropped),
         the parameters are replicated unless they already live on ``mesh`` (live training
         parameters keep their sharding). Embeddings do not depend on the mesh.
+
+        The mesh may span several hosts (a multi-host run): then every process calls
+        `encode` with the same texts, each feeds only its own devices' rows, and every
+        process receives all the embeddings.
         """
         from jaxembed import sharding
 
-        self._mesh = mesh if sharding.data_parallel_size(mesh) > 1 else None
+        multi_host = jax.process_count() > 1
+        self._mesh = mesh if sharding.data_parallel_size(mesh) > 1 or multi_host else None
         if self._mesh is not None:
+            self._embed_on_mesh = jax.jit(self._embed_fn, out_shardings=sharding.replicated(mesh))
             self._state = self._place(self._state)
         else:  # one device: bring parameters back from a previous, larger mesh
             self._state = jax.device_put(self._state, mesh.devices.flat[0])
@@ -141,8 +153,13 @@ class Encoder:
         placed = []
         for a in (ids, mask, pool_mask):
             a = np.concatenate([a, np.zeros((-rows % n, *a.shape[1:]), a.dtype)])
-            placed.append(jax.device_put(a, sharding.batch_sharding(self._mesh, a.ndim)))
-        return self._embed(self._place(self._state), *placed)[:rows]
+            # Each process supplies only the rows of its own devices (all hosts hold `a`).
+            placed.append(
+                jax.make_array_from_callback(
+                    a.shape, sharding.batch_sharding(self._mesh, a.ndim), lambda i, a=a: a[i]
+                )
+            )
+        return self._embed_on_mesh(self._place(self._state), *placed)[:rows]
 
     def set_params(self, model_params) -> None:
         """Swaps in new backbone parameters (e.g. live training parameters) without recompiling.

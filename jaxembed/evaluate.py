@@ -47,6 +47,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxembed import distributed
+
 METRICS = ("ndcg@10", "mrr@10", "map@100", "recall@1", "recall@10", "recall@100")
 # Where MTEB stores the same numbers in its result files.
 MTEB_KEYS = {m: m.replace("@", "_at_") for m in METRICS}
@@ -302,12 +304,13 @@ def pick_prompt(
 def on_mesh(encoder, mesh=None):
     """``encoder`` with its forward passes data-parallel over ``mesh`` (see `Encoder.use_mesh`).
 
-    The default mesh is every local device on the ``data`` axis.
+    The default mesh is every device on the ``data`` axis, on every host of a multi-host
+    run (each process then encodes the same texts and receives every embedding).
     """
     from jaxembed import sharding
 
     if mesh is None:
-        mesh = sharding.make_mesh(devices=jax.local_devices())
+        mesh = sharding.make_mesh()
     return encoder.use_mesh(mesh)
 
 
@@ -440,6 +443,7 @@ def _parser() -> argparse.ArgumentParser:
         "does (by task name or type first) unless --query-prompt / --doc-prompt name them",
     )
     p.add_argument("--out", metavar="DIR", help="write metrics.json (and MTEB's files) here")
+    distributed.add_flags(p)
     return p
 
 
@@ -458,6 +462,14 @@ def main(argv: Sequence[str] | None = None) -> dict:
     args = _parser().parse_args(argv)
     if args.batch_size < 1:
         raise SystemExit(f"--batch-size must be >= 1, got {args.batch_size}")
+    distributed.initialize_from_args(args)
+    return distributed.run(lambda: _main(args))
+
+
+def _main(args) -> dict:
+    # Multi-host: every process encodes (the batches are split over all hosts' devices) and
+    # scores; process 0 prints and writes.
+    writer = jax.process_index() == 0
     for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
         os.environ.setdefault(var, "1")  # no model hub here: never try to reach it
     try:
@@ -471,7 +483,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         q_fn, d_fn, prompts = make_fns(model, args.query_prompt, args.doc_prompt, args.batch_size)
     except ValueError as e:
         raise SystemExit(f"{args.model}: {e}") from None
-    out = Path(args.out) if args.out else None
+    out = Path(args.out) if args.out and writer else None
 
     if args.mteb:
         from jaxembed import mteb_adapter
@@ -500,6 +512,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "sets": per_set,
         "mean": mean_over_sets(per_set),
     }
+    if not writer:
+        return result
     print(format_table(per_set))
     text = json.dumps(result, indent=2, ensure_ascii=False)
     if out is not None:

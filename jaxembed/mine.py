@@ -68,8 +68,10 @@ products with a running top-k) against each, and merges the per-shard results wi
 same tie rule, so neither host nor device memory has to hold the corpus embeddings. The
 pool's texts, and ``top_k`` scores and indices per query, stay in host memory.
 
-Multi-host: only process 0 writes the output and the stats; every process currently
-encodes and searches everything (splitting shards across hosts is left for later).
+Multi-host (run the same command on every host, see ``launch/``): encoding is split over
+every device of every host, and every process receives all embeddings; process 0 alone
+writes the cache (which must be on storage all hosts share), the output and the stats.
+The search itself still runs whole on every host.
 """
 
 from __future__ import annotations
@@ -89,6 +91,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from jaxembed import distributed
 from jaxembed.data.pipeline import PipelineConfig, text_hash
 from jaxembed.data.records import RecordError, check_record
 
@@ -340,15 +343,21 @@ def encode_cached(
         "shard_size": int(shard_size),
         "dim": dim,
     }
-    folder.mkdir(parents=True, exist_ok=True)
+    # Multi-host: every process encodes (batches split over all hosts' devices); process 0
+    # alone writes the cache, which must be on storage all hosts share.
+    writer = jax.process_index() == 0
+    if writer:
+        folder.mkdir(parents=True, exist_ok=True)
+    distributed.barrier("mine cache folder")
+    distributed.check_shared_dir(folder)
     mpath = folder / "manifest.json"
     old = None
-    if mpath.exists():
+    if writer and mpath.exists():
         try:
             old = json.loads(mpath.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError):
             old = {}
-    if old != manifest:
+    if writer and old != manifest:
         if old is not None:
             changed = sorted(k for k in set(old) | set(manifest) if old.get(k) != manifest.get(k))
             log.info("cache %s is stale (changed: %s): re-encoding", folder, ", ".join(changed))
@@ -370,7 +379,11 @@ def encode_cached(
         rows = min(shard_size, n - s * shard_size)
         return arr if arr.shape == (rows, dim) and arr.dtype == np.float32 else None
 
+    distributed.barrier("mine cache manifest")
     present = [cached(s) for s in range(n_shards)]
+    # A shard counts as cached only if every host can read it: all encode the same rest.
+    readable = distributed.gather(np.array([a is not None for a in present], bool)).all(0)
+    present = [a if ok else None for a, ok in zip(present, readable, strict=True)]
     reused = sum(a is not None for a in present)
     if reused:
         log.info("cache %s: %d of %d %s shard(s) already encoded", folder, reused, n_shards, desc)
@@ -385,7 +398,7 @@ def encode_cached(
         desc=f"encode {desc}",
         unit="doc" if desc == "corpus" else "query",
         file=sys.stderr,
-        disable=not progress or todo_rows == 0,
+        disable=not progress or todo_rows == 0 or not writer,
         mininterval=1.0,
     ) as bar:
         for s in range(n_shards):
@@ -410,8 +423,11 @@ def encode_cached(
             if not np.isfinite(out).all():
                 bad = lo + int(np.flatnonzero(~np.isfinite(out).all(1))[0])
                 raise FloatingPointError(f"encoding the {desc}: non-finite embedding (row {bad})")
-            _atomic_write_bytes(paths[s], lambda f, out=out: np.save(f, out))
-            present[s] = np.load(paths[s], mmap_mode="r")
+            if writer:
+                _atomic_write_bytes(paths[s], lambda f, out=out: np.save(f, out))
+                present[s] = np.load(paths[s], mmap_mode="r")
+            else:
+                present[s] = out
             encoded += 1
             if budget is not None:
                 budget.tick()
@@ -744,7 +760,7 @@ def mine(
       cache: the embedding cache folder (default ``out + ".cache"``).
       shard_size: rows per cached embedding shard (the unit of resumption and search).
       block, query_block: block sizes of the search (bounding its memory).
-      mesh, devices: the devices to encode on (default: every local device).
+      mesh, devices: the devices to encode on (default: every device, of every host).
       progress: show progress bars on stderr.
       stop_after_shards: test hook: raise `MiningInterrupted` after encoding this many
         shards, as an interruption would.
@@ -798,8 +814,8 @@ def mine(
     encoder = _load_model(model, dtype, max_length)
     from jaxembed import evaluate, sharding
 
-    if mesh is None:
-        mesh = sharding.make_mesh(devices=list(devices) if devices else jax.local_devices())
+    if mesh is None:  # every device of every host: each encodes its share of a batch
+        mesh = sharding.make_mesh(devices=list(devices) if devices else None)
     evaluate.on_mesh(encoder, mesh)
     try:
         q_prompt = (
@@ -1180,12 +1196,18 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--max-length", type=int, help="max tokens per text (default: the model's)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    distributed.add_flags(p)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
     """Runs the CLI; returns the stats written to ``OUT.stats.json``."""
     args = _parser().parse_args(argv)
+    distributed.initialize_from_args(args)
+    return distributed.run(lambda: _main(args))
+
+
+def _main(args) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
         os.environ.setdefault(var, "1")  # no model hub here: never try to reach it
@@ -1224,8 +1246,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
         )
     except MiningError as e:
         raise SystemExit(f"error: {e}") from None
-    print(summary_line(stats), file=sys.stderr)
-    print(f"wrote {args.out} and {args.out}.stats.json", file=sys.stderr)
+    if jax.process_index() == 0:
+        print(summary_line(stats), file=sys.stderr)
+        print(f"wrote {args.out} and {args.out}.stats.json", file=sys.stderr)
     return stats
 
 

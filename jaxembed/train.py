@@ -38,7 +38,7 @@ import numpy as np
 import optax
 from flax import nnx, struct
 
-from jaxembed import gradcache, hf, losses, sharding
+from jaxembed import distributed, gradcache, hf, losses, sharding
 from jaxembed.data import pipeline
 from jaxembed.models.layers import to_seed
 from jaxembed.models.pooling import pool
@@ -443,10 +443,9 @@ class Evaluator:
 
     @staticmethod
     def _mesh_of(params):
-        """The mesh the live parameters are sharded on, if this process sees all of it."""
+        """The mesh the live parameters are sharded on (it may span several hosts)."""
         leaf = jax.tree.leaves(params)[0]
-        mesh = getattr(getattr(leaf, "sharding", None), "mesh", None)
-        return mesh if mesh is not None and jax.process_count() == 1 else None
+        return getattr(getattr(leaf, "sharding", None), "mesh", None)
 
     def __call__(self, params) -> dict:
         from jaxembed.evaluate import METRICS, evaluate_beir, mean_over_sets, on_mesh
@@ -550,6 +549,8 @@ def main(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
     config = validate(config)
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
+    distributed.check_shared_dir(workdir)
+    distributed.check_same("the run config", config.to_json_best_effort(sort_keys=True))
     log = Logger(workdir, jax.process_index() == 0, config.log.tensorboard)
 
     # --- mesh ---------------------------------------------------------------------------------
@@ -560,12 +561,18 @@ def main(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
     )
 
     # --- model files and data -----------------------------------------------------------------
-    model_dir = prepare_model_dir(config.model.path, workdir / "model", config.model.pooling)
+    model_dir = workdir / "model"
+    if jax.process_index() == 0:
+        prepare_model_dir(config.model.path, model_dir, config.model.pooling)
+    distributed.barrier("prepare_model_dir")
     st = read_st_config(model_dir)
     pooling = config.model.pooling or st.pooling or "mean"
     sources = readers.open_sources(list(config.data.train), skip_bad=config.data.skip_bad)
     if not sources:
         raise ValueError("config.data.train names no training data")
+    distributed.check_same(
+        "the training data", "; ".join(f"{s.name} {s.task} {len(s)} rows {s.path}" for s in sources)
+    )
     builder = pipeline.BatchBuilder(
         sources,
         str(model_dir),
@@ -573,9 +580,6 @@ def main(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
         config.train.steps,
         jax.process_index(),
         jax.process_count(),
-    )
-    data_iter = pipeline.make_iterator(
-        pipeline.make_dataset(builder), config.data.workers, config.data.prefetch
     )
     for s in sources:
         log.print(f"data: {s.name} ({s.task}) {len(s):,} rows from {s.path}")
@@ -602,7 +606,13 @@ def main(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
         )
         return create_state(model, config, mesh, tx)[1]
 
-    state, _, start = checkpoint.restore_or_init(mngr, init, abstract, data_iter)
+    state, data_pos, start = checkpoint.restore_or_init(mngr, init, abstract)
+    # Batches are a pure function of their index: resuming is starting the dataset there.
+    data_iter = pipeline.make_iterator(
+        pipeline.make_dataset(builder, data_pos["next_batch"] if data_pos else 0),
+        config.data.workers,
+        config.data.prefetch,
+    )
     log.print("resumed from step" if start else "initialised from", start or config.model.path)
     log.print(
         sharding.describe(
@@ -630,7 +640,8 @@ def main(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
 
     def save(step_no: int, metrics=None, force=False):
-        checkpoint.save(mngr, step_no, state, data_iter, meta, metrics=metrics, force=force)
+        data = {"next_batch": step_no}
+        checkpoint.save(mngr, step_no, state, data, meta, metrics=metrics, force=force)
 
     # --- the loop -----------------------------------------------------------------------------
     t0, seen, tokens, last = time.perf_counter(), 0, 0, {}
@@ -638,12 +649,12 @@ def main(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
     step = start
     try:
         while step < config.train.steps:
-            batch = next(data_iter)
+            batch, batch_tokens, stopping = agree_on_batch(next(data_iter), stop["signal"])
             task = batch["task"]
             state, metrics = step_fn(state, pipeline.to_global(batch, mesh), task)
             step += 1
             seen += config.train.global_batch
-            tokens += int(batch["num_tokens"]) * jax.process_count()
+            tokens += batch_tokens
             window["tasks"].setdefault(task, []).append(metrics["loss"])
             if step % config.log.every == 0 or step == config.train.steps:
                 metrics = jax.device_get(metrics)
@@ -669,13 +680,14 @@ def main(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
                 eval_metrics = evaluator(state.params)
                 log.scalars(step, eval_metrics)
                 log.print(f"eval at step {step}: " + _fmt_metrics(eval_metrics))
-            if step % config.ckpt.every == 0 or step == config.train.steps or stop["signal"]:
+            if step % config.ckpt.every == 0 or step == config.train.steps or stopping:
                 check_finite(jax.device_get(metrics), step)
-                save(step, eval_metrics, force=bool(stop["signal"]))
-            if stop["signal"]:
+                save(step, eval_metrics, force=stopping)
+            if stopping:
                 mngr.wait_until_finished()
-                log.print(f"{stop['signal']}: saved step {step}, exiting")
-                results["stopped"] = stop["signal"]
+                why = stop["signal"] or "another host's stop signal"
+                log.print(f"{why}: saved step {step}, exiting")
+                results["stopped"] = why
                 return results | {"last": last, "step": step}
         if evaluator.sets:
             results["after"] = evaluator(state.params)
@@ -688,6 +700,26 @@ def main(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
         mngr.close()
         log.close()
     return results | {"last": last, "step": step}
+
+
+def agree_on_batch(batch: dict, stop_signal: str | None) -> tuple[dict, int, bool]:
+    """What every host must agree on before a step: ``(batch, global tokens, stop now)``.
+
+    Hosts exchange their batch's index, source and padded lengths, its real token count and
+    whether they were asked to stop (SIGTERM on one preempted host). All pad to the largest
+    lengths, and all stop after the same step, so none is left waiting in a collective. On
+    one process nothing is exchanged.
+    """
+    lq, lp = pipeline.lengths(batch)
+    local = [batch["step"], batch["source"], lq, lp, batch["num_tokens"], stop_signal is not None]
+    hosts = distributed.gather(np.asarray(local, np.int64))
+    if (hosts[:, :2] != hosts[0, :2]).any():
+        raise RuntimeError(
+            "hosts disagree on the global batch (index, dataset) per process: "
+            f"{hosts[:, :2].tolist()}; the input pipelines are out of step"
+        )
+    batch = pipeline.pad_lengths(batch, int(hosts[:, 2].max()), int(hosts[:, 3].max()))
+    return batch, int(hosts[:, 4].sum()), bool(hosts[:, 5].any())
 
 
 def check_finite(metrics: dict, step: int) -> None:
@@ -713,6 +745,10 @@ def cli(argv=None) -> None:
         "config", None, "Python config file (get_config()).", lock_config=True
     )
     flags.DEFINE_string("workdir", None, "Run directory: checkpoints, logs, the model's files.")
+    flags.DEFINE_string("coordinator", None, distributed.HELP["coordinator"])
+    flags.DEFINE_integer("num_processes", None, distributed.HELP["num_processes"])
+    flags.DEFINE_integer("process_id", None, distributed.HELP["process_id"])
+    flags.DEFINE_integer("heartbeat_timeout", None, distributed.HELP["heartbeat_timeout"])
     flags.mark_flags_as_required(["config", "workdir"])
 
     def run(_argv):
@@ -720,8 +756,10 @@ def cli(argv=None) -> None:
 
         # Orbax and Grain log every save and prefetch at INFO; the run's own lines suffice.
         absl_logging.set_verbosity(absl_logging.WARNING)
-        results = main(flags_def.config, flags_def.workdir)
-        if "before" in results and "after" in results:
+        f = flags_def
+        distributed.initialize(f.coordinator, f.num_processes, f.process_id, f.heartbeat_timeout)
+        results = distributed.run(lambda: main(f.config, f.workdir))
+        if "before" in results and "after" in results and jax.process_index() == 0:
             b, a = results["before"], results["after"]
             print(
                 f"dev nDCG@10: {b['eval/ndcg@10']:.4f} before -> "

@@ -9,3 +9,26 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def train_setup(tmp_path_factory):
+    """Tiny model, two training sets and a dev set (`trainrun.make_train_setup`)."""
+    from trainrun import make_train_setup
+
+    return make_train_setup(tmp_path_factory.mktemp("trainmain"))
+
+
+@pytest.fixture(scope="session")
+def straight_run(train_setup, tmp_path_factory):
+    """An uninterrupted one-process, 8-device run of STEPS steps (two tasks, dropout on):
+    the reference for resumed and multi-host runs."""
+    from trainrun import STEPS, tiny_config
+
+    from jaxembed import train
+
+    workdir = tmp_path_factory.mktemp("straight")
+    return workdir, train.main(tiny_config(train_setup, steps=STEPS), workdir)

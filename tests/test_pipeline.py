@@ -83,6 +83,10 @@ def test_hosts_agree_and_slices_add_up(single_host):
     for s in range(0, STEPS, 3):
         parts = [h(s) for h in hosts]
         assert parts[0]["dataset"] == parts[1]["dataset"] == single_host[s]["dataset"]
+        # Each host pads to its own bucket; padded to the largest, they make the global batch.
+        lq, lp = np.max([pipeline.lengths(p) for p in parts], axis=0)
+        assert (lq, lp) == pipeline.lengths(single_host[s])
+        parts = [pipeline.pad_lengths(p, lq, lp) for p in parts]
         for key in pipeline.ARRAY_KEYS:
             assert parts[0][key].shape == parts[1][key].shape, key
             np.testing.assert_array_equal(

@@ -18,9 +18,10 @@ Mixing (which dataset each global batch comes from):
   proportional to ``rows_d ** (1 / T)``; each dataset cycles through its own epochs.
 
 Within a dataset, rows are shuffled per (seed, dataset, epoch); a batch's hard negatives are
-sampled from each row's stored pool per (seed, dataset, epoch, row). Shapes: every host
-tokenises the whole global batch (cheap next to the step) so that all hosts pad to the
-same bucket length without talking to each other; only the local rows are returned.
+sampled from each row's stored pool per (seed, dataset, epoch, row). Each host reads and
+tokenizes only its own rows of the global batch and pads them to its own bucket length;
+before the step the hosts exchange their lengths and pad to the largest (`pad_lengths`),
+which is the bucket the whole global batch would have picked on one host.
 """
 
 from __future__ import annotations
@@ -217,7 +218,8 @@ class BatchBuilder:
         source = self.sources[d]
         task = source.task
         k = cfg.negatives_for(task)
-        rows = self._rows(d, epoch, j)
+        # This host's rows only: what it reads and tokenizes shrinks as hosts are added.
+        rows = self._rows(d, epoch, j)[self.local]
         records = [source[int(i)] for i in rows]
         negatives, valid = [], np.zeros((len(rows), k), bool)
         for r, (i, rec) in enumerate(zip(rows, records, strict=True)):
@@ -233,25 +235,23 @@ class BatchBuilder:
         )
         flat_negs = [cfg.passage_prefix + t for negs in negatives for t in negs]
         n_flat = self._tokenize(flat_negs, cfg.max_passage_length)
-        # Every host sees the whole global batch here, so all pick the same padded lengths.
+        # Padded to this host's bucket; hosts then agree on the largest (`pad_lengths`).
         lq = bucket_length(q_ids, cfg.buckets("query"))
         lp = bucket_length(p_ids + n_flat, cfg.buckets("passage"))
 
-        local = self.local
-        n_local = local.stop - local.start
-        q, qm = self._pad(q_ids[local], lq, pad_id)
-        p, pm = self._pad(p_ids[local], lp, pad_id)
-        neg = np.full((n_local, k, lp), pad_id, np.int32)
-        negm = np.zeros((n_local, k, lp), np.int32)
-        neg_hash = np.zeros((n_local, k), np.int32)
+        n = len(rows)
+        q, qm = self._pad(q_ids, lq, pad_id)
+        p, pm = self._pad(p_ids, lp, pad_id)
+        neg = np.full((n, k, lp), pad_id, np.int32)
+        negm = np.zeros((n, k, lp), np.int32)
+        neg_hash = np.zeros((n, k), np.int32)
         offsets = np.cumsum([0] + [len(x) for x in negatives])
-        for r in range(local.start, local.stop):
+        for r in range(n):
             for t, text in enumerate(negatives[r]):
                 ids = n_flat[offsets[r] + t]
-                neg[r - local.start, t, : len(ids)] = ids
-                negm[r - local.start, t, : len(ids)] = 1
-                neg_hash[r - local.start, t] = text_hash(text)
-        local_records = records[local]
+                neg[r, t, : len(ids)] = ids
+                negm[r, t, : len(ids)] = 1
+                neg_hash[r, t] = text_hash(text)
         return {
             "query_ids": q,
             "query_mask": qm,
@@ -259,14 +259,48 @@ class BatchBuilder:
             "pos_mask": pm,
             "neg_ids": neg,
             "neg_mask": negm,
-            "neg_valid": valid[local],
-            "pos_hash": np.array([text_hash(r["positive"]) for r in local_records], np.int32),
+            "neg_valid": valid,
+            "pos_hash": np.array([text_hash(r["positive"]) for r in records], np.int32),
             "neg_hash": neg_hash,
             "step": np.int64(step),
+            "source": np.int64(d),
             "task": task,
             "dataset": source.name,
+            "pad_id": np.int32(pad_id),
             "num_tokens": np.int64(qm.sum() + pm.sum() + negm.sum()),
         }
+
+
+def lengths(batch: dict) -> tuple[int, int]:
+    """``(query, passage)`` padded lengths of a host-local batch."""
+    return batch["query_ids"].shape[1], batch["pos_ids"].shape[1]
+
+
+def pad_lengths(batch: dict, query_length: int, passage_length: int) -> dict:
+    """``batch`` right-padded to the given lengths (pad id, mask 0): the lengths all hosts use.
+
+    Each host pads its rows to its own bucket; the global batch needs one shape, the largest
+    bucket of any host, which is the bucket the whole global batch would have picked.
+    """
+    lq, lp = lengths(batch)
+    if (lq, lp) == (query_length, passage_length):
+        return batch
+    if query_length < lq or passage_length < lp:
+        raise ValueError(f"cannot pad lengths {(lq, lp)} down to {(query_length, passage_length)}")
+    out = dict(batch)
+    pad_id = int(batch["pad_id"])
+
+    def pad(x, length, value):
+        width = [(0, 0)] * (x.ndim - 1) + [(0, length - x.shape[-1])]
+        return np.pad(x, width, constant_values=value)
+
+    out["query_ids"] = pad(batch["query_ids"], query_length, pad_id)
+    out["query_mask"] = pad(batch["query_mask"], query_length, 0)
+    if "query_pool_mask" in batch:
+        out["query_pool_mask"] = pad(batch["query_pool_mask"], query_length, 0)
+    for key, value in (("pos_ids", pad_id), ("pos_mask", 0), ("neg_ids", pad_id), ("neg_mask", 0)):
+        out[key] = pad(batch[key], passage_length, value)
+    return out
 
 
 def make_dataset(builder: BatchBuilder, start_step: int = 0) -> grain.MapDataset:

@@ -1,0 +1,230 @@
+"""Multi-host runs with real processes on this machine: `launch/local.sh`, gloo collectives.
+
+Two processes of four CPU devices each stand for two hosts; the reference is the
+one-process, eight-device `straight_run` of test_train_main (same config, same data).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+from trainrun import ROOT, STEPS, read_losses, tiny_config, write_config
+
+from jaxembed import checkpoint, train
+
+LOCAL = ROOT / "launch" / "local.sh"
+
+
+def env(**extra) -> dict:
+    clean = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+    return {**clean, "PYTHONPATH": str(ROOT), **extra}
+
+
+def launch(n: int, args: list[str], timeout: int = 300, **extra) -> tuple[int, str]:
+    """``launch/local.sh n python ARGS``: (exit status, every process's output)."""
+    proc = subprocess.run(
+        ["bash", str(LOCAL), str(n), sys.executable, *args],
+        cwd=ROOT,
+        env=env(**extra),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+def train_args(config: Path, workdir: Path) -> list[str]:
+    return ["-m", "jaxembed.train", f"--config={config}", f"--workdir={workdir}"]
+
+
+def assert_losses_match(got: dict, ref: dict, steps) -> None:
+    for s in steps:
+        assert abs(got[s] - ref[s]) <= 1e-5 * max(1.0, abs(ref[s])), (s, got[s], ref[s])
+
+
+@pytest.fixture(scope="module")
+def two_hosts(train_setup, tmp_path_factory):
+    """The reference run's config, on 2 processes x 4 devices."""
+    base = tmp_path_factory.mktemp("twohosts")
+    cfg = write_config(train_setup, base / "cfg.py", STEPS)
+    rc, out = launch(2, train_args(cfg, base / "run"))
+    assert rc == 0, out
+    return base / "run", out
+
+
+def test_two_hosts_train_like_one_host(straight_run, two_hosts):
+    """Cross-host in-batch negatives: the loss of every step (two tasks, dropout on) and the
+    dev metrics equal the one-process run's; only process 0 logs and writes."""
+    workdir, out = two_hosts
+    ref_dir, ref_results = straight_run
+    got = read_losses(workdir)
+    assert sorted(got) == list(range(1, STEPS + 1))
+    assert_losses_match(got, read_losses(ref_dir), range(1, STEPS + 1))
+    records = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+    # One writer: every step logged once (two writers would log each step twice).
+    assert [r["step"] for r in records if "loss" in r] == list(range(1, STEPS + 1))
+    evals = [r["eval/ndcg@10"] for r in records if "eval/ndcg@10" in r]
+    assert evals == pytest.approx(
+        [ref_results["before"]["eval/ndcg@10"], ref_results["after"]["eval/ndcg@10"]], abs=1e-6
+    )
+    assert "[0] mesh {'data': 8, 'fsdp': 1, 'tensor': 1} over 8 devices, 2 processes" in out
+    assert "[0] step 1/6" in out and "[1] step" not in out and "[1] dev nDCG" not in out
+    assert checkpoint.all_steps(workdir) == [3, 6]
+
+
+def test_checkpoint_from_two_hosts_resumes_on_one_host_and_another_mesh(
+    train_setup, straight_run, two_hosts, tmp_path
+):
+    workdir = tmp_path / "run"
+    shutil.copytree(two_hosts[0], workdir)
+    shutil.rmtree(workdir / "checkpoints" / "6")
+    # Written with data=8 over two processes; restored with fsdp=8 in one process.
+    config = tiny_config(train_setup, steps=STEPS, mesh__data=1, mesh__fsdp=-1, eval__data=())
+    results = train.main(config, workdir)
+    assert results["step"] == STEPS
+    assert_losses_match(read_losses(workdir), read_losses(straight_run[0]), range(4, STEPS + 1))
+
+
+def test_checkpoint_from_one_host_resumes_on_two_hosts_and_another_mesh(
+    train_setup, straight_run, tmp_path
+):
+    workdir = tmp_path / "run"
+    shutil.copytree(straight_run[0], workdir)
+    shutil.rmtree(workdir / "checkpoints" / "6")
+    cfg = write_config(
+        train_setup, tmp_path / "cfg.py", STEPS, mesh__data=2, mesh__fsdp=-1, eval__data=()
+    )
+    rc, out = launch(2, train_args(cfg, workdir))
+    assert rc == 0, out
+    assert "[0] resumed from step 3" in out
+    assert_losses_match(read_losses(workdir), read_losses(straight_run[0]), range(4, STEPS + 1))
+    assert checkpoint.latest_step(workdir) == STEPS
+
+
+HEARTBEAT = 5  # seconds; the bound on how long a survivor may run on
+
+
+def start_hosts(args: list[str], n: int = 2, **extra) -> list[subprocess.Popen]:
+    """``n`` processes started directly (not by local.sh, which would stop the others
+    itself): what bounds a survivor here is JAX's heartbeat alone."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    common = env(
+        JAX_PLATFORMS="cpu",
+        XLA_FLAGS="--xla_force_host_platform_device_count=4",
+        JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+        JAX_NUM_PROCESSES=str(n),
+        JAXEMBED_HEARTBEAT_TIMEOUT=str(HEARTBEAT),
+        PYTHONUNBUFFERED="1",
+        **extra,
+    )
+    return [
+        subprocess.Popen(
+            [sys.executable, *args],
+            cwd=ROOT,
+            env={**common, "JAX_PROCESS_ID": str(i)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(n)
+    ]
+
+
+def test_killed_host_stops_the_other_within_the_heartbeat(train_setup, tmp_path):
+    cfg = write_config(train_setup, tmp_path / "cfg.py", 10_000, eval__data=(), ckpt__every=10_000)
+    workdir = tmp_path / "run"
+    procs = start_hosts(train_args(cfg, workdir))
+    deadline = time.time() + 240
+    while not ((workdir / "metrics.jsonl").exists() and 2 in read_losses(workdir)):
+        assert all(p.poll() is None for p in procs), [p.communicate()[0] for p in procs]
+        assert time.time() < deadline, "step 2 not reached"
+        time.sleep(0.2)
+    procs[1].kill()  # SIGKILL: a host lost mid-training, inside or between collectives
+    t0 = time.time()
+    out, _ = procs[0].communicate(timeout=HEARTBEAT + 60)
+    waited = time.time() - t0
+    procs[1].communicate()
+    assert procs[0].returncode != 0, out
+    assert waited < HEARTBEAT + 20, waited
+    assert "another task died" in out or "detected fatal errors" in out, out[-3000:]
+
+
+FAILING = textwrap.dedent(
+    """
+    import sys
+    import numpy as np
+    from jaxembed import distributed
+
+    distributed.initialize()
+
+    def main():
+        import jax
+        me = jax.process_index()
+        for what, mine in (("the data", f"rows {100 + me}"), ("the config", "same")):
+            try:
+                distributed.check_same(what, mine)
+                print(f"agreed on {what}", flush=True)
+            except ValueError as e:
+                print(f"error: {e}", flush=True)
+        try:
+            distributed.check_shared_dir(sys.argv[1] + f"/host{me}")
+        except ValueError as e:
+            print(f"error: {e}", flush=True)
+        if me == 1:
+            raise RuntimeError("host 1 fails")
+        distributed.gather(np.int32(me))  # waits for host 1, which never comes
+        print("not reached", flush=True)
+
+    distributed.run(main)
+    """
+)
+
+
+def test_agreement_checks_and_a_python_error_on_one_host(tmp_path):
+    """Hosts that disagree get an error naming both sides; a Python error on one host makes
+    it exit at once (no five-minute shutdown barrier) and the other stops within the
+    heartbeat."""
+    for i in range(2):
+        (tmp_path / f"host{i}").mkdir()
+    t0 = time.time()
+    procs = start_hosts(["-c", FAILING, str(tmp_path)])
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+    elapsed = time.time() - t0
+    assert [p.returncode != 0 for p in procs] == [True, True], outs
+    for out in outs:
+        assert "error: hosts disagree on the data: process groups [[0], [1]]" in out, out
+        assert "agreed on the config" in out
+        assert "is not shared by all hosts: processes [1] cannot see" in out
+        assert "not reached" not in out
+    assert "RuntimeError: host 1 fails" in outs[1]
+    assert "process 1 of 2 failed" in outs[1]
+    assert elapsed < HEARTBEAT + 45, elapsed
+
+
+def test_local_launcher_stops_everyone_when_one_fails():
+    t0 = time.time()
+    rc, out = launch(
+        3,
+        [
+            "-c",
+            "import os, sys, time; i = int(os.environ['JAX_PROCESS_ID']); "
+            "print('up', i, os.environ['JAX_NUM_PROCESSES'], flush=True); "
+            "time.sleep(0.5); sys.exit(3) if i == 1 else time.sleep(60)",
+        ],
+    )
+    assert rc == 3, out
+    assert time.time() - t0 < 30
+    assert {"[0] up 0 3", "[1] up 1 3", "[2] up 2 3"} <= set(out.splitlines())
+    assert "process 1 exited with status 3: stopping the other processes" in out
