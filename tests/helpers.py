@@ -174,3 +174,30 @@ def save_tiny_qwen3(folder: Path, seed: int = 0, tokenizer: bool = True, **overr
     if tokenizer:
         save_qwen3_tokenizer(folder, kwargs["vocab_size"])
     return folder
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def subprocess_env(**extra) -> dict:
+    """This environment for a child process, without the test process's 8-device XLA flags."""
+    import os
+
+    clean = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+    return {**clean, "PYTHONPATH": str(ROOT), **extra}
+
+
+def launch_local(n: int, args: list[str], timeout: int = 300, **extra) -> tuple[int, str]:
+    """``launch/local.sh n python ARGS`` (n processes x 4 CPU devices): (status, output)."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        ["bash", str(ROOT / "launch" / "local.sh"), str(n), sys.executable, *args],
+        cwd=ROOT,
+        env=subprocess_env(**extra),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    return proc.returncode, proc.stdout + proc.stderr

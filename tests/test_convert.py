@@ -16,7 +16,14 @@ import jax
 import numpy as np
 import pytest
 import transformers
-from helpers import minilm_path, save_tiny_with_tokenizer, toy_records, write_jsonl, write_toy_beir
+from helpers import (
+    launch_local,
+    minilm_path,
+    save_tiny_with_tokenizer,
+    toy_records,
+    write_jsonl,
+    write_toy_beir,
+)
 from sentence_transformers import SentenceTransformer
 
 import jaxembed
@@ -292,49 +299,17 @@ def test_parameters_are_restored_sharded_over_the_devices(trained):
     assert len(emb.sharding.device_set) == 8 and not emb.sharding.is_fully_replicated
 
 
-MULTIHOST = """
-import sys
-import jax
-
-jax.config.update("jax_cpu_collectives_implementation", "gloo")
-jax.distributed.initialize(sys.argv[1], num_processes=2, process_id=int(sys.argv[2]))
-from jaxembed import convert
-
-sys.exit(convert.main(["--checkpoint", sys.argv[3], "--out", sys.argv[4]]))
-"""
-
-
 def test_two_processes_gather_to_process_0(trained, tmp_path):
-    """Two hosts (processes) of 4 CPU devices: every parameter is split over both; process 0
-    gathers each tensor and writes the same files as a one-process export."""
-    import os
-    import socket
-    import subprocess
-    import sys
-
+    """Two hosts (processes) of 4 CPU devices, started by launch/local.sh: every parameter
+    is split over both; process 0 gathers each tensor and writes the same files as a
+    one-process export."""
     workdir, single = trained["bert"]
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        address = f"localhost:{s.getsockname()[1]}"
-    env = {
-        **os.environ,
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
-        "JAX_PLATFORMS": "cpu",
-    }
     out = tmp_path / "out"
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-c", MULTIHOST, address, str(i), str(workdir), str(out)],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for i in range(2)
-    ]
-    logs = [p.communicate(timeout=240)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], logs
-    assert f"wrote {out}" in logs[0] and "wrote" not in logs[1]
+    rc, log = launch_local(
+        2, ["-m", "jaxembed.convert", "--checkpoint", str(workdir), "--out", str(out)]
+    )
+    assert rc == 0, log
+    assert f"[0] wrote {out}" in log and "[1] wrote" not in log
     a, b = read_weights(out), read_weights(single)
     assert set(a) == set(b)
     for key in a:

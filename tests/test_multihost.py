@@ -7,7 +7,6 @@ one-process, eight-device `straight_run` of test_train_main (same config, same d
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -16,29 +15,10 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import launch_local, subprocess_env
 from trainrun import ROOT, STEPS, read_losses, tiny_config, write_config
 
 from jaxembed import checkpoint, train
-
-LOCAL = ROOT / "launch" / "local.sh"
-
-
-def env(**extra) -> dict:
-    clean = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
-    return {**clean, "PYTHONPATH": str(ROOT), **extra}
-
-
-def launch(n: int, args: list[str], timeout: int = 300, **extra) -> tuple[int, str]:
-    """``launch/local.sh n python ARGS``: (exit status, every process's output)."""
-    proc = subprocess.run(
-        ["bash", str(LOCAL), str(n), sys.executable, *args],
-        cwd=ROOT,
-        env=env(**extra),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-    return proc.returncode, proc.stdout + proc.stderr
 
 
 def train_args(config: Path, workdir: Path) -> list[str]:
@@ -55,7 +35,7 @@ def two_hosts(train_setup, tmp_path_factory):
     """The reference run's config, on 2 processes x 4 devices."""
     base = tmp_path_factory.mktemp("twohosts")
     cfg = write_config(train_setup, base / "cfg.py", STEPS)
-    rc, out = launch(2, train_args(cfg, base / "run"))
+    rc, out = launch_local(2, train_args(cfg, base / "run"))
     assert rc == 0, out
     return base / "run", out
 
@@ -102,7 +82,7 @@ def test_checkpoint_from_one_host_resumes_on_two_hosts_and_another_mesh(
     cfg = write_config(
         train_setup, tmp_path / "cfg.py", STEPS, mesh__data=2, mesh__fsdp=-1, eval__data=()
     )
-    rc, out = launch(2, train_args(cfg, workdir))
+    rc, out = launch_local(2, train_args(cfg, workdir))
     assert rc == 0, out
     assert "[0] resumed from step 3" in out
     assert_losses_match(read_losses(workdir), read_losses(straight_run[0]), range(4, STEPS + 1))
@@ -120,7 +100,7 @@ def start_hosts(args: list[str], n: int = 2, **extra) -> list[subprocess.Popen]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    common = env(
+    common = subprocess_env(
         JAX_PLATFORMS="cpu",
         XLA_FLAGS="--xla_force_host_platform_device_count=4",
         JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
@@ -211,20 +191,3 @@ def test_agreement_checks_and_a_python_error_on_one_host(tmp_path):
     assert "RuntimeError: host 1 fails" in outs[1]
     assert "process 1 of 2 failed" in outs[1]
     assert elapsed < HEARTBEAT + 45, elapsed
-
-
-def test_local_launcher_stops_everyone_when_one_fails():
-    t0 = time.time()
-    rc, out = launch(
-        3,
-        [
-            "-c",
-            "import os, sys, time; i = int(os.environ['JAX_PROCESS_ID']); "
-            "print('up', i, os.environ['JAX_NUM_PROCESSES'], flush=True); "
-            "time.sleep(0.5); sys.exit(3) if i == 1 else time.sleep(60)",
-        ],
-    )
-    assert rc == 3, out
-    assert time.time() - t0 < 30
-    assert {"[0] up 0 3", "[1] up 1 3", "[2] up 2 3"} <= set(out.splitlines())
-    assert "process 1 exited with status 3: stopping the other processes" in out

@@ -1,0 +1,185 @@
+"""The launch scripts, run for real on this machine: local.sh as is, gpu_slurm.sbatch under a
+stand-in ``srun`` (JAX's SLURM auto-detection then joins the processes), and tpu_vm.sh
+against a stand-in ``gcloud`` whose one "worker" is a folder here."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from helpers import ROOT, launch_local, subprocess_env
+
+
+def test_local_launcher_stops_everyone_when_one_fails():
+    t0 = time.time()
+    rc, out = launch_local(
+        3,
+        [
+            "-c",
+            "import os, sys, time; i = int(os.environ['JAX_PROCESS_ID']); "
+            "print('up', i, os.environ['JAX_NUM_PROCESSES'], flush=True); "
+            "time.sleep(0.5); sys.exit(3) if i == 1 else time.sleep(60)",
+        ],
+    )
+    assert rc == 3, out
+    assert time.time() - t0 < 30
+    assert {"[0] up 0 3", "[1] up 1 3", "[2] up 2 3"} <= set(out.splitlines())
+    assert "process 1 exited with status 3: stopping the other processes" in out
+
+
+FAKE_SRUN = """#!/usr/bin/env bash
+# srun on one machine: SLURM_NTASKS local tasks with the variables srun gives each task.
+while [[ $1 == --* ]]; do shift; done
+pids=()
+for ((i = 0; i < SLURM_NTASKS; i++)); do
+  SLURM_PROCID=$i SLURM_LOCALID=$i SLURM_STEP_NODELIST=localhost "$@" &
+  pids+=($!)
+done
+rc=0
+for p in "${pids[@]}"; do wait "$p" || rc=$?; done
+exit $rc
+"""
+
+JOIN = (
+    "from jaxembed import distributed; n = distributed.initialize(); import jax; "
+    "print('joined', n, jax.process_index(), distributed.gather(jax.process_index()).tolist())"
+)
+
+
+def test_slurm_script_joins_the_tasks_by_auto_detection(tmp_path):
+    """No coordinator address anywhere: jaxembed.distributed finds SLURM, JAX reads it."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text(FAKE_SRUN)
+    (bin_dir / "srun").chmod(0o755)
+    env = subprocess_env(
+        PATH=f"{bin_dir}:{os.environ['PATH']}",
+        SLURM_JOB_ID=str(random.randrange(1, 1 << 20)),  # JAX derives the port from it
+        SLURM_NTASKS="2",
+        SLURM_SUBMIT_DIR=str(ROOT),
+        JAX_PLATFORMS="cpu",
+        XLA_FLAGS="--xla_force_host_platform_device_count=2",
+    )
+    proc = subprocess.run(
+        ["bash", str(ROOT / "launch" / "gpu_slurm.sbatch"), sys.executable, "-c", JOIN],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out
+    assert {"joined 2 0 [0, 1]", "joined 2 1 [0, 1]"} <= set(out.splitlines()), out
+    # Outside a job it refuses to run.
+    env.pop("SLURM_JOB_ID")
+    proc = subprocess.run(
+        ["bash", str(ROOT / "launch" / "gpu_slurm.sbatch"), "true"],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2 and "not inside a SLURM job" in proc.stderr
+
+
+FAKE_GCLOUD = """#!/usr/bin/env bash
+# gcloud compute tpus tpu-vm ... on one machine: one worker whose home is $FAKE_HOME.
+echo "gcloud $*" >> "$FAKE_LOG"
+shift 3
+verb=$1; shift
+case $verb in
+  describe) test -f "$FAKE_HOME/.created" ;;
+  create) touch "$FAKE_HOME/.created" ;;
+  delete) rm -f "$FAKE_HOME/.created" ;;
+  scp) cp "$1" "$FAKE_HOME/${2#*:}" ;;
+  ssh)
+    while [ $# -gt 0 ]; do [ "$1" = --command ] && cmd=$2; shift; done
+    HOME=$FAKE_HOME bash -c "cd ~ && $cmd" ;;
+esac
+"""
+
+
+def fake_tpu(tmp_path: Path) -> dict:
+    bin_dir, home = tmp_path / "bin", tmp_path / "home"
+    venv = home / "jaxembed" / ".venv" / "bin"
+    venv.mkdir(parents=True)
+    bin_dir.mkdir()
+    (bin_dir / "gcloud").write_text(FAKE_GCLOUD)
+    (venv / "activate").write_text(f"export PATH={venv}:$PATH\n")
+    (venv / "python").symlink_to(sys.executable)
+    (venv / "pip").write_text('#!/bin/sh\necho "pip $*"\n')  # no network: installing is a no-op
+    for f in (bin_dir / "gcloud", venv / "pip"):
+        f.chmod(0o755)
+    return subprocess_env(
+        PATH=f"{bin_dir}:{os.environ['PATH']}",
+        FAKE_HOME=str(home),
+        FAKE_LOG=str(tmp_path / "calls.log"),
+    )
+
+
+def tpu_vm(*args: str) -> list[str]:
+    return ["bash", str(ROOT / "launch" / "tpu_vm.sh"), "--name", "t", "--zone", "z", *args]
+
+
+def test_tpu_script_creates_installs_runs_and_reports_the_status(tmp_path):
+    env = fake_tpu(tmp_path)
+    cmd = ["--", "python", "-c", "print('hello from', 'a worker'); raise SystemExit(3)"]
+    proc = subprocess.run(tpu_vm(*cmd), cwd=ROOT, env=env, capture_output=True, text=True)
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    assert "creating TPU VM t (v4-8" in proc.stdout
+    assert "] hello from a worker" in proc.stdout
+    assert "ended with status 3" in proc.stdout
+    calls = (tmp_path / "calls.log").read_text()
+    assert "tpu-vm create t --zone z --accelerator-type v4-8" in calls
+    assert "--worker=all" in calls and "pip install -q -e . 'jax[tpu]'" in calls
+    assert (tmp_path / "home" / "jaxembed" / "jaxembed" / "train.py").exists()  # copied
+    # The VM exists now: reused, nothing installed with --no-install; --delete at the end.
+    proc = subprocess.run(
+        tpu_vm("--no-install", "--delete", "--", "python", "-c", "print('again')"),
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "reusing TPU VM t" in proc.stdout and "] again" in proc.stdout
+    assert not (tmp_path / "home" / ".created").exists()
+
+
+def test_tpu_script_ctrl_c_stops_the_command_cleanly(tmp_path):
+    """Ctrl-C: SIGTERM reaches the command on the worker (training saves and exits), the
+    script follows it to the end and reports its status."""
+    env = fake_tpu(tmp_path)
+    body = (
+        "import signal, sys, time\n"
+        "def stop(*_):\n    print('got SIGTERM', flush=True)\n    sys.exit(0)\n"
+        "signal.signal(signal.SIGTERM, stop)\n"
+        "print('ready', flush=True)\n"
+        "time.sleep(120)\n"
+        "sys.exit(5)\n"
+    )
+    proc = subprocess.Popen(
+        tpu_vm("--no-install", "--", "python", "-c", body),
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,  # its own process group, as a terminal's foreground job
+    )
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.rstrip().endswith("] ready"):
+            break
+    os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C sends to the foreground group
+    rest, _ = proc.communicate(timeout=60)
+    out = "".join(lines) + rest
+    assert proc.returncode == 0, out
+    assert "sending SIGTERM to the command on every worker" in out
+    assert "] got SIGTERM" in out and "ended with status 0" in out
