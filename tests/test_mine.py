@@ -10,7 +10,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from helpers import save_tiny_with_tokenizer, toy_records, write_jsonl
+from helpers import launch_local, save_tiny_with_tokenizer, toy_records, write_jsonl
 
 import jaxembed
 from jaxembed import mine as mn
@@ -351,6 +351,35 @@ def test_eight_devices_equal_one_device(tiny, one_device_run, tmp_path, capsys):
     # The query with two positives: neither is a negative of either record.
     both = {a[3]["positive"], a[40]["positive"]}
     assert not both & set(a[3]["negatives"]) and not both & set(a[40]["negatives"])
+
+
+def test_two_hosts_equal_one_device(tiny, one_device_run, tmp_path):
+    """Two processes x 4 devices (launch/local.sh): encoding split over both hosts, process 0
+    writes the cache, the output and the stats."""
+    folder, model = tiny
+    _, one_out, _ = one_device_run
+    out = tmp_path / "out.jsonl"
+    argv = [
+        "-m", "jaxembed.mine", "--model", str(model), "--input", str(folder / "pairs.jsonl"),
+        "--corpus", str(folder / "corpus.txt"), "--out", str(out), "--top-k", "20",
+        "--skip-top", "2", "--max-score", "0.9", "--relative-margin", "0.005",
+        "--num-negatives", "8", "--batch-size", "16", "--shard-size", "32", "--with-scores",
+        "--no-progress",
+    ]  # fmt: skip
+    rc, log = launch_local(2, argv)
+    assert rc == 0, log
+    assert "[0] wrote" in log and "[1] wrote" not in log
+    stats = json.loads(Path(f"{out}.stats.json").read_text())
+    assert stats["devices"] == 8
+    a, b = read_jsonl(one_out), read_jsonl(out)
+    assert len(a) == len(b) == 41
+    for ra, rb in zip(a, b, strict=True):
+        assert ra["negatives"] == rb["negatives"]
+        np.testing.assert_allclose(ra["negative_scores"], rb["negative_scores"], atol=1e-5)
+    assert (
+        len(list(Path(f"{out}.cache").rglob("shard_*.npy")))
+        == stats["cache"]["corpus"]["shards"] + stats["cache"]["queries"]["shards"]
+    )
 
 
 def test_resume_after_interruption_gives_the_same_output(tiny, one_device_run, tmp_path, caplog):
