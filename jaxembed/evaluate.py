@@ -432,7 +432,7 @@ def _parser() -> argparse.ArgumentParser:
         "--backend",
         default="jax",
         choices=("jax", "sentence-transformers"),
-        help="jax: jaxembed's encoder on all local devices (default); sentence-transformers: "
+        help="jax: jaxembed's encoder on all devices (default); sentence-transformers: "
         "the PyTorch reference (HF / sentence-transformers folders only)",
     )
     p.add_argument(

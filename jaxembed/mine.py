@@ -1072,7 +1072,7 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m jaxembed.mine",
         description=(
-            "Hard-negative mining with a teacher model on all local devices. Per record: "
+            "Hard-negative mining with a teacher model on all devices. Per record: "
             "rank the candidates by cosine, drop the query's positives (by text hash), keep "
             "the best --top-k, skip the first --skip-top, drop scores >= --max-score, drop "
             "scores >= (1 - --relative-margin) x the positive's score, then take "

@@ -15,8 +15,8 @@
 # (2) copy this checkout (tracked files) to ~/jaxembed on every worker and install it with
 # jax[tpu] into ~/jaxembed/.venv (--no-install skips this); (3) start CMD on --worker=all,
 # detached (it survives a dropped connection), in that venv; (4) stream every worker's log
-# (also appended to logs/tpu_vm-NAME.log here) until CMD ends on all workers, and exit with
-# the largest exit status. JAX finds the other workers itself (jaxembed.distributed
+# (also appended to logs/tpu_vm-NAME.log here; JAXEMBED_LOG_DIR moves it) until CMD ends
+# on all workers, and exit with the largest exit status. JAX finds the other workers itself (jaxembed.distributed
 # detects Cloud TPU slices). Ctrl-C sends SIGTERM to CMD on every worker: training saves a
 # checkpoint and exits; the same command resumes it. A second Ctrl-C leaves CMD running
 # (--attach follows it again). --delete deletes the VM when CMD has ended.
@@ -26,7 +26,7 @@
 # --attach (only stream the running command's logs); --delete.
 set -euo pipefail
 
-usage() { sed -n '2,27p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,26p' "$0" | sed 's/^# \{0,1\}//'; }
 name="" zone="" type="v4-8" version="tpu-ubuntu2204-base" project="" spot="" mount=""
 install=1 attach="" delete=""
 while [ $# -gt 0 ]; do
@@ -60,8 +60,9 @@ tpu=(gcloud compute tpus tpu-vm)
 where=(--zone "$zone")
 [ -n "$project" ] && where+=(--project "$project")
 on_all() { "${tpu[@]}" ssh "$name" "${where[@]}" --worker=all --command "$1"; }
-mkdir -p logs
-log="logs/tpu_vm-$name.log"
+logs=${JAXEMBED_LOG_DIR:-logs}
+mkdir -p "$logs"
+log="$logs/tpu_vm-$name.log"
 remote="~/jaxembed"
 
 if "${tpu[@]}" describe "$name" "${where[@]}" >/dev/null 2>&1; then

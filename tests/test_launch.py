@@ -119,6 +119,7 @@ def fake_tpu(tmp_path: Path) -> dict:
         PATH=f"{bin_dir}:{os.environ['PATH']}",
         FAKE_HOME=str(home),
         FAKE_LOG=str(tmp_path / "calls.log"),
+        JAXEMBED_LOG_DIR=str(tmp_path / "logs"),
     )
 
 
