@@ -12,7 +12,7 @@ from flax import nnx
 
 from jaxembed import hf
 from jaxembed.hf.sentence_transformers import STConfig, read_st_config
-from jaxembed.models.pooling import check_pooling, l2_normalize, pool
+from jaxembed.models.pooling import check_pooling, l2_normalize, pool, pool_segments
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -33,6 +33,29 @@ def length_buckets(max_length: int) -> list[int]:
         buckets.append(b)
         b *= 2
     return [*buckets, max_length]
+
+
+MAX_SEGMENTS = 64  # texts per packed row at most (a static shape of the packed program)
+
+
+def pack_rows(lengths, row_length: int, max_segments: int = MAX_SEGMENTS) -> list[list[int]]:
+    """Groups texts (their token counts) into rows of at most ``row_length`` tokens.
+
+    Longest first: each row starts with the longest text left and is topped up with the
+    shortest ones that still fit (at most ``max_segments`` texts). Returns the text indices
+    of every row; linear time, and rows come out in decreasing order of their first text.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    rows, lo, hi = [], 0, len(order) - 1
+    while lo <= hi:
+        row, room = [order[lo]], row_length - lengths[order[lo]]
+        lo += 1
+        while lo <= hi and len(row) < max_segments and lengths[order[hi]] <= room:
+            row.append(order[hi])
+            room -= lengths[order[hi]]
+            hi -= 1
+        rows.append(row)
+    return rows
 
 
 def load_tokenizer(path: str | os.PathLike):
@@ -88,8 +111,10 @@ class Encoder:
         max_length: int,
         st: STConfig | None = None,
         name: str = "",
+        packing: bool = False,
     ):
         self.model = model
+        self.packing = packing
         self.tokenizer = tokenizer
         self.pooling = check_pooling(pooling)
         self.max_length = int(max_length)
@@ -108,9 +133,14 @@ class Encoder:
             h = nnx.merge(graphdef, state)(ids, mask)
             return l2_normalize(pool(h, pool_mask, self.pooling, attention_mask=mask))
 
-        self._embed_fn = embed
-        self._embed = jax.jit(embed)
-        self._embed_on_mesh = None  # jitted with replicated output once a mesh is set
+        def embed_packed(state, ids, segment_ids, pool_ids):
+            h = nnx.merge(graphdef, state)(ids, segment_ids > 0, segment_ids=segment_ids)
+            pooled = pool_segments(h, pool_ids, segment_ids, self.pooling, MAX_SEGMENTS)
+            return l2_normalize(pooled)
+
+        self._fns = {False: embed, True: embed_packed}
+        self._jitted = {k: jax.jit(f) for k, f in self._fns.items()}
+        self._on_mesh: dict = {}  # jitted with replicated outputs once a mesh is set
         self._mesh = None
 
     def use_mesh(self, mesh) -> Encoder:
@@ -129,7 +159,8 @@ class Encoder:
         multi_host = jax.process_count() > 1
         self._mesh = mesh if sharding.data_parallel_size(mesh) > 1 or multi_host else None
         if self._mesh is not None:
-            self._embed_on_mesh = jax.jit(self._embed_fn, out_shardings=sharding.replicated(mesh))
+            out = sharding.replicated(mesh)
+            self._on_mesh = {k: jax.jit(f, out_shardings=out) for k, f in self._fns.items()}
             self._state = self._place(self._state)
         else:  # one device: bring parameters back from a previous, larger mesh
             self._state = jax.device_put(self._state, mesh.devices.flat[0])
@@ -144,9 +175,14 @@ class Encoder:
         )
         return state if on_mesh else jax.device_put(state, sharding.replicated(self._mesh))
 
-    def _forward(self, ids: np.ndarray, mask: np.ndarray, pool_mask: np.ndarray) -> jax.Array:
+    def _forward(
+        self, ids: np.ndarray, mask: np.ndarray, pool_mask: np.ndarray, packed: bool = False
+    ) -> jax.Array:
+        """Embeddings of a padded batch; packed: ``mask`` and ``pool_mask`` are segment ids."""
         if self._mesh is None:
-            return self._embed(self._state, jnp.asarray(ids), jnp.asarray(mask), pool_mask)
+            return self._jitted[packed](
+                self._state, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(pool_mask)
+            )
         from jaxembed import sharding
 
         rows, n = ids.shape[0], sharding.data_parallel_size(self._mesh)
@@ -159,7 +195,7 @@ class Encoder:
                     a.shape, sharding.batch_sharding(self._mesh, a.ndim), lambda i, a=a: a[i]
                 )
             )
-        return self._embed_on_mesh(self._place(self._state), *placed)[:rows]
+        return self._on_mesh[packed](self._place(self._state), *placed)[:rows]
 
     def set_params(self, model_params) -> None:
         """Swaps in new backbone parameters (e.g. live training parameters) without recompiling.
@@ -216,6 +252,7 @@ class Encoder:
 
         Texts are sorted by length and padded to a few bucket lengths, and every batch but a
         lone short one has ``batch_size`` rows, so only a handful of shapes are compiled.
+        With ``packing`` (see `load`), rows hold several texts each instead.
 
         Args:
           texts: the strings to embed.
@@ -237,11 +274,23 @@ class Encoder:
         prompt_text = self.resolve_prompt(prompt_name, prompt)
         skip = self._prompt_length(prompt_text) if prompt_text and not self.st.include_prompt else 0
         ids = self.tokenize(list(texts), prompt_text)
+        if self.packing:
+            out = self._encode_packed(ids, batch_size, skip)
+        else:
+            out = self._encode_padded(ids, batch_size, skip)
+        if truncate_dim is not None:
+            out = out[:, :truncate_dim]
+            out /= np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
+        return out
+
+    def _encode_padded(self, ids: list[list[int]], batch_size: int, skip: int) -> np.ndarray:
+        """One text per row, rows sorted by length and padded to a bucket length."""
+        n = len(ids)
         order = np.argsort([-len(x) for x in ids], kind="stable")
         buckets = length_buckets(self.max_length)
-        rows = batch_size if len(texts) >= batch_size else 1 << (len(texts) - 1).bit_length()
-        out = np.zeros((len(texts), self.dim), np.float32)
-        for start in range(0, len(texts), rows):
+        rows = batch_size if n >= batch_size else 1 << (n - 1).bit_length()
+        out = np.zeros((n, self.dim), np.float32)
+        for start in range(0, n, rows):
             idx = order[start : start + rows]
             longest = max(len(ids[i]) for i in idx)
             length = next(b for b in buckets if b >= longest)
@@ -254,9 +303,44 @@ class Encoder:
             pool_mask[:, :skip] = 0
             emb = self._forward(batch, mask, pool_mask)
             out[idx] = np.asarray(emb)[: len(idx)]
-        if truncate_dim is not None:
-            out = out[:, :truncate_dim]
-            out /= np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
+        return out
+
+    def _encode_packed(self, ids: list[list[int]], batch_size: int, skip: int) -> np.ndarray:
+        """Several texts per row (`pack_rows`), ``batch_size`` rows of one bucket length.
+
+        Attention stays within each text and positions restart, so the embeddings equal the
+        unpadded ones; padding shrinks to the rows' unused tails. Every batch has the same
+        shape (the last is filled with empty rows): one compilation per bucket length.
+        """
+        lengths = [len(x) for x in ids]
+        length = next(b for b in length_buckets(self.max_length) if b >= max(lengths))
+        rows = pack_rows(lengths, length)
+        out = np.zeros((len(ids), self.dim), np.float32)
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start : start + batch_size]
+            batch = np.full((batch_size, length), self.pad_id, np.int32)
+            segments = np.zeros((batch_size, length), np.int32)
+            for r, row in enumerate(chunk):
+                at = 0
+                for s, i in enumerate(row, start=1):
+                    batch[r, at : at + lengths[i]] = ids[i]
+                    segments[r, at : at + lengths[i]] = s
+                    at += lengths[i]
+            pool_ids = segments.copy()
+            if skip:
+                # Prompt tokens (each text's first `skip`) are attended to but not pooled.
+                pos = np.arange(length)[None, :]
+                first = np.zeros_like(segments)
+                for r, row in enumerate(chunk):
+                    at = 0
+                    for i in row:
+                        first[r, at : at + lengths[i]] = at
+                        at += lengths[i]
+                pool_ids[(pos - first) < skip] = 0
+            emb = np.asarray(self._forward(batch, segments, pool_ids, packed=True))
+            for r, row in enumerate(chunk):
+                for s, i in enumerate(row):
+                    out[i] = emb[r, s]
         return out
 
 
@@ -266,6 +350,7 @@ def load(
     dtype: str = "float32",
     pooling: str | None = None,
     max_length: int | None = None,
+    packing: bool = False,
 ) -> Encoder:
     """Loads a local Hugging Face / sentence-transformers folder or a training run as an `Encoder`.
 
@@ -278,6 +363,9 @@ def load(
       pooling: overrides the folder's pooling (default: the folder's ``1_Pooling``, else mean).
       max_length: overrides the maximum token count (default: sentence-transformers'
         ``max_seq_length``, else the tokenizer's and the position table's limit).
+      packing: put several texts in each row (attention kept within each text), so short
+        texts waste no padding; the embeddings are the same. ``batch_size`` then counts
+        rows of the bucket length that holds the longest text.
     """
     if dtype not in ("float32", "bfloat16"):
         raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {dtype!r}")
@@ -297,6 +385,7 @@ def load(
         max_length=max_length,
         st=st,
         name=str(path),
+        packing=packing,
     )
 
 

@@ -429,6 +429,12 @@ def _parser() -> argparse.ArgumentParser:
         help="compute dtype of the JAX encoder (default: float32)",
     )
     p.add_argument(
+        "--packing",
+        action="store_true",
+        help="sequence packing in the JAX encoder: several texts per row, attention kept "
+        "within each (same embeddings, less padding; --batch-size then counts rows)",
+    )
+    p.add_argument(
         "--backend",
         default="jax",
         choices=("jax", "sentence-transformers"),
@@ -454,7 +460,7 @@ def _load_backend(args):
         return SentenceTransformer(args.model, device="cpu", local_files_only=True)
     import jaxembed
 
-    return on_mesh(jaxembed.load(args.model, dtype=args.dtype))
+    return on_mesh(jaxembed.load(args.model, dtype=args.dtype, packing=args.packing))
 
 
 def main(argv: Sequence[str] | None = None) -> dict:

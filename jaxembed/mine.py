@@ -723,6 +723,7 @@ def mine(
     batch_size: int = 64,
     dtype: str = "float32",
     max_length: int | None = None,
+    packing: bool = False,
     cache: str | os.PathLike | None = None,
     shard_size: int = 16384,
     block: int = 16384,
@@ -756,7 +757,8 @@ def mine(
       with_scores: also write ``positive_score`` and ``negative_scores`` per record.
       overwrite: replace an existing ``out``.
       batch_size: texts per forward pass (split over the mesh's devices).
-      dtype, max_length: passed to `jaxembed.load` when ``model`` is a path.
+      dtype, max_length, packing: passed to `jaxembed.load` when ``model`` is a path
+        (packing: several texts per row, same embeddings, less padding).
       cache: the embedding cache folder (default ``out + ".cache"``).
       shard_size: rows per cached embedding shard (the unit of resumption and search).
       block, query_block: block sizes of the search (bounding its memory).
@@ -811,7 +813,7 @@ def mine(
     pos_idx = np.array([pool_index[r["positive"]] for r in records], np.int64)
     pool_hash = np.array([text_hash(t) for t in pool], np.int64)
 
-    encoder = _load_model(model, dtype, max_length)
+    encoder = _load_model(model, dtype, max_length, packing)
     from jaxembed import evaluate, sharding
 
     if mesh is None:  # every device of every host: each encodes its share of a batch
@@ -1029,13 +1031,13 @@ def mine(
     return stats
 
 
-def _load_model(model, dtype: str, max_length: int | None):
+def _load_model(model, dtype: str, max_length: int | None, packing: bool = False):
     if not isinstance(model, (str, os.PathLike)):
         return model  # an already loaded Encoder
     import jaxembed
 
     try:
-        return jaxembed.load(model, dtype=dtype, max_length=max_length)
+        return jaxembed.load(model, dtype=dtype, max_length=max_length, packing=packing)
     except Exception as e:  # the loaders raise many types; the cause is in the message
         raise MiningError(f"cannot load model {model}: {e}") from e
 
@@ -1195,6 +1197,12 @@ def _parser() -> argparse.ArgumentParser:
         "--dtype", default="float32", choices=("float32", "bfloat16"), help="compute dtype"
     )
     p.add_argument("--max-length", type=int, help="max tokens per text (default: the model's)")
+    p.add_argument(
+        "--packing",
+        action="store_true",
+        help="sequence packing: several texts per row, attention kept within each (same "
+        "embeddings, less padding; --batch-size then counts rows)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     distributed.add_flags(p)
     return p
@@ -1238,6 +1246,7 @@ def _main(args) -> dict:
             batch_size=args.batch_size,
             dtype=args.dtype,
             max_length=args.max_length,
+            packing=args.packing,
             cache=args.cache,
             shard_size=args.shard_size,
             block=args.block,

@@ -8,12 +8,12 @@ import os
 import numpy as np
 import pytest
 import torch
-from helpers import minilm_path
+from helpers import minilm_path, save_tiny_qwen3, save_tiny_with_tokenizer
 from sentence_transformers import SentenceTransformer
 from sentence_transformers.sentence_transformer.modules import Pooling
 
 import jaxembed
-from jaxembed.encoder import length_buckets
+from jaxembed.encoder import MAX_SEGMENTS, length_buckets, pack_rows
 from jaxembed.models.pooling import POOLING_MODES, pool
 
 # Real sentences of mixed lengths and languages (ASCII and not, short and past 128 tokens).
@@ -79,7 +79,7 @@ def test_real_minilm_matches_sentence_transformers(minilm, st_minilm):
     assert err <= 1e-5
     np.testing.assert_allclose(np.linalg.norm(ours, axis=1), 1.0, atol=1e-6)
     # A handful of shapes are compiled, not one per batch.
-    assert minilm._embed._cache_size() <= len(length_buckets(minilm.max_length)) + 1
+    assert minilm._jitted[False]._cache_size() <= len(length_buckets(minilm.max_length)) + 1
     assert minilm.dim == 384 and minilm.max_length == 256
 
 
@@ -165,3 +165,72 @@ def test_missing_tokenizer_is_named(tmp_path):
         os.symlink(src / name, tmp_path / name)
     with pytest.raises(FileNotFoundError, match=r"no tokenizer found.*tokenizer\.json"):
         jaxembed.load(tmp_path)
+
+
+# --- sequence packing ------------------------------------------------------------------------
+
+
+def test_pack_rows_places_every_text_once_within_the_row():
+    rng = np.random.default_rng(0)
+    lengths = [int(x) for x in rng.integers(1, 257, 500)] + [3] * 200 + [256] * 5
+    rows = pack_rows(lengths, 256)
+    flat = sorted(i for row in rows for i in row)
+    assert flat == list(range(len(lengths)))
+    assert all(sum(lengths[i] for i in row) <= 256 for row in rows)
+    assert all(len(row) <= MAX_SEGMENTS for row in rows)
+    # Far fewer token positions than one text per row (each padded to 256).
+    assert len(rows) * 256 < 0.6 * len(lengths) * 256
+
+
+def test_packed_minilm_equals_unpacked_and_sentence_transformers(minilm, st_minilm):
+    packed = jaxembed.load(minilm_path(), packing=True)
+    ours = packed.encode(SENTENCES, batch_size=4)
+    err_unpacked = np.abs(ours - minilm.encode(SENTENCES, batch_size=8)).max()
+    err_st = np.abs(ours - st_minilm.encode(SENTENCES, normalize_embeddings=True)).max()
+    print(f"packed vs unpacked {err_unpacked:.2e}, vs sentence-transformers {err_st:.2e}")
+    assert err_unpacked <= 1e-5 and err_st <= 1e-5
+    # One bucket length, one batch shape: a single compilation.
+    assert packed._jitted[True]._cache_size() == 1
+    # Split over 8 devices, embeddings unchanged.
+    from jaxembed import evaluate
+
+    evaluate.on_mesh(packed)
+    assert np.abs(packed.encode(SENTENCES, batch_size=4) - ours).max() <= 1e-6
+
+
+def test_packed_prompts_are_attended_but_not_pooled(prompted_folder):
+    enc = jaxembed.load(prompted_folder, packing=True)
+    st = SentenceTransformer(str(prompted_folder), device="cpu")
+    ours = enc.encode(SENTENCES[:12], prompt_name="query", batch_size=2)
+    ref = st.encode(SENTENCES[:12], prompt_name="query", normalize_embeddings=True)
+    assert np.abs(ours - ref).max() <= 1e-5
+
+
+@pytest.fixture(scope="module")
+def tiny_folders(tmp_path_factory):
+    base = tmp_path_factory.mktemp("packing")
+    xlmr = save_tiny_with_tokenizer("xlm-roberta", base / "xlmr", num_hidden_layers=1)
+    qwen = save_tiny_qwen3(base / "qwen3", num_hidden_layers=1)
+    return {"xlmr": xlmr, "qwen3": qwen}
+
+
+@pytest.mark.parametrize(
+    "family, mode",
+    # One case per code path of pool_segments (mean_sqrt_len_tokens shares mean's).
+    [
+        ("xlmr", "cls"),
+        ("xlmr", "max"),
+        ("xlmr", "weightedmean"),
+        ("xlmr", "mean"),
+        ("qwen3", "lasttoken"),
+    ],
+)
+def test_every_pooling_packed_equals_unpacked(tiny_folders, family, mode):
+    """RoBERTa-style positions (offset by the pad id) and Qwen3's causal rotary attention
+    restart in every segment; each pooling mode pools each segment alone."""
+    folder = tiny_folders[family]
+    texts = SENTENCES[:14]
+    plain = jaxembed.load(folder, pooling=mode, max_length=64).encode(texts, batch_size=4)
+    packed = jaxembed.load(folder, pooling=mode, max_length=64, packing=True)
+    got = packed.encode(texts, batch_size=2)
+    assert np.abs(got - plain).max() <= 1e-5, (family, mode)

@@ -115,8 +115,6 @@ def test_logical_rules():
 
 MESHES = {
     "1x1": (1, 1, 1),
-    "8x1": (8, 1, 1),
-    "1x8": (1, 8, 1),
     "2x4": (2, 4, 1),
     "2x2x2": (2, 2, 2),
 }
@@ -149,7 +147,9 @@ def assert_grads_close(a, b, atol):
         np.testing.assert_allclose(x, y, atol=atol, rtol=0, err_msg=jax.tree_util.keystr(path))
 
 
-@pytest.mark.parametrize("name", ["8x1", "1x8", "2x4", "2x2x2"])
+# Pure data parallel (8x1) and pure FSDP (1x8) are also compared end to end, loss by loss,
+# in test_multihost (data=8 vs fsdp=8 after a restore); here the mixed meshes.
+@pytest.mark.parametrize("name", ["2x4", "2x2x2"])
 def test_loss_and_grads_independent_of_mesh(reference, name):
     loss, grads = loss_and_grads_on(MESHES[name], gradcache=False)
     assert abs(loss - reference[0]) <= 1e-5

@@ -24,6 +24,8 @@ from jaxembed.models.layers import (
     Linear,
     activation,
     dropout,
+    same_segment,
+    segment_positions,
     split_rng,
     to_seed,
 )
@@ -94,8 +96,14 @@ class BertEmbeddings(nnx.Module):
         self.roberta_positions = cfg.roberta_positions
         self.pad_token_id = cfg.pad_token_id
 
-    def __call__(self, input_ids, token_type_ids, rng):
-        if self.roberta_positions:
+    def __call__(self, input_ids, token_type_ids, rng, positions=None):
+        if positions is not None:  # packed rows: positions restart in every segment
+            if self.roberta_positions:
+                real = input_ids != self.pad_token_id
+                position_ids = jnp.where(real, positions + self.pad_token_id + 1, self.pad_token_id)
+            else:
+                position_ids = positions
+        elif self.roberta_positions:
             # HF create_position_ids_from_input_ids: padding tokens sit at pad_token_id,
             # real tokens count up from pad_token_id + 1.
             real = (input_ids != self.pad_token_id).astype(jnp.int32)
@@ -246,6 +254,7 @@ class BertModel(nnx.Module):
         attention_mask: jax.Array,
         token_type_ids: jax.Array | None = None,
         *,
+        segment_ids: jax.Array | None = None,
         dropout_seed: jax.Array | None = None,
     ) -> jax.Array:
         """Runs the encoder.
@@ -254,6 +263,9 @@ class BertModel(nnx.Module):
           input_ids: int (batch, length).
           attention_mask: (batch, length), 1 for real tokens, 0 for padding.
           token_type_ids: int (batch, length); zeros when None.
+          segment_ids: int (batch, length) for packed rows: 1, 2, ... per text, 0 for
+            padding (`jaxembed.models.layers`); each text then attends only to itself and
+            its positions start at 0, exactly as alone in a row.
           dropout_seed: a uint32 seed (or a PRNG key) turns dropout on (training); None is
             deterministic. The same seed gives the same masks.
 
@@ -263,8 +275,13 @@ class BertModel(nnx.Module):
         if token_type_ids is None:
             token_type_ids = jnp.zeros_like(input_ids)
         r_emb, r_enc = split_rng(to_seed(dropout_seed), 2)
-        x = self.embeddings(input_ids, token_type_ids, r_emb)
         # Additive mask in fp32: the most negative float, as HF does, keeps fully padded rows
         # finite (uniform attention) instead of NaN.
-        bias = jnp.where(attention_mask[:, None, None, :] > 0, 0.0, jnp.finfo(jnp.float32).min)
+        if segment_ids is None:
+            x = self.embeddings(input_ids, token_type_ids, r_emb)
+            allowed = attention_mask[:, None, None, :] > 0
+        else:
+            x = self.embeddings(input_ids, token_type_ids, r_emb, segment_positions(segment_ids))
+            allowed = same_segment(segment_ids)[:, None]
+        bias = jnp.where(allowed, 0.0, jnp.finfo(jnp.float32).min)
         return self.encoder(x, bias, r_enc)

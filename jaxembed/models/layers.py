@@ -165,3 +165,22 @@ def activation(name: str):
         raise ValueError(
             f"unsupported hidden_act {name!r}; supported: {sorted(ACTIVATIONS)}"
         ) from None
+
+
+# --- sequence packing -----------------------------------------------------------------------
+# A packed row holds several texts ("segments") back to back: ``segment_ids`` numbers them
+# 1, 2, ... and marks padding 0. Attention stays inside a segment and positions restart in
+# each, so every text gets the states it would get alone in an unpacked row.
+
+
+def segment_positions(segment_ids: jax.Array) -> jax.Array:
+    """(batch, length) position of every token within its own segment (0 at its start)."""
+    idx = jnp.arange(segment_ids.shape[1])
+    prev = jnp.pad(segment_ids, ((0, 0), (1, 0)), constant_values=-1)[:, :-1]
+    first = jax.lax.cummax(jnp.where(segment_ids != prev, idx, 0), axis=1)
+    return idx - first
+
+
+def same_segment(segment_ids: jax.Array) -> jax.Array:
+    """(batch, query, key) bool: the key is a real token of the query's segment."""
+    return (segment_ids[:, :, None] == segment_ids[:, None, :]) & (segment_ids[:, None, :] > 0)

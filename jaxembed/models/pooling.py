@@ -53,6 +53,46 @@ def pool(
     return summed / jnp.maximum(count, 1e-9)
 
 
+def pool_segments(
+    hidden: jax.Array, pool_ids: jax.Array, segment_ids: jax.Array, mode: str, num_segments: int
+) -> jax.Array:
+    """`pool` for every text of packed rows: (rows, num_segments, hidden).
+
+    ``segment_ids`` numbers each row's texts 1..num_segments (0: padding); ``pool_ids`` is
+    the same with the tokens excluded from pooling (prompt tokens) set to 0. Each segment is
+    pooled exactly as `pool` pools a text alone in a row; absent segments give zeros.
+    """
+    check_pooling(mode)
+    h = hidden.astype(jnp.float32)
+    segs = jnp.arange(1, num_segments + 1)
+    member = pool_ids[:, None, :] == segs[None, :, None]  # (rows, segments, length)
+    positions = jnp.arange(pool_ids.shape[1])
+    if mode in ("cls", "lasttoken"):
+        score = positions if mode == "lasttoken" else -positions
+        pick = jnp.argmax(jnp.where(member, score, jnp.iinfo(jnp.int32).min), axis=-1)
+        out = jnp.take_along_axis(h, pick[..., None], axis=1)  # (rows, segments, hidden)
+        return jnp.where(member.any(-1)[..., None], out, 0.0)
+    if mode == "max":
+
+        def one(s):
+            m = (pool_ids == s)[..., None]
+            return jnp.max(jnp.where(m, h, jnp.finfo(jnp.float32).min), axis=1)
+
+        out = jax.lax.map(one, segs).transpose(1, 0, 2)
+        return jnp.where(member.any(-1)[..., None], out, 0.0)
+    w = member.astype(jnp.float32)
+    if mode == "weightedmean":
+        # Weights count from each text's first token (prompt or not), as in `pool`.
+        from jaxembed.models.layers import segment_positions
+
+        w = w * (segment_positions(segment_ids) + 1).astype(jnp.float32)[:, None, :]
+    summed = jnp.einsum("rsl,rlh->rsh", w, h)
+    count = jnp.sum(w, axis=-1)[..., None]
+    if mode == "mean_sqrt_len_tokens":
+        return summed / jnp.sqrt(jnp.maximum(count, 1e-9))
+    return summed / jnp.maximum(count, 1e-9)
+
+
 def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
     """``x / max(||x||, eps)`` in fp32, as ``torch.nn.functional.normalize``."""
     x = x.astype(jnp.float32)

@@ -25,7 +25,14 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxembed.models.layers import Embed, Linear, activation, param
+from jaxembed.models.layers import (
+    Embed,
+    Linear,
+    activation,
+    param,
+    same_segment,
+    segment_positions,
+)
 
 MODEL_TYPES = ("qwen3",)
 
@@ -85,9 +92,10 @@ class RMSNorm(nnx.Module):
 
 
 def rotary(positions: jax.Array, head_dim: int, theta: float, dtype) -> tuple[jax.Array, ...]:
-    """cos and sin tables (length, head_dim) for HF's "rotate half" rotary embedding."""
+    """cos and sin tables (batch, length, head_dim) of ``positions`` (batch or 1, length) for
+    HF's "rotate half" rotary embedding."""
     inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
-    freqs = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq
     emb = jnp.concatenate([freqs, freqs], axis=-1)
     return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
 
@@ -96,7 +104,7 @@ def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     """``x`` (batch, length, heads, head_dim) rotated by position."""
     half = x.shape[-1] // 2
     rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-    return x * cos[None, :, None, :] + rotated * sin[None, :, None, :]
+    return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
 
 
 class Qwen3Attention(nnx.Module):
@@ -204,6 +212,7 @@ class Qwen3Model(nnx.Module):
         attention_mask: jax.Array,
         token_type_ids: jax.Array | None = None,
         *,
+        segment_ids: jax.Array | None = None,
         dropout_seed: jax.Array | None = None,
     ) -> jax.Array:
         """Runs the decoder with a causal mask plus the padding mask.
@@ -211,6 +220,8 @@ class Qwen3Model(nnx.Module):
         Args:
           input_ids: int (batch, length), right-padded.
           attention_mask: (batch, length), 1 for real tokens, 0 for padding.
+          segment_ids: int (batch, length) for packed rows: 1, 2, ... per text, 0 for
+            padding; each text attends (causally) only to itself, positions restart at 0.
           token_type_ids: ignored (the backbones share one call signature).
           dropout_seed: ignored: Qwen3 trains without dropout (``attention_dropout`` 0).
 
@@ -221,9 +232,14 @@ class Qwen3Model(nnx.Module):
         l = input_ids.shape[1]
         x = self.embed_tokens(input_ids)
         cfg = self.config
-        cos, sin = rotary(jnp.arange(l), cfg.head_dim, cfg.rope_theta, self.dtype)
         causal = jnp.tril(jnp.ones((l, l), bool))
-        allowed = causal[None] & (attention_mask[:, None, :] > 0)
+        if segment_ids is None:
+            positions = jnp.arange(l)[None]
+            allowed = causal[None] & (attention_mask[:, None, :] > 0)
+        else:
+            positions = segment_positions(segment_ids)
+            allowed = causal[None] & same_segment(segment_ids)
+        cos, sin = rotary(positions, cfg.head_dim, cfg.rope_theta, self.dtype)
         # The most negative float (as HF) keeps a fully padded row finite instead of NaN.
         bias = jnp.where(allowed, 0.0, jnp.finfo(jnp.float32).min)
 
