@@ -320,23 +320,16 @@ class Encoder:
             chunk = rows[start : start + batch_size]
             batch = np.full((batch_size, length), self.pad_id, np.int32)
             segments = np.zeros((batch_size, length), np.int32)
+            pool_ids = np.zeros((batch_size, length), np.int32)
             for r, row in enumerate(chunk):
                 at = 0
                 for s, i in enumerate(row, start=1):
-                    batch[r, at : at + lengths[i]] = ids[i]
-                    segments[r, at : at + lengths[i]] = s
-                    at += lengths[i]
-            pool_ids = segments.copy()
-            if skip:
-                # Prompt tokens (each text's first `skip`) are attended to but not pooled.
-                pos = np.arange(length)[None, :]
-                first = np.zeros_like(segments)
-                for r, row in enumerate(chunk):
-                    at = 0
-                    for i in row:
-                        first[r, at : at + lengths[i]] = at
-                        at += lengths[i]
-                pool_ids[(pos - first) < skip] = 0
+                    end = at + lengths[i]
+                    batch[r, at:end] = ids[i]
+                    segments[r, at:end] = s
+                    # Prompt tokens (each text's first `skip`) are attended to, not pooled.
+                    pool_ids[r, min(at + skip, end) : end] = s
+                    at = end
             emb = np.asarray(self._forward(batch, segments, pool_ids, packed=True))
             for r, row in enumerate(chunk):
                 for s, i in enumerate(row):
