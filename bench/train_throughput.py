@@ -12,13 +12,16 @@ masking), AdamW at a constant 2e-5, no weight decay, gradient clipping at 1.0.
 sentence-transformers runs its own trainer (SentenceTransformerTrainer, CPU); jaxembed
 its jitted step with its Grain pipeline, on one JAX device (all cores).
 
-The two alternate in one process: ``--rounds`` rounds of ``--steps`` steps each; the
-first steps of every round are dropped (compilation, data loader start), and each side's
-best round is reported. Real tokens/s counts non-padding tokens of the batches each side
-trained on. MFU: model FLOPs (forward + backward = 3x forward: 2 per parameter per token
-in the layers, plus attention's 4·L·d per token per layer) over this machine's measured
-XLA float32 matmul peak; "real" counts real tokens only, "computed" the padded positions
-the step actually ran.
+jaxembed runs twice: one text per row, padded to bucket lengths (a quarter, half or all
+of 128), and with ``train.packing`` (several texts per 128-token row, attention and pooling
+per text, dropout per packed row). The three alternate in one process: ``--rounds`` rounds
+of ``--steps`` steps each; the first steps of every round are dropped (data loader start),
+every step shape jaxembed meets in the timed rounds is compiled before them, and each
+side's best round is reported. Real tokens/s counts non-padding tokens of the batches each
+side trained on. MFU: model FLOPs (forward + backward = 3x forward: 2 per weight per token
+in the layers, plus attention's 4·n·d per token per layer for a text of n tokens) over this
+machine's measured XLA float32 matmul peak. "real" counts each text's own tokens only;
+"computed" what the step actually ran (padding, and attention across a packed row's texts).
 """
 
 from __future__ import annotations
@@ -57,16 +60,22 @@ def matmul_peak(n: int = 2048, repeats: int = 10) -> float:
     return 2 * n**3 / best
 
 
-def forward_flops(cfg, rows: int, length: int, real_tokens: int | None = None) -> float:
-    """Forward FLOPs of a BERT encoder on ``rows`` x ``length`` (or ``real_tokens`` tokens)."""
+def text_flops(cfg, lengths) -> float:
+    """Forward FLOPs of a BERT encoder's layers on texts of ``lengths`` tokens, each text
+    attending to itself only: 2 per weight per token plus attention's 4·n·d per token."""
     d, ff, layers = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
-    per_layer_params = 4 * d * d + 2 * d * ff
-    tokens = rows * length if real_tokens is None else real_tokens
-    return layers * (2 * per_layer_params * tokens + 4 * length * d * tokens)
+    n = np.asarray(lengths, np.float64)
+    return float(layers * np.sum(2 * (4 * d * d + 2 * d * ff) * n + 4 * n * n * d))
+
+
+def row_flops(cfg, rows: int, length: int) -> float:
+    """Forward FLOPs the step computes on ``rows`` rows of ``length`` positions (padding,
+    and attention across a packed row's texts, included)."""
+    return text_flops(cfg, np.full(rows, length))
 
 
 class JaxSide:
-    def __init__(self, model_path: str, pairs_file: Path, workdir: Path):
+    def __init__(self, model_path: str, pairs_file: Path, workdir: Path, packing: bool, steps: int):
         import jax
         import jax.numpy as jnp
 
@@ -80,43 +89,46 @@ class JaxSide:
         c.data.max_query_length = c.data.max_passage_length = MAX_LEN
         c.data.num_negatives.retrieval = 0
         c.train.global_batch, c.train.steps, c.train.dropout = BATCH, 10**6, True
+        c.train.packing = packing
         c.loss.temperature, c.loss.symmetric, c.loss.false_negative_masking = 0.05, False, False
         c.optim.lr, c.optim.warmup_steps, c.optim.schedule = LR, 0, "constant"
         c.optim.weight_decay, c.optim.clip_norm = 0.0, 1.0
         c = config_lib.validate(c)
         self.mesh = sharding.make_mesh(devices=jax.devices()[:1])
-        model_dir = train.prepare_model_dir(model_path, workdir / "model")
+        model_dir = train.prepare_model_dir(model_path, workdir / f"model-{int(packing)}")
         model = hf.load_model(model_path, dtype=jnp.float32)
         self.cfg = model.config
         tx, schedule = train.make_optimizer(c.optim, c.train.steps)
         graphdef, self.state, sh = train.create_state(model, c, self.mesh, tx)
         self.step = train.TrainStep(graphdef, c, self.mesh, tx, schedule, sh, "mean")
+        self.packing = train.make_packing(c, self.mesh)
         sources = readers.open_sources(list(c.data.train))
         builder = pipeline.BatchBuilder(
             sources, str(model_dir), train.pipeline_config(c), c.train.steps
         )
         self.data = pipeline.make_iterator(pipeline.make_dataset(builder), 0, 4)
-        self.pipeline = pipeline
-        # Compile every (query, passage) bucket shape now, not inside the timed rounds.
-        buckets = pipeline.default_buckets(MAX_LEN)
+        self.pipeline, self.train = pipeline, train
+        # Compile every step shape the timed rounds will meet (the batches are a pure
+        # function of their index: a second iterator sees the same ones), before timing.
+        peek = pipeline.make_iterator(pipeline.make_dataset(builder), 0, 4)
+        shapes: dict = {}
+        for _ in range(steps):
+            batch = self.prepare(next(peek))[0]
+            shapes.setdefault(tuple(np.shape(v) for v in batch.values()), batch)
         t = time.perf_counter()
-        for lq in buckets:
-            for lp in buckets:
-                dummy = {
-                    "query_ids": np.ones((BATCH, lq), np.int32),
-                    "query_mask": np.ones((BATCH, lq), np.int32),
-                    "pos_ids": np.ones((BATCH, lp), np.int32),
-                    "pos_mask": np.ones((BATCH, lp), np.int32),
-                    "neg_ids": np.zeros((BATCH, 0, lp), np.int32),
-                    "neg_mask": np.zeros((BATCH, 0, lp), np.int32),
-                    "neg_valid": np.zeros((BATCH, 0), bool),
-                    "pos_hash": np.arange(BATCH, dtype=np.int32),
-                    "neg_hash": np.zeros((BATCH, 0), np.int32),
-                }
-                self.state, m = self.step(self.state, pipeline.to_global(dummy, self.mesh))
-                jax.block_until_ready(m["loss"])
+        for batch in shapes.values():
+            self.state, m = self.step(self.state, batch)
+            jax.block_until_ready(m["loss"])
         self.compile_s = time.perf_counter() - t
-        print(f"jaxembed: {len(buckets) ** 2} step shapes compiled in {self.compile_s:.0f}s")
+        self.shapes = len(shapes)
+
+    def prepare(self, raw: dict) -> tuple[dict, np.ndarray, int]:
+        """The step's global batch, the real text lengths, and the positions it computes."""
+        lengths = np.concatenate([raw["query_mask"].sum(1), raw["pos_mask"].sum(1)])
+        batch = self.train.agree_on_batch(raw, None, self.packing, self.mesh)[0]
+        ids = [v for k, v in batch.items() if k in ("query_ids", "pos_ids")]
+        computed = [(x.shape[0], x.shape[1]) for x in ids]
+        return self.pipeline.to_global(batch, self.mesh), lengths, computed
 
     def run(self, steps: int) -> dict:
         import jax
@@ -124,24 +136,16 @@ class JaxSide:
         times, real, model_flops, computed_flops = [], 0, 0.0, 0.0
         t = time.perf_counter()
         for i in range(steps):
-            batch = next(self.data)
-            self.state, metrics = self.step(
-                self.state, self.pipeline.to_global(batch, self.mesh), batch["task"]
-            )
+            batch, lengths, computed = self.prepare(next(self.data))
+            self.state, metrics = self.step(self.state, batch)
             jax.block_until_ready(metrics["loss"])
             now = time.perf_counter()
             times.append(now - t)
             t = now
             if i >= WARMUP_STEPS:
-                q, p = batch["query_mask"], batch["pos_mask"]
-                real += int(q.sum() + p.sum())
-                model_flops += 3 * (
-                    forward_flops(self.cfg, *q.shape, int(q.sum()))
-                    + forward_flops(self.cfg, *p.shape, int(p.sum()))
-                )
-                computed_flops += 3 * (
-                    forward_flops(self.cfg, *q.shape) + forward_flops(self.cfg, *p.shape)
-                )
+                real += int(lengths.sum())
+                model_flops += 3 * text_flops(self.cfg, lengths)
+                computed_flops += 3 * sum(row_flops(self.cfg, *shape) for shape in computed)
         timed = sum(times[WARMUP_STEPS:])
         n = steps - WARMUP_STEPS
         return {
@@ -150,6 +154,7 @@ class JaxSide:
             "tokens_per_s": real / timed,
             "model_flops_per_s": model_flops / timed,
             "computed_flops_per_s": computed_flops / timed,
+            "computed_per_real": computed_flops / model_flops,
             "loss": float(metrics["loss"]),
         }
 
@@ -256,8 +261,15 @@ def main() -> None:
             f"{len(pairs)} pairs; torch threads {torch.get_num_threads()}; "
             f"measured XLA f32 matmul peak {peak / 1e9:.1f} GFLOP/s"
         )
-        sides = {"jaxembed": JaxSide(model_path, pairs_file, tmp), "sentence-transformers": None}
-        sides["sentence-transformers"] = TorchSide(model_path, pairs, tmp)
+        total = args.rounds * args.steps
+        sides = {
+            "jaxembed": JaxSide(model_path, pairs_file, tmp, False, total),
+            "jaxembed, packed": JaxSide(model_path, pairs_file, tmp, True, total),
+            "sentence-transformers": TorchSide(model_path, pairs, tmp),
+        }
+        for name, side in sides.items():
+            if isinstance(side, JaxSide):
+                print(f"{name}: {side.shapes} step shapes compiled in {side.compile_s:.0f}s")
         results: dict[str, list[dict]] = {name: [] for name in sides}
         for r in range(args.rounds):
             for name, side in sides.items():
@@ -269,17 +281,24 @@ def main() -> None:
     best = {name: max(rs, key=lambda x: x["examples_per_s"]) for name, rs in results.items()}
     st = best["sentence-transformers"]["examples_per_s"]
     print()
-    print("| trainer | examples/s | real tokens/s | vs ST | MFU (real) | MFU (computed) |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print(
+        "| trainer | examples/s | real tokens/s | vs ST | MFU (real) | MFU (computed) "
+        "| computed/real FLOPs |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for name, b in best.items():
         mfu = (
-            (f"{b['model_flops_per_s'] / peak:.1%}", f"{b['computed_flops_per_s'] / peak:.1%}")
+            (
+                f"{b['model_flops_per_s'] / peak:.1%}",
+                f"{b['computed_flops_per_s'] / peak:.1%}",
+                f"{b['computed_per_real']:.2f}",
+            )
             if "model_flops_per_s" in b
-            else ("-", "-")
+            else ("-", "-", "-")
         )
         print(
             f"| {name} | {b['examples_per_s']:.1f} | {b['tokens_per_s']:,.0f} | "
-            f"{b['examples_per_s'] / st:.2f}x | {mfu[0]} | {mfu[1]} |"
+            f"{b['examples_per_s'] / st:.2f}x | {' | '.join(mfu)} |"
         )
     print(f"\nXLA f32 matmul peak: {peak / 1e9:.1f} GFLOP/s (2048^3, best of 10)")
 

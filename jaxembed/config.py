@@ -55,6 +55,10 @@ def default_config() -> ml_collections.ConfigDict:
     c.train.dropout = True  # the backbone's dropout during training
     c.train.gradcache = False
     c.train.gradcache_chunk = 16  # rows per GradCache chunk (a multiple of data parallelism)
+    # Several texts per row of data.max_*_length tokens (attention and pooling per text):
+    # no padding to compute. Rows per tower come in multiples of packing_rows (0: batch / 8).
+    c.train.packing = False
+    c.train.packing_rows = 0
 
     c.data = ml_collections.ConfigDict()
     c.data.train = ()  # JSONL / Parquet files, directories of them, or prepared TFDS dirs
@@ -125,6 +129,7 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
                 f"config.train.gradcache_chunk={c.train.gradcache_chunk} must divide "
                 f"config.train.global_batch={c.train.global_batch}"
             )
+    _positive(c, "train.packing_rows", allow_zero=True)
     if c.optim.min_lr > c.optim.lr:
         raise ValueError(
             f"config.optim.min_lr={c.optim.min_lr} exceeds config.optim.lr={c.optim.lr}"

@@ -149,6 +149,23 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
+def local_rows(mesh: Mesh, rows: int) -> slice:
+    """The global rows of a batch-sharded ``rows``-row array that this process holds.
+
+    `jax.make_array_from_process_local_data` places each host's local rows there; packed
+    batches need it to address their rows globally. Raises if they are not one block.
+    """
+    index = batch_sharding(mesh, 1).addressable_devices_indices_map((rows,))
+    spans = sorted({(i[0].start or 0, i[0].stop or rows) for i in index.values()})
+    start, stop = spans[0][0], spans[-1][1]
+    if sum(b - a for a, b in spans) != stop - start:
+        raise ValueError(
+            f"process {jax.process_index()} holds rows {spans} of the batch, not one block; "
+            "order the mesh's devices by process"
+        )
+    return slice(start, stop)
+
+
 def shard_batch(batch: dict, mesh: Mesh) -> dict:
     """Places a host-complete batch on the mesh, every array split on its leading dimension.
 

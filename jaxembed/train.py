@@ -17,6 +17,16 @@ Batches are dicts of global arrays with a leading batch dimension B:
 
 and every batch belongs to one task ("retrieval", "classification", "clustering"), which
 selects the loss: one compiled step per task.
+
+With ``train.packing`` the towers come packed (`jaxembed.data.pipeline.Packing`): several
+texts share a row of the tower's maximum length, attention and pooling stay within each
+text, and a slot per text gathers its embedding back into the (B, dim) order the loss uses:
+
+    query_ids, query_seg, query_pool   (Rq, Lq) int32  ids, segment ids, pooled segments
+    pos_ids, pos_seg                   (Rp, Lp) int32
+    neg_ids, neg_seg                   (Rn, Lp) int32  (present when K > 0)
+    query_slot, pos_slot, neg_slot     (B, 2), (B, 2), (B, K, 2) int32  (row, segment - 1)
+    neg_valid, pos_hash, neg_hash      as above
 """
 
 from __future__ import annotations
@@ -24,6 +34,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 import os
 import shutil
 import signal
@@ -41,9 +52,10 @@ from flax import nnx, struct
 from jaxembed import distributed, gradcache, hf, losses, sharding
 from jaxembed.data import pipeline
 from jaxembed.models.layers import to_seed
-from jaxembed.models.pooling import pool
+from jaxembed.models.pooling import pool, pool_segments
 
 NO_DECAY = ("bias", "scale")  # LayerNorm / RMSNorm scales and every bias
+PACKED_SEGMENTS = 64  # texts per packed row at most (a static shape of the packed step)
 
 
 # --- optimizer ------------------------------------------------------------------------------
@@ -184,7 +196,42 @@ def make_encode(graphdef, pooling: str) -> Callable:
     return encode
 
 
+def make_encode_packed(graphdef, pooling: str) -> Callable:
+    """``encode(model_params, ids, seg, pool_seg, seeds) -> (rows, segments, hidden)``.
+
+    Packed rows (`jaxembed.data.pipeline.Packing`): every text is pooled on its own, as
+    `make_encode` pools a text alone in a row; dropout is seeded per packed row. A row holds
+    at most ``min(PACKED_SEGMENTS, length)`` texts (every text has a token).
+    """
+
+    def encode(model_params, ids, seg, pool_seg, seeds):
+        model = nnx.merge(graphdef, model_params)
+        if seeds is None:
+            hidden = model(ids, seg > 0, segment_ids=seg)
+        else:
+            hidden = jax.vmap(
+                lambda i, g, s: model(i[None], g[None] > 0, segment_ids=g[None], dropout_seed=s)[0]
+            )(ids, seg, seeds)
+        return pool_segments(hidden, pool_seg, seg, pooling, min(PACKED_SEGMENTS, ids.shape[1]))
+
+    return encode
+
+
+def _packed_towers(batch: dict, seed) -> dict[str, tuple]:
+    towers = {}
+    kinds = (("query", "query_pool"), ("pos", "pos_seg"), ("neg", "neg_seg"))
+    for t, (name, pool_key) in enumerate(kinds):
+        if f"{name}_ids" not in batch:
+            continue
+        ids, seg = batch[f"{name}_ids"], batch[f"{name}_seg"]
+        pool_seg = batch[pool_key]
+        towers[name] = (ids, seg, pool_seg, gradcache.row_seeds(seed, t, ids.shape[0]))
+    return towers
+
+
 def _towers(batch: dict, seed) -> dict[str, tuple]:
+    if pipeline.is_packed(batch):
+        return _packed_towers(batch, seed)
     b, k = batch["neg_valid"].shape
     q_pool = batch.get("query_pool_mask", batch["query_mask"])
     towers = {
@@ -216,6 +263,7 @@ def make_loss_and_grads(graphdef, config: ml_collections.ConfigDict, task: str, 
             loss_fn, config.loss.matryoshka_dims, config.loss.matryoshka_weights or None
         )
     encode = make_encode(graphdef, pooling)
+    encode_packed = make_encode_packed(graphdef, pooling)
     mask_fn = config.loss.false_negative_masking
 
     def constrain(x):
@@ -229,7 +277,17 @@ def make_loss_and_grads(graphdef, config: ml_collections.ConfigDict, task: str, 
             return jnp.exp(extra["log_temperature"])
         return jnp.float32(config.loss.temperature)
 
+    def unpack(emb, batch):
+        # Packed towers give (rows, segments, dim): each text's slot picks its embedding.
+        out = {}
+        for name, e in emb.items():
+            slot = batch[f"{name}_slot"].reshape(-1, 2)
+            out[name] = constrain(e[slot[:, 0], slot[:, 1]])
+        return out
+
     def loss_of_embeddings(emb, extra, batch):
+        if pipeline.is_packed(batch):
+            emb = unpack(emb, batch)
         b, k = batch["neg_valid"].shape
         d = emb["query"].shape[-1]
         n = emb["neg"].reshape(b, k, d) if k else jnp.zeros((b, 0, d), emb["query"].dtype)
@@ -248,9 +306,10 @@ def make_loss_and_grads(graphdef, config: ml_collections.ConfigDict, task: str, 
         towers = _towers(batch, to_seed(seed))
         extra = {name: v for name, v in params.items() if name != "model"}
         objective = functools.partial(loss_of_embeddings, batch=batch)
+        enc = encode_packed if pipeline.is_packed(batch) else encode
         if config.train.gradcache:
             loss, (g_model, g_extra) = gradcache.value_and_grad(
-                encode,
+                enc,
                 objective,
                 params["model"],
                 towers,
@@ -261,7 +320,7 @@ def make_loss_and_grads(graphdef, config: ml_collections.ConfigDict, task: str, 
         else:
 
             def full(model_params, extra):
-                emb = {name: encode(model_params, *inputs) for name, inputs in towers.items()}
+                emb = {name: enc(model_params, *inputs) for name, inputs in towers.items()}
                 return objective(emb, extra)
 
             loss, (g_model, g_extra) = jax.value_and_grad(full, argnums=(0, 1))(
@@ -320,7 +379,7 @@ class TrainStep:
             if task not in losses.TASKS:
                 raise ValueError(f"unknown task {task!r}; allowed: {', '.join(losses.TASKS)}")
             self._compiled[task] = self._build(task)
-        b = batch["query_ids"].shape[0]
+        b = batch["neg_valid"].shape[0]
         if b != self.config.train.global_batch:
             raise ValueError(
                 f"batch has {b} rows but config.train.global_batch={self.config.train.global_batch}"
@@ -592,6 +651,7 @@ def main(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
     abstract, state_sh = abstract_state(abstract_model, config, mesh, tx)
     # Built before any weights load: it checks the batch against the mesh.
     step_fn = TrainStep(graphdef, config, mesh, tx, schedule, state_sh, pooling)
+    packing = make_packing(config, mesh)
     mngr = checkpoint.manager(
         workdir,
         keep=config.ckpt.keep,
@@ -649,7 +709,9 @@ def main(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
     step = start
     try:
         while step < config.train.steps:
-            batch, batch_tokens, stopping = agree_on_batch(next(data_iter), stop["signal"])
+            batch, batch_tokens, stopping = agree_on_batch(
+                next(data_iter), stop["signal"], packing, mesh
+            )
             task = batch["task"]
             state, metrics = step_fn(state, pipeline.to_global(batch, mesh), task)
             step += 1
@@ -702,23 +764,61 @@ def main(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
     return results | {"last": last, "step": step}
 
 
-def agree_on_batch(batch: dict, stop_signal: str | None) -> tuple[dict, int, bool]:
+def make_packing(config, mesh) -> pipeline.Packing | None:
+    """The train step's packing (``train.packing``), or None.
+
+    Rows are the towers' maximum lengths long; a tower's global row count is a multiple of
+    ``train.packing_rows`` (0: an eighth of the global batch), rounded up to what the mesh,
+    the process count and the GradCache chunk divide.
+    """
+    if not config.train.packing:
+        return None
+    hosts = jax.process_count()
+    divide = math.lcm(
+        sharding.data_parallel_size(mesh),
+        hosts,
+        config.train.gradcache_chunk if config.train.gradcache else 1,
+    )
+    granule = config.train.packing_rows or max(1, config.train.global_batch // 8)
+    granule = -(-granule // divide) * divide
+    return pipeline.Packing(
+        config.data.max_query_length,
+        config.data.max_passage_length,
+        granule // hosts,
+        min(PACKED_SEGMENTS, config.data.max_query_length, config.data.max_passage_length),
+    )
+
+
+def agree_on_batch(
+    batch: dict, stop_signal: str | None, packing: pipeline.Packing | None = None, mesh=None
+) -> tuple[dict, int, bool]:
     """What every host must agree on before a step: ``(batch, global tokens, stop now)``.
 
-    Hosts exchange their batch's index, source and padded lengths, its real token count and
-    whether they were asked to stop (SIGTERM on one preempted host). All pad to the largest
-    lengths, and all stop after the same step, so none is left waiting in a collective. On
-    one process nothing is exchanged.
+    Hosts exchange their batch's index, source and padded lengths, its real token count,
+    whether they were asked to stop (SIGTERM on one preempted host) and, when packing, the
+    rows each tower needs. All pad to the largest lengths (or pack into the most rows), and
+    all stop after the same step, so none is left waiting in a collective. On one process
+    nothing is exchanged.
     """
     lq, lp = pipeline.lengths(batch)
+    plans = packing.plan(batch) if packing else {}
+    towers = ("query", "pos", "neg")
+    need = [len(plans.get(t, ())) for t in towers]
     local = [batch["step"], batch["source"], lq, lp, batch["num_tokens"], stop_signal is not None]
-    hosts = distributed.gather(np.asarray(local, np.int64))
+    hosts = distributed.gather(np.asarray(local + need, np.int64))
     if (hosts[:, :2] != hosts[0, :2]).any():
         raise RuntimeError(
             "hosts disagree on the global batch (index, dataset) per process: "
             f"{hosts[:, :2].tolist()}; the input pipelines are out of step"
         )
-    batch = pipeline.pad_lengths(batch, int(hosts[:, 2].max()), int(hosts[:, 3].max()))
+    if packing:
+        most = dict(zip(towers, hosts[:, 6:].max(0).tolist(), strict=True))
+        rows = {t: packing.rows(most[t]) for t in plans}
+        count = jax.process_count()
+        offsets = {t: sharding.local_rows(mesh, r * count).start for t, r in rows.items()}
+        batch = packing.pack(batch, plans, rows, offsets)
+    else:
+        batch = pipeline.pad_lengths(batch, int(hosts[:, 2].max()), int(hosts[:, 3].max()))
     return batch, int(hosts[:, 4].sum()), bool(hosts[:, 5].any())
 
 

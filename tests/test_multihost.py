@@ -90,6 +90,30 @@ def test_checkpoint_from_one_host_resumes_on_two_hosts_and_another_mesh(
     assert checkpoint.latest_step(workdir) == STEPS
 
 
+def test_packed_two_hosts_train_like_unpacked_one_host(train_setup, tmp_path):
+    """train.packing on 2 processes x 4 devices, with GradCache: each host packs its own
+    rows, slots address the global rows; the losses equal an unpacked one-process run's
+    (dropout off: its masks are drawn per packed row)."""
+    steps = 4
+    common = dict(train__dropout=False, eval__data=(), ckpt__every=100)
+    ref = tiny_config(train_setup, steps=steps, **common)
+    train.main(ref, tmp_path / "ref")
+    cfg = write_config(
+        train_setup,
+        tmp_path / "cfg.py",
+        steps,
+        train__packing=True,
+        train__gradcache=True,
+        train__gradcache_chunk=8,
+        **common,
+    )
+    rc, out = launch_local(2, train_args(cfg, tmp_path / "packed"))
+    assert rc == 0, out
+    assert_losses_match(
+        read_losses(tmp_path / "packed"), read_losses(tmp_path / "ref"), range(1, steps + 1)
+    )
+
+
 HEARTBEAT = 5  # seconds; the bound on how long a survivor may run on
 
 

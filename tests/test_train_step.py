@@ -164,6 +164,42 @@ def test_gradcache_equals_full_batch_with_dropout(reference):
     assert all(np.abs(g).max() > 0 for g in jax.tree.leaves(grads))
 
 
+def test_packed_batch_gives_the_same_loss_and_grads():
+    """Several texts per row (train.packing) vs one per row: equal loss and gradients.
+
+    Dropout off (its masks are seeded per packed row, so they differ by design), on the
+    2x4 mesh with GradCache chunks of 8 packed rows, against one unpacked device.
+    """
+    from jaxembed.data import pipeline
+
+    batch = random_batch(seed=3)
+    batch["pad_id"] = np.int32(0)
+    packing = pipeline.Packing(LQ, LP, granule=8, num_segments=8)
+    plans = packing.plan(batch)
+    assert not any(i == 0 * K + K - 1 for row in plans["neg"] for i in row)  # invalid: no room
+    rows = {t: packing.rows(len(p)) for t, p in plans.items()}
+    assert all(r % 8 == 0 for r in rows.values())
+    assert len(plans["query"]) < B and len(plans["neg"]) < B * K - 1  # texts share rows
+    packed = packing.pack(batch, plans, rows, dict.fromkeys(rows, 0))
+    real = sum(int(batch[k].sum()) for k in ("query_mask", "pos_mask")) + int(
+        (batch["neg_mask"] * batch["neg_valid"][..., None]).sum()
+    )
+    assert sum(int((packed[f"{t}_seg"] > 0).sum()) for t in rows) == real
+    results = []
+    for shape, chunk, b in (((1,), 0, batch), ((2, 4), 8, packed)):
+        mesh = sharding.make_mesh(*shape, devices=jax.devices()[: int(np.prod(shape))])
+        c = make_config(gradcache=bool(chunk), gradcache_chunk=chunk or 16, dropout=False)
+        c.loss.symmetric = True
+        tx, _ = train.make_optimizer(c.optim, c.train.steps)
+        graphdef, state, _ = train.create_state(tiny_model(), c, mesh, tx)
+        fn = jax.jit(train.make_loss_and_grads(graphdef, c, "retrieval", "mean", mesh))
+        keys = pipeline.PACKED_KEYS if b is packed else pipeline.ARRAY_KEYS
+        loss, grads, _ = fn(state.params, sharding.shard_batch({k: b[k] for k in keys}, mesh), None)
+        results.append((float(loss), jax.tree.map(np.asarray, grads)))
+    assert abs(results[0][0] - results[1][0]) <= 1e-5
+    assert_grads_close(results[1][1], results[0][1], atol=1e-5)
+
+
 def test_chunk_and_batch_errors():
     with pytest.raises(
         ValueError, match=r"gradcache_chunk=5 must divide config\.train\.global_batch=16"

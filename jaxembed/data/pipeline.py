@@ -303,6 +303,99 @@ def pad_lengths(batch: dict, query_length: int, passage_length: int) -> dict:
     return out
 
 
+# --- sequence packing for the train step ------------------------------------------------------
+# A packed tower holds its texts back to back in rows of the tower's maximum length:
+# ``<tower>_ids`` and ``<tower>_seg`` (R, L) (segment ids 1, 2, ... per text, 0 = padding),
+# and ``<tower>_slot``: for every text, (global row, segment - 1), where the step finds its
+# pooled embedding in the (R, segments, dim) output. Absent texts (padded hard negatives)
+# take no room; their slot is any valid one and ``neg_valid`` masks them in the loss.
+
+
+@dataclasses.dataclass(frozen=True)
+class Packing:
+    """How the train step packs a host's batch: row lengths, row-count granule, segments.
+
+    ``granule`` is the host-local row-count step: every host's tower is padded with empty
+    rows to the same multiple of it (hosts agree on the count before the step), so the global
+    row count divides the data-parallel size (and the GradCache chunk). Row counts of a
+    tower vary from batch to batch only in granules: each count is one compiled shape.
+    """
+
+    query_length: int
+    passage_length: int
+    granule: int
+    num_segments: int = 64
+
+    def _towers(self, batch: dict):
+        b, k = batch["neg_valid"].shape
+        yield "query", batch["query_ids"], batch["query_mask"], None, self.query_length
+        yield "pos", batch["pos_ids"], batch["pos_mask"], None, self.passage_length
+        if k:
+            flat = (b * k, batch["neg_ids"].shape[-1])
+            ids, mask = batch["neg_ids"].reshape(flat), batch["neg_mask"].reshape(flat)
+            yield "neg", ids, mask, batch["neg_valid"].reshape(-1), self.passage_length
+
+    def plan(self, batch: dict) -> dict[str, list[list[int]]]:
+        """Per tower, the texts of each packed row (`jaxembed.encoder.pack_rows`)."""
+        from jaxembed.encoder import pack_rows
+
+        plans = {}
+        for name, _ids, mask, present, length in self._towers(batch):
+            lengths = mask.sum(-1)
+            if lengths.max(initial=0) > length:
+                raise ValueError(
+                    f"packing: a {name} text has {lengths.max()} tokens, more than the "
+                    f"row length {length}"
+                )
+            keep = np.arange(len(lengths)) if present is None else np.flatnonzero(present)
+            rows = pack_rows(lengths[keep].tolist(), length, self.num_segments)
+            plans[name] = [[int(keep[i]) for i in row] for row in rows]
+        return plans
+
+    def rows(self, needed: int) -> int:
+        """Host-local rows for a tower that needs ``needed``: the next multiple of the granule."""
+        return max(1, -(-needed // self.granule)) * self.granule
+
+    def pack(self, batch: dict, plans: dict, rows: dict[str, int], offsets: dict[str, int]) -> dict:
+        """``batch`` with every tower packed into ``rows[t]`` rows (this host's share).
+
+        ``offsets[t]`` is the global index of this host's first row of tower ``t``, so that
+        slots address the global (sharded) matrix of segment embeddings.
+        """
+        out = {k: v for k, v in batch.items() if k not in ARRAY_KEYS}
+        out.update({k: batch[k] for k in ("neg_valid", "pos_hash", "neg_hash")})
+        pad_id = int(batch["pad_id"])
+        pool = batch.get("query_pool_mask")
+        for name, ids, mask, _present, length in self._towers(batch):
+            plan, n_rows = plans[name], rows[name]
+            if len(plan) > n_rows:
+                raise ValueError(f"packing: {name} needs {len(plan)} rows, given {n_rows}")
+            packed = np.full((n_rows, length), pad_id, np.int32)
+            seg = np.zeros((n_rows, length), np.int32)
+            pool_seg = np.zeros((n_rows, length), np.int32) if name == "query" else None
+            slot = np.zeros((len(ids), 2), np.int32)
+            slot[:, 0] = offsets[name]
+            lengths = mask.sum(-1)
+            for r, texts in enumerate(plan):
+                at = 0
+                for j, i in enumerate(texts, start=1):
+                    end = at + lengths[i]
+                    packed[r, at:end] = ids[i, : lengths[i]]
+                    seg[r, at:end] = j
+                    if pool_seg is not None:
+                        keep = pool[i, : lengths[i]] > 0 if pool is not None else True
+                        pool_seg[r, at:end] = np.where(keep, j, 0)
+                    slot[i] = offsets[name] + r, j - 1
+                    at = end
+            out[f"{name}_ids"], out[f"{name}_seg"] = packed, seg
+            if pool_seg is not None:
+                out["query_pool"] = pool_seg
+            out[f"{name}_slot"] = (
+                slot.reshape(*batch["neg_valid"].shape, 2) if name == "neg" else slot
+            )
+        return out
+
+
 def make_dataset(builder: BatchBuilder, start_step: int = 0) -> grain.MapDataset:
     """Global steps ``start_step .. total`` as a Grain MapDataset of host-local batches."""
     return grain.MapDataset.range(start_step, len(builder.schedule)).map(builder)
@@ -337,15 +430,38 @@ ARRAY_KEYS = (
 )
 
 
+PACKED_KEYS = (
+    "query_ids",
+    "query_seg",
+    "query_pool",
+    "query_slot",
+    "pos_ids",
+    "pos_seg",
+    "pos_slot",
+    "neg_ids",
+    "neg_seg",
+    "neg_slot",
+    "neg_valid",
+    "pos_hash",
+    "neg_hash",
+)
+
+
+def is_packed(batch: dict) -> bool:
+    return "query_seg" in batch
+
+
 def to_global(batch: dict, mesh) -> dict:
     """Assembles global arrays from every host's local slice (the train step's input)."""
     import jax
 
     from jaxembed import sharding
 
+    keys = PACKED_KEYS if is_packed(batch) else ARRAY_KEYS
     return {
         key: jax.make_array_from_process_local_data(
             sharding.batch_sharding(mesh, np.ndim(batch[key])), batch[key]
         )
-        for key in ARRAY_KEYS
+        for key in keys
+        if key in batch
     }
