@@ -56,7 +56,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.train.gradcache = False
     c.train.gradcache_chunk = 16  # rows per GradCache chunk (a multiple of data parallelism)
     # Several texts per row of data.max_*_length tokens (attention and pooling per text):
-    # no padding to compute. Rows per tower come in multiples of packing_rows (0: batch / 8).
+    # no padding to compute. Rows per tower come in multiples of packing_rows (0: batch / 16).
     c.train.packing = False
     c.train.packing_rows = 0
 

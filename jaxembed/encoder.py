@@ -26,12 +26,18 @@ MIN_BUCKET = 16
 
 
 def length_buckets(max_length: int) -> list[int]:
-    """Padded lengths we compile for: powers of two from 16, capped by and including max_length."""
+    """Padded lengths we compile for, capped by and including ``max_length``.
+
+    From 16 up, each bucket the multiple of 16 at or above 1.25x the one before (16, 32, 48,
+    64, 80, 112, 144, 192, 240, 304, ...). Texts are sorted by length before batching, so a
+    batch pads by less than 1.25x + 16 tokens, about a tenth on average on real text (1.13
+    computed per real token in bench/encode_throughput.py); each bucket met is one compile.
+    """
     buckets = []
     b = MIN_BUCKET
     while b < max_length:
         buckets.append(b)
-        b *= 2
+        b = -(-(b * 5 // 4) // MIN_BUCKET) * MIN_BUCKET
     return [*buckets, max_length]
 
 

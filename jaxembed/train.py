@@ -768,7 +768,7 @@ def make_packing(config, mesh) -> pipeline.Packing | None:
     """The train step's packing (``train.packing``), or None.
 
     Rows are the towers' maximum lengths long; a tower's global row count is a multiple of
-    ``train.packing_rows`` (0: an eighth of the global batch), rounded up to what the mesh,
+    ``train.packing_rows`` (0: a sixteenth of the global batch), rounded up to what the mesh,
     the process count and the GradCache chunk divide.
     """
     if not config.train.packing:
@@ -779,7 +779,7 @@ def make_packing(config, mesh) -> pipeline.Packing | None:
         hosts,
         config.train.gradcache_chunk if config.train.gradcache else 1,
     )
-    granule = config.train.packing_rows or max(1, config.train.global_batch // 8)
+    granule = config.train.packing_rows or max(1, config.train.global_batch // 16)
     granule = -(-granule // divide) * divide
     return pipeline.Packing(
         config.data.max_query_length,

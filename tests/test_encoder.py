@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 
@@ -81,6 +82,19 @@ def test_real_minilm_matches_sentence_transformers(minilm, st_minilm):
     # A handful of shapes are compiled, not one per batch.
     assert minilm._jitted[False]._cache_size() <= len(length_buckets(minilm.max_length)) + 1
     assert minilm.dim == 384 and minilm.max_length == 256
+
+
+def test_length_buckets():
+    assert length_buckets(256) == [16, 32, 48, 64, 80, 112, 144, 192, 240, 256]
+    assert length_buckets(16) == [16] and length_buckets(10) == [10]
+    for max_length in (77, 512, 8192):
+        b = length_buckets(max_length)
+        assert b[-1] == max_length and b == sorted(set(b))
+        # Each bucket is at most a quarter (plus rounding up to a multiple of 16) above the last.
+        assert all(
+            x < y <= 1.25 * x + 16 and y % 16 in (0, max_length % 16)
+            for x, y in itertools.pairwise(b)
+        )
 
 
 def test_matryoshka_truncation(minilm, st_minilm):

@@ -45,9 +45,12 @@ for p in "${pids[@]}"; do wait "$p" || rc=$?; done
 exit $rc
 """
 
+# One write per line: the two tasks share the pipe, and a print of several items (unbuffered)
+# is several writes that can interleave with the other task's.
 JOIN = (
-    "from jaxembed import distributed; n = distributed.initialize(); import jax; "
-    "print('joined', n, jax.process_index(), distributed.gather(jax.process_index()).tolist())"
+    "import sys; from jaxembed import distributed; n = distributed.initialize(); import jax; "
+    "ranks = distributed.gather(jax.process_index()).tolist(); "
+    "sys.stdout.write(f'joined {n} {jax.process_index()} {ranks}\\n')"
 )
 
 

@@ -74,44 +74,36 @@ def test_checkpoint_from_two_hosts_resumes_on_one_host_and_another_mesh(
     assert_losses_match(read_losses(workdir), read_losses(straight_run[0]), range(4, STEPS + 1))
 
 
-def test_checkpoint_from_one_host_resumes_on_two_hosts_and_another_mesh(
+def test_one_host_checkpoint_resumes_packed_on_two_hosts_like_unpacked(
     train_setup, straight_run, tmp_path
 ):
-    workdir = tmp_path / "run"
-    shutil.copytree(straight_run[0], workdir)
-    shutil.rmtree(workdir / "checkpoints" / "6")
-    cfg = write_config(
-        train_setup, tmp_path / "cfg.py", STEPS, mesh__data=2, mesh__fsdp=-1, eval__data=()
-    )
-    rc, out = launch_local(2, train_args(cfg, workdir))
-    assert rc == 0, out
-    assert "[0] resumed from step 3" in out
-    assert_losses_match(read_losses(workdir), read_losses(straight_run[0]), range(4, STEPS + 1))
-    assert checkpoint.latest_step(workdir) == STEPS
-
-
-def test_packed_two_hosts_train_like_unpacked_one_host(train_setup, tmp_path):
-    """train.packing on 2 processes x 4 devices, with GradCache: each host packs its own
-    rows, slots address the global rows; the losses equal an unpacked one-process run's
-    (dropout off: its masks are drawn per packed row)."""
-    steps = 4
-    common = dict(train__dropout=False, eval__data=(), ckpt__every=100)
-    ref = tiny_config(train_setup, steps=steps, **common)
-    train.main(ref, tmp_path / "ref")
+    """A one-process checkpoint resumes on 2 processes x 4 devices, another mesh (data=2 x
+    fsdp=4), with train.packing and GradCache: each host packs its own rows and the slots
+    address global rows. Losses equal an unpacked one-process resume from the same
+    checkpoint (dropout off in both: packed dropout masks are drawn per packed row)."""
+    runs = {name: tmp_path / name for name in ("unpacked", "packed")}
+    for workdir in runs.values():
+        shutil.copytree(straight_run[0], workdir)
+        shutil.rmtree(workdir / "checkpoints" / "6")
+    common = dict(train__dropout=False, eval__data=())
+    train.main(tiny_config(train_setup, steps=STEPS, **common), runs["unpacked"])
     cfg = write_config(
         train_setup,
         tmp_path / "cfg.py",
-        steps,
+        STEPS,
+        mesh__data=2,
+        mesh__fsdp=-1,
         train__packing=True,
         train__gradcache=True,
         train__gradcache_chunk=8,
         **common,
     )
-    rc, out = launch_local(2, train_args(cfg, tmp_path / "packed"))
+    rc, out = launch_local(2, train_args(cfg, runs["packed"]))
     assert rc == 0, out
-    assert_losses_match(
-        read_losses(tmp_path / "packed"), read_losses(tmp_path / "ref"), range(1, steps + 1)
-    )
+    assert "[0] resumed from step 3" in out
+    steps = range(4, STEPS + 1)
+    assert_losses_match(read_losses(runs["packed"]), read_losses(runs["unpacked"]), steps)
+    assert checkpoint.latest_step(runs["packed"]) == STEPS
 
 
 HEARTBEAT = 5  # seconds; the bound on how long a survivor may run on
