@@ -155,6 +155,16 @@ def test_tpu_script_creates_installs_runs_and_reports_the_status(tmp_path):
     assert not (tmp_path / "home" / ".created").exists()
 
 
+# A shell cannot trap a signal that was ignored when it started: start the script as a
+# terminal would, with SIGINT at its default and unblocked, whatever the test process (and
+# the libraries loaded in it by earlier tests) did with its own.
+AS_IN_A_TERMINAL = (
+    "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+    "signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGINT, signal.SIGTERM]); "
+    "os.execvp(sys.argv[1], sys.argv[1:])"
+)
+
+
 def test_tpu_script_ctrl_c_stops_the_command_cleanly(tmp_path):
     """Ctrl-C: SIGTERM reaches the command on the worker (training saves and exits), the
     script follows it to the end and reports its status."""
@@ -168,7 +178,12 @@ def test_tpu_script_ctrl_c_stops_the_command_cleanly(tmp_path):
         "sys.exit(5)\n"
     )
     proc = subprocess.Popen(
-        tpu_vm("--no-install", "--", "python", "-c", body),
+        [
+            sys.executable,
+            "-c",
+            AS_IN_A_TERMINAL,
+            *tpu_vm("--no-install", "--", "python", "-c", body),
+        ],
         cwd=ROOT,
         env=env,
         stdout=subprocess.PIPE,
@@ -182,7 +197,15 @@ def test_tpu_script_ctrl_c_stops_the_command_cleanly(tmp_path):
         if line.rstrip().endswith("] ready"):
             break
     os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C sends to the foreground group
-    rest, _ = proc.communicate(timeout=60)
+    try:
+        rest, _ = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        status = Path("/proc/self/status").read_text().splitlines()
+        status = [x for x in status if x.startswith(("SigIgn", "SigBlk"))]
+        raise AssertionError(
+            f"no exit 60 s after Ctrl-C; {''.join(lines)}; test process {status}"
+        ) from None
     out = "".join(lines) + rest
     assert proc.returncode == 0, out
     assert "sending SIGTERM to the command on every worker" in out
