@@ -51,11 +51,12 @@ from flax import nnx, struct
 
 from jaxembed import distributed, gradcache, hf, losses, sharding
 from jaxembed.data import pipeline
+from jaxembed.encoder import MAX_SEGMENTS
 from jaxembed.models.layers import to_seed
 from jaxembed.models.pooling import pool, pool_segments
 
 NO_DECAY = ("bias", "scale")  # LayerNorm / RMSNorm scales and every bias
-PACKED_SEGMENTS = 64  # texts per packed row at most (a static shape of the packed step)
+PACKED_SEGMENTS = MAX_SEGMENTS  # texts per packed row at most (a static shape of the step)
 
 
 # --- optimizer ------------------------------------------------------------------------------

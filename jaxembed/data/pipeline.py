@@ -324,7 +324,7 @@ class Packing:
     query_length: int
     passage_length: int
     granule: int
-    num_segments: int = 64
+    num_segments: int  # texts per row at most (`jaxembed.train.PACKED_SEGMENTS` or fewer)
 
     def _towers(self, batch: dict):
         b, k = batch["neg_valid"].shape
