@@ -26,6 +26,7 @@ import argparse
 import time
 
 import numpy as np
+from train_throughput import matmul_peak, row_flops  # this folder's shared FLOP helpers
 
 XLMR_BASE = dict(
     model_type="xlm-roberta",
@@ -46,29 +47,6 @@ SMALL = dict(
     num_attention_heads=4,
     intermediate_size=1024,
 )
-
-
-def forward_flops(cfg, rows: int, length: int) -> float:
-    d, ff = cfg.hidden_size, cfg.intermediate_size
-    per_token = 2 * (4 * d * d + 2 * d * ff) + 4 * length * d
-    return float(cfg.num_hidden_layers * per_token * rows * length)
-
-
-def matmul_peak(dtype, n: int) -> float:
-    """Measured FLOP/s of one device on an n x n x n matmul in ``dtype`` (best of 10)."""
-    import jax
-    import jax.numpy as jnp
-
-    a = jax.random.normal(jax.random.key(0), (n, n), dtype)
-    b = jax.random.normal(jax.random.key(1), (n, n), dtype)
-    f = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=dtype))
-    f(a, b).block_until_ready()
-    best = float("inf")
-    for _ in range(10):
-        t = time.perf_counter()
-        f(a, b).block_until_ready()
-        best = min(best, time.perf_counter() - t)
-    return 2 * n**3 / best
 
 
 def timed(fn, steps: int) -> float:
@@ -109,7 +87,7 @@ def main() -> None:
     dtype = jnp.dtype(args.dtype)
     n_dev = jax.device_count()
     print(f"{n_dev} x {jax.devices()[0].device_kind}, {args.dtype}, length {args.length}")
-    peak = matmul_peak(dtype, 2048 if args.small else 8192)
+    peak = matmul_peak(2048 if args.small else 8192, dtype=args.dtype)
 
     c = config_lib.default_config()
     c.model.dtype, c.model.remat = args.dtype, args.remat
@@ -152,7 +130,7 @@ def main() -> None:
         jax.block_until_ready(metrics["loss"])
 
     t_train = timed(train_step, args.steps)
-    train_flops = 3 * 2 * forward_flops(cfg, b, length)  # queries and passages
+    train_flops = 3 * 2 * row_flops(cfg, b, length)  # queries and passages
 
     eb = args.encode_batch
     enc_ids = sharding.shard_batch({"i": ids(eb), "m": np.ones((eb, length), np.int32)}, mesh)
@@ -166,7 +144,7 @@ def main() -> None:
     t_enc = timed(
         lambda: encode(model_params, enc_ids["i"], enc_ids["m"]).block_until_ready(), args.steps
     )
-    enc_flops = forward_flops(cfg, eb, length)
+    enc_flops = row_flops(cfg, eb, length)
 
     print(
         f"{params / 1e6:.0f}M parameters; measured {args.dtype} matmul peak "

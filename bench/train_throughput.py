@@ -43,14 +43,15 @@ def read_pairs(data: Path) -> list[dict]:
     return [{"query": r["query"], "positive": r["positive"]} for r in rows]
 
 
-def matmul_peak(n: int = 2048, repeats: int = 10) -> float:
-    """Measured float32 matmul FLOP/s of XLA on the default device (best of ``repeats``)."""
+def matmul_peak(n: int = 2048, repeats: int = 10, dtype: str = "float32") -> float:
+    """Measured n x n x n matmul FLOP/s of XLA in ``dtype`` on the default device (best of
+    ``repeats``)."""
     import jax
     import jax.numpy as jnp
 
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-    b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
-    f = jax.jit(lambda a, b: a @ b)
+    a = jax.random.normal(jax.random.key(0), (n, n), dtype)
+    b = jax.random.normal(jax.random.key(1), (n, n), dtype)
+    f = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=dtype))
     f(a, b).block_until_ready()
     best = float("inf")
     for _ in range(repeats):
