@@ -266,6 +266,26 @@ def evaluate_beir(
     return {**retrieval_metrics(ranked, qrels), "queries": len(qids), "corpus": len(doc_ids)}
 
 
+def reuse_last(encode: EncodeFn) -> EncodeFn:
+    """``encode`` that reuses the vectors of the texts it encoded in its previous call.
+
+    Evaluation sets often share a corpus (Debian's ``xling-*`` sets all search the same
+    English descriptions): consecutive sets then encode it once. Only the last call's
+    vectors are kept, so memory stays that of one corpus.
+    """
+    last: dict[str, np.ndarray] = {}
+
+    def cached(texts: list[str]) -> np.ndarray:
+        nonlocal last
+        new = list(dict.fromkeys(t for t in texts if t not in last))
+        vectors = dict(zip(new, np.asarray(encode(new)), strict=True)) if new else {}
+        known = {t: last[t] for t in texts if t in last}
+        last = known | vectors
+        return np.stack([last[t] for t in texts]) if texts else np.asarray(encode([]))
+
+    return cached
+
+
 def _check_embeddings(x: np.ndarray, n: int, what: str) -> np.ndarray:
     x = np.asarray(x, np.float32)
     if x.ndim != 2 or len(x) != n:
@@ -398,9 +418,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--data",
         required=True,
+        nargs="+",
         metavar="DIR",
-        help="a BEIR folder, or a folder of BEIR folders (each is evaluated; the mean is "
-        "reported too)",
+        help="one or more BEIR folders, or folders of BEIR folders (each set is evaluated; "
+        "the mean is reported too; sets sharing a corpus encode it once)",
     )
     p.add_argument(
         "--split",
@@ -427,6 +448,13 @@ def _parser() -> argparse.ArgumentParser:
         default="float32",
         choices=("float32", "bfloat16"),
         help="compute dtype of the JAX encoder (default: float32)",
+    )
+    p.add_argument(
+        "--max-length",
+        type=int,
+        metavar="N",
+        help="max tokens per text (default: the model's max_seq_length); compare models "
+        "at one length",
     )
     p.add_argument(
         "--packing",
@@ -457,10 +485,17 @@ def _load_backend(args):
     if args.backend == "sentence-transformers":
         from sentence_transformers import SentenceTransformer
 
-        return SentenceTransformer(args.model, device="cpu", local_files_only=True)
+        model = SentenceTransformer(args.model, device="cpu", local_files_only=True)
+        if args.max_length:
+            model.max_seq_length = args.max_length
+        return model
     import jaxembed
 
-    return on_mesh(jaxembed.load(args.model, dtype=args.dtype, packing=args.packing))
+    return on_mesh(
+        jaxembed.load(
+            args.model, dtype=args.dtype, packing=args.packing, max_length=args.max_length
+        )
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
@@ -479,7 +514,9 @@ def _main(args) -> dict:
     for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
         os.environ.setdefault(var, "1")  # no model hub here: never try to reach it
     try:
-        sets = find_sets(args.data)
+        sets = [s for folder in args.data for s in find_sets(folder)]
+        if len({s.name for s in sets}) < len(sets):
+            raise EvalDataError(f"--data: two sets share a folder name: {[str(s) for s in sets]}")
         data = {p.name: load_beir(p, args.split) for p in sets}
     except (EvalDataError, OSError) as e:
         raise SystemExit(str(e)) from None
@@ -505,12 +542,13 @@ def _main(args) -> dict:
             data=data,
         )
     else:
+        d_fn = reuse_last(d_fn)
         per_set = {
             name: evaluate_beir(q_fn, d_fn, None, args.split, data=d) for name, d in data.items()
         }
     result = {
         "model": str(args.model),
-        "data": str(args.data),
+        "data": [str(d) for d in args.data],
         "split": args.split,
         "scorer": "mteb" if args.mteb else "jaxembed",
         "backend": args.backend,
