@@ -7,6 +7,8 @@ what the recipe needs; the CLI overrides further with ``--config.optim.lr=...``.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import ml_collections
 
 DTYPES = ("float32", "bfloat16")
@@ -59,6 +61,10 @@ def default_config() -> ml_collections.ConfigDict:
     # no padding to compute. Rows per tower come in multiples of packing_rows (0: batch / 16).
     c.train.packing = False
     c.train.packing_rows = 0
+    # Wall-clock budget of one invocation, start-up and compiles included (0 = none): when
+    # spent, training ends after the current step (checkpoint, eval after) even if the
+    # schedule has steps left; rerunning the same command resumes and continues.
+    c.train.time_limit_minutes = 0.0
 
     c.data = ml_collections.ConfigDict()
     c.data.train = ()  # JSONL / Parquet files, directories of them, or prepared TFDS dirs
@@ -68,6 +74,16 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.num_negatives = ml_collections.ConfigDict(
         {"retrieval": 7, "classification": 1, "clustering": 7}
     )
+    # "mined": each row's stored negatives; "random": other rows' positives drawn uniformly
+    # from the same dataset (the control that shows what mining adds)
+    c.data.negatives = "mined"
+    # > 0: batches made of groups of this many rows linked by their mined negatives (a
+    # row's negative is another row's positive), so in-batch negatives are hard ones
+    # without encoding extra passages; 0: rows shuffled uniformly
+    c.data.group_size = 0
+    # Fraction of each training query's tokens replaced by random vocabulary tokens, so the
+    # model learns to match queries it can only partly read (languages it never saw)
+    c.data.query_noise = 0.0
     c.data.max_query_length = 64
     c.data.max_passage_length = 256
     c.data.query_buckets = ()  # padded lengths; () = a quarter, half and all of the maximum
@@ -90,6 +106,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.eval.split = "dev"
     c.eval.batch_size = 64
     c.eval.best_metric = "ndcg@10"  # averaged over eval.data; used by ckpt.keep_best
+    # Named groups of eval.data sets (by folder name), each also reported as its own mean,
+    # e.g. {"zero-shot": ("xling-ja", "xling-ko"), "trained": ("xling-de",)}.
+    c.eval.groups = ml_collections.ConfigDict()
 
     c.log = ml_collections.ConfigDict()
     c.log.every = 10
@@ -130,11 +149,16 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
                 f"config.train.global_batch={c.train.global_batch}"
             )
     _positive(c, "train.packing_rows", allow_zero=True)
+    _positive(c, "train.time_limit_minutes", allow_zero=True)
     if c.optim.min_lr > c.optim.lr:
         raise ValueError(
             f"config.optim.min_lr={c.optim.min_lr} exceeds config.optim.lr={c.optim.lr}"
         )
     _choice(c, "data.mixing", ("remaining", "temperature"))
+    _choice(c, "data.negatives", ("mined", "random"))
+    _positive(c, "data.group_size", allow_zero=True)
+    if not 0.0 <= c.data.query_noise < 1.0:
+        raise ValueError(f"config.data.query_noise={c.data.query_noise} must lie in [0, 1)")
     for task in c.data.num_negatives:
         if task not in ("retrieval", "classification", "clustering"):
             raise ValueError(
@@ -144,6 +168,14 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     for key in ("data.max_query_length", "data.max_passage_length", "log.every", "ckpt.every"):
         _positive(c, key)
     _positive(c, "eval.every", allow_zero=True)
+    names = {Path(p).name for p in c.eval.data}
+    for group, members in c.eval.groups.items():
+        unknown = [m for m in members if m not in names] if members else ["(empty)"]
+        if unknown:
+            raise ValueError(
+                f"config.eval.groups.{group}: {unknown} not among the eval.data folders "
+                f"{sorted(names)}"
+            )
     dims, weights = tuple(c.loss.matryoshka_dims), tuple(c.loss.matryoshka_weights)
     if weights and len(weights) != len(dims):
         raise ValueError(

@@ -490,6 +490,7 @@ class Evaluator:
         from jaxembed.evaluate import load_beir
 
         self.sets = {Path(p).name: load_beir(p, config.eval.split) for p in config.eval.data}
+        self.groups = {g: tuple(members) for g, members in config.eval.groups.items()}
         max_len = max(config.data.max_query_length, config.data.max_passage_length)
         # Training pools over prompt tokens too, whatever the source folder's include_prompt.
         st = dataclasses.replace(st, include_prompt=True)
@@ -508,7 +509,7 @@ class Evaluator:
         return getattr(getattr(leaf, "sharding", None), "mesh", None)
 
     def __call__(self, params) -> dict:
-        from jaxembed.evaluate import METRICS, evaluate_beir, mean_over_sets, on_mesh
+        from jaxembed.evaluate import METRICS, evaluate_beir, mean_over_sets, on_mesh, reuse_last
 
         if not self.sets:
             return {}
@@ -528,11 +529,15 @@ class Evaluator:
             enc.max_length = self.p_len
             return enc.encode(texts, batch_size=self.batch_size, prompt=self.passage_prompt)
 
+        docs = reuse_last(docs)  # sets sharing a corpus encode it once
         per_set = {
             name: evaluate_beir(queries, docs, None, data=data) for name, data in self.sets.items()
         }
         out = {f"eval/{name}/{m}": r[m] for name, r in per_set.items() for m in METRICS}
         out.update({f"eval/{m}": v for m, v in mean_over_sets(per_set).items()})
+        for group, members in self.groups.items():
+            means = mean_over_sets({name: per_set[name] for name in members})
+            out.update({f"eval/{group}/{m}": means[m] for m in METRICS})
         return out
 
 
@@ -580,6 +585,9 @@ def pipeline_config(config) -> pipeline.PipelineConfig:
         mixing=d.mixing,
         mixing_temperature=d.mixing_temperature,
         num_negatives=tuple(d.num_negatives.items()),
+        negatives=d.negatives,
+        group_size=d.group_size,
+        query_noise=d.query_noise,
         max_query_length=d.max_query_length,
         max_passage_length=d.max_passage_length,
         query_buckets=tuple(d.query_buckets),
@@ -606,6 +614,7 @@ def main(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
     from jaxembed.encoder import load_tokenizer
     from jaxembed.hf.sentence_transformers import read_st_config
 
+    started = time.perf_counter()  # train.time_limit_minutes counts from here
     config = validate(config)
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -708,18 +717,21 @@ def main(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
     t0, seen, tokens, last = time.perf_counter(), 0, 0, {}
     window = {"loss": [], "tasks": {}}
     step = start
+    time_limit = 60 * config.train.time_limit_minutes or float("inf")
     try:
         while step < config.train.steps:
-            batch, batch_tokens, stopping = agree_on_batch(
-                next(data_iter), stop["signal"], packing, mesh
-            )
+            request = PREEMPTED if stop["signal"] else NO_STOP
+            if time.perf_counter() - started >= time_limit:
+                request = max(request, TIME_LIMIT)
+            batch, batch_tokens, request = agree_on_batch(next(data_iter), request, packing, mesh)
+            stopping, out_of_time = request == PREEMPTED, request == TIME_LIMIT
             task = batch["task"]
             state, metrics = step_fn(state, pipeline.to_global(batch, mesh), task)
             step += 1
             seen += config.train.global_batch
             tokens += batch_tokens
             window["tasks"].setdefault(task, []).append(metrics["loss"])
-            if step % config.log.every == 0 or step == config.train.steps:
+            if step % config.log.every == 0 or step == config.train.steps or out_of_time:
                 metrics = jax.device_get(metrics)
                 check_finite(metrics, step)
                 elapsed = time.perf_counter() - t0
@@ -743,15 +755,23 @@ def main(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
                 eval_metrics = evaluator(state.params)
                 log.scalars(step, eval_metrics)
                 log.print(f"eval at step {step}: " + _fmt_metrics(eval_metrics))
-            if step % config.ckpt.every == 0 or step == config.train.steps or stopping:
+            ending = step == config.train.steps or stopping or out_of_time
+            if step % config.ckpt.every == 0 or ending:
                 check_finite(jax.device_get(metrics), step)
-                save(step, eval_metrics, force=stopping)
+                save(step, eval_metrics, force=stopping or out_of_time)
             if stopping:
                 mngr.wait_until_finished()
                 why = stop["signal"] or "another host's stop signal"
                 log.print(f"{why}: saved step {step}, exiting")
                 results["stopped"] = why
                 return results | {"last": last, "step": step}
+            if out_of_time:
+                log.print(
+                    f"time limit of {config.train.time_limit_minutes:g} min reached: "
+                    f"training ends at step {step} of {config.train.steps}"
+                )
+                results["time_limit_step"] = step
+                break
         if evaluator.sets:
             results["after"] = evaluator(state.params)
             log.scalars(step, results["after"])
@@ -790,22 +810,28 @@ def make_packing(config, mesh) -> pipeline.Packing | None:
     )
 
 
+# Why a run stops early, as exchanged between hosts: the largest request wins, so a
+# preemption (save and exit) overrides a spent time limit (finish: eval after, save).
+NO_STOP, TIME_LIMIT, PREEMPTED = 0, 1, 2
+
+
 def agree_on_batch(
-    batch: dict, stop_signal: str | None, packing: pipeline.Packing | None = None, mesh=None
-) -> tuple[dict, int, bool]:
-    """What every host must agree on before a step: ``(batch, global tokens, stop now)``.
+    batch: dict, stop_request: int, packing: pipeline.Packing | None = None, mesh=None
+) -> tuple[dict, int, int]:
+    """What every host must agree on before a step: ``(batch, global tokens, stop request)``.
 
     Hosts exchange their batch's index, source and padded lengths, its real token count,
-    whether they were asked to stop (SIGTERM on one preempted host) and, when packing, the
-    rows each tower needs. All pad to the largest lengths (or pack into the most rows), and
-    all stop after the same step, so none is left waiting in a collective. On one process
+    their stop request (``PREEMPTED``: SIGTERM on one preempted host; ``TIME_LIMIT``:
+    ``train.time_limit_minutes`` spent) and, when packing, the rows each tower needs. All
+    pad to the largest lengths (or pack into the most rows), and all stop after the same
+    step for the same reason, so none is left waiting in a collective. On one process
     nothing is exchanged.
     """
     lq, lp = pipeline.lengths(batch)
     plans = packing.plan(batch) if packing else {}
     towers = ("query", "pos", "neg")
     need = [len(plans.get(t, ())) for t in towers]
-    local = [batch["step"], batch["source"], lq, lp, batch["num_tokens"], stop_signal is not None]
+    local = [batch["step"], batch["source"], lq, lp, batch["num_tokens"], stop_request]
     hosts = distributed.gather(np.asarray(local + need, np.int64))
     if (hosts[:, :2] != hosts[0, :2]).any():
         raise RuntimeError(
@@ -820,7 +846,7 @@ def agree_on_batch(
         batch = packing.pack(batch, plans, rows, offsets)
     else:
         batch = pipeline.pad_lengths(batch, int(hosts[:, 2].max()), int(hosts[:, 3].max()))
-    return batch, int(hosts[:, 4].sum()), bool(hosts[:, 5].any())
+    return batch, int(hosts[:, 4].sum()), int(hosts[:, 5].max())
 
 
 def check_finite(metrics: dict, step: int) -> None:
@@ -866,6 +892,11 @@ def cli(argv=None) -> None:
                 f"dev nDCG@10: {b['eval/ndcg@10']:.4f} before -> "
                 f"{a['eval/ndcg@10']:.4f} after training"
             )
+            for group in f.config.eval.groups:
+                key = f"eval/{group}/ndcg@10"
+                print(
+                    f"  {group}: {b[key]:.4f} before -> {a[key]:.4f} after ({a[key] - b[key]:+.4f})"
+                )
 
     app.run(run, argv=argv)
 

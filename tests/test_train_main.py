@@ -57,6 +57,23 @@ def test_resume_after_sigkill_reproduces_losses(train_setup, straight_run, tmp_p
         assert abs(resumed[step] - reference[step]) <= 1e-6, (step, resumed[step], reference[step])
 
 
+def test_time_limit_ends_training_and_a_rerun_continues_exactly(
+    train_setup, straight_run, tmp_path
+):
+    # A limit already spent at the first step: one step, then the run ends as if done
+    # (checkpoint, eval after); rerunning without it resumes and matches the straight run.
+    limited = train.main(tiny_config(train_setup, train__time_limit_minutes=1e-6), tmp_path)
+    assert limited["time_limit_step"] == limited["step"] == 1
+    assert "eval/ndcg@10" in limited["after"]
+    assert checkpoint.latest_step(tmp_path) == 1
+    resumed = train.main(tiny_config(train_setup), tmp_path)
+    assert resumed["step"] == STEPS and "time_limit_step" not in resumed
+    reference, losses = read_losses(straight_run[0]), read_losses(tmp_path)
+    assert sorted(losses) == list(range(1, STEPS + 1))
+    for step in range(1, STEPS + 1):
+        assert abs(losses[step] - reference[step]) <= 1e-6, (step, losses[step], reference[step])
+
+
 def test_non_finite_loss_stops_with_the_step(train_setup, tmp_path, monkeypatch):
     original = train.TrainStep.__call__
 
