@@ -115,6 +115,83 @@ def test_negatives_instruction_and_hashes(single_host):
         np.testing.assert_array_equal(again[key], single_host[7][key])
 
 
+def test_random_negatives_are_other_rows_positives(single_host):
+    # The control for mined negatives: as many negatives per row, drawn from the dataset's
+    # other positives, never the row's own, the same on every call; the stored pool unused.
+    cfg = PipelineConfig(**{**CFG.__dict__, "negatives": "random"})
+    b = builder(cfg=cfg)
+    tok = b.tokenizer
+    for step in range(STEPS):
+        batch = b(step)
+        if batch["dataset"] != "alpha":
+            continue
+        assert batch["neg_valid"].all()  # 7 per row, as with mined ones
+        for r in range(len(batch["pos_ids"])):
+            pos = tok.decode(batch["pos_ids"][r], skip_special_tokens=True)
+            negs = [tok.decode(batch["neg_ids"][r, t], skip_special_tokens=True) for t in range(7)]
+            assert len(set(negs)) == 7 and pos not in negs
+            assert all(n.startswith("alpha answer") and "wrong" not in n for n in negs)
+        np.testing.assert_array_equal(builder(cfg=cfg)(step)["neg_ids"], batch["neg_ids"])
+        assert not np.array_equal(batch["neg_ids"], single_host[step]["neg_ids"])
+    with pytest.raises(ValueError, match=r"config\.data\.negatives='hard'"):
+        PipelineConfig(global_batch=8, negatives="hard")
+
+
+def test_negative_groups_put_rows_with_their_hard_negatives():
+    # Row i's mined negatives are the positives of rows i+1 and i+2 (mod n): groups follow
+    # those links, so a batch holds each row's hard negatives as in-batch candidates.
+    n = 48
+    records = [
+        {
+            "query": f"q{i}",
+            "positive": f"p{i}",
+            "negatives": [f"p{(i + 1) % n}", f"p{(i + 2) % n}", "not a positive"],
+            "task": "retrieval",
+            "dataset": "ring",
+        }
+        for i in range(n)
+    ]
+    links = pipeline.negative_links(ListSource("ring", "retrieval", records))
+    assert [x.tolist() for x in links[:2]] == [[1, 2], [2, 3]]
+    order = pipeline.negative_groups(links, 8, np.random.default_rng(0))
+    assert sorted(order.tolist()) == list(range(n))  # a permutation: every row once
+    again = pipeline.negative_groups(links, 8, np.random.default_rng(0))
+    np.testing.assert_array_equal(order, again)
+    # Nearly every row follows, within a group's span, a row that mined it as a negative
+    # (in a random order about 3 in 10). Groups end early only where the ring's rows are used up.
+    linked = sum(
+        any(row in links[prev] for prev in order[max(0, k - 7) : k])
+        for k, row in enumerate(order.tolist())
+    )
+    assert linked >= 0.7 * n, linked
+
+    cfg = PipelineConfig(global_batch=8, seed=1, group_size=4, max_query_length=8,
+                         max_passage_length=8)  # fmt: skip
+    b = BatchBuilder([ListSource("ring", "retrieval", records)], str(minilm_path()), cfg, 6)
+    rows = b._rows(0, 0, 0)
+    positives = {f"p{i}" for i in rows}
+    hits = sum(f"p{(i + 1) % n}" in positives for i in rows)
+    assert hits >= 4  # random batches of 8 from 48 rows would hold ~1
+    with pytest.raises(ValueError, match=r"config\.data\.group_size=9 must lie in 0\.\.8"):
+        PipelineConfig(global_batch=8, group_size=9)
+
+
+def test_query_noise_replaces_a_fraction_of_query_tokens(single_host):
+    cfg = PipelineConfig(**{**CFG.__dict__, "query_noise": 0.5})
+    noisy = builder(cfg=cfg)(0)
+    clean = single_host[0]
+    np.testing.assert_array_equal(noisy["query_mask"], clean["query_mask"])  # same lengths
+    np.testing.assert_array_equal(noisy["pos_ids"], clean["pos_ids"])  # queries only
+    special = np.isin(clean["query_ids"], builder().tokenizer.all_special_ids)
+    np.testing.assert_array_equal(noisy["query_ids"][special], clean["query_ids"][special])
+    real = (clean["query_mask"] == 1) & ~special
+    changed = (noisy["query_ids"] != clean["query_ids"])[real].mean()
+    assert 0.3 < changed < 0.7, changed
+    np.testing.assert_array_equal(builder(cfg=cfg)(0)["query_ids"], noisy["query_ids"])
+    with pytest.raises(ValueError, match=r"config\.data\.query_noise=1\.0 must lie in"):
+        PipelineConfig(global_batch=8, query_noise=1.0)
+
+
 def test_resume_is_exact_across_epochs_and_datasets(single_host):
     ds = pipeline.make_dataset(builder())
     it = pipeline.make_iterator(ds)

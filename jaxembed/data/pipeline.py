@@ -35,6 +35,9 @@ import grain
 import numpy as np
 
 MIXING = ("remaining", "temperature")
+# Where a row's negatives come from: its stored (mined) pool, or, as the control that shows
+# what mining adds, other rows' positives drawn uniformly from the same dataset.
+NEGATIVES = ("mined", "random")
 DEFAULT_NEGATIVES = {"retrieval": 7, "clustering": 7, "classification": 1}
 
 
@@ -62,6 +65,13 @@ class PipelineConfig:
     mixing: str = "remaining"
     mixing_temperature: float = 1.0
     num_negatives: tuple[tuple[str, int], ...] = tuple(DEFAULT_NEGATIVES.items())
+    negatives: str = "mined"  # one of NEGATIVES
+    # > 0: each batch is made of groups of this many rows linked by their mined negatives
+    # (`negative_groups`), so in-batch negatives are hard ones; 0: rows shuffled uniformly.
+    group_size: int = 0
+    # Fraction of each training query's tokens replaced by random vocabulary tokens: queries
+    # partly made of words the model cannot read, as in languages it was never trained on.
+    query_noise: float = 0.0
     max_query_length: int = 64
     max_passage_length: int = 256
     query_buckets: tuple[int, ...] = ()  # () = default_buckets(max_query_length)
@@ -74,6 +84,17 @@ class PipelineConfig:
     def __post_init__(self):
         if self.mixing not in MIXING:
             raise ValueError(f"config.data.mixing={self.mixing!r}; choose one of {list(MIXING)}")
+        if self.negatives not in NEGATIVES:
+            raise ValueError(
+                f"config.data.negatives={self.negatives!r}; choose one of {list(NEGATIVES)}"
+            )
+        if self.group_size < 0 or self.group_size > self.global_batch:
+            raise ValueError(
+                f"config.data.group_size={self.group_size} must lie in 0..{self.global_batch} "
+                "(the global batch)"
+            )
+        if not 0.0 <= self.query_noise < 1.0:
+            raise ValueError(f"config.data.query_noise={self.query_noise} must lie in [0, 1)")
         if self.global_batch < 1:
             raise ValueError(f"global batch {self.global_batch} must be >= 1")
         for name in ("query_buckets", "passage_buckets"):
@@ -89,6 +110,52 @@ class PipelineConfig:
         given = self.query_buckets if kind == "query" else self.passage_buckets
         limit = self.max_query_length if kind == "query" else self.max_passage_length
         return tuple(sorted({*given, limit})) if given else default_buckets(limit)
+
+
+def negative_links(source) -> list[np.ndarray]:
+    """For each row, the rows whose positive is one of its mined negatives, best first.
+
+    In data mined against the distinct positives (``jaxembed.mine`` without ``--corpus``),
+    a row's hard negatives are other rows' positives: putting those rows in the same batch
+    makes them in-batch negatives, at no extra encoding.
+    """
+    by_positive: dict[int, list[int]] = {}
+    records = [source[i] for i in range(len(source))]
+    for i, r in enumerate(records):
+        by_positive.setdefault(text_hash(r["positive"]), []).append(i)
+    links = []
+    for r in records:
+        rows = [j for t in r["negatives"] for j in by_positive.get(text_hash(t), ())]
+        links.append(np.asarray(list(dict.fromkeys(rows)), np.int64))
+    return links
+
+
+def negative_groups(links: Sequence[np.ndarray], size: int, rng) -> np.ndarray:
+    """A permutation of the rows in which consecutive runs of up to ``size`` rows are linked.
+
+    Groups grow breadth-first from seeds in random order over `negative_links`; a group
+    whose neighbourhood runs out is simply shorter. A global batch of B rows then holds
+    about B / size groups: each row meets its hard negatives as other rows' positives.
+    """
+    n = len(links)
+    taken = np.zeros(n, bool)
+    order: list[int] = []
+    for seed in rng.permutation(n):
+        if taken[seed]:
+            continue
+        taken[seed] = True
+        group, frontier = [int(seed)], [int(seed)]
+        while frontier and len(group) < size:
+            row = frontier.pop(0)
+            for nb in links[row]:
+                if not taken[nb]:
+                    taken[nb] = True
+                    group.append(int(nb))
+                    frontier.append(int(nb))
+                    if len(group) == size:
+                        break
+        order.extend(group)
+    return np.asarray(order, np.int64)
 
 
 class Schedule:
@@ -165,11 +232,15 @@ class BatchBuilder:
         self.local = slice(process_index * per_host, (process_index + 1) * per_host)
         self._tokenizer = None
         self._perms: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
+        self._links: dict[int, list[np.ndarray]] = {}  # per dataset, for group_size
+        self._special = None  # the tokenizer's special token ids, for query_noise
 
     def __getstate__(self):
         state = dict(self.__dict__)
         state["_tokenizer"] = None
         state["_perms"] = OrderedDict()
+        state["_links"] = {}
+        state["_special"] = None
         return state
 
     @property
@@ -184,7 +255,12 @@ class BatchBuilder:
         key = (d, epoch)
         if key not in self._perms:
             rng = np.random.default_rng([self.cfg.seed, 2, d, epoch])
-            self._perms[key] = rng.permutation(len(self.sources[d]))
+            if self.cfg.group_size:
+                if d not in self._links:
+                    self._links[d] = negative_links(self.sources[d])
+                self._perms[key] = negative_groups(self._links[d], self.cfg.group_size, rng)
+            else:
+                self._perms[key] = rng.permutation(len(self.sources[d]))
             while len(self._perms) > 2 * len(self.sources):
                 self._perms.popitem(last=False)
         g = self.cfg.global_batch
@@ -212,6 +288,31 @@ class BatchBuilder:
             mask[r, : len(x)] = 1
         return out, mask
 
+    @staticmethod
+    def _random_negatives(source, record: dict, k: int, seed: list[int]) -> list[str]:
+        """``k`` positives of other rows of ``source``, uniform, none equal to this positive."""
+        rng = np.random.default_rng(seed)
+        out: list[str] = []
+        for _ in range(8):  # rejection rounds: a draw misses only on an equal positive
+            for idx in rng.integers(len(source), size=2 * k):
+                text = source[int(idx)]["positive"]
+                if text != record["positive"] and text not in out and len(out) < k:
+                    out.append(text)
+            if len(out) == k:
+                break
+        return out
+
+    def _noised(self, ids: list[int], seed: list[int]) -> list[int]:
+        """``ids`` with a ``query_noise`` fraction of its non-special tokens made random."""
+        tok = self.tokenizer
+        if self._special is None:
+            self._special = np.asarray(sorted(set(tok.all_special_ids)), np.int64)
+        x = np.asarray(ids, np.int64)
+        rng = np.random.default_rng(seed)
+        hit = (rng.random(len(x)) < self.cfg.query_noise) & ~np.isin(x, self._special)
+        x[hit] = rng.integers(len(tok), size=int(hit.sum()))
+        return x.tolist()
+
     def __call__(self, step: int) -> dict:
         cfg = self.cfg
         d, epoch, j = self.schedule.lookup(int(step))
@@ -223,13 +324,21 @@ class BatchBuilder:
         records = [source[int(i)] for i in rows]
         negatives, valid = [], np.zeros((len(rows), k), bool)
         for r, (i, rec) in enumerate(zip(rows, records, strict=True)):
-            pool = rec["negatives"]
-            rng = np.random.default_rng([cfg.seed, 3, d, epoch, int(i)])
-            take = rng.permutation(len(pool))[:k] if pool else []
-            negatives.append([pool[t] for t in take])
-            valid[r, : len(take)] = True
+            if cfg.negatives == "random":
+                chosen = self._random_negatives(source, rec, k, [cfg.seed, 4, d, epoch, int(i)])
+            else:
+                pool = rec["negatives"]
+                rng = np.random.default_rng([cfg.seed, 3, d, epoch, int(i)])
+                chosen = [pool[t] for t in rng.permutation(len(pool))[:k]] if pool else []
+            negatives.append(chosen)
+            valid[r, : len(chosen)] = True
         pad_id = self.tokenizer.pad_token_id or 0
         q_ids = self._tokenize([self._query_text(r) for r in records], cfg.max_query_length)
+        if cfg.query_noise:
+            q_ids = [
+                self._noised(x, [cfg.seed, 6, d, epoch, int(i)])
+                for x, i in zip(q_ids, rows, strict=True)
+            ]
         p_ids = self._tokenize(
             [cfg.passage_prefix + r["positive"] for r in records], cfg.max_passage_length
         )
