@@ -1,16 +1,28 @@
 """Retrofit a ~300M multilingual encoder (XLM-R base class) for retrieval.
 
 Run (point model.path at a local XLM-R-family folder, e.g. xlm-roberta-base or
-multilingual-e5-base; build the Debian data first with `python -m jaxembed.data.debian`):
+multilingual-e5-base; build the Debian data first with `python -m jaxembed.data.debian`,
+then mine the cross-lingual pairs with the base model as teacher, as
+scripts/retrofit_debian.sh does for all-MiniLM-L6-v2):
 
+    .venv/bin/python -m jaxembed.mine --model /models/xlm-roberta-base \\
+        --input data/debian/train/debian-xling.jsonl --out data/debian/train-mined/xling.jsonl \\
+        --top-k 10 --skip-top 0 --max-score none --relative-margin 0.05 --num-negatives 10
     .venv/bin/python -m jaxembed.train --config configs/retrofit_xlmr_base.py \\
         --workdir runs/retrofit --config.model.path=/models/xlm-roberta-base
+
+The recipe choices measured on all-MiniLM-L6-v2 (configs/retrofit_debian.py, bench/
+RESULTS.md "Retrofit") carry over: mined negatives used as in-batch candidates by grouping
+linked rows into batches (data.group_size 16), symmetric InfoNCE with false-negative
+masking. A larger, multilingual model may gain more from explicit hard negatives than
+MiniLM did at equal CPU time: raise data.num_negatives.retrieval to try.
 
 Where the settings come from (../shared/research/seeds.md):
 - Tu, Zhou, Yavuz, "Retrofitting Small Multilingual Models for Retrieval" (2025): task
   diversity matters more than language diversity, hard negatives are essential, and more
   data plateaus early. Hence: several task types mixed (retrieval, classification,
-  clustering), mined hard negatives used (7 per query, F2LLM's count), a modest step count.
+  clustering), mined hard negatives used (as in-batch candidates, see above; 7 per query
+  for clustering, F2LLM's count), a modest step count.
   The paper's own hyper-parameters are not public; the rest is ours, as below.
 - E5 / multilingual-e5 conventions: mean pooling, "query: " / "passage: " prefixes.
 - F2LLM (Zhang et al., 2025): one dataset per global batch chosen proportionally to its
@@ -32,7 +44,7 @@ def get_config():
     c.model.pooling = "mean"
 
     c.data.train = (
-        "data/debian/train/debian-xling.jsonl",
+        "data/debian/train-mined/xling.jsonl",
         "data/debian/train/debian-mono.jsonl",
         "data/debian/train/debian-section.jsonl",
         "data/debian/train/debian-cluster.jsonl",
@@ -41,13 +53,15 @@ def get_config():
     c.data.passage_prefix = "passage: "
     c.data.max_query_length = 64
     c.data.max_passage_length = 256
-    c.data.num_negatives.retrieval = 7
+    c.data.num_negatives.retrieval = 0  # the mined ones arrive as in-batch candidates
+    c.data.group_size = 16
     c.data.num_negatives.clustering = 7
     c.data.num_negatives.classification = 1
     c.data.workers = 4
 
     c.loss.style = "joint"
     c.loss.temperature = 0.05
+    c.loss.symmetric = True
 
     c.train.global_batch = 512
     c.train.steps = 5000

@@ -62,9 +62,14 @@ def test_time_limit_ends_training_and_a_rerun_continues_exactly(
 ):
     # A limit already spent at the first step: one step, then the run ends as if done
     # (checkpoint, eval after); rerunning without it resumes and matches the straight run.
-    limited = train.main(tiny_config(train_setup, train__time_limit_minutes=1e-6), tmp_path)
+    dev = Path(train_setup[3]).name
+    limited = train.main(
+        tiny_config(train_setup, train__time_limit_minutes=1e-6, eval__groups={"toy": (dev,)}),
+        tmp_path,
+    )
     assert limited["time_limit_step"] == limited["step"] == 1
-    assert "eval/ndcg@10" in limited["after"]
+    # A group of one set reports that set's metrics as its mean.
+    assert limited["after"]["eval/toy/ndcg@10"] == limited["after"]["eval/ndcg@10"]
     assert checkpoint.latest_step(tmp_path) == 1
     resumed = train.main(tiny_config(train_setup), tmp_path)
     assert resumed["step"] == STEPS and "time_limit_step" not in resumed
@@ -103,13 +108,28 @@ def test_config_validation_names_key_and_values(train_setup):
         config_lib.validate(c)
 
 
-def load_config_file(path: Path):
+def test_recipe_configs_validate_and_name_their_eval_sets(train_setup):
+    import ml_collections
+
+    for name in ("demo.py", "retrofit_debian.py", "retrofit_debian.py:st"):
+        file, _, variant = name.partition(":")
+        c = load_config_file(ROOT / "configs" / file, *([variant] if variant else []))
+        config_lib.validate(c)
+    demo = load_config_file(ROOT / "configs" / "demo.py")
+    assert set(demo.eval.groups) == {"zero_shot", "trained"}
+    with pytest.raises(ValueError, match=r"config\.eval\.groups\.oops: \['xling-xx'\] not among"):
+        c = tiny_config(train_setup)
+        c.eval.groups = ml_collections.ConfigDict({"oops": ("xling-xx",)})
+        config_lib.validate(c)
+
+
+def load_config_file(path: Path, *args):
     import importlib.util
 
     spec = importlib.util.spec_from_file_location(path.stem, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.get_config()
+    return module.get_config(*args)
 
 
 def test_retrofit_recipe_runs_on_a_tiny_xlmr(train_setup, tmp_path):

@@ -1,0 +1,315 @@
+"""Retrofit all-MiniLM-L6-v2 on Debian data: sentence-transformers vs jaxembed at equal wall time.
+
+    .venv/bin/python bench/retrofit.py [--data data/debian] [--pairs 20000] [--out runs/retrofit]
+        [--recipes base,st,jax-st,jax-best] [--fresh]
+
+Recipes (each trains from all-MiniLM-L6-v2, on this machine, one after another):
+
+- ``st`` (a): sentence-transformers' standard fine-tune with its own trainer:
+  MultipleNegativesRankingLoss, the first ``--pairs`` rows of
+  ``train/debian-xling.jsonl`` (a translated summary in da/it/fr/de/es/pt_BR -> the English
+  description, train packages only), batch 64, max length 128, lr 5e-5, 10% warmup then
+  linear decay, one epoch. Its wall time (data set built + ``trainer.train()``) is the
+  budget of the jaxembed recipes.
+- ``jax-st`` (b): the same data and settings in jaxembed (``configs/retrofit_debian.py:st``),
+  one epoch: a correctness check, its scores should land within +-0.01 of (a).
+- ``jax-best`` (c): jaxembed's recipe (``configs/retrofit_debian.py``, run through
+  ``scripts/retrofit_debian.sh``'s pairs, mine and train stages): negatives mined with
+  ``jaxembed.mine`` (the base model as teacher, NV-Retriever's positive-aware rule), used
+  as the recipe says (as in-batch candidates by grouping linked rows, or as extra
+  passages), then training until (a)'s wall time is spent (``train.time_limit_minutes``);
+  taking its pairs and mining count in the budget. Its row and step counts are set from
+  (b)'s measured time per example so the schedule ends near the budget.
+- ``base``: the untrained model.
+
+Every model is scored the same way, with `jaxembed.evaluate`'s exact search and metrics at
+max length 256 (the base model's): dev packages only. Zero-shot: ``dev/xling-{cs,ja,ko,pl,
+ru,uk,zh_CN}`` (queries in languages never trained on -> English descriptions); trained:
+``dev/xling-{da,de,es,fr,it,pt_BR}``; each set's corpus is every dev English description.
+The table gives the unweighted mean nDCG@10 over the languages of each group. Results are
+kept per recipe in OUT/results.json, so a recipe can be rerun alone (``--recipes``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "configs"))
+
+from retrofit_debian import TRAINED_LANGS, ZERO_SHOT_LANGS, minilm_path  # noqa: E402
+
+BATCH, MAX_LEN, LR, WARMUP = 64, 128, 5e-5, 0.1
+EVAL_MAX_LEN = 256
+RECIPES = ("base", "st", "jax-st", "jax-best")
+
+
+def write_pairs(data: Path, n: int, out: Path) -> list[dict]:
+    """The first ``n`` cross-lingual pairs, without instructions (all-MiniLM-L6-v2 has none)."""
+    rows = []
+    with open(data / "train" / "debian-xling.jsonl", encoding="utf-8") as f:
+        for line in f:
+            r = json.loads(line)
+            rows.append({"query": r["query"], "positive": r["positive"]})
+            if len(rows) == n:
+                break
+    if len(rows) < n:
+        raise SystemExit(f"{data}/train/debian-xling.jsonl has {len(rows)} rows, --pairs is {n}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "w", encoding="utf-8") as f:
+        for r in rows:
+            rec = {**r, "task": "retrieval", "dataset": "debian-xling", "negatives": []}
+            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+    return rows
+
+
+def evaluate(model: str, data: Path) -> dict:
+    """nDCG@10 per language on the dev xling sets, and the two group means."""
+    import jaxembed
+    from jaxembed.evaluate import encoder_fns, evaluate_beir, reuse_last
+
+    enc = jaxembed.load(model, max_length=EVAL_MAX_LEN)
+    queries, docs, _ = encoder_fns(enc, batch_size=64)
+    docs = reuse_last(docs)  # all xling sets search the same English corpus
+    per_lang = {}
+    for lang in ZERO_SHOT_LANGS + TRAINED_LANGS:
+        r = evaluate_beir(queries, docs, data / "dev" / f"xling-{lang}", "dev")
+        per_lang[lang] = r["ndcg@10"]
+    return {
+        "ndcg@10": per_lang,
+        "zero_shot": sum(per_lang[x] for x in ZERO_SHOT_LANGS) / len(ZERO_SHOT_LANGS),
+        "trained": sum(per_lang[x] for x in TRAINED_LANGS) / len(TRAINED_LANGS),
+    }
+
+
+def run_st(pairs: list[dict], out: Path, seed: int) -> dict:
+    """(a): sentence-transformers' trainer, one epoch; returns its time and examples."""
+    import torch
+    from datasets import Dataset
+    from sentence_transformers import (
+        SentenceTransformer,
+        SentenceTransformerTrainer,
+        SentenceTransformerTrainingArguments,
+    )
+    from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
+
+    t0 = time.perf_counter()
+    model = SentenceTransformer(minilm_path(), device="cpu", local_files_only=True)
+    model.max_seq_length = MAX_LEN
+    dataset = Dataset.from_list([{"anchor": r["query"], "positive": r["positive"]} for r in pairs])
+    args = SentenceTransformerTrainingArguments(
+        output_dir=str(out / "trainer"),
+        per_device_train_batch_size=BATCH,
+        num_train_epochs=1,
+        learning_rate=LR,
+        warmup_steps=WARMUP,  # a float: the ratio of the steps
+        lr_scheduler_type="linear",
+        save_strategy="no",
+        logging_steps=20,
+        report_to=[],
+        use_cpu=True,
+        seed=seed,
+        disable_tqdm=True,
+    )
+    trainer = SentenceTransformerTrainer(
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        loss=MultipleNegativesRankingLoss(model, scale=20.0),
+    )
+    trainer.train()
+    seconds = time.perf_counter() - t0
+    model.max_seq_length = EVAL_MAX_LEN  # saved as the base model's, like the jaxembed runs
+    model.save(str(out / "model"))
+    steps = trainer.state.global_step
+    return {
+        "seconds": seconds,
+        "steps": steps,
+        "examples": steps * BATCH,
+        "torch_threads": torch.get_num_threads(),
+        "model": str(out / "model"),
+    }
+
+
+def jax_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", *args]
+
+
+def run_logged(cmd: list[str], log: Path, env: dict | None = None) -> float:
+    """Runs ``cmd`` with its output in ``log``; returns its wall time; fails loudly."""
+    t0 = time.perf_counter()
+    with open(log, "w") as f:
+        proc = subprocess.run(
+            cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, env=env, check=False
+        )
+    if proc.returncode:
+        tail = log.read_text(errors="replace").splitlines()[-20:]
+        raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}), {log}:\n" + "\n".join(tail))
+    return time.perf_counter() - t0
+
+
+def last_metrics(workdir: Path) -> dict:
+    lines = (workdir / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(x) for x in lines if '"loss"' in x][-1]
+
+
+def run_jax_st(pairs_file: Path, n_pairs: int, out: Path) -> dict:
+    """(b): configs/retrofit_debian.py:st on (a)'s pairs, one epoch, through the CLI."""
+    steps = n_pairs // BATCH
+    workdir = out / "run"
+    cmd = jax_cmd(
+        "jaxembed.train",
+        f"--config={ROOT / 'configs' / 'retrofit_debian.py'}:st",
+        f"--workdir={workdir}",
+        f"--config.data.train=('{pairs_file}',)",
+        f"--config.train.steps={steps}",
+        f"--config.optim.warmup_steps={math.ceil(WARMUP * steps)}",  # as the HF Trainer
+    )
+    seconds = run_logged(cmd, out / "train.log")
+    m = last_metrics(workdir)
+    return {
+        "seconds": seconds,
+        "steps": int(m["step"]),
+        "examples": int(m["step"]) * BATCH,
+        "tokens_per_s": m["tokens_per_s"],
+        "model": str(workdir),
+    }
+
+
+def run_jax_best(out: Path, budget_s: float, jax_st: dict) -> dict:
+    """(c): scripts/retrofit_debian.sh's pairs -> mine -> train, all inside ``budget_s``."""
+    from retrofit_debian import get_config
+
+    recipe = get_config().data
+    negatives = recipe.num_negatives.retrieval
+    mined = negatives > 0 or recipe.group_size > 0
+    # Sized from (b)'s measured time per example: each hard negative adds ~0.9x (b)'s
+    # tokens to an example, and mining costs about a forward pass per row (~0.4x).
+    per_example = jax_st["seconds"] / jax_st["examples"]
+    cost = 1 + 0.9 * negatives
+    mine_cost = 0.4 if mined else 0.0
+    rows = int(budget_s / (per_example * (cost + mine_cost)))
+    steps = max(10, int(budget_s / (per_example * (cost + mine_cost)) / BATCH))
+    env = {
+        **os.environ,
+        "PY": sys.executable,
+        "ROWS": str(rows),
+        "STEPS": str(steps),
+        # The script's training invocation gets what is left of the budget after mining.
+        "STAGES": "pairs mine" if mined else "pairs",
+        "TRAIN_DATA": str(out / ("mined.jsonl" if mined else "pairs.jsonl")),
+    }
+    t0 = time.perf_counter()
+    run_logged(["bash", "scripts/retrofit_debian.sh", str(out)], out / "prepare.log", env)
+    mine_s = time.perf_counter() - t0
+    left = budget_s - mine_s
+    # Less the ~20 s that the final checkpoint and the process exit take after the limit.
+    env |= {"STAGES": "train", "TIME_LIMIT": f"{max((left - 20) / 60, 0.1):.3f}"}
+    run_logged(["bash", "scripts/retrofit_debian.sh", str(out)], out / "train.log", env)
+    done = int(last_metrics(out / "run")["step"])
+    return {
+        "seconds": time.perf_counter() - t0,
+        "data_seconds": mine_s,
+        "rows": rows,
+        "steps": done,
+        "planned_steps": steps,
+        "examples": done * BATCH,
+        "model": str(out / "run"),
+    }
+
+
+def fmt_table(results: dict) -> str:
+    base = results.get("base", {}).get("eval")
+    rows = [
+        "| recipe | wall time | examples seen | zero-shot nDCG@10 | trained-lang nDCG@10 "
+        "| zero-shot vs base | trained vs base |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    names = {
+        "base": "all-MiniLM-L6-v2 (no training)",
+        "st": "(a) sentence-transformers, MNRL",
+        "jax-st": "(b) jaxembed, (a)'s data and settings",
+        "jax-best": "(c) jaxembed recipe",
+    }
+    for key in RECIPES:
+        if key not in results or "eval" not in results[key]:
+            continue
+        r, e = results[key], results[key]["eval"]
+        wall = f"{r['seconds'] / 60:.1f} min" if "seconds" in r else "-"
+        seen = f"{r['examples']:,}" if "examples" in r else "-"
+        dz = f"{e['zero_shot'] - base['zero_shot']:+.3f}" if base else "-"
+        dt = f"{e['trained'] - base['trained']:+.3f}" if base else "-"
+        rows.append(
+            f"| {names[key]} | {wall} | {seen} | {e['zero_shot']:.4f} | {e['trained']:.4f} "
+            f"| {dz} | {dt} |"
+        )
+    return "\n".join(rows)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", type=Path, default=ROOT / "data" / "debian")
+    p.add_argument("--pairs", type=int, default=20000, help="(a)'s and (b)'s training pairs")
+    p.add_argument("--out", type=Path, default=ROOT / "runs" / "retrofit")
+    p.add_argument("--recipes", default=",".join(RECIPES), help=f"subset of {','.join(RECIPES)}")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--fresh", action="store_true", help="rerun recipes that have results")
+    args = p.parse_args()
+    chosen = [r.strip() for r in args.recipes.split(",") if r.strip()]
+    if bad := sorted(set(chosen) - set(RECIPES)):
+        raise SystemExit(f"--recipes: unknown {bad}; choose from {list(RECIPES)}")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    args.out.mkdir(parents=True, exist_ok=True)
+    results_file = args.out / "results.json"
+    results = json.loads(results_file.read_text()) if results_file.exists() else {}
+    if results.get("pairs", args.pairs) != args.pairs:
+        raise SystemExit(
+            f"{results_file} holds results for --pairs {results['pairs']}; use --fresh"
+        )
+    results["pairs"] = args.pairs
+
+    def save():
+        results_file.write_text(json.dumps(results, indent=1) + "\n")
+
+    pairs_file = args.out / "pairs.jsonl"
+    pairs = write_pairs(args.data, args.pairs, pairs_file)
+    for key in chosen:
+        if key in results and not args.fresh:
+            print(f"{key}: kept from {results_file}")
+            continue
+        print(f"{key}: running", flush=True)
+        out = args.out / key
+        out.mkdir(parents=True, exist_ok=True)
+        if key == "base":
+            r = {"model": minilm_path()}
+        elif key == "st":
+            r = run_st(pairs, out, args.seed)
+        elif key == "jax-st":
+            r = run_jax_st(pairs_file, args.pairs, out)
+        else:
+            if "st" not in results or "jax-st" not in results:
+                raise SystemExit("jax-best needs the st and jax-st results (its budget and speed)")
+            r = run_jax_best(out, results["st"]["seconds"], results["jax-st"])
+        r["eval"] = evaluate(r["model"], args.data)
+        results[key] = r
+        save()
+        print(f"{key}: {json.dumps({k: v for k, v in r.items() if k != 'eval'})}")
+        print(f"{key}: zero-shot {r['eval']['zero_shot']:.4f} trained {r['eval']['trained']:.4f}")
+    print()
+    print(fmt_table(results))
+    if "st" in results:
+        print(
+            f"\nbudget: (a)'s wall time, {results['st']['seconds'] / 60:.1f} min; "
+            f"(a)/(b) pairs: {args.pairs}"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,195 @@
+"""The retrofitting paper's ablations, reproduced with jaxembed on Debian data at equal steps.
+
+    .venv/bin/python bench/retrofit_ablations.py --study negatives [--steps 100] [--batch 64]
+        [--seeds 0,1] [--cells 0,1,random] [--out runs/ablations]
+
+Every cell trains all-MiniLM-L6-v2 with ``configs/retrofit_debian.py`` (its learning rate,
+loss and packing) for the same number of steps of the same global batch, changing one
+thing, and is scored like bench/retrofit.py: mean nDCG@10 over the dev zero-shot
+languages (``dev/xling-{cs,ja,ko,pl,ru,uk,zh_CN}``) and the trained ones. Studies:
+
+- ``scale``: the pool of cross-lingual pairs the steps draw from (2.5k .. 40k rows; a
+  small pool is repeated, a large one seen in part), no hard negatives.
+- ``negatives``: 0, 1, 3 or 7 hard negatives per row, mined with the base model
+  (scripts/retrofit_debian.sh's rule), vs ``random``: one negative drawn uniformly from
+  other rows' positives (``data.negatives="random"``, the control).
+- ``diversity``: at equal examples, one trained language (German) vs all six, and
+  cross-lingual retrieval alone vs + monolingual retrieval + Section classification +
+  clustering (F2LLM's per-task losses, one dataset per batch).
+
+Results accumulate in OUT/results.json (cell and seed); the table gives the mean over seeds
+and, with two or more, the spread (max - min).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+from retrofit import evaluate, last_metrics, run_logged  # noqa: E402
+
+STUDIES = {
+    "scale": ("2500", "5000", "10000", "20000", "40000"),
+    "negatives": ("0", "1", "3", "7", "random"),
+    "diversity": ("xling-de", "xling-all", "tasks-de", "tasks-all"),
+}
+DEBIAN = ROOT / "data" / "debian"
+GERMAN = ROOT / "data" / "debian-de"  # the same builder, German as the only trained language
+
+
+def take_rows(src: Path, n: int, dst: Path) -> Path:
+    """The first ``n`` rows of ``src`` without instructions (all-MiniLM-L6-v2 has none)."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    with open(src, encoding="utf-8") as f, open(dst, "w", encoding="utf-8") as g:
+        for i, line in enumerate(f):
+            if i == n:
+                break
+            r = json.loads(line)
+            r.pop("instruction", None)
+            g.write(json.dumps(r, ensure_ascii=False) + "\n")
+    return dst
+
+
+def mined_pairs(out: Path, rows: int) -> Path:
+    """``rows`` cross-lingual pairs with up to 10 mined negatives each (mined once, reused)."""
+    mined = out / f"mined-{rows}" / "mined.jsonl"
+    if not mined.exists():
+        env = {**os.environ, "PY": sys.executable, "ROWS": str(rows), "STAGES": "pairs mine"}
+        mined.parent.mkdir(parents=True, exist_ok=True)
+        run_logged(["bash", "scripts/retrofit_debian.sh", str(mined.parent)], out / "mine.log", env)
+    return mined
+
+
+def ensure_german() -> None:
+    if not (GERMAN / "stats.json").exists():
+        cmd = [sys.executable, "-m", "jaxembed.data.debian", "--out", str(GERMAN)]
+        cmd += ["--lists", str(DEBIAN / "lists"), "--langs", "de", "--max-per-task", "40000"]
+        subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+
+
+def cell_data(study: str, cell: str, out: Path, examples: int) -> tuple[list[Path], list[str]]:
+    """The training files of a cell and its config overrides."""
+    data = out / "data"
+    if study == "scale":
+        src = DEBIAN / "train" / "debian-xling.jsonl"
+        return [take_rows(src, int(cell), data / f"xling-{cell}.jsonl")], [
+            "--config.data.num_negatives.retrieval=0"
+        ]
+    if study == "negatives":
+        mined = mined_pairs(out, examples)
+        if cell == "random":
+            return [mined], [
+                "--config.data.negatives=random",
+                "--config.data.num_negatives.retrieval=1",
+            ]
+        return [mined], [f"--config.data.num_negatives.retrieval={cell}"]
+    # diversity: the same number of rows in every cell, split evenly over its tasks
+    kind, langs = cell.split("-")
+    root = DEBIAN
+    if langs == "de":
+        ensure_german()
+        root = GERMAN
+    names = ["debian-xling"] + (
+        ["debian-mono", "debian-section", "debian-cluster"] if kind == "tasks" else []
+    )
+    per = examples // len(names)
+    files = [
+        take_rows(root / "train" / f"{n}.jsonl", per, data / cell / f"{n}.jsonl") for n in names
+    ]
+    return files, [
+        "--config.data.num_negatives.retrieval=0",
+        "--config.data.num_negatives.clustering=1",
+        "--config.data.num_negatives.classification=1",
+    ]
+
+
+def run_cell(study, cell, seed, args) -> dict:
+    examples = args.steps * args.batch
+    files, overrides = cell_data(study, cell, args.out, examples)
+    workdir = args.out / study / f"{cell}-seed{seed}"
+    workdir.parent.mkdir(parents=True, exist_ok=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "jaxembed.train",
+        f"--config={ROOT / 'configs' / 'retrofit_debian.py'}",
+        f"--workdir={workdir}",
+        "--config.data.train=(" + "".join(f"'{f}'," for f in files) + ")",
+        f"--config.train.steps={args.steps}",
+        f"--config.train.global_batch={args.batch}",
+        f"--config.train.seed={seed}",
+        f"--config.optim.warmup_steps={max(1, args.steps // 10)}",
+        *overrides,
+    ]
+    t0 = time.perf_counter()
+    run_logged(cmd, workdir.with_suffix(".log"))
+    seconds = time.perf_counter() - t0
+    return {
+        "seconds": seconds,
+        "steps": int(last_metrics(workdir)["step"]),
+        "eval": evaluate(str(workdir), DEBIAN),
+    }
+
+
+def table(results: dict, study: str, shape: str) -> str:
+    lines = [
+        f"| {study} | seeds | zero-shot nDCG@10 | spread | trained nDCG@10 | train time |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for cell in STUDIES[study]:
+        runs = [
+            r
+            for key, r in results.items()
+            if key.startswith(f"{study}/{cell}/") and key.endswith(f"/{shape}")
+        ]
+        if not runs:
+            continue
+        z = [r["eval"]["zero_shot"] for r in runs]
+        t = [r["eval"]["trained"] for r in runs]
+        spread = f"{max(z) - min(z):.4f}" if len(z) > 1 else "-"
+        lines.append(
+            f"| {cell} | {len(runs)} | {sum(z) / len(z):.4f} | {spread} | {sum(t) / len(t):.4f} "
+            f"| {sum(r['seconds'] for r in runs) / len(runs) / 60:.1f} min |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--study", required=True, choices=sorted(STUDIES))
+    p.add_argument("--cells", help="comma-separated subset of the study's cells")
+    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--seeds", default="0")
+    p.add_argument("--out", type=Path, default=ROOT / "runs" / "ablations")
+    args = p.parse_args()
+    cells = args.cells.split(",") if args.cells else list(STUDIES[args.study])
+    if bad := sorted(set(cells) - set(STUDIES[args.study])):
+        raise SystemExit(f"--cells: unknown {bad}; {args.study} has {STUDIES[args.study]}")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    args.out.mkdir(parents=True, exist_ok=True)
+    results_file = args.out / "results.json"
+    results = json.loads(results_file.read_text()) if results_file.exists() else {}
+    for seed in [int(s) for s in args.seeds.split(",")]:
+        for cell in cells:
+            key = f"{args.study}/{cell}/{seed}/{args.steps}x{args.batch}"
+            if key in results:
+                continue
+            print(f"{key}: running", flush=True)
+            results[key] = run_cell(args.study, cell, seed, args)
+            results_file.write_text(json.dumps(results, indent=1) + "\n")
+            e = results[key]["eval"]
+            print(f"{key}: zero-shot {e['zero_shot']:.4f} trained {e['trained']:.4f}", flush=True)
+    print(table(results, args.study, f"{args.steps}x{args.batch}"))
+
+
+if __name__ == "__main__":
+    main()
