@@ -126,7 +126,7 @@ class JaxSide:
     def prepare(self, raw: dict) -> tuple[dict, np.ndarray, int]:
         """The step's global batch, the real text lengths, and the positions it computes."""
         lengths = np.concatenate([raw["query_mask"].sum(1), raw["pos_mask"].sum(1)])
-        batch = self.train.agree_on_batch(raw, None, self.packing, self.mesh)[0]
+        batch = self.train.agree_on_batch(raw, self.train.NO_STOP, self.packing, self.mesh)[0]
         ids = [v for k, v in batch.items() if k in ("query_ids", "pos_ids")]
         computed = [(x.shape[0], x.shape[1]) for x in ids]
         return self.pipeline.to_global(batch, self.mesh), lengths, computed
