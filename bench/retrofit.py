@@ -51,23 +51,31 @@ EVAL_MAX_LEN = 256
 RECIPES = ("base", "st", "jax-st", "jax-best")
 
 
-def write_pairs(data: Path, n: int, out: Path) -> list[dict]:
-    """The first ``n`` cross-lingual pairs, without instructions (all-MiniLM-L6-v2 has none)."""
-    rows = []
-    with open(data / "train" / "debian-xling.jsonl", encoding="utf-8") as f:
+def take_rows(src: Path, n: int, dst: Path) -> Path:
+    """The first ``n`` rows of ``src`` without instructions (all-MiniLM-L6-v2 has none).
+
+    The Debian builder writes its rows language-balanced, so a prefix is a balanced sample.
+    """
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    taken = 0
+    with open(src, encoding="utf-8") as f, open(dst, "w", encoding="utf-8") as g:
         for line in f:
-            r = json.loads(line)
-            rows.append({"query": r["query"], "positive": r["positive"]})
-            if len(rows) == n:
+            if taken == n:
                 break
-    if len(rows) < n:
-        raise SystemExit(f"{data}/train/debian-xling.jsonl has {len(rows)} rows, --pairs is {n}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "w", encoding="utf-8") as f:
-        for r in rows:
-            rec = {**r, "task": "retrieval", "dataset": "debian-xling", "negatives": []}
-            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-    return rows
+            r = json.loads(line)
+            r.pop("instruction", None)
+            g.write(json.dumps(r, ensure_ascii=False) + "\n")
+            taken += 1
+    if taken < n:
+        raise SystemExit(f"{src} has {taken} rows, {n} were asked for")
+    return dst
+
+
+def write_pairs(data: Path, n: int, out: Path) -> list[dict]:
+    """(a)'s and (b)'s pairs: the first ``n`` cross-lingual rows, written to ``out``."""
+    take_rows(data / "train" / "debian-xling.jsonl", n, out)
+    with open(out, encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
 
 
 def evaluate(model: str, data: Path) -> dict:
@@ -138,10 +146,6 @@ def run_st(pairs: list[dict], out: Path, seed: int) -> dict:
     }
 
 
-def jax_cmd(*args: str) -> list[str]:
-    return [sys.executable, "-m", *args]
-
-
 def run_logged(cmd: list[str], log: Path, env: dict | None = None) -> float:
     """Runs ``cmd`` with its output in ``log``; returns its wall time; fails loudly."""
     t0 = time.perf_counter()
@@ -164,14 +168,16 @@ def run_jax_st(pairs_file: Path, n_pairs: int, out: Path) -> dict:
     """(b): configs/retrofit_debian.py:st on (a)'s pairs, one epoch, through the CLI."""
     steps = n_pairs // BATCH
     workdir = out / "run"
-    cmd = jax_cmd(
+    cmd = [
+        sys.executable,
+        "-m",
         "jaxembed.train",
         f"--config={ROOT / 'configs' / 'retrofit_debian.py'}:st",
         f"--workdir={workdir}",
         f"--config.data.train=('{pairs_file}',)",
         f"--config.train.steps={steps}",
         f"--config.optim.warmup_steps={math.ceil(WARMUP * steps)}",  # as the HF Trainer
-    )
+    ]
     seconds = run_logged(cmd, out / "train.log")
     m = last_metrics(workdir)
     return {
@@ -196,7 +202,7 @@ def run_jax_best(out: Path, budget_s: float, jax_st: dict) -> dict:
     cost = 1 + 0.9 * negatives
     mine_cost = 0.4 if mined else 0.0
     rows = int(budget_s / (per_example * (cost + mine_cost)))
-    steps = max(10, int(budget_s / (per_example * (cost + mine_cost)) / BATCH))
+    steps = max(10, rows // BATCH)  # one epoch of the rows
     env = {
         **os.environ,
         "PY": sys.executable,

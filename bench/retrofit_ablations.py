@@ -35,7 +35,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
-from retrofit import evaluate, last_metrics, run_logged  # noqa: E402
+from retrofit import evaluate, last_metrics, run_logged, take_rows  # noqa: E402
 
 STUDIES = {
     "scale": ("2500", "5000", "10000", "20000", "40000"),
@@ -44,19 +44,6 @@ STUDIES = {
 }
 DEBIAN = ROOT / "data" / "debian"
 GERMAN = ROOT / "data" / "debian-de"  # the same builder, German as the only trained language
-
-
-def take_rows(src: Path, n: int, dst: Path) -> Path:
-    """The first ``n`` rows of ``src`` without instructions (all-MiniLM-L6-v2 has none)."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    with open(src, encoding="utf-8") as f, open(dst, "w", encoding="utf-8") as g:
-        for i, line in enumerate(f):
-            if i == n:
-                break
-            r = json.loads(line)
-            r.pop("instruction", None)
-            g.write(json.dumps(r, ensure_ascii=False) + "\n")
-    return dst
 
 
 def mined_pairs(out: Path, rows: int) -> Path:
