@@ -26,7 +26,8 @@ def run_one(batch: int, gradcache: bool, chunk: int, steps: int) -> dict:
     from flax import nnx
 
     from jaxembed import config as config_lib
-    from jaxembed import sharding, train
+    from jaxembed import sharding, train, train_state
+    from jaxembed.data import pipeline
     from jaxembed.models.bert import BertConfig, BertModel
 
     cfg = BertConfig(
@@ -43,24 +44,27 @@ def run_one(batch: int, gradcache: bool, chunk: int, steps: int) -> dict:
     c.train.steps = steps
     config_lib.validate(c)
     mesh = sharding.make_mesh(devices=jax.devices()[:1])
-    tx, schedule = train.make_optimizer(c.optim, c.train.steps)
-    graphdef, state, sh = train.create_state(BertModel(cfg, rngs=nnx.Rngs(0)), c, mesh, tx)
+    tx, schedule = train_state.make_optimizer(c.optim, c.train.steps)
+    graphdef, state, sh = train_state.create_state(BertModel(cfg, rngs=nnx.Rngs(0)), c, mesh, tx)
     step = train.TrainStep(graphdef, c, mesh, tx, schedule, sh, "mean")
     rng = np.random.default_rng(0)
     lq, lp, k = 16, 64, 1
-    data = dict(
-        query_ids=rng.integers(1, cfg.vocab_size, (batch, lq)).astype(np.int32),
-        query_mask=np.ones((batch, lq), np.int32),
-        pos_ids=rng.integers(1, cfg.vocab_size, (batch, lp)).astype(np.int32),
-        pos_mask=np.ones((batch, lp), np.int32),
-        neg_ids=rng.integers(1, cfg.vocab_size, (batch, k, lp)).astype(np.int32),
-        neg_mask=np.ones((batch, k, lp), np.int32),
+
+    def texts(n, length):
+        return rng.integers(1, cfg.vocab_size, (n, length)).tolist()
+
+    host = dict(
+        query=texts(batch, lq),
+        pos=texts(batch, lp),
+        neg=texts(batch * k, lp),
         neg_valid=np.ones((batch, k), bool),
         pos_hash=np.arange(batch, dtype=np.int32),
         neg_hash=np.arange(batch, 2 * batch, dtype=np.int32).reshape(batch, k),
+        pad_id=0,
     )
-    data = sharding.shard_batch(data, mesh)
-    compiled = step._build("retrieval").lower(state, data).compile()
+    packing = pipeline.Packing((lq,), (lp,), granule=1, num_segments=1)  # one text per row
+    data = sharding.shard_batch(packing.pack_local(host), mesh)
+    compiled = step.jitted("retrieval").lower(state, data).compile()
     temp_bytes = compiled.memory_analysis().temp_size_in_bytes
     times = []
     for _ in range(steps):

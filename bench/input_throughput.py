@@ -38,7 +38,7 @@ def main() -> None:
         examples = tokens = 0
         for _ in range(args.steps):
             b = next(it)
-            examples += len(b["query_ids"])
+            examples += len(b["query"])
             tokens += int(b["num_tokens"])
         dt = time.perf_counter() - t
         rows.append((workers, args.steps / dt, examples / dt, tokens / dt))

@@ -77,7 +77,8 @@ def main() -> None:
     from flax import nnx
 
     from jaxembed import config as config_lib
-    from jaxembed import sharding, train
+    from jaxembed import sharding, train, train_state
+    from jaxembed.data import pipeline
     from jaxembed.models.bert import BertConfig, BertModel
     from jaxembed.models.pooling import pool
 
@@ -98,31 +99,27 @@ def main() -> None:
     mesh = sharding.make_mesh()
     model = BertModel(cfg, dtype=dtype, remat=args.remat, rngs=nnx.Rngs(0))
     params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
-    tx, schedule = train.make_optimizer(c.optim, c.train.steps)
-    graphdef, state, sh = train.create_state(model, c, mesh, tx)
+    tx, schedule = train_state.make_optimizer(c.optim, c.train.steps)
+    graphdef, state, sh = train_state.create_state(model, c, mesh, tx)
     step = train.TrainStep(graphdef, c, mesh, tx, schedule, sh, "mean")
 
     rng = np.random.default_rng(0)
     b, length = args.batch, args.length
 
-    def ids(rows):
-        return rng.integers(5, cfg.vocab_size, (rows, length)).astype(np.int32)
+    def texts(rows):
+        return rng.integers(5, cfg.vocab_size, (rows, length)).tolist()
 
-    ones = np.ones((b, length), np.int32)
-    batch = sharding.shard_batch(
-        {
-            "query_ids": ids(b),
-            "query_mask": ones,
-            "pos_ids": ids(b),
-            "pos_mask": ones,
-            "neg_ids": np.zeros((b, 0, length), np.int32),
-            "neg_mask": np.zeros((b, 0, length), np.int32),
-            "neg_valid": np.zeros((b, 0), bool),
-            "pos_hash": np.arange(b, dtype=np.int32),
-            "neg_hash": np.zeros((b, 0), np.int32),
-        },
-        mesh,
-    )
+    host = {
+        "query": texts(b),
+        "pos": texts(b),
+        "neg": [],
+        "neg_valid": np.zeros((b, 0), bool),
+        "pos_hash": np.arange(b, dtype=np.int32),
+        "neg_hash": np.zeros((b, 0), np.int32),
+        "pad_id": 0,
+    }
+    packing = pipeline.Packing((length,), (length,), granule=1, num_segments=1)
+    batch = sharding.shard_batch(packing.pack_local(host), mesh)
     holder = {"state": state}
 
     def train_step():
@@ -133,7 +130,9 @@ def main() -> None:
     train_flops = 3 * 2 * row_flops(cfg, b, length)  # queries and passages
 
     eb = args.encode_batch
-    enc_ids = sharding.shard_batch({"i": ids(eb), "m": np.ones((eb, length), np.int32)}, mesh)
+    enc_ids = sharding.shard_batch(
+        {"i": np.asarray(texts(eb), np.int32), "m": np.ones((eb, length), np.int32)}, mesh
+    )
     model_params = holder["state"].params["model"]
 
     @jax.jit

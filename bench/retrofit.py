@@ -81,7 +81,7 @@ def write_pairs(data: Path, n: int, out: Path) -> list[dict]:
 def evaluate(model: str, data: Path) -> dict:
     """nDCG@10 per language on the dev xling sets, and the two group means."""
     import jaxembed
-    from jaxembed.evaluate import encoder_fns, evaluate_beir, reuse_last
+    from jaxembed.retrieval import encoder_fns, evaluate_beir, reuse_last
 
     enc = jaxembed.load(model, max_length=EVAL_MAX_LEN)
     queries, docs, _ = encoder_fns(enc, batch_size=64)

@@ -12,16 +12,17 @@ masking), AdamW at a constant 2e-5, no weight decay, gradient clipping at 1.0.
 sentence-transformers runs its own trainer (SentenceTransformerTrainer, CPU); jaxembed
 its jitted step with its Grain pipeline, on one JAX device (all cores).
 
-jaxembed runs twice: one text per row, padded to bucket lengths (a quarter, half or all
-of 128), and with ``train.packing`` (several texts per 128-token row, attention and pooling
-per text, dropout per packed row). The three alternate in one process: ``--rounds`` rounds
-of ``--steps`` steps each; the first steps of every round are dropped (data loader start),
-every step shape jaxembed meets in the timed rounds is compiled before them, and each
-side's best round is reported. Real tokens/s counts non-padding tokens of the batches each
-side trained on. MFU: model FLOPs (forward + backward = 3x forward: 2 per weight per token
-in the layers, plus attention's 4·n·d per token per layer for a text of n tokens) over this
-machine's measured XLA float32 matmul peak. "real" counts each text's own tokens only;
-"computed" what the step actually ran (padding, and attention across a packed row's texts).
+jaxembed runs twice: one text per row, in rows of bucket lengths (a quarter, half or all of
+128: a padded batch), and with ``train.packing`` (several texts per row, the row's tail
+holding shorter texts, attention and pooling per text, dropout per row). The three alternate
+in one process: ``--rounds`` rounds of ``--steps`` steps each; the first steps of every
+round are dropped (data loader start), every step shape jaxembed meets in the timed rounds
+is compiled before them, and each side's best round is reported. Real tokens/s counts non-
+padding tokens of the batches each side trained on. MFU: model FLOPs (forward + backward =
+3x forward: 2 per weight per token in the layers, plus attention's 4·n·d per token per layer
+for a text of n tokens) over this machine's measured XLA float32 matmul peak. "real" counts
+each text's own tokens only; "computed" what the step actually ran (padding, and attention
+across a packed row's texts).
 """
 
 from __future__ import annotations
@@ -81,7 +82,8 @@ class JaxSide:
         import jax.numpy as jnp
 
         from jaxembed import config as config_lib
-        from jaxembed import hf, sharding, train
+        from jaxembed import hf, sharding, train, train_state
+        from jaxembed import run as run_lib
         from jaxembed.data import pipeline, readers
 
         c = config_lib.default_config()
@@ -96,19 +98,19 @@ class JaxSide:
         c.optim.weight_decay, c.optim.clip_norm = 0.0, 1.0
         c = config_lib.validate(c)
         self.mesh = sharding.make_mesh(devices=jax.devices()[:1])
-        model_dir = train.prepare_model_dir(model_path, workdir / f"model-{int(packing)}")
+        model_dir = run_lib.prepare_model_dir(model_path, workdir / f"model-{int(packing)}")
         model = hf.load_model(model_path, dtype=jnp.float32)
         self.cfg = model.config
-        tx, schedule = train.make_optimizer(c.optim, c.train.steps)
-        graphdef, self.state, sh = train.create_state(model, c, self.mesh, tx)
+        tx, schedule = train_state.make_optimizer(c.optim, c.train.steps)
+        graphdef, self.state, sh = train_state.create_state(model, c, self.mesh, tx)
         self.step = train.TrainStep(graphdef, c, self.mesh, tx, schedule, sh, "mean")
         self.packing = train.make_packing(c, self.mesh)
         sources = readers.open_sources(list(c.data.train))
         builder = pipeline.BatchBuilder(
-            sources, str(model_dir), train.pipeline_config(c), c.train.steps
+            sources, str(model_dir), pipeline.PipelineConfig.from_config(c), c.train.steps
         )
         self.data = pipeline.make_iterator(pipeline.make_dataset(builder), 0, 4)
-        self.pipeline, self.train = pipeline, train
+        self.pipeline, self.train, self.sharding = pipeline, train, sharding
         # Compile every step shape the timed rounds will meet (the batches are a pure
         # function of their index: a second iterator sees the same ones), before timing.
         peek = pipeline.make_iterator(pipeline.make_dataset(builder), 0, 4)
@@ -125,11 +127,12 @@ class JaxSide:
 
     def prepare(self, raw: dict) -> tuple[dict, np.ndarray, int]:
         """The step's global batch, the real text lengths, and the positions it computes."""
-        lengths = np.concatenate([raw["query_mask"].sum(1), raw["pos_mask"].sum(1)])
+        lengths = np.asarray([len(t) for t in raw["query"] + raw["pos"]])
         batch = self.train.agree_on_batch(raw, self.train.NO_STOP, self.packing, self.mesh)[0]
         ids = [v for k, v in batch.items() if k in ("query_ids", "pos_ids")]
         computed = [(x.shape[0], x.shape[1]) for x in ids]
-        return self.pipeline.to_global(batch, self.mesh), lengths, computed
+        global_batch = self.sharding.from_process_local(batch, self.mesh)
+        return global_batch, lengths, computed
 
     def run(self, steps: int) -> dict:
         import jax

@@ -1,12 +1,12 @@
-"""Orbax checkpoints behind three functions: `save`, `restore_or_init`, `latest_step`.
+"""Orbax checkpoints: `save`, `restore_or_init`, `latest_step`, and partial reads for tools.
 
 A checkpoint holds the train state (parameters, optimizer state, step, RNG), the data
 position (a JSON ``data`` item: the next global batch; the pipeline is a pure function of
 the batch index, so a resumed run reads exactly the batches an uninterrupted one would, on
-any number of hosts), and a JSON ``meta`` item (`jaxembed.train.run_meta`): the run's
+any number of hosts), and a JSON ``meta`` item (`jaxembed.run.run_meta`): the run's
 copy of the model folder (config.json, tokenizer), pooling, prompts, datasets and the run
-config, enough to rebuild the encoder (`jaxembed.convert`, `jaxembed.load(workdir)`)
-without the original folder.
+config, enough to rebuild the encoder (`jaxembed.run`: `jaxembed.convert`,
+`jaxembed.load(workdir)`) without the original folder.
 
 The state is saved by every process (each writes its own shards) and restores into any
 mesh on any number of processes: Orbax reshards to the shardings of the abstract state.
@@ -22,6 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 CKPT_DIR = "checkpoints"
@@ -99,13 +100,6 @@ def save(
     return mngr.save(step, args=ocp.args.Composite(**args), metrics=metrics, force=force)
 
 
-def abstract_like(state, shardings):
-    """ShapeDtypeStructs carrying the target shardings: what Orbax restores into."""
-    return jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), state, shardings
-    )
-
-
 def restore(mngr: ocp.CheckpointManager, step: int, abstract_state, with_data: bool = False):
     """Restores ``(state, meta, data)`` at ``step`` into ``abstract_state``'s shardings."""
     args = {"state": ocp.args.StandardRestore(abstract_state), "meta": ocp.args.JsonRestore()}
@@ -131,6 +125,32 @@ def restore_meta(workdir: str | os.PathLike, step: int | None = None) -> tuple[i
     ) as m:
         meta = m.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
     return step, meta
+
+
+def restore_params(workdir: str | os.PathLike, step: int, name: str, item):
+    """Only ``state.params[name]`` of a checkpoint (an Orbax partial restore), into ``item``.
+
+    ``item`` is a tree of ShapeDtypeStructs: with a ``sharding`` each array is restored as
+    a global array sharded so, without one as a host (NumPy) array. The optimizer state and
+    the rest of the train state are never read.
+    """
+
+    def restore_args(x):
+        if getattr(x, "sharding", None) is None:
+            return ocp.RestoreArgs(restore_type=np.ndarray)
+        return ocp.ArrayRestoreArgs(sharding=x.sharding)
+
+    path = (Path(workdir) / CKPT_DIR / str(step) / "state").absolute()
+    with ocp.PyTreeCheckpointer() as checkpointer:
+        restored = checkpointer.restore(
+            path,
+            args=ocp.args.PyTreeRestore(
+                item={"params": {name: item}},
+                restore_args={"params": {name: jax.tree.map(restore_args, item)}},
+                partial_restore=True,
+            ),
+        )
+    return restored["params"][name]
 
 
 def restore_or_init(mngr: ocp.CheckpointManager, init: Callable[[], object], abstract_state):

@@ -1,19 +1,21 @@
 """The shared config schema: defaults, grouped as model / loss / optim / mesh / train.
 
 Configs are Python files whose ``get_config()`` starts from `default_config()` and overrides
-what the recipe needs; the CLI overrides further with ``--config.optim.lr=...``.
-`validate` checks every value and names the key and the allowed values on error.
+what the recipe needs (`load`); the command line overrides further with
+``--config.optim.lr=...`` (`override`). `validate` checks every value and names the key and
+the allowed values on error. These are the only defaults: the data pipeline's settings
+(`jaxembed.data.pipeline.PipelineConfig`) read theirs from here.
 """
 
 from __future__ import annotations
 
+import ast
+import importlib.util
 from pathlib import Path
 
 import ml_collections
 
-DTYPES = ("float32", "bfloat16")
-LOSS_STYLES = ("joint", "f2llm")
-SCHEDULES = ("cosine", "linear", "constant")
+from jaxembed.choices import DTYPES, LOSS_STYLES, SCHEDULES, TASKS
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -154,16 +156,11 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         raise ValueError(
             f"config.optim.min_lr={c.optim.min_lr} exceeds config.optim.lr={c.optim.lr}"
         )
-    _choice(c, "data.mixing", ("remaining", "temperature"))
-    _choice(c, "data.negatives", ("mined", "random"))
-    _positive(c, "data.group_size", allow_zero=True)
-    if not 0.0 <= c.data.query_noise < 1.0:
-        raise ValueError(f"config.data.query_noise={c.data.query_noise} must lie in [0, 1)")
+    # data.mixing, negatives, group_size, query_noise: `PipelineConfig` checks them.
     for task in c.data.num_negatives:
-        if task not in ("retrieval", "classification", "clustering"):
+        if task not in TASKS:
             raise ValueError(
-                f"config.data.num_negatives.{task}: unknown task; "
-                "allowed: retrieval, classification, clustering"
+                f"config.data.num_negatives.{task}: unknown task; allowed: {', '.join(TASKS)}"
             )
     for key in ("data.max_query_length", "data.max_passage_length", "log.every", "ckpt.every"):
         _positive(c, key)
@@ -183,3 +180,109 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
             f"{len(dims)} config.loss.matryoshka_dims"
         )
     return c
+
+
+# --- config files and command-line overrides ------------------------------------------------
+
+
+def load(spec: str) -> ml_collections.ConfigDict:
+    """The config a file defines: ``FILE.py`` (``get_config()``) or ``FILE.py:ARG``."""
+    path, _, arg = spec.partition(":") if not Path(spec).exists() else (spec, "", "")
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"--config {spec}: no such file {file}")
+    module_spec = importlib.util.spec_from_file_location(f"_jaxembed_config_{file.stem}", file)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ValueError(f"--config {spec}: {file} defines no get_config()")
+    config = module.get_config(arg) if arg else module.get_config()
+    if not isinstance(config, ml_collections.ConfigDict):
+        raise ValueError(f"--config {spec}: get_config() returned {type(config).__name__}")
+    return config
+
+
+def parse_overrides(args: list[str]) -> list[tuple[str, str]]:
+    """``(key, value)`` of ``--config.KEY=VALUE`` / ``--config.KEY VALUE`` arguments."""
+    out, i = [], 0
+    while i < len(args):
+        if not args[i].startswith("--config."):
+            raise ValueError(f"unrecognized argument: {args[i]}")
+        key, eq, value = args[i][len("--config.") :].partition("=")
+        if not eq:
+            if i + 1 >= len(args):
+                raise ValueError(f"{args[i]}: expected a value")
+            i += 1
+            value = args[i]
+        out.append((key, value))
+        i += 1
+    return out
+
+
+def override(config: ml_collections.ConfigDict, key: str, text: str) -> None:
+    """Sets ``config.<key>`` from command-line ``text``, parsed as the field's current type.
+
+    Booleans take true/false (or 1/0, yes/no); tuples take a Python literal ("(1, 2)") or
+    comma-separated values ("a.jsonl,b.jsonl"); a group that has no fields by default (e.g.
+    ``eval.groups``) takes new keys. Unknown keys and unparsable values are errors naming
+    the key.
+    """
+    *parents, name = key.split(".")
+    group = config
+    for i, part in enumerate(parents):
+        if part not in group or not isinstance(group[part], ml_collections.ConfigDict):
+            raise ValueError(f"--config.{key}: config.{'.'.join(parents[: i + 1])} is not a group")
+        group = group[part]
+    where = f"config.{'.'.join(parents)}" if parents else "config"
+    if name not in group:
+        if len(group) or not parents:
+            raise ValueError(f"--config.{key}: no such field; {where} has {sorted(group)}")
+        group[name] = _parse(text, None, key)
+        return
+    current = group[name]
+    if isinstance(current, ml_collections.ConfigDict):
+        raise ValueError(f"--config.{key}: a group; set its fields ({sorted(current)})")
+    group[name] = _parse(text, current, key)
+
+
+def _parse(text: str, current, key: str):
+    """``text`` as a value of ``current``'s type (any Python literal when it is None)."""
+    try:
+        if isinstance(current, bool):
+            lowered = text.strip().lower()
+            if lowered not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError("expected true or false")
+            return lowered in ("true", "1", "yes")
+        if isinstance(current, int):
+            return int(text)
+        if isinstance(current, float):
+            return float(text)
+        if isinstance(current, str):
+            return text
+        if isinstance(current, (tuple, list)) or current is None:
+            try:
+                value = ast.literal_eval(text)
+            except (ValueError, SyntaxError):
+                value = text
+            if current is None:
+                return value
+            if isinstance(value, str):  # a,b,c
+                value = [v.strip() for v in value.split(",") if v.strip()]
+            if not isinstance(value, (tuple, list)):
+                value = (value,)
+            return type(current)(value)
+    except ValueError as e:
+        raise ValueError(f"--config.{key}={text!r}: {e}") from None
+    raise ValueError(f"--config.{key}: cannot set a {type(current).__name__} from the command line")
+
+
+def describe(config: ml_collections.ConfigDict, prefix: str = "config") -> list[str]:
+    """One ``key = value`` line per field, nested groups flattened (for ``--help``)."""
+    lines = []
+    for name, value in config.items():
+        if isinstance(value, ml_collections.ConfigDict) and len(value):
+            lines += describe(value, f"{prefix}.{name}")
+        else:
+            shown = dict(value) if isinstance(value, ml_collections.ConfigDict) else value
+            lines.append(f"{prefix}.{name} = {shown!r}")
+    return lines

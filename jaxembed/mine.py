@@ -33,7 +33,7 @@ embedding and the positives of other queries are candidates too.
 
 Text the model reads: queries of records with an ``instruction`` become
 ``instruction_template.format(instruction=..., query=...)`` (training's
-``PipelineConfig.instruction_template``) with no model prompt; other queries get the
+``config.data.instruction_template``) with no model prompt; other queries get the
 query prompt (``--query-prefix`` text, else the model's ``--query-prompt`` name, else its
 ``query`` prompt if defined). Passages get ``--passage-prefix``, else the model's
 ``--passage-prompt``, else its ``document`` / ``passage`` / ``corpus`` prompt, if any.
@@ -61,11 +61,12 @@ Scale
 -----
 Embeddings go to ``--cache`` (default ``OUT.cache/``) in shards of ``shard_size`` rows,
 each written atomically, under a manifest keyed by the model (path and a fingerprint of
-its files), prompts, max length, dtype and a hash of the texts: an interrupted run
-re-encodes only the missing shards, and a changed input or model invalidates the cache
-(logged). Search reads the shards memory-mapped, runs `evaluate.top_k` (blocked matrix
-products with a running top-k) against each, and merges the per-shard results with the
-same tie rule, so neither host nor device memory has to hold the corpus embeddings. The
+its files), prompts, max length, dtype and a hash of the texts (`jaxembed.embedding_cache`):
+an interrupted run re-encodes only the missing shards, and a changed input or model
+invalidates the cache (logged). Search reads the shards memory-mapped, runs
+`retrieval.top_k` (blocked matrix products with a running top-k) against each, and merges
+the per-shard results with the same tie rule (`retrieval.search_shards`), so neither host
+nor device memory has to hold the corpus embeddings. The
 pool's texts, and ``top_k`` scores and indices per query, stay in host memory.
 
 Multi-host (run the same command on every host, see ``launch/``): encoding is split over
@@ -78,29 +79,34 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
+import gzip
+import inspect
 import json
 import logging
 import os
 import sys
 import time
-import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import jax
 import numpy as np
 
-from jaxembed import distributed
-from jaxembed.data.pipeline import PipelineConfig, text_hash
+from jaxembed import cli, retrieval, sharding
+from jaxembed.choices import DTYPES
+from jaxembed.config import default_config
+from jaxembed.data import readers
+from jaxembed.data.pipeline import text_hash
 from jaxembed.data.records import RecordError, check_record
+from jaxembed.embedding_cache import encode_cached, encoder_key, gather
+from jaxembed.encoder import load
+from jaxembed.files import atomic_open, atomic_write_text, hf_offline, write_jsonl
 
 log = logging.getLogger(__name__)
 
-DEFAULT_TEMPLATE = PipelineConfig.__dataclass_fields__["instruction_template"].default
+DEFAULT_TEMPLATE = default_config().data.instruction_template
 SAMPLING = ("top", "random")
 TOO_FEW = ("keep", "drop")
-CACHE_VERSION = 1
 # Score histograms in the stats file: 200 bins over the cosine range.
 HIST_EDGES = np.linspace(-1.0, 1.0, 201)
 DROP_REASONS = ("skip_top", "max_score", "relative_margin", "not_sampled")
@@ -110,101 +116,431 @@ class MiningError(ValueError):
     """Bad input, model or settings; the message names the file, id or option."""
 
 
-class MiningInterrupted(RuntimeError):
-    """Raised by the ``stop_after_shards`` test hook after that many shards were encoded."""
+# ------------------------------------------------------------------------------------------
+# Mining: the stages
+
+
+def mine(
+    model,
+    input: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    corpus: str | os.PathLike | None = None,
+    split: str = "train",
+    top_k: int = 100,
+    skip_top: int = 5,
+    max_score: float | None = 0.8,
+    relative_margin: float | None = 0.05,
+    num_negatives: int = 24,
+    sampling: str = "top",
+    too_few: str = "keep",
+    seed: int = 0,
+    query_prompt: str | None = None,
+    passage_prompt: str | None = None,
+    query_prefix: str | None = None,
+    passage_prefix: str | None = None,
+    instruction_template: str = DEFAULT_TEMPLATE,
+    task: str = "retrieval",
+    dataset: str | None = None,
+    with_scores: bool = False,
+    overwrite: bool = False,
+    batch_size: int = 64,
+    dtype: str = "float32",
+    max_length: int | None = None,
+    packing: bool = False,
+    cache: str | os.PathLike | None = None,
+    shard_size: int = 16384,
+    block: int = 16384,
+    query_block: int = 1024,
+    mesh=None,
+    devices: Sequence | None = None,
+    progress: bool = True,
+) -> dict:
+    """Mines hard negatives for ``input`` and writes them to ``out``; returns the stats.
+
+    The rules, inputs and cache are described in the module docstring.
+
+    Args:
+      model: a model path (HF / sentence-transformers folder or training checkpoint), or an
+        already loaded `jaxembed.Encoder`.
+      input: training-format pairs (JSONL, JSONL.gz, Parquet, TFDS dir) or a BEIR folder.
+      out: the output file: ``*.parquet`` (F2LLM layout), else JSONL. The stats go to
+        ``out + ".stats.json"``.
+      corpus: candidate documents (JSONL or plain text); default: the distinct positives.
+      split: the qrels split of a BEIR input.
+      top_k, skip_top, max_score, relative_margin, num_negatives, sampling: the selection
+        rules (steps 1-5 of the module docstring).
+      too_few: "keep" writes records with fewer than ``num_negatives`` negatives, "drop"
+        drops them; both are counted in the stats.
+      seed: seeds ``sampling="random"`` (with the query and positive texts).
+      query_prompt, passage_prompt: names of the model's prompts.
+      query_prefix, passage_prefix: literal prompt text, overriding the names.
+      instruction_template: how a record's ``instruction`` and query are joined.
+      task, dataset: for records that lack them (dataset default: the input's file name).
+      with_scores: also write ``positive_score`` and ``negative_scores`` per record.
+      overwrite: replace an existing ``out``.
+      batch_size: texts per forward pass (split over the mesh's devices).
+      dtype, max_length, packing: passed to `jaxembed.load` when ``model`` is a path
+        (packing: several texts per row, same embeddings, less padding).
+      cache: the embedding cache folder (default ``out + ".cache"``).
+      shard_size: rows per cached embedding shard (the unit of resumption and search).
+      block, query_block: block sizes of the search (bounding its memory).
+      mesh, devices: the devices to encode on (default: every device, of every host).
+      progress: show progress bars on stderr.
+    """
+    t_start = time.perf_counter()
+    rules = _checked_rules(
+        batch_size, shard_size, top_k=top_k, skip_top=skip_top, max_score=max_score,
+        relative_margin=relative_margin, num_negatives=num_negatives, sampling=sampling,
+        too_few=too_few, seed=seed,
+    )  # fmt: skip
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise MiningError(f"{out} exists; pass overwrite=True (--overwrite) to replace it")
+    cache = Path(cache) if cache is not None else Path(f"{out}.cache")
+
+    data = _read_inputs(input, corpus, split, task, dataset)
+    pool = _candidate_pool(data, input)
+    encoder, mesh = _load_teacher(model, dtype, max_length, packing, mesh, devices)
+    q_prompt, p_prompt = _prompts(
+        encoder, query_prompt, passage_prompt, query_prefix, passage_prefix
+    )
+    queries = _group_queries(data.records, pool, q_prompt, instruction_template)
+    log.info(
+        "mining %d records (%d queries) against %d candidates (%d from the corpus) on %d device(s)",
+        len(data.records), len(queries.texts), len(pool.texts), pool.n_corpus, mesh.devices.size,
+    )  # fmt: skip
+
+    key = encoder_key(encoder, dtype)
+    enc_kw = dict(shard_size=shard_size, batch_size=batch_size, progress=progress)
+    d_prompts = [p_prompt] * len(pool.texts)
+    d_shards, d_info = encode_cached(
+        encoder, pool.texts, d_prompts, cache / "corpus", key, desc="corpus", **enc_kw
+    )
+    q_shards, q_info = encode_cached(
+        encoder, queries.texts, queries.prompts, cache / "queries", key, desc="queries", **enc_kw
+    )
+
+    t0 = time.perf_counter()
+    candidates = retrieval.nearest_non_positives(
+        q_shards, d_shards, pool.hashes, queries.positive_hashes, rules.top_k,
+        block=block, query_block=query_block,
+    )  # fmt: skip
+    search_s = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    pos_score = _positive_scores(q_shards, d_shards, shard_size, queries, pool)
+    sel = _select_negatives(data.records, queries, candidates, pos_score, pool, rules, with_scores)
+    select_s = time.perf_counter() - t0
+
+    stats = _stats(
+        run={
+            "input": str(input),
+            "corpus": str(corpus) if corpus is not None else None,
+            "output": str(out),
+            "model": encoder.name,
+            "devices": int(mesh.devices.size),
+        },
+        settings={
+            **dataclasses.asdict(rules),
+            "query_prompt": q_prompt,
+            "passage_prompt": p_prompt,
+            "instruction_template": instruction_template,
+            "max_length": int(encoder.max_length),
+        },
+        data=data, pool=pool, queries=queries, sel=sel,
+        cache={"dir": str(cache), "corpus": d_info, "queries": q_info},
+        timing=_timing(d_info, q_info, search_s, select_s, len(queries.texts)),
+    )  # fmt: skip
+    _write_outputs(out, sel.rows, stats, with_scores, t_start)
+    return stats
+
+
+@dataclasses.dataclass
+class _Rules:
+    """The selection settings, checked; the stats file records them in this order."""
+
+    top_k: int
+    skip_top: int
+    max_score: float | None
+    relative_margin: float | None
+    num_negatives: int
+    sampling: str
+    too_few: str
+    seed: int
+
+    def select(self, scores, valid, positive_score: float, record: dict):
+        """`select` for ``record``: random sampling is seeded by its texts, so reruns agree."""
+        rng_seed = [self.seed, text_hash(record["query"]), text_hash(record["positive"])]
+        return select(
+            scores, valid, positive_score, skip_top=self.skip_top, max_score=self.max_score,
+            relative_margin=self.relative_margin, num_negatives=self.num_negatives,
+            sampling=self.sampling, rng_seed=rng_seed,
+        )  # fmt: skip
+
+
+def _checked_rules(batch_size: int, shard_size: int, **settings) -> _Rules:
+    """Checks everything before any input is read or model loaded: bad settings fail fast."""
+    r = _Rules(**settings)
+    if r.top_k < 1 or r.skip_top < 0 or r.num_negatives < 1:
+        raise MiningError(
+            f"need top_k >= 1, skip_top >= 0, num_negatives >= 1; got top_k={r.top_k}, "
+            f"skip_top={r.skip_top}, num_negatives={r.num_negatives}"
+        )
+    if r.skip_top + r.num_negatives > r.top_k:
+        raise MiningError(
+            f"top_k={r.top_k} leaves only {r.top_k - r.skip_top} candidates after skip_top="
+            f"{r.skip_top}, fewer than num_negatives={r.num_negatives}; raise top_k"
+        )
+    if r.sampling not in SAMPLING:
+        raise MiningError(f"sampling={r.sampling!r}; choose one of {list(SAMPLING)}")
+    if r.too_few not in TOO_FEW:
+        raise MiningError(f"too_few={r.too_few!r}; choose one of {list(TOO_FEW)}")
+    if batch_size < 1 or shard_size < 1:
+        raise MiningError(f"batch_size={batch_size} and shard_size={shard_size} must be >= 1")
+    r.max_score = _opt_float(r.max_score, "max_score")
+    r.relative_margin = _opt_float(r.relative_margin, "relative_margin")
+    return r
+
+
+def _opt_float(value: float | None, name: str) -> float | None:
+    if value is None:
+        return None
+    value = float(value)
+    if not np.isfinite(value):
+        raise MiningError(f"{name}={value} must be a finite number (or None to disable)")
+    return value
+
+
+def _load_teacher(model, dtype: str, max_length: int | None, packing: bool, mesh, devices):
+    """``(encoder, mesh)``: by default every device of every host encodes its share of a batch."""
+    if isinstance(model, (str, os.PathLike)):
+        try:
+            model = load(model, dtype=dtype, max_length=max_length, packing=packing)
+        except Exception as e:  # the loaders raise many types; the cause is in the message
+            raise MiningError(f"cannot load model {model}: {e}") from e
+    if mesh is None:
+        mesh = sharding.make_mesh(devices=list(devices) if devices else None)
+    retrieval.on_mesh(model, mesh)
+    return model, mesh
+
+
+def _prompts(encoder, query_prompt, passage_prompt, query_prefix, passage_prefix):
+    """``(query prompt, passage prompt)`` texts: a literal prefix wins over a prompt name.
+
+    Resolved before anything is encoded, so an undefined prompt name fails at once.
+    """
+    try:
+        if query_prefix is None:
+            query_prefix = retrieval.pick_prompt(
+                encoder.prompts, query_prompt, retrieval.QUERY_PROMPTS, encoder.name
+            )
+        if passage_prefix is None:
+            passage_prefix = retrieval.pick_prompt(
+                encoder.prompts, passage_prompt, retrieval.DOC_PROMPTS, encoder.name
+            )
+    except ValueError as e:
+        raise MiningError(str(e)) from None
+    return query_prefix, passage_prefix
 
 
 # ------------------------------------------------------------------------------------------
-# Search: running top-k over embedding shards
+# Inputs: records, the candidate pool, the queries the model reads
 
 
-def merge_top_k(
-    best_s: np.ndarray, best_i: np.ndarray, s: np.ndarray, i: np.ndarray, k: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Merges two ``(scores, global indices)`` candidate lists per row into the best ``k``.
-
-    Ties rank the lower index first; index -1 marks an empty slot (score -inf).
-    """
-    cand_s = np.concatenate([best_s, s], axis=1)
-    cand_i = np.concatenate([best_i, i], axis=1)
-    # lexsort: the last key is primary. Empty slots (-inf) sort after every real score.
-    order = np.lexsort((cand_i, -cand_s), axis=-1)[:, :k]
-    return np.take_along_axis(cand_s, order, 1), np.take_along_axis(cand_i, order, 1)
+@dataclasses.dataclass
+class _Inputs:
+    records: list[dict]  # query, positive, task, dataset[, instruction]
+    corpus: list[str] | None  # corpus texts (None: the positives are the corpus)
+    corpus_skipped: int = 0
 
 
-def search_shards(
-    queries: np.ndarray,
-    shards: Sequence[np.ndarray],
-    k: int,
-    *,
-    block: int = 16384,
-    query_block: int = 1024,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Exact top-k of ``queries`` over the concatenation of ``shards`` (e.g. memory-maps).
-
-    Each shard is searched with `jaxembed.evaluate.top_k` and merged into a running top-k,
-    so only one shard is in memory at a time. Returns ``(scores, indices)`` of shape
-    ``(len(queries), k)``, indices global; when the shards hold fewer than ``k`` rows the
-    rest is filled with score -inf and index -1. Ties: lower index first.
-    """
-    from jaxembed import evaluate
-
-    queries = np.asarray(queries, np.float32)
-    best_s = np.full((len(queries), k), -np.inf, np.float32)
-    best_i = np.full((len(queries), k), -1, np.int64)
-    offset = 0
-    for shard in shards:
-        if len(shard) and len(queries) and k:
-            s, i = evaluate.top_k(queries, np.asarray(shard), k, block, query_block)
-            best_s, best_i = merge_top_k(best_s, best_i, s, i + offset, k)
-        offset += len(shard)
-    return best_s, best_i
-
-
-def nearest_non_positives(
-    q_shards: Sequence[np.ndarray],
-    d_shards: Sequence[np.ndarray],
-    pool_hash: np.ndarray,
-    pos_hash: np.ndarray,
-    top_k: int,
-    *,
-    block: int = 16384,
-    query_block: int = 1024,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Each query's best ``top_k`` candidates that are none of its positives (step 1).
-
-    Args:
-      q_shards, d_shards: query and pool embeddings, in shards of equal size (but the last).
-      pool_hash: `text_hash` of every pool text.
-      pos_hash: ``(queries, max positives)`` hashes of each query's positives, -1 padded.
-      top_k, block, query_block: as for `mine`.
-
-    Returns:
-      ``(scores, pool indices)``, ``(queries, top_k)``, best first; -inf and -1 where the
-      pool has fewer candidates.
-    """
-    n_q, max_pos = pos_hash.shape
-    # A query's positives are at most max_pos of the ranks: top_k + max_pos covers them.
-    k_search = top_k + max_pos
-    cand_s = np.full((n_q, top_k), -np.inf, np.float32)
-    cand_i = np.full((n_q, top_k), -1, np.int64)
-    lo = 0
-    for q_shard in q_shards:
-        hi = lo + len(q_shard)
-        s, i = search_shards(
-            np.asarray(q_shard), d_shards, k_search, block=block, query_block=query_block
+def _read_inputs(
+    input: str | os.PathLike,
+    corpus: str | os.PathLike | None,
+    split: str,
+    task: str,
+    dataset: str | None,
+) -> _Inputs:
+    """Training-format pairs (with ``corpus``, if given) or a BEIR folder, as one shape."""
+    input = Path(input)
+    if not is_beir_folder(input):
+        return _read_pairs(input, corpus, task, dataset)
+    if corpus is not None:
+        raise MiningError(
+            f"{input}: a BEIR folder brings its own corpus.jsonl; --corpus cannot be given"
         )
-        h = np.where(i >= 0, pool_hash[np.maximum(i, 0)], -2)
-        excluded = i < 0
-        for j in range(max_pos):
-            excluded |= h == pos_hash[lo:hi, j : j + 1]
-        # A stable sort on the flag moves the kept candidates forward in rank order.
-        order = np.argsort(excluded, axis=1, kind="stable")[:, :top_k]
-        keep = ~np.take_along_axis(excluded, order, 1)
-        cand_s[lo:hi] = np.where(keep, np.take_along_axis(s, order, 1), -np.inf)
-        cand_i[lo:hi] = np.where(keep, np.take_along_axis(i, order, 1), -1)
-        lo = hi
-    return cand_s, cand_i
+    return _read_beir(input, split, dataset)
+
+
+def _read_pairs(input: Path, corpus, task: str, dataset: str | None) -> _Inputs:
+    try:
+        src = readers.open_source(input, task=task, dataset=dataset or input.name.split(".", 1)[0])
+    except (RecordError, FileNotFoundError, ValueError) as e:
+        raise MiningError(str(e)) from None
+    records = [src[i] for i in range(len(src))]
+    if not records:
+        raise MiningError(f"{input}: no records")
+    if corpus is None:
+        return _Inputs(records, None)
+    texts, skipped = read_corpus(corpus)
+    return _Inputs(records, texts, skipped)
+
+
+def _read_beir(folder: Path, split: str, dataset: str | None) -> _Inputs:
+    """One record per judgment with grade > 0; ids judged <= 0 stay mere candidates."""
+    try:
+        docs, queries, qrels = retrieval.load_beir(folder, split)
+    except retrieval.EvalDataError as e:
+        raise MiningError(str(e)) from None
+    qrels_file = folder / "qrels" / f"{split}.tsv"
+    records = []
+    for qid, rels in qrels.items():
+        for did, grade in rels.items():
+            if grade <= 0:
+                continue
+            rec = {
+                "query": queries[qid],
+                "positive": docs[did],
+                "task": "retrieval",
+                "dataset": dataset or folder.name,
+            }
+            try:
+                records.append(check_record(rec, f"{qrels_file}: query {qid!r}, doc {did!r}"))
+            except RecordError as e:
+                raise MiningError(str(e)) from None
+    if not records:
+        raise MiningError(f"{qrels_file}: no judgment with grade > 0: nothing to mine")
+    # Corpus order is the file's order (ties in search go to the lower pool index).
+    return _Inputs(records, list(docs.values()))
+
+
+def read_corpus(path: str | os.PathLike) -> tuple[list[str], int]:
+    """``(texts, skipped)`` of a corpus file; empty documents are skipped and counted.
+
+    ``.jsonl`` / ``.jsonl.gz``: one object per line with ``text`` (and optionally ``title``
+    and ``_id``; a title is joined as `retrieval.corpus_text` does). Anything else: plain
+    text, one document per line.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise MiningError(f"{path}: corpus file not found")
+    jsonl = path.name.endswith((".jsonl", ".jsonl.gz"))
+    texts: list[str] = []
+    skipped = 0
+    for text in _jsonl_documents(path) if jsonl else _line_documents(path):
+        if text.strip():
+            texts.append(text)
+        else:
+            skipped += 1
+    if not texts:
+        raise MiningError(f"{path}: the corpus is empty (no non-empty document)")
+    return texts, skipped
+
+
+def _jsonl_documents(path: Path) -> Iterator[str]:
+    opener = gzip.open if path.name.endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise MiningError(f"{path}:{line_no}: invalid JSON ({e.msg})") from None
+            if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+                raise MiningError(f"{path}:{line_no}: expected an object with a 'text' string")
+            yield retrieval.corpus_text(row)
+
+
+def _line_documents(path: Path) -> Iterator[str]:
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            yield line.rstrip("\n").rstrip("\r")
+
+
+def is_beir_folder(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a BEIR folder (``queries.jsonl`` and ``qrels/``)."""
+    path = Path(path)
+    return path.is_dir() and (path / "queries.jsonl").exists() and (path / "qrels").is_dir()
+
+
+@dataclasses.dataclass
+class _Pool:
+    texts: list[str]  # the corpus (first occurrences, file order), then new positives
+    n_corpus: int  # how many of them come from the corpus
+    duplicates: int  # corpus texts dropped as exact duplicates
+    positive: np.ndarray  # per record, its positive's pool index
+    hashes: np.ndarray  # `text_hash` of each text: how positives are told from negatives
+
+
+def _candidate_pool(data: _Inputs, input) -> _Pool:
+    """The corpus deduplicated by exact text, plus every positive not in it.
+
+    Every positive then has an embedding (the relative margin needs its score), and the
+    positives of other queries are candidates too, as in sentence-transformers.
+    """
+    index: dict[str, int] = {}
+    for t in data.corpus if data.corpus is not None else ():
+        index.setdefault(t, len(index))
+    n_corpus = len(index)
+    for r in data.records:
+        index.setdefault(r["positive"], len(index))
+    if not index:
+        raise MiningError(f"{input}: the corpus is empty")
+    texts = list(index)  # insertion order: the pool index order
+    return _Pool(
+        texts=texts,
+        n_corpus=n_corpus,
+        duplicates=len(data.corpus) - n_corpus if data.corpus is not None else 0,
+        positive=np.array([index[r["positive"]] for r in data.records], np.int64),
+        hashes=np.array([text_hash(t) for t in texts], np.int64),
+    )
+
+
+@dataclasses.dataclass
+class _Queries:
+    texts: list[str]  # one per distinct (prompt, text) the model reads
+    prompts: list[str]
+    of_record: np.ndarray  # per record, its query's index
+    positive_hashes: np.ndarray  # (queries, most positives) each query's, -1 padded
+
+
+def _group_queries(records: list[dict], pool: _Pool, q_prompt: str, template: str) -> _Queries:
+    """Records the model reads the same query for are one query with several positives.
+
+    Each is encoded and searched once, and none of its positives is a negative of any of
+    its records.
+    """
+    group_of: dict[tuple[str, str], int] = {}
+    of_record = np.empty(len(records), np.int64)
+    for n, r in enumerate(records):
+        of_record[n] = group_of.setdefault(_model_query(r, q_prompt, template), len(group_of))
+    positives: list[list[int]] = [[] for _ in group_of]
+    for n, g in enumerate(of_record):
+        if pool.positive[n] not in positives[g]:
+            positives[g].append(int(pool.positive[n]))
+    pos_hash = np.full((len(group_of), max(map(len, positives))), -1, np.int64)
+    for g, p in enumerate(positives):
+        pos_hash[g, : len(p)] = pool.hashes[p]  # -1 (padding) never equals a text_hash
+    return _Queries([t for _, t in group_of], [p for p, _ in group_of], of_record, pos_hash)
+
+
+def _model_query(record: dict, q_prompt: str, template: str) -> tuple[str, str]:
+    """``(prompt, text)`` the model reads: an instruction replaces the prompt, as in training."""
+    if not record.get("instruction"):
+        return q_prompt, record["query"]
+    try:
+        return "", template.format(instruction=record["instruction"], query=record["query"])
+    except (KeyError, IndexError) as e:
+        raise MiningError(
+            f"instruction_template {template!r}: unknown field {e}; "
+            "use {instruction} and {query}"
+        ) from None
+
+
+# ------------------------------------------------------------------------------------------
+# Selection
 
 
 def select(
@@ -221,8 +557,9 @@ def select(
 ) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """Steps 2-5 for one record: ``(taken ranks, (skipped, capped, too-close masks))``.
 
-    ``scores`` are the record's non-positive candidates best first (`nearest_non_positives`),
-    ``valid`` marks the real ones; the taken ranks come back in increasing order.
+    ``scores`` are the record's non-positive candidates best first
+    (`retrieval.nearest_non_positives`), ``valid`` marks the real ones; the taken ranks come
+    back in increasing order. The masks say why each candidate was dropped, for the stats.
     """
     ranks = np.arange(len(scores))
     none = np.zeros(len(scores), bool)
@@ -246,331 +583,61 @@ def select(
     return take, (drop_skip, drop_max, drop_margin)
 
 
-# ------------------------------------------------------------------------------------------
-# Embedding cache: fixed-size shards, written atomically, under a manifest
+def _positive_scores(q_shards, d_shards, shard_size: int, queries: _Queries, pool: _Pool):
+    """Each record's query-positive cosine, the reference of the relative margin.
 
-
-def _sha256_texts(texts: Sequence[str], prompts: Sequence[str]) -> str:
-    h = hashlib.sha256()
-    for p, t in zip(prompts, texts, strict=True):
-        for s in (p, t):
-            b = s.encode("utf-8")
-            h.update(len(b).to_bytes(8, "little"))
-            h.update(b)
-    return h.hexdigest()
-
-
-def model_fingerprint(path: str | os.PathLike) -> str:
-    """A hash of the names, sizes and modification times of the files under ``path``.
-
-    It changes when the weights are rewritten or a training run saves a newer checkpoint,
-    so a cache written for other weights at the same path is not reused.
+    Gathered in chunks of ``shard_size`` records, so memory stays bounded.
     """
-    path = Path(path)
-    h = hashlib.sha256()
-    if path.is_file():
-        st = path.stat()
-        h.update(f"{path.name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-    for root, dirs, files in os.walk(path):
-        dirs.sort()
-        for name in sorted(files):
-            f = Path(root) / name
-            try:
-                st = f.stat()
-            except OSError:
-                continue
-            h.update(f"{f.relative_to(path)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-    return h.hexdigest()
-
-
-def _atomic_write_bytes(path: Path, write) -> None:
-    """Writes via ``write(file)`` to a unique temporary file beside ``path``, then renames."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-class _Budget:
-    """Counts shards encoded in this run; raises once ``limit`` is reached (test hook)."""
-
-    def __init__(self, limit: int | None):
-        self.limit = limit
-        self.done = 0
-
-    def tick(self) -> None:
-        self.done += 1
-        if self.limit is not None and self.done >= self.limit:
-            raise MiningInterrupted(f"stopped after encoding {self.done} shard(s) (test hook)")
-
-
-def encode_cached(
-    encoder,
-    texts: Sequence[str],
-    prompts: Sequence[str],
-    folder: Path,
-    key: dict,
-    *,
-    shard_size: int,
-    batch_size: int,
-    desc: str,
-    progress: bool = True,
-    budget: _Budget | None = None,
-) -> tuple[list[np.ndarray], dict]:
-    """Embeddings of ``texts`` (each read with its prompt) as shards cached in ``folder``.
-
-    Returns ``(shards, info)``: memory-mapped ``(rows, dim)`` float32 arrays in order, and
-    ``{"shards", "encoded", "reused", "encoded_rows", "seconds"}``. A manifest holding
-    ``key`` plus the texts' hash guards the folder: when it differs, the old shards are
-    deleted (and a log line says what changed); otherwise shards already on disk are used
-    as they are and only the missing ones are encoded.
-    """
-    from tqdm import tqdm  # installed with transformers
-
-    n = len(texts)
-    dim = int(encoder.dim)
-    manifest = {
-        "version": CACHE_VERSION,
-        **key,
-        "texts_sha256": _sha256_texts(texts, prompts),
-        "count": n,
-        "shard_size": int(shard_size),
-        "dim": dim,
-    }
-    # Multi-host: every process encodes (batches split over all hosts' devices); process 0
-    # alone writes the cache, which must be on storage all hosts share.
-    writer = jax.process_index() == 0
-    if writer:
-        folder.mkdir(parents=True, exist_ok=True)
-    distributed.barrier("mine cache folder")
-    distributed.check_shared_dir(folder)
-    mpath = folder / "manifest.json"
-    old = None
-    if writer and mpath.exists():
-        try:
-            old = json.loads(mpath.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError):
-            old = {}
-    if writer and old != manifest:
-        if old is not None:
-            changed = sorted(k for k in set(old) | set(manifest) if old.get(k) != manifest.get(k))
-            log.info("cache %s is stale (changed: %s): re-encoding", folder, ", ".join(changed))
-        for f in folder.glob("shard_*.npy"):
-            f.unlink()
-        text = json.dumps(manifest, indent=1, sort_keys=True).encode("utf-8")
-        _atomic_write_bytes(mpath, lambda f: f.write(text))
-
-    n_shards = -(-n // shard_size)
-    paths = [folder / f"shard_{s:06d}.npy" for s in range(n_shards)]
-
-    def cached(s: int) -> np.ndarray | None:
-        if not paths[s].exists():
-            return None
-        try:
-            arr = np.load(paths[s], mmap_mode="r")
-        except (OSError, ValueError):
-            return None
-        rows = min(shard_size, n - s * shard_size)
-        return arr if arr.shape == (rows, dim) and arr.dtype == np.float32 else None
-
-    distributed.barrier("mine cache manifest")
-    present = [cached(s) for s in range(n_shards)]
-    # A shard counts as cached only if every host can read it: all encode the same rest.
-    readable = distributed.gather(np.array([a is not None for a in present], bool)).all(0)
-    present = [a if ok else None for a, ok in zip(present, readable, strict=True)]
-    reused = sum(a is not None for a in present)
-    if reused:
-        log.info("cache %s: %d of %d %s shard(s) already encoded", folder, reused, n_shards, desc)
-    todo_rows = sum(min(shard_size, n - s * shard_size) for s, a in enumerate(present) if a is None)
-    # Sub-batches inside a shard keep the progress bar moving; the encoder sorts texts by
-    # length within each call, so calls of a few thousand texts waste little padding.
-    chunk = max(batch_size * 32, 1024)
-    seconds = 0.0
-    encoded = 0
-    with tqdm(
-        total=todo_rows,
-        desc=f"encode {desc}",
-        unit="doc" if desc == "corpus" else "query",
-        file=sys.stderr,
-        disable=not progress or todo_rows == 0 or not writer,
-        mininterval=1.0,
-    ) as bar:
-        for s in range(n_shards):
-            if present[s] is not None:
-                continue
-            lo, hi = s * shard_size, min(n, (s + 1) * shard_size)
-            out = np.empty((hi - lo, dim), np.float32)
-            t0 = time.perf_counter()
-            for c in range(lo, hi, chunk):
-                c_hi = min(hi, c + chunk)
-                # Group by prompt: the encoder skips prompt tokens when pooling per call.
-                by_prompt: dict[str, list[int]] = {}
-                for j in range(c, c_hi):
-                    by_prompt.setdefault(prompts[j], []).append(j)
-                for prompt, rows in by_prompt.items():
-                    emb = encoder.encode(
-                        [texts[j] for j in rows], batch_size=batch_size, prompt=prompt
-                    )
-                    out[np.asarray(rows) - lo] = emb
-                bar.update(c_hi - c)
-            seconds += time.perf_counter() - t0
-            if not np.isfinite(out).all():
-                bad = lo + int(np.flatnonzero(~np.isfinite(out).all(1))[0])
-                raise FloatingPointError(f"encoding the {desc}: non-finite embedding (row {bad})")
-            if writer:
-                _atomic_write_bytes(paths[s], lambda f, out=out: np.save(f, out))
-                present[s] = np.load(paths[s], mmap_mode="r")
-            else:
-                present[s] = out
-            encoded += 1
-            if budget is not None:
-                budget.tick()
-    info = {
-        "shards": n_shards,
-        "encoded": encoded,
-        "reused": reused,
-        "encoded_rows": todo_rows,
-        "seconds": seconds,
-    }
-    return present, info
-
-
-def _gather(shards: Sequence[np.ndarray], shard_size: int, idx: np.ndarray) -> np.ndarray:
-    """Rows ``idx`` (global) of the concatenated shards."""
-    idx = np.asarray(idx, np.int64)
-    dim = shards[0].shape[1] if shards else 0
-    out = np.empty((len(idx), dim), np.float32)
-    for s in np.unique(idx // shard_size):
-        sel = np.flatnonzero(idx // shard_size == s)
-        out[sel] = shards[int(s)][idx[sel] - int(s) * shard_size]
+    n = len(pool.positive)
+    out = np.empty(n, np.float32)
+    for lo in range(0, n, shard_size):
+        sl = slice(lo, lo + shard_size)
+        q_emb = gather(q_shards, shard_size, queries.of_record[sl])
+        out[sl] = np.einsum("nd,nd->n", q_emb, gather(d_shards, shard_size, pool.positive[sl]))
     return out
 
 
-# ------------------------------------------------------------------------------------------
-# Inputs
+def _select_negatives(records, queries, candidates, pos_score, pool, rules, with_scores):
+    """Steps 2-5 for every record: its output row, and the tallies of the stats file."""
+    cand_s, cand_i = candidates
+    sel = _Selected()
+    for n, r in enumerate(records):
+        g = queries.of_record[n]
+        s, i = cand_s[g], cand_i[g]
+        valid = i >= 0
+        ps = float(pos_score[n])
+        take, drops = rules.select(s, valid, ps, r)
+        sel.count_candidates(s, valid, take, drops, ps)
+        if len(take) < rules.num_negatives:
+            if rules.too_few == "drop":
+                sel.dropped += 1
+                continue
+            sel.short += 1
+        sel.keep(int(g), s[take])
+        negatives = [pool.texts[int(j)] for j in i[take]]
+        sel.rows.append(_row(r, negatives, ps, s[take], with_scores))
+    sel.dists.flush()
+    return sel
 
 
-def read_corpus(path: str | os.PathLike) -> tuple[list[str], int]:
-    """``(texts, skipped)`` of a corpus file; empty documents are skipped and counted.
-
-    ``.jsonl`` / ``.jsonl.gz``: one object per line with ``text`` (and optionally ``title``
-    and ``_id``; a title is joined as `evaluate.corpus_text` does). Anything else: plain
-    text, one document per line.
-    """
-    from jaxembed import evaluate
-
-    path = Path(path)
-    if not path.is_file():
-        raise MiningError(f"{path}: corpus file not found")
-    texts: list[str] = []
-    skipped = 0
-    name = path.name
-    if name.endswith((".jsonl", ".jsonl.gz")):
-        import gzip
-
-        opener = gzip.open if name.endswith(".gz") else open
-        with opener(path, "rt", encoding="utf-8") as f:
-            for line_no, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise MiningError(f"{path}:{line_no}: invalid JSON ({e.msg})") from None
-                if not isinstance(row, dict) or not isinstance(row.get("text"), str):
-                    raise MiningError(f"{path}:{line_no}: expected an object with a 'text' string")
-                text = evaluate.corpus_text(row)
-                if text:
-                    texts.append(text)
-                else:
-                    skipped += 1
-    else:
-        with open(path, encoding="utf-8") as f:
-            for line in f:
-                text = line.rstrip("\n").rstrip("\r")
-                if text.strip():
-                    texts.append(text)
-                else:
-                    skipped += 1
-    if not texts:
-        raise MiningError(f"{path}: the corpus is empty (no non-empty document)")
-    return texts, skipped
-
-
-def is_beir_folder(path: str | os.PathLike) -> bool:
-    """Whether ``path`` is a BEIR folder (``queries.jsonl`` and ``qrels/``)."""
-    path = Path(path)
-    return path.is_dir() and (path / "queries.jsonl").exists() and (path / "qrels").is_dir()
-
-
-@dataclasses.dataclass
-class _Inputs:
-    records: list[dict]  # query, positive, task, dataset[, instruction]
-    corpus: list[str] | None  # corpus texts (None: the positives are the corpus)
-    corpus_skipped: int = 0
-
-
-def _read_inputs(
-    input: str | os.PathLike,
-    corpus: str | os.PathLike | None,
-    split: str,
-    task: str,
-    dataset: str | None,
-) -> _Inputs:
-    from jaxembed import evaluate
-    from jaxembed.data import readers
-
-    input = Path(input)
-    if is_beir_folder(input):
-        if corpus is not None:
-            raise MiningError(
-                f"{input}: a BEIR folder brings its own corpus.jsonl; --corpus cannot be given"
-            )
-        try:
-            docs, queries, qrels = evaluate.load_beir(input, split)
-        except evaluate.EvalDataError as e:
-            raise MiningError(str(e)) from None
-        qrels_file = input / "qrels" / f"{split}.tsv"
-        records = []
-        for qid, rels in qrels.items():
-            for did, grade in rels.items():
-                if grade <= 0:
-                    continue
-                rec = {
-                    "query": queries[qid],
-                    "positive": docs[did],
-                    "task": "retrieval",
-                    "dataset": dataset or input.name,
-                }
-                try:
-                    records.append(check_record(rec, f"{qrels_file}: query {qid!r}, doc {did!r}"))
-                except RecordError as e:
-                    raise MiningError(str(e)) from None
-        if not records:
-            raise MiningError(f"{qrels_file}: no judgment with grade > 0: nothing to mine")
-        # Corpus order is the file's order (ties in search go to the lower pool index).
-        return _Inputs(records, list(docs.values()))
-    try:
-        src = readers.open_source(input, task=task, dataset=dataset or input.name.split(".", 1)[0])
-    except (RecordError, FileNotFoundError, ValueError) as e:
-        raise MiningError(str(e)) from None
-    records = [src[i] for i in range(len(src))]
-    if not records:
-        raise MiningError(f"{input}: no records")
-    if corpus is None:
-        return _Inputs(records, None)
-    texts, skipped = read_corpus(corpus)
-    return _Inputs(records, texts, skipped)
+def _row(record: dict, negatives: list[str], positive_score: float, scores, with_scores: bool):
+    row = {
+        "query": record["query"],
+        "positive": record["positive"],
+        "negatives": negatives,
+        "task": record["task"],
+        "dataset": record["dataset"],
+    }
+    if record.get("instruction"):
+        row["instruction"] = record["instruction"]
+    if with_scores:
+        row["positive_score"] = round(positive_score, 6)
+        row["negative_scores"] = [round(float(x), 6) for x in scores]
+    return row
 
 
 # ------------------------------------------------------------------------------------------
-# Stats
+# Stats: where every candidate went, so the settings can be tuned from one run
 
 
 class _Dist:
@@ -618,7 +685,7 @@ class _Dist:
 
 
 class _Dists:
-    """Buffers per-record score arrays and folds them into `_Dist`s in bulk."""
+    """Buffers per-record score arrays and folds them into `_Dist`s in bulk (fewer calls)."""
 
     def __init__(self, names: Sequence[str]):
         self.d = {n: _Dist() for n in names}
@@ -639,16 +706,118 @@ class _Dists:
         self.size = 0
 
 
+@dataclasses.dataclass
+class _Selected:
+    """The output rows, and what the stats file reports about how they were chosen."""
+
+    rows: list[dict] = dataclasses.field(default_factory=list)
+    counts: dict[str, int] = dataclasses.field(
+        default_factory=lambda: dict.fromkeys(("retrieved", "kept", *DROP_REASONS), 0)
+    )
+    dists: _Dists = dataclasses.field(
+        default_factory=lambda: _Dists(("positive", "kept", *DROP_REASONS))
+    )
+    per_record: dict[int, int] = dataclasses.field(default_factory=dict)  # negatives: records
+    short: int = 0  # records kept with fewer than num_negatives
+    dropped: int = 0  # records dropped for that
+    queries: set[int] = dataclasses.field(default_factory=set)  # with a record written
+
+    def count_candidates(self, scores, valid, take, drops, positive_score: float) -> None:
+        """Tallies which rule dropped each retrieved candidate: it explains short records."""
+        survivors = np.flatnonzero(valid & ~drops[0] & ~drops[1] & ~drops[2])
+        not_sampled = np.setdiff1d(survivors, take, assume_unique=True)
+        self.counts["retrieved"] += int(valid.sum())
+        for name, mask in zip(DROP_REASONS[:3], drops, strict=True):
+            self.counts[name] += int(mask.sum())
+            self.dists.add(name, scores[mask])
+        self.counts["not_sampled"] += len(not_sampled)
+        self.dists.add("not_sampled", scores[not_sampled])
+        self.dists.add("positive", np.array([positive_score]))
+
+    def keep(self, query: int, scores: np.ndarray) -> None:
+        self.counts["kept"] += len(scores)
+        self.dists.add("kept", scores)
+        self.per_record[len(scores)] = self.per_record.get(len(scores), 0) + 1
+        self.queries.add(query)
+
+    def negatives_per_record(self) -> dict:
+        total = sum(k * v for k, v in self.per_record.items())
+        return {
+            "mean": total / len(self.rows) if self.rows else 0.0,
+            "min": min(self.per_record, default=0),
+            "max": max(self.per_record, default=0),
+            "counts": {str(k): self.per_record[k] for k in sorted(self.per_record)},
+        }
+
+
+def _stats(*, run, settings, data, pool, queries, sel, cache, timing) -> dict:
+    return {
+        **run,
+        "settings": settings,
+        "records_in": len(data.records),
+        "records_out": len(sel.rows),
+        "records_dropped_too_few": sel.dropped,
+        "records_short_kept": sel.short,
+        "queries_in": len(queries.texts),
+        "queries_out": len(sel.queries),
+        "corpus_docs": pool.n_corpus,
+        "corpus_duplicates": pool.duplicates,
+        "corpus_skipped_empty": data.corpus_skipped,
+        "candidate_pool": len(pool.texts),
+        "negatives_per_record": sel.negatives_per_record(),
+        "candidates": sel.counts,
+        "scores": {name: d.summary() for name, d in sel.dists.d.items()},
+        "cache": cache,
+        "timing": timing,
+    }
+
+
+def _timing(d_info: dict, q_info: dict, search_s: float, select_s: float, n_queries: int):
+    query_s = q_info["seconds"] + search_s + select_s
+    return {
+        "encode_corpus_s": d_info["seconds"],
+        "encode_queries_s": q_info["seconds"],
+        "search_s": search_s,
+        "select_s": select_s,
+        # docs/s: corpus documents encoded in this run per second of corpus encoding;
+        # queries/s: distinct queries per second of query encoding + search + selection.
+        "docs_per_s": d_info["encoded_rows"] / d_info["seconds"] if d_info["seconds"] else None,
+        "queries_per_s": n_queries / query_s if query_s else None,
+    }
+
+
+def summary_line(stats: dict) -> str:
+    """One line: records and queries in/out, negatives per record, docs/s, queries/s."""
+    t = stats["timing"]
+    docs = f"{t['docs_per_s']:.1f} docs/s" if t["docs_per_s"] else "corpus from cache"
+    dropped = stats["records_dropped_too_few"]
+    return (
+        f"mined {stats['records_in']} records ({stats['queries_in']} queries) -> "
+        f"{stats['records_out']} records ({stats['queries_out']} queries, {dropped} dropped, "
+        f"{stats['records_short_kept']} kept short); "
+        f"{stats['negatives_per_record']['mean']:.1f} negatives/record; "
+        f"{stats['candidate_pool']} candidates: {docs}, {t['queries_per_s']:.1f} queries/s; "
+        f"{t['total_s']:.1f} s in all"
+    )
+
+
 # ------------------------------------------------------------------------------------------
 # Output
 
 
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    def write(f):
-        for r in rows:
-            f.write((json.dumps(r, ensure_ascii=False) + "\n").encode("utf-8"))
-
-    _atomic_write_bytes(path, write)
+def _write_outputs(out: Path, rows: list[dict], stats: dict, with_scores: bool, t_start: float):
+    """Process 0 alone writes: every host holds the same rows and stats."""
+    writer = jax.process_index() == 0
+    if writer:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if out.name.endswith(".parquet"):
+            _write_parquet(out, rows, with_scores)
+        else:
+            write_jsonl(out, rows)
+    stats["timing"]["total_s"] = time.perf_counter() - t_start
+    if writer:
+        text = json.dumps(stats, indent=1, ensure_ascii=False)
+        atomic_write_text(Path(f"{out}.stats.json"), text)
 
 
 def _write_parquet(path: Path, rows: list[dict], with_scores: bool) -> None:
@@ -680,409 +849,58 @@ def _write_parquet(path: Path, rows: list[dict], with_scores: bool) -> None:
         ]
     )  # fmt: skip
     table = pa.table(cols, schema=schema)
-    _atomic_write_bytes(path, lambda f: pq.write_table(table, f))
+    with atomic_open(path, "wb") as f:
+        pq.write_table(table, f)
 
 
 # ------------------------------------------------------------------------------------------
-# Mining
+# Command line
+
+DESCRIPTION = (
+    "Hard-negative mining with a teacher model on all devices. Per record: "
+    "rank the candidates by cosine, drop the query's positives (by text hash), keep "
+    "the best --top-k, skip the first --skip-top, drop scores >= --max-score, drop "
+    "scores >= (1 - --relative-margin) x the positive's score, then take "
+    "--num-negatives (--sampling top|random). Writes OUT (JSONL, or Parquet in "
+    "F2LLM's layout when OUT ends with .parquet) and OUT.stats.json; embeddings are "
+    "cached in shards so an interrupted run resumes."
+)
+EPILOG = (
+    "Bad input (a missing file, a malformed record, a bad setting) prints one 'error:' "
+    "line and exits with status 2; --debug shows the traceback instead."
+)
 
 
-def _opt_float(value: float | None, name: str) -> float | None:
-    if value is None:
-        return None
-    value = float(value)
-    if not np.isfinite(value):
-        raise MiningError(f"{name}={value} must be a finite number (or None to disable)")
-    return value
+def main(argv: Sequence[str] | None = None) -> dict:
+    """Runs the CLI; returns the stats written to ``OUT.stats.json``."""
+    return cli.main(_parser(), _main, argv)
 
 
-def mine(
-    model,
-    input: str | os.PathLike,
-    out: str | os.PathLike,
-    *,
-    corpus: str | os.PathLike | None = None,
-    split: str = "train",
-    top_k: int = 100,
-    skip_top: int = 5,
-    max_score: float | None = 0.8,
-    relative_margin: float | None = 0.05,
-    num_negatives: int = 24,
-    sampling: str = "top",
-    too_few: str = "keep",
-    seed: int = 0,
-    query_prompt: str | None = None,
-    passage_prompt: str | None = None,
-    query_prefix: str | None = None,
-    passage_prefix: str | None = None,
-    instruction_template: str = DEFAULT_TEMPLATE,
-    task: str = "retrieval",
-    dataset: str | None = None,
-    with_scores: bool = False,
-    overwrite: bool = False,
-    batch_size: int = 64,
-    dtype: str = "float32",
-    max_length: int | None = None,
-    packing: bool = False,
-    cache: str | os.PathLike | None = None,
-    shard_size: int = 16384,
-    block: int = 16384,
-    query_block: int = 1024,
-    mesh=None,
-    devices: Sequence | None = None,
-    progress: bool = True,
-    stop_after_shards: int | None = None,
-) -> dict:
-    """Mines hard negatives for ``input`` and writes them to ``out``; returns the stats.
-
-    The rules, inputs and cache are described in the module docstring.
-
-    Args:
-      model: a model path (HF / sentence-transformers folder or training checkpoint), or an
-        already loaded `jaxembed.Encoder`.
-      input: training-format pairs (JSONL, JSONL.gz, Parquet, TFDS dir) or a BEIR folder.
-      out: the output file: ``*.parquet`` (F2LLM layout), else JSONL. The stats go to
-        ``out + ".stats.json"``.
-      corpus: candidate documents (JSONL or plain text); default: the distinct positives.
-      split: the qrels split of a BEIR input.
-      top_k, skip_top, max_score, relative_margin, num_negatives, sampling: the selection
-        rules (steps 1-5 of the module docstring).
-      too_few: "keep" writes records with fewer than ``num_negatives`` negatives, "drop"
-        drops them; both are counted in the stats.
-      seed: seeds ``sampling="random"`` (with the query and positive texts).
-      query_prompt, passage_prompt: names of the model's prompts.
-      query_prefix, passage_prefix: literal prompt text, overriding the names.
-      instruction_template: how a record's ``instruction`` and query are joined.
-      task, dataset: for records that lack them (dataset default: the input's file name).
-      with_scores: also write ``positive_score`` and ``negative_scores`` per record.
-      overwrite: replace an existing ``out``.
-      batch_size: texts per forward pass (split over the mesh's devices).
-      dtype, max_length, packing: passed to `jaxembed.load` when ``model`` is a path
-        (packing: several texts per row, same embeddings, less padding).
-      cache: the embedding cache folder (default ``out + ".cache"``).
-      shard_size: rows per cached embedding shard (the unit of resumption and search).
-      block, query_block: block sizes of the search (bounding its memory).
-      mesh, devices: the devices to encode on (default: every device, of every host).
-      progress: show progress bars on stderr.
-      stop_after_shards: test hook: raise `MiningInterrupted` after encoding this many
-        shards, as an interruption would.
-    """
-    t_start = time.perf_counter()
-    out = Path(out)
-    if top_k < 1 or skip_top < 0 or num_negatives < 1:
-        raise MiningError(
-            f"need top_k >= 1, skip_top >= 0, num_negatives >= 1; got top_k={top_k}, "
-            f"skip_top={skip_top}, num_negatives={num_negatives}"
-        )
-    if skip_top + num_negatives > top_k:
-        raise MiningError(
-            f"top_k={top_k} leaves only {top_k - skip_top} candidates after skip_top="
-            f"{skip_top}, fewer than num_negatives={num_negatives}; raise top_k"
-        )
-    if sampling not in SAMPLING:
-        raise MiningError(f"sampling={sampling!r}; choose one of {list(SAMPLING)}")
-    if too_few not in TOO_FEW:
-        raise MiningError(f"too_few={too_few!r}; choose one of {list(TOO_FEW)}")
-    if batch_size < 1 or shard_size < 1:
-        raise MiningError(f"batch_size={batch_size} and shard_size={shard_size} must be >= 1")
-    max_score = _opt_float(max_score, "max_score")
-    relative_margin = _opt_float(relative_margin, "relative_margin")
-    if out.exists() and not overwrite:
-        raise MiningError(f"{out} exists; pass overwrite=True (--overwrite) to replace it")
-    stats_path = Path(f"{out}.stats.json")
-    cache = Path(cache) if cache is not None else Path(f"{out}.cache")
-
-    data = _read_inputs(input, corpus, split, task, dataset)
-    records = data.records
-
-    # The candidate pool: the corpus (deduplicated by exact text), then new positives.
-    pool_index: dict[str, int] = {}
-    pool: list[str] = []
-    for t in data.corpus if data.corpus is not None else ():
-        if t not in pool_index:
-            pool_index[t] = len(pool)
-            pool.append(t)
-    n_corpus = len(pool)
-    corpus_duplicates = (len(data.corpus) - n_corpus) if data.corpus is not None else 0
-    for r in records:
-        if r["positive"] not in pool_index:
-            pool_index[r["positive"]] = len(pool)
-            pool.append(r["positive"])
-    if not pool:
-        raise MiningError(f"{input}: the corpus is empty")
-    pos_idx = np.array([pool_index[r["positive"]] for r in records], np.int64)
-    pool_hash = np.array([text_hash(t) for t in pool], np.int64)
-
-    encoder = _load_model(model, dtype, max_length, packing)
-    from jaxembed import evaluate, sharding
-
-    if mesh is None:  # every device of every host: each encodes its share of a batch
-        mesh = sharding.make_mesh(devices=list(devices) if devices else None)
-    evaluate.on_mesh(encoder, mesh)
-    try:
-        q_prompt = (
-            query_prefix
-            if query_prefix is not None
-            else evaluate.pick_prompt(
-                encoder.prompts, query_prompt, evaluate.QUERY_PROMPTS, encoder.name
-            )
-        )
-        p_prompt = (
-            passage_prefix
-            if passage_prefix is not None
-            else evaluate.pick_prompt(
-                encoder.prompts, passage_prompt, evaluate.DOC_PROMPTS, encoder.name
-            )
-        )
-    except ValueError as e:
-        raise MiningError(str(e)) from None
-
-    # Queries: one per distinct (prompt, text) the model reads.
-    group_of: dict[tuple[str, str], int] = {}
-    q_texts: list[str] = []
-    q_prompts: list[str] = []
-    rec_group = np.empty(len(records), np.int64)
-    for n, r in enumerate(records):
-        if r.get("instruction"):
-            try:
-                key = (
-                    "",
-                    instruction_template.format(instruction=r["instruction"], query=r["query"]),
-                )
-            except (KeyError, IndexError) as e:
-                raise MiningError(
-                    f"instruction_template {instruction_template!r}: unknown field {e}; "
-                    "use {instruction} and {query}"
-                ) from None
-        else:
-            key = (q_prompt, r["query"])
-        g = group_of.setdefault(key, len(group_of))
-        if g == len(q_texts):
-            q_prompts.append(key[0])
-            q_texts.append(key[1])
-        rec_group[n] = g
-    n_groups = len(q_texts)
-    # Each query's positives, as padded hash and pool-index tables.
-    group_pos: list[list[int]] = [[] for _ in range(n_groups)]
-    for n, g in enumerate(rec_group):
-        if pos_idx[n] not in group_pos[g]:
-            group_pos[g].append(int(pos_idx[n]))
-    max_pos = max(len(p) for p in group_pos)
-    pos_hash = np.full((n_groups, max_pos), -1, np.int64)  # -1 never equals a text_hash
-    for g, p in enumerate(group_pos):
-        pos_hash[g, : len(p)] = pool_hash[p]
-
-    key = {
-        "model": encoder.name,
-        "model_fingerprint": model_fingerprint(encoder.name) if encoder.name else "",
-        "dtype": str(getattr(encoder, "dtype", dtype)),
-        "max_length": int(encoder.max_length),
-        "pooling": encoder.pooling,
-    }
-    budget = _Budget(stop_after_shards)
-    enc_kw = dict(shard_size=shard_size, batch_size=batch_size, progress=progress, budget=budget)
-    log.info(
-        "mining %d records (%d queries) against %d candidates (%d from the corpus) on %d device(s)",
-        len(records), n_groups, len(pool), n_corpus, mesh.devices.size,
-    )  # fmt: skip
-    d_shards, d_info = encode_cached(
-        encoder, pool, [p_prompt] * len(pool), cache / "corpus", key, desc="corpus", **enc_kw
+def _main(args: argparse.Namespace) -> dict:
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    hf_offline()  # no model hub here: never try to reach it
+    # Every flag but --no-progress and the shared ones (`jaxembed.cli`) is named after the
+    # `mine` argument it sets, so a flag cannot be left unpassed.
+    params = inspect.signature(mine).parameters
+    stats = mine(
+        **{k: v for k, v in vars(args).items() if k in params}, progress=not args.no_progress
     )
-    q_shards, q_info = encode_cached(
-        encoder, q_texts, q_prompts, cache / "queries", key, desc="queries", **enc_kw
-    )
-
-    # Search: the best top_k non-positives per query.
-    t0 = time.perf_counter()
-    cand_s, cand_i = nearest_non_positives(
-        q_shards, d_shards, pool_hash, pos_hash, top_k, block=block, query_block=query_block
-    )
-    search_s = time.perf_counter() - t0
-
-    # Selection per record.
-    t0 = time.perf_counter()
-    pos_score = np.empty(len(records), np.float32)
-    for lo in range(0, len(records), shard_size):  # in chunks: bounded memory
-        sl = slice(lo, lo + shard_size)
-        q_emb = _gather(q_shards, shard_size, rec_group[sl])
-        pos_score[sl] = np.einsum("nd,nd->n", q_emb, _gather(d_shards, shard_size, pos_idx[sl]))
-    dists = _Dists(("positive", "kept", *DROP_REASONS))
-    counts = dict.fromkeys(("retrieved", "kept", *DROP_REASONS), 0)
-    per_record: dict[int, int] = {}
-    rows: list[dict] = []
-    short = dropped = 0
-    kept_groups: set[int] = set()
-    rules = dict(
-        skip_top=skip_top,
-        max_score=max_score,
-        relative_margin=relative_margin,
-        num_negatives=num_negatives,
-        sampling=sampling,
-    )
-    for n, r in enumerate(records):
-        g = rec_group[n]
-        s, i = cand_s[g], cand_i[g]
-        valid = i >= 0
-        ps = float(pos_score[n])
-        rng_seed = [seed, text_hash(r["query"]), text_hash(r["positive"])]
-        take, drops = select(s, valid, ps, rng_seed=rng_seed, **rules)
-        drop_skip, drop_max, drop_margin = drops
-        surv = np.flatnonzero(valid & ~drop_skip & ~drop_max & ~drop_margin)
-        not_sampled = np.setdiff1d(surv, take, assume_unique=True)
-        counts["retrieved"] += int(valid.sum())
-        for name, mask in (
-            ("skip_top", drop_skip),
-            ("max_score", drop_max),
-            ("relative_margin", drop_margin),
-        ):
-            counts[name] += int(mask.sum())
-            dists.add(name, s[mask])
-        counts["not_sampled"] += len(not_sampled)
-        dists.add("not_sampled", s[not_sampled])
-        dists.add("positive", np.array([ps]))
-        if len(take) < num_negatives:
-            if too_few == "drop":
-                dropped += 1
-                continue
-            short += 1
-        counts["kept"] += len(take)
-        dists.add("kept", s[take])
-        per_record[len(take)] = per_record.get(len(take), 0) + 1
-        kept_groups.add(int(g))
-        row = {
-            "query": r["query"],
-            "positive": r["positive"],
-            "negatives": [pool[int(j)] for j in i[take]],
-            "task": r["task"],
-            "dataset": r["dataset"],
-        }
-        if r.get("instruction"):
-            row["instruction"] = r["instruction"]
-        if with_scores:
-            row["positive_score"] = round(ps, 6)
-            row["negative_scores"] = [round(float(x), 6) for x in s[take]]
-        rows.append(row)
-    dists.flush()
-    select_s = time.perf_counter() - t0
-
-    total_neg = sum(k * v for k, v in per_record.items())
-    query_s = q_info["seconds"] + search_s + select_s
-    stats = {
-        "input": str(input),
-        "corpus": str(corpus) if corpus is not None else None,
-        "output": str(out),
-        "model": encoder.name,
-        "devices": int(mesh.devices.size),
-        "settings": {
-            "top_k": top_k,
-            "skip_top": skip_top,
-            "max_score": max_score,
-            "relative_margin": relative_margin,
-            "num_negatives": num_negatives,
-            "sampling": sampling,
-            "too_few": too_few,
-            "seed": seed,
-            "query_prompt": q_prompt,
-            "passage_prompt": p_prompt,
-            "instruction_template": instruction_template,
-            "max_length": int(encoder.max_length),
-        },
-        "records_in": len(records),
-        "records_out": len(rows),
-        "records_dropped_too_few": dropped,
-        "records_short_kept": short,
-        "queries_in": n_groups,
-        "queries_out": len(kept_groups),
-        "corpus_docs": n_corpus,
-        "corpus_duplicates": corpus_duplicates,
-        "corpus_skipped_empty": data.corpus_skipped,
-        "candidate_pool": len(pool),
-        "negatives_per_record": {
-            "mean": total_neg / len(rows) if rows else 0.0,
-            "min": min(per_record, default=0),
-            "max": max(per_record, default=0),
-            "counts": {str(k): per_record[k] for k in sorted(per_record)},
-        },
-        "candidates": counts,
-        "scores": {name: d.summary() for name, d in dists.d.items()},
-        "cache": {"dir": str(cache), "corpus": d_info, "queries": q_info},
-        "timing": {
-            "encode_corpus_s": d_info["seconds"],
-            "encode_queries_s": q_info["seconds"],
-            "search_s": search_s,
-            "select_s": select_s,
-            # docs/s: corpus documents encoded in this run per second of corpus encoding;
-            # queries/s: distinct queries per second of query encoding + search + selection.
-            "docs_per_s": d_info["encoded_rows"] / d_info["seconds"] if d_info["seconds"] else None,
-            "queries_per_s": n_groups / query_s if query_s else None,
-        },
-    }
     if jax.process_index() == 0:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        if out.name.endswith(".parquet"):
-            _write_parquet(out, rows, with_scores)
-        else:
-            _write_jsonl(out, rows)
-        stats["timing"]["total_s"] = time.perf_counter() - t_start
-        text = json.dumps(stats, indent=1, ensure_ascii=False).encode("utf-8")
-        _atomic_write_bytes(stats_path, lambda f: f.write(text))
-    else:
-        stats["timing"]["total_s"] = time.perf_counter() - t_start
+        print(summary_line(stats), file=sys.stderr)
+        print(f"wrote {args.out} and {args.out}.stats.json", file=sys.stderr)
     return stats
 
 
-def _load_model(model, dtype: str, max_length: int | None, packing: bool = False):
-    if not isinstance(model, (str, os.PathLike)):
-        return model  # an already loaded Encoder
-    import jaxembed
-
-    try:
-        return jaxembed.load(model, dtype=dtype, max_length=max_length, packing=packing)
-    except Exception as e:  # the loaders raise many types; the cause is in the message
-        raise MiningError(f"cannot load model {model}: {e}") from e
-
-
-def summary_line(stats: dict) -> str:
-    """One line: records and queries in/out, negatives per record, docs/s, queries/s."""
-    t = stats["timing"]
-    docs = f"{t['docs_per_s']:.1f} docs/s" if t["docs_per_s"] else "corpus from cache"
-    dropped = stats["records_dropped_too_few"]
-    return (
-        f"mined {stats['records_in']} records ({stats['queries_in']} queries) -> "
-        f"{stats['records_out']} records ({stats['queries_out']} queries, {dropped} dropped, "
-        f"{stats['records_short_kept']} kept short); "
-        f"{stats['negatives_per_record']['mean']:.1f} negatives/record; "
-        f"{stats['candidate_pool']} candidates: {docs}, {t['queries_per_s']:.1f} queries/s; "
-        f"{t['total_s']:.1f} s in all"
-    )
-
-
-# ------------------------------------------------------------------------------------------
-# CLI
-
-
-def _float_or_none(text: str) -> float | None:
-    if text.lower() == "none":
-        return None
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number or 'none', got {text!r}") from None
-
-
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m jaxembed.mine",
-        description=(
-            "Hard-negative mining with a teacher model on all devices. Per record: "
-            "rank the candidates by cosine, drop the query's positives (by text hash), keep "
-            "the best --top-k, skip the first --skip-top, drop scores >= --max-score, drop "
-            "scores >= (1 - --relative-margin) x the positive's score, then take "
-            "--num-negatives (--sampling top|random). Writes OUT (JSONL, or Parquet in "
-            "F2LLM's layout when OUT ends with .parquet) and OUT.stats.json; embeddings are "
-            "cached in shards so an interrupted run resumes."
-        ),
-    )
+    p = cli.parser("jaxembed.mine", DESCRIPTION, EPILOG)
+    _add_input_flags(p)
+    _add_selection_flags(p)
+    _add_text_flags(p)
+    _add_run_flags(p)
+    return p
+
+
+def _add_input_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--model",
         required=True,
@@ -1104,6 +922,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", required=True, help="output file: *.parquet, else JSONL")
     p.add_argument("--split", default="train", help="qrels split of a BEIR input (default: train)")
+
+
+def _add_selection_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-k", type=int, default=100, help="candidates retrieved (default: 100)")
     p.add_argument("--skip-top", type=int, default=5, help="best candidates skipped (default: 5)")
     p.add_argument(
@@ -1135,6 +956,18 @@ def _parser() -> argparse.ArgumentParser:
         "them (counted in the stats either way; default: keep)",
     )
     p.add_argument("--seed", type=int, default=0, help="seed of --sampling random (default: 0)")
+
+
+def _float_or_none(text: str) -> float | None:
+    if text.lower() == "none":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'none', got {text!r}") from None
+
+
+def _add_text_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--query-prompt",
         metavar="NAME",
@@ -1166,6 +999,9 @@ def _parser() -> argparse.ArgumentParser:
         help="also write positive_score and negative_scores per record",
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
+
+
+def _add_run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--cache",
         metavar="DIR",
@@ -1193,9 +1029,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--query-block", type=int, default=1024, help="queries per search block (default: 1024)"
     )
-    p.add_argument(
-        "--dtype", default="float32", choices=("float32", "bfloat16"), help="compute dtype"
-    )
+    p.add_argument("--dtype", default="float32", choices=DTYPES, help="compute dtype")
     p.add_argument("--max-length", type=int, help="max tokens per text (default: the model's)")
     p.add_argument(
         "--packing",
@@ -1204,61 +1038,6 @@ def _parser() -> argparse.ArgumentParser:
         "embeddings, less padding; --batch-size then counts rows)",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    distributed.add_flags(p)
-    return p
-
-
-def main(argv: Sequence[str] | None = None) -> dict:
-    """Runs the CLI; returns the stats written to ``OUT.stats.json``."""
-    args = _parser().parse_args(argv)
-    distributed.initialize_from_args(args)
-    return distributed.run(lambda: _main(args))
-
-
-def _main(args) -> dict:
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
-        os.environ.setdefault(var, "1")  # no model hub here: never try to reach it
-    try:
-        stats = mine(
-            args.model,
-            args.input,
-            args.out,
-            corpus=args.corpus,
-            split=args.split,
-            top_k=args.top_k,
-            skip_top=args.skip_top,
-            max_score=args.max_score,
-            relative_margin=args.relative_margin,
-            num_negatives=args.num_negatives,
-            sampling=args.sampling,
-            too_few=args.too_few,
-            seed=args.seed,
-            query_prompt=args.query_prompt,
-            passage_prompt=args.passage_prompt,
-            query_prefix=args.query_prefix,
-            passage_prefix=args.passage_prefix,
-            instruction_template=args.instruction_template,
-            task=args.task,
-            dataset=args.dataset,
-            with_scores=args.with_scores,
-            overwrite=args.overwrite,
-            batch_size=args.batch_size,
-            dtype=args.dtype,
-            max_length=args.max_length,
-            packing=args.packing,
-            cache=args.cache,
-            shard_size=args.shard_size,
-            block=args.block,
-            query_block=args.query_block,
-            progress=not args.no_progress,
-        )
-    except MiningError as e:
-        raise SystemExit(f"error: {e}") from None
-    if jax.process_index() == 0:
-        print(summary_line(stats), file=sys.stderr)
-        print(f"wrote {args.out} and {args.out}.stats.json", file=sys.stderr)
-    return stats
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@
   prompts the way MTEB's sentence-transformers wrapper does, so an exported folder run
   through sentence-transformers and the JAX encoder read the same prompts.
 - `beir_task` turns a local BEIR-layout folder into an ``AbsTaskRetrieval`` whose
-  ``load_data`` reads the files (`jaxembed.evaluate.load_beir`), never the hub.
+  ``load_data`` reads the files (`jaxembed.retrieval.load_beir`), never the hub.
 - `run` evaluates a model on such tasks and keeps MTEB's result files in an output folder.
 
 Importing this module imports ``mteb`` (and with it torch and ``datasets``): the rest of
@@ -23,10 +23,10 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxembed.evaluate import DOC_PROMPTS, MTEB_KEYS, QUERY_PROMPTS, load_beir, pick_prompt
+from jaxembed.files import hf_offline
+from jaxembed.retrieval import DOC_PROMPTS, MTEB_KEYS, QUERY_PROMPTS, load_beir, pick_prompt
 
-for _var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
-    os.environ.setdefault(_var, "1")  # local files only: nothing may reach for the hub
+hf_offline()  # local files only: nothing may reach for the hub
 
 
 def _import_mteb():
@@ -64,7 +64,7 @@ class MTEBEncoder(AbsEncoder):
     Prompts per task: MTEB's lookup over the model's prompts (``"<task>-<query|document>"``,
     ``"<task>"``, ``"<task type>-<...>"``, ``"<task type>"``, ``"query"`` / ``"document"``);
     when nothing matches, sentence-transformers' ``encode_query`` / ``encode_document``
-    defaults (`jaxembed.evaluate.pick_prompt`); without a prompt type (non-retrieval
+    defaults (`jaxembed.hf.sentence_transformers.pick_prompt`); without a prompt type (non-retrieval
     tasks), the model's default prompt. ``query_prompt`` / ``doc_prompt`` (prompt names)
     override the lookup for every task.
     """

@@ -169,10 +169,21 @@ def local_rows(mesh: Mesh, rows: int) -> slice:
 def shard_batch(batch: dict, mesh: Mesh) -> dict:
     """Places a host-complete batch on the mesh, every array split on its leading dimension.
 
-    (Multi-host input, where each host holds only its slice, assembles global arrays with
-    ``jax.make_array_from_process_local_data`` in the data pipeline instead.)
+    (Multi-host input, where each host holds only its slice, uses `from_process_local`.)
     """
     return {k: jax.device_put(v, batch_sharding(mesh, np.ndim(v))) for k, v in batch.items()}
+
+
+def from_process_local(arrays: dict[str, np.ndarray], mesh: Mesh) -> dict:
+    """Global arrays assembled from every host's local rows (the train step's input).
+
+    Each process passes its own slice of the global batch; the arrays are split on their
+    leading dimension over the data-parallel axes.
+    """
+    return {
+        key: jax.make_array_from_process_local_data(batch_sharding(mesh, np.ndim(x)), x)
+        for key, x in arrays.items()
+    }
 
 
 def describe(state: nnx.State, shardings) -> str:

@@ -27,8 +27,9 @@ from helpers import (
 from sentence_transformers import SentenceTransformer
 
 import jaxembed
-from jaxembed import checkpoint, convert, hf, sharding, train
+from jaxembed import checkpoint, convert, hf, sharding, train, train_state
 from jaxembed import config as config_lib
+from jaxembed import run as run_lib
 from jaxembed.data import readers
 from jaxembed.hf.io import read_weights
 from jaxembed.hf.sentence_transformers import read_st_config
@@ -64,14 +65,14 @@ def tiny_config(model: Path, data, steps: int = 2, **kw):
 
 def untrained_checkpoint(source: Path, workdir: Path, config) -> Path:
     """HF -> jaxembed -> a step-0 checkpoint, saved as `train.main` saves its checkpoints."""
-    model_dir = train.prepare_model_dir(str(source), workdir / "model", config.model.pooling)
+    model_dir = run_lib.prepare_model_dir(str(source), workdir / "model", config.model.pooling)
     pooling = config.model.pooling or read_st_config(model_dir).pooling or "mean"
     sources = readers.open_sources(list(config.data.train))
     # Saved from one device; export restores onto all eight (Orbax reshards).
     mesh = sharding.make_mesh(devices=jax.devices()[:1])
-    tx, _ = train.make_optimizer(config.optim, config.train.steps)
-    _, state, _ = train.create_state(hf.load_model(source), config, mesh, tx)
-    meta = train.run_meta(config, model_dir, pooling, sources)
+    tx, _ = train_state.make_optimizer(config.optim, config.train.steps)
+    _, state, _ = train_state.create_state(hf.load_model(source), config, mesh, tx)
+    meta = run_lib.run_meta(config, model_dir, pooling, sources)
     mngr = checkpoint.manager(workdir, async_save=False)
     checkpoint.save(mngr, 0, state, None, meta)
     mngr.close()
@@ -286,15 +287,15 @@ def test_model_card_describes_the_run(trained):
 def test_a_given_step_and_the_checkpoints_path(trained, tmp_path):
     workdir, _ = trained["bert"]
     for path in (workdir / "2", workdir / "checkpoints" / "2", workdir / "checkpoints"):
-        assert convert.is_checkpoint(path)
-        assert convert.find_checkpoint(path).step == 2
-    assert not convert.is_checkpoint(minilm_path())
+        assert run_lib.is_checkpoint(path)
+        assert run_lib.find_checkpoint(path).step == 2
+    assert not run_lib.is_checkpoint(minilm_path())
 
 
 def test_parameters_are_restored_sharded_over_the_devices(trained):
     workdir, _ = trained["bert"]
     mesh = sharding.make_mesh(data=1, fsdp=-1)
-    model = convert.restore_model(convert.find_checkpoint(workdir), mesh=mesh)
+    model = run_lib.restore_model(run_lib.find_checkpoint(workdir), mesh=mesh)
     emb = model.embeddings.word_embeddings.embedding.get_value()
     assert len(emb.sharding.device_set) == 8 and not emb.sharding.is_fully_replicated
 
@@ -322,13 +323,13 @@ def test_two_processes_gather_to_process_0(trained, tmp_path):
 
 def test_errors_name_the_problem(base, trained, tmp_path, capsys):
     workdir, out = trained["bert"]
-    with pytest.raises(convert.CheckpointError, match=r"no checkpoint found"):
+    with pytest.raises(run_lib.CheckpointError, match=r"no checkpoint found"):
         convert.export(tmp_path, tmp_path / "x")
-    with pytest.raises(convert.CheckpointError, match=r"no such directory"):
+    with pytest.raises(run_lib.CheckpointError, match=r"no such directory"):
         convert.export(tmp_path / "missing", tmp_path / "x")
-    with pytest.raises(convert.CheckpointError, match=r"model folder: load it directly"):
+    with pytest.raises(run_lib.CheckpointError, match=r"model folder: load it directly"):
         convert.export(minilm_path(), tmp_path / "x")
-    with pytest.raises(convert.CheckpointError, match=r"no checkpoint at step 7; steps: \[2\]"):
+    with pytest.raises(run_lib.CheckpointError, match=r"no checkpoint at step 7; steps: \[2\]"):
         convert.export(workdir / "7", tmp_path / "x")
     with pytest.raises(
         FileExistsError, match=r"output directory is not empty \(pass --overwrite\)"
@@ -341,7 +342,9 @@ def test_errors_name_the_problem(base, trained, tmp_path, capsys):
     with pytest.raises(FileExistsError, match="it contains the run"):
         convert.export(workdir, workdir.parent, overwrite=True)
     # The CLI prints the message and exits with status 2.
-    assert convert.main(["--checkpoint", str(workdir / "7"), "--out", str(tmp_path / "y")]) == 2
+    with pytest.raises(SystemExit) as info:
+        convert.main(["--checkpoint", str(workdir / "7"), "--out", str(tmp_path / "y")])
+    assert info.value.code == 2
     assert "no checkpoint at step 7" in capsys.readouterr().err
     # A model family we cannot map back.
     moved = tmp_path / "moved"
@@ -380,13 +383,13 @@ def meta(datasets, template="Instruct: {instruction}\nQuery: {query}"):
 
 def test_prompts_follow_the_training_data():
     docs = {"document": "p: ", "passage": "p: "}
-    assert convert.trained_prompts(meta({"a": [], "b": []})) == {"query": "q: ", **docs}
-    assert convert.trained_prompts(meta({"a": ["X"], "b": ["X"]})) == {
+    assert run_lib.trained_prompts(meta({"a": [], "b": []})) == {"query": "q: ", **docs}
+    assert run_lib.trained_prompts(meta({"a": ["X"], "b": ["X"]})) == {
         "query": "Instruct: X\nQuery: ",
         **docs,
     }
     # Mixed: a plain dataset, an instructed one, one with two instructions, a name clash.
-    assert convert.trained_prompts(
+    assert run_lib.trained_prompts(
         meta({"a": ["X"], "b": ["Y", "Z"], "c": [], "query": ["W"]})
     ) == {
         "query": "q: ",
@@ -397,7 +400,7 @@ def test_prompts_follow_the_training_data():
         **docs,
     }
     with pytest.raises(ValueError, match=r"instruction_template=.* does not end with '\{query\}'"):
-        convert.trained_prompts(meta({"a": ["X"]}, template="{query} ({instruction})"))
+        run_lib.trained_prompts(meta({"a": ["X"]}, template="{query} ({instruction})"))
 
 
 def test_sentence_transformers_files_round_trip(tmp_path):

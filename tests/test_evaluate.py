@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib
 import json
 import math
+import re
 import socket
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import pytest
 from helpers import save_tiny_with_tokenizer, write_jsonl
 
 from jaxembed import evaluate as ev
+from jaxembed import retrieval
 
 FIXTURE = Path(__file__).parent / "fixtures" / "debian"
 L2, L3, L4, L5 = (math.log2(n) for n in (2, 3, 4, 5))
@@ -26,7 +28,7 @@ L2, L3, L4, L5 = (math.log2(n) for n in (2, 3, 4, 5))
 def test_binary_relevance_by_hand():
     qrels = {"q1": {"a": 1, "b": 1}, "q2": {"c": 1}}
     ranked = {"q1": ["x", "a", "y", "b"], "q2": ["c", "x"]}
-    m = ev.retrieval_metrics(ranked, qrels)
+    m = retrieval.retrieval_metrics(ranked, qrels)
     ndcg_q1 = (1 / L3 + 1 / L5) / (1 + 1 / L3)
     assert m["ndcg@10"] == pytest.approx((ndcg_q1 + 1) / 2)
     assert m["mrr@10"] == pytest.approx((1 / 2 + 1) / 2)
@@ -38,7 +40,7 @@ def test_binary_relevance_by_hand():
 def test_graded_relevance_by_hand():
     # Grades 3 and 1 are relevant with gains 3 and 1; 0 and -1 are not relevant.
     qrels = {"q": {"a": 3, "b": 1, "c": 0, "d": -1}}
-    m = ev.retrieval_metrics({"q": ["d", "b", "a", "c"]}, qrels)
+    m = retrieval.retrieval_metrics({"q": ["d", "b", "a", "c"]}, qrels)
     assert m["ndcg@10"] == pytest.approx((1 / L3 + 3 / L4) / (3 + 1 / L3))
     assert m["mrr@10"] == pytest.approx(1 / 2)
     assert m["map@100"] == pytest.approx((1 / 2 + 2 / 3) / 2)
@@ -48,7 +50,7 @@ def test_graded_relevance_by_hand():
 def test_cutoffs_and_unretrieved_relevant():
     # The relevant document at rank 11: outside @10, inside @100; a second one never found.
     ranked = {"q": [f"x{i}" for i in range(10)] + ["a"]}
-    m = ev.retrieval_metrics(ranked, {"q": {"a": 1, "z": 1}})
+    m = retrieval.retrieval_metrics(ranked, {"q": {"a": 1, "z": 1}})
     assert m["ndcg@10"] == m["mrr@10"] == m["recall@10"] == 0.0
     assert m["recall@100"] == pytest.approx(1 / 2)
     assert m["map@100"] == pytest.approx((1 / 11) / 2)  # divided by all relevant documents
@@ -56,10 +58,10 @@ def test_cutoffs_and_unretrieved_relevant():
 
 def test_query_whose_judgments_are_all_non_relevant_scores_zero():
     # trec_eval (so MTEB) scores such a query 0 and keeps it in the mean.
-    m = ev.retrieval_metrics({"q1": ["a"], "q2": ["a"]}, {"q1": {"a": 1}, "q2": {"a": 0}})
-    assert all(m[k] == pytest.approx(0.5) for k in ev.METRICS)
-    with pytest.raises(ev.EvalDataError, match="no query"):
-        ev.retrieval_metrics({"q": ["a"]}, {"q": {"a": 0}})
+    m = retrieval.retrieval_metrics({"q1": ["a"], "q2": ["a"]}, {"q1": {"a": 1}, "q2": {"a": 0}})
+    assert all(m[k] == pytest.approx(0.5) for k in retrieval.METRICS)
+    with pytest.raises(retrieval.EvalDataError, match="no query"):
+        retrieval.retrieval_metrics({"q": ["a"]}, {"q": {"a": 0}})
 
 
 def fake_encoders(query_vecs: dict[str, np.ndarray], doc_vecs: dict[str, np.ndarray]):
@@ -76,7 +78,7 @@ def test_ties_rank_by_document_id_descending():
     same = np.array([1.0, 0.0], np.float32)
     q_fn, d_fn = fake_encoders({"query": same}, dict.fromkeys(corpus.values(), same))
     data = (corpus, {"q": "query"}, {"q": {"d1": 1}})
-    m = ev.evaluate_beir(q_fn, d_fn, None, data=data)
+    m = retrieval.evaluate_beir(q_fn, d_fn, None, data=data)
     assert m["ndcg@10"] == pytest.approx(1 / L4)
     assert m["mrr@10"] == pytest.approx(1 / 3)
     assert m["recall@1"] == 0.0
@@ -115,7 +117,7 @@ def test_metrics_equal_mteb_scoring_on_the_same_scores(seed):
     scorer = importlib.import_module("mteb._evaluators.retrieval_metrics")
     assert mteb_adapter.mteb is not None
     data, q_fn, d_fn, run = random_case(seed)
-    ours = ev.evaluate_beir(q_fn, d_fn, None, data=data)
+    ours = retrieval.evaluate_beir(q_fn, d_fn, None, data=data)
     # MTEB's scorer (pytrec_eval + its MRR) on the full score lists, ties included.
     _, ndcg, _map, recall, _, _, mrr, _, _ = scorer.calculate_retrieval_scores(
         run, data[2], [1, 10, 100]
@@ -140,10 +142,10 @@ def test_blocked_search_does_not_depend_on_block_sizes():
     s = q @ d.T
     order = np.lexsort((np.broadcast_to(np.arange(23), s.shape), -s), axis=1)[:, :10]
     for block, query_block in [(1, 1), (3, 2), (8, 4), (64, 64)]:
-        scores, idx = ev.top_k(q, d, 10, block=block, query_block=query_block)
+        scores, idx = retrieval.top_k(q, d, 10, block=block, query_block=query_block)
         np.testing.assert_array_equal(idx, order)
         np.testing.assert_allclose(scores, np.take_along_axis(s, order, 1), rtol=1e-6)
-    scores, idx = ev.top_k(q, d[:3], 100)  # k beyond the corpus: the whole corpus, ranked
+    scores, idx = retrieval.top_k(q, d[:3], 100)  # k beyond the corpus: the whole corpus, ranked
     assert idx.shape == (7, 3)
 
 
@@ -161,44 +163,47 @@ def write_beir(folder: Path, corpus, queries, qrels_lines, split="dev") -> Path:
     return folder
 
 
-def test_qrels_query_missing_from_queries_names_it_and_the_file(tmp_path):
+def test_qrels_query_missing_from_queries_names_it_and_the_file(tmp_path, capsys):
     folder = write_beir(
         tmp_path / "set",
         [{"_id": "d1", "text": "x"}],
         [{"_id": "q1", "text": "y"}],
         ["q1\td1\t1", "q9\td1\t1"],
     )
-    with pytest.raises(ev.EvalDataError) as info:
-        ev.load_beir(folder, "dev")
+    with pytest.raises(retrieval.EvalDataError) as info:
+        retrieval.load_beir(folder, "dev")
     msg = str(info.value)
     assert msg.startswith(f"{folder / 'qrels' / 'dev.tsv'}:3:")
     assert "'q9'" in msg and str(folder / "queries.jsonl") in msg
-    with pytest.raises(SystemExit, match="'q9'"):
+    with pytest.raises(SystemExit) as info:
         ev.main(["--model", "unused", "--data", str(folder)])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "'q9'" in err and len(err.splitlines()) == 1
 
 
 def test_empty_corpus_and_missing_files(tmp_path):
     folder = write_beir(tmp_path / "set", [], [{"_id": "q1", "text": "y"}], [])
-    with pytest.raises(ev.EvalDataError, match="corpus is empty") as info:
-        ev.load_beir(folder, "dev")
+    with pytest.raises(retrieval.EvalDataError, match="corpus is empty") as info:
+        retrieval.load_beir(folder, "dev")
     assert str(folder / "corpus.jsonl") in str(info.value)
-    with pytest.raises(ev.EvalDataError, match=r"missing qrels/test\.tsv"):
-        ev.load_beir(folder, "test")
-    with pytest.raises(ev.EvalDataError, match="not a BEIR folder"):
-        ev.find_sets(tmp_path / "set" / "qrels")
+    with pytest.raises(retrieval.EvalDataError, match=r"missing qrels/test\.tsv"):
+        retrieval.load_beir(folder, "test")
+    with pytest.raises(retrieval.EvalDataError, match="not a BEIR folder"):
+        retrieval.find_sets(tmp_path / "set" / "qrels")
 
 
 def test_corpus_text_joins_title_as_mteb_does():
-    assert ev.corpus_text({"title": "T", "text": " body "}) == "T  body"
-    assert ev.corpus_text({"title": "", "text": " body "}) == "body"
-    assert ev.corpus_text({"text": "body"}) == "body"
+    assert retrieval.corpus_text({"title": "T", "text": " body "}) == "T  body"
+    assert retrieval.corpus_text({"title": "", "text": " body "}) == "body"
+    assert retrieval.corpus_text({"text": "body"}) == "body"
 
 
 def test_undefined_prompt_name_names_it_and_the_defined_ones():
     with pytest.raises(ValueError, match=r"'nope' is not defined by m; defined prompts: \['a'\]"):
-        ev.pick_prompt({"a": "x"}, "nope", (), "m")
-    assert ev.pick_prompt({"passage": "p: "}, None, ev.DOC_PROMPTS) == "p: "
-    assert ev.pick_prompt({}, None, ev.QUERY_PROMPTS) == ""
+        retrieval.pick_prompt({"a": "x"}, "nope", (), "m")
+    assert retrieval.pick_prompt({"passage": "p: "}, None, retrieval.DOC_PROMPTS) == "p: "
+    assert retrieval.pick_prompt({}, None, retrieval.QUERY_PROMPTS) == ""
 
 
 def test_help_lists_the_options(capsys):
@@ -277,7 +282,7 @@ def test_cli_on_checkpoint_matches_the_training_loops_evaluation(trained, tmp_pa
     assert json.loads((tmp_path / "metrics.json").read_text())["sets"] == out["sets"]
     after = results["after"]
     for name, metrics in out["sets"].items():
-        for metric in ev.METRICS:
+        for metric in retrieval.METRICS:
             assert metrics[metric] == pytest.approx(after[f"eval/{name}/{metric}"], abs=1e-6)
     assert out["mean"]["ndcg@10"] == pytest.approx(after["eval/ndcg@10"], abs=1e-6)
     # A barely trained tiny model: rankings are far from perfect, so agreement means something.
@@ -300,7 +305,7 @@ def test_mteb_on_exported_folder_matches_jaxembed_on_checkpoint(
     st = ev.main([*args, "--mteb", "--backend", "sentence-transformers"])
     assert st["scorer"] == "mteb" and st["prompts"] == ours["prompts"]
     for name, metrics in ours["sets"].items():
-        for metric in ev.METRICS:
+        for metric in retrieval.METRICS:
             assert st["sets"][name][metric] == pytest.approx(metrics[metric], abs=1e-4), (
                 name,
                 metric,
@@ -320,7 +325,7 @@ def test_exported_folder_reads_the_trained_prompts_by_default(trained, exported)
     import jaxembed
 
     st = SentenceTransformer(str(exported), device="cpu", local_files_only=True)
-    assert ev.st_encoder_fns(st)[2] == ev.encoder_fns(jaxembed.load(trained[0]))[2]
+    assert retrieval.st_encoder_fns(st)[2] == retrieval.encoder_fns(jaxembed.load(trained[0]))[2]
 
 
 def test_mteb_runs_the_jax_encoder_through_the_adapter(trained, tmp_path, no_network):
@@ -328,7 +333,7 @@ def test_mteb_runs_the_jax_encoder_through_the_adapter(trained, tmp_path, no_net
     out = ev.main(["--model", str(workdir), "--data", str(dev), "--mteb", "--out", str(tmp_path)])
     assert (tmp_path / "mteb" / "results").is_dir()
     for name, metrics in out["sets"].items():
-        for metric in ev.METRICS:
+        for metric in retrieval.METRICS:
             want = results["after"][f"eval/{name}/{metric}"]
             assert metrics[metric] == pytest.approx(want, abs=1e-4), (name, metric)
 
@@ -357,10 +362,12 @@ def test_adapter_prompts_follow_mteb_lookup(trained):
         mteb_adapter.MTEBEncoder(enc, query_prompt="nope")
 
 
-def test_cli_undefined_prompt_name_stops_before_encoding(trained):
+def test_cli_undefined_prompt_name_stops_before_encoding(trained, capsys):
     workdir, _, dev = trained
-    with pytest.raises(SystemExit, match=r"'nope' is not defined .*'passage', 'query'\]"):
+    with pytest.raises(SystemExit) as info:
         ev.main(["--model", str(workdir), "--data", str(dev), "--query-prompt", "nope"])
+    assert info.value.code == 2
+    assert re.search(r"'nope' is not defined .*'passage', 'query'\]", capsys.readouterr().err)
 
 
 def test_mesh_encoding_equals_single_device(trained):
@@ -371,6 +378,6 @@ def test_mesh_encoding_equals_single_device(trained):
     texts = ["Java OpenStreetMap tile viewer", "a music pack", "x", "cron frontend for KDE", "y"]
     plain = jaxembed.load(trained[0])
     single = plain.encode(texts, batch_size=4)
-    sharded = ev.on_mesh(jaxembed.load(trained[0]))
+    sharded = retrieval.on_mesh(jaxembed.load(trained[0]))
     assert sharded._mesh.size == jax.local_device_count() == 8
     np.testing.assert_allclose(sharded.encode(texts, batch_size=4), single, atol=1e-5)

@@ -13,6 +13,7 @@ import pytest
 from helpers import launch_local, save_tiny_with_tokenizer, toy_records, write_jsonl
 
 import jaxembed
+from jaxembed import embedding_cache, retrieval
 from jaxembed import mine as mn
 from jaxembed.data import readers
 
@@ -43,7 +44,7 @@ def test_search_over_shards_equals_numpy_brute_force(integer):
         d = rng.standard_normal((203, 16)).astype(np.float32)
     shards = [d[:64], d[64:70], d[70:203]]  # uneven, one smaller than k
     for k in (10, 250):  # 250 > corpus: the tail is empty (-inf, -1)
-        s, i = mn.search_shards(q, shards, k, block=16, query_block=8)
+        s, i = retrieval.search_shards(q, shards, k, block=16, query_block=8)
         ref_s, ref_i = brute_force(q, d, min(k, len(d)))
         np.testing.assert_array_equal(i[:, : ref_i.shape[1]], ref_i)
         np.testing.assert_allclose(s[:, : ref_s.shape[1]], ref_s, rtol=1e-5, atol=1e-5)
@@ -382,14 +383,30 @@ def test_two_hosts_equal_one_device(tiny, one_device_run, tmp_path):
     )
 
 
-def test_resume_after_interruption_gives_the_same_output(tiny, one_device_run, tmp_path, caplog):
+class Interrupted(Exception):
+    """Stands for a crash or a kill while the embeddings are being encoded."""
+
+
+def test_resume_after_interruption_gives_the_same_output(
+    tiny, one_device_run, tmp_path, caplog, monkeypatch
+):
     folder, _ = tiny
     enc, full_out, full_stats = one_device_run
     out = tmp_path / "out.jsonl"
     kw = dict(corpus=folder / "corpus.txt", devices=ONE_DEVICE, **SETTINGS)
-    with pytest.raises(mn.MiningInterrupted):
-        mn.mine(enc, folder / "pairs.jsonl", out, stop_after_shards=2, **kw)
-    assert not out.exists()
+    write_shard, written = embedding_cache.write_shard, []
+
+    def write_two_shards_then_die(path, emb):
+        if len(written) == 2:  # the 3rd call: encoded, but the run dies before saving it
+            raise Interrupted(path)
+        written.append(path)
+        return write_shard(path, emb)
+
+    with monkeypatch.context() as m:
+        m.setattr(embedding_cache, "write_shard", write_two_shards_then_die)
+        with pytest.raises(Interrupted):
+            mn.mine(enc, folder / "pairs.jsonl", out, **kw)
+    assert len(written) == 2 and not out.exists()
     stats = mn.mine(enc, folder / "pairs.jsonl", out, **kw)
     corpus_cache = stats["cache"]["corpus"]
     # 90 corpus docs and 41 positives: 131 rows, 5 shards of 32.
@@ -400,7 +417,7 @@ def test_resume_after_interruption_gives_the_same_output(tiny, one_device_run, t
     # A changed corpus invalidates the cache, and says so.
     (tmp_path / "corpus.txt").write_text((folder / "corpus.txt").read_text() + "one more\n")
     kw["corpus"] = tmp_path / "corpus.txt"
-    with caplog.at_level(logging.INFO, logger="jaxembed.mine"):
+    with caplog.at_level(logging.INFO, logger="jaxembed.embedding_cache"):
         stats = mn.mine(enc, folder / "pairs.jsonl", out, overwrite=True, **kw)
     assert "is stale (changed: count, texts_sha256)" in caplog.text
     assert stats["cache"]["corpus"]["reused"] == 0

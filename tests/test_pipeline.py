@@ -50,6 +50,17 @@ CFG = PipelineConfig(global_batch=8, seed=3, max_query_length=32, max_passage_le
 STEPS = 20  # 5 + 3 + 2 = 10 batches per epoch: two full epochs
 
 
+# What a host batch holds: token ids (lists of id lists) and the arrays of its rows.
+TOKENS, ARRAYS = ("query", "pos", "neg"), ("neg_valid", "pos_hash", "neg_hash")
+
+
+def assert_same(a: dict, b: dict) -> None:
+    for key in TOKENS:
+        assert a[key] == b[key], key
+    for key in ARRAYS:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
 def builder(process_index=0, process_count=1, cfg=CFG, sources=SOURCES):
     return BatchBuilder(sources, str(minilm_path()), cfg, STEPS, process_index, process_count)
 
@@ -69,8 +80,9 @@ def test_each_batch_is_one_dataset_and_epochs_cover_every_batch(single_host):
         task = {"alpha": "retrieval", "beta": "classification", "gamma": "clustering"}[b["dataset"]]
         assert b["task"] == task
         k = {"retrieval": 7, "classification": 1, "clustering": 7}[task]
-        assert b["neg_ids"].shape[:2] == (8, k) and b["neg_valid"].shape == (8, k)
-        assert b["query_ids"].shape[1] in CFG.buckets("query")
+        assert len(b["neg"]) == 8 * k and b["neg_valid"].shape == (8, k)
+        assert len(b["query"]) == len(b["pos"]) == 8
+        assert 0 < max(map(len, b["query"])) <= CFG.max_query_length
     # Every row of a dataset appears once per epoch (remainders dropped).
     seen = {}
     for b in single_host[:10]:
@@ -83,36 +95,35 @@ def test_hosts_agree_and_slices_add_up(single_host):
     for s in range(0, STEPS, 3):
         parts = [h(s) for h in hosts]
         assert parts[0]["dataset"] == parts[1]["dataset"] == single_host[s]["dataset"]
-        # Each host pads to its own bucket; padded to the largest, they make the global batch.
-        lq, lp = np.max([pipeline.lengths(p) for p in parts], axis=0)
-        assert (lq, lp) == pipeline.lengths(single_host[s])
-        parts = [pipeline.pad_lengths(p, lq, lp) for p in parts]
-        for key in pipeline.ARRAY_KEYS:
-            assert parts[0][key].shape == parts[1][key].shape, key
-            np.testing.assert_array_equal(
-                np.concatenate([p[key] for p in parts]), single_host[s][key], err_msg=key
-            )
+        # Each host's slice of the global batch; together, the batch one host would build.
+        joined = {k: parts[0][k] + parts[1][k] for k in TOKENS}
+        joined |= {k: np.concatenate([p[k] for p in parts]) for k in ARRAYS}
+        assert_same(joined, single_host[s])
+        # Each host's row length is its own bucket; the largest is the whole batch's.
+        packing = pipeline.Packing(CFG.buckets("query"), CFG.buckets("passage"), 1, 1)
+        for kind in ("query", "passage"):
+            most = max(packing.lengths(p)[kind] for p in parts)
+            assert most == packing.lengths(single_host[s])[kind]
 
 
 def test_negatives_instruction_and_hashes(single_host):
     tok = builder().tokenizer
     alpha = next(b for b in single_host if b["dataset"] == "alpha")
     assert alpha["neg_valid"].all()  # 10 stored, 7 sampled
-    text = tok.decode(alpha["query_ids"][0], skip_special_tokens=True)
+    text = tok.decode(alpha["query"][0], skip_special_tokens=True)
     assert text.startswith("instruct : find the answer query : alpha question")
     gamma = next(b for b in single_host if b["dataset"] == "gamma")
     assert gamma["neg_valid"].sum(1).tolist() == [2] * 8  # only 2 stored: 5 padded slots
-    assert (gamma["neg_mask"][~gamma["neg_valid"]] == 0).all()
+    absent = [r * 7 + t for r, t in zip(*np.nonzero(~gamma["neg_valid"]), strict=True)]
+    assert len(absent) == 40 and all(gamma["neg"][i] == [] for i in absent)
     assert (gamma["neg_hash"][~gamma["neg_valid"]] == 0).all()
     # Sampled negatives come from the row's own pool and differ across rows.
-    row = tok.decode(alpha["neg_ids"][0, 0], skip_special_tokens=True)
-    pos = tok.decode(alpha["pos_ids"][0], skip_special_tokens=True)
+    row = tok.decode(alpha["neg"][0], skip_special_tokens=True)
+    pos = tok.decode(alpha["pos"][0], skip_special_tokens=True)
     assert row.split()[2].split(".")[0] == pos.split()[2]
     assert pipeline.text_hash("x") == pipeline.text_hash("x") != pipeline.text_hash("y")
     # Deterministic: a fresh builder (and a pickled one, as in a worker) gives the same batch.
-    again = pickle.loads(pickle.dumps(builder()))(7)
-    for key in pipeline.ARRAY_KEYS:
-        np.testing.assert_array_equal(again[key], single_host[7][key])
+    assert_same(pickle.loads(pickle.dumps(builder()))(7), single_host[7])
 
 
 def test_random_negatives_are_other_rows_positives(single_host):
@@ -126,13 +137,13 @@ def test_random_negatives_are_other_rows_positives(single_host):
         if batch["dataset"] != "alpha":
             continue
         assert batch["neg_valid"].all()  # 7 per row, as with mined ones
-        for r in range(len(batch["pos_ids"])):
-            pos = tok.decode(batch["pos_ids"][r], skip_special_tokens=True)
-            negs = [tok.decode(batch["neg_ids"][r, t], skip_special_tokens=True) for t in range(7)]
+        for r in range(len(batch["pos"])):
+            pos = tok.decode(batch["pos"][r], skip_special_tokens=True)
+            negs = [tok.decode(batch["neg"][r * 7 + t], skip_special_tokens=True) for t in range(7)]
             assert len(set(negs)) == 7 and pos not in negs
             assert all(n.startswith("alpha answer") and "wrong" not in n for n in negs)
-        np.testing.assert_array_equal(builder(cfg=cfg)(step)["neg_ids"], batch["neg_ids"])
-        assert not np.array_equal(batch["neg_ids"], single_host[step]["neg_ids"])
+        assert builder(cfg=cfg)(step)["neg"] == batch["neg"]
+        assert batch["neg"] != single_host[step]["neg"]
     with pytest.raises(ValueError, match=r"config\.data\.negatives='hard'"):
         PipelineConfig(global_batch=8, negatives="hard")
 
@@ -180,14 +191,14 @@ def test_query_noise_replaces_a_fraction_of_query_tokens(single_host):
     cfg = PipelineConfig(**{**CFG.__dict__, "query_noise": 0.5})
     noisy = builder(cfg=cfg)(0)
     clean = single_host[0]
-    np.testing.assert_array_equal(noisy["query_mask"], clean["query_mask"])  # same lengths
-    np.testing.assert_array_equal(noisy["pos_ids"], clean["pos_ids"])  # queries only
-    special = np.isin(clean["query_ids"], builder().tokenizer.all_special_ids)
-    np.testing.assert_array_equal(noisy["query_ids"][special], clean["query_ids"][special])
-    real = (clean["query_mask"] == 1) & ~special
-    changed = (noisy["query_ids"] != clean["query_ids"])[real].mean()
+    assert list(map(len, noisy["query"])) == list(map(len, clean["query"]))  # same lengths
+    assert noisy["pos"] == clean["pos"]  # queries only
+    noisy_ids, clean_ids = np.concatenate(noisy["query"]), np.concatenate(clean["query"])
+    special = np.isin(clean_ids, builder().tokenizer.all_special_ids)
+    np.testing.assert_array_equal(noisy_ids[special], clean_ids[special])
+    changed = (noisy_ids != clean_ids)[~special].mean()
     assert 0.3 < changed < 0.7, changed
-    np.testing.assert_array_equal(builder(cfg=cfg)(0)["query_ids"], noisy["query_ids"])
+    assert builder(cfg=cfg)(0)["query"] == noisy["query"]
     with pytest.raises(ValueError, match=r"config\.data\.query_noise=1\.0 must lie in"):
         PipelineConfig(global_batch=8, query_noise=1.0)
 
@@ -203,9 +214,8 @@ def test_resume_is_exact_across_epochs_and_datasets(single_host):
     again = [next(resumed) for _ in range(STEPS - 7)]
     for a, b, ref in zip(rest, again, single_host[7:], strict=True):
         assert a["step"] == b["step"] == ref["step"]
-        for key in pipeline.ARRAY_KEYS:
-            np.testing.assert_array_equal(a[key], b[key])
-            np.testing.assert_array_equal(a[key], ref[key])
+        assert_same(a, b)
+        assert_same(a, ref)
     assert [int(b["step"]) for b in first] == list(range(7))
 
 
@@ -214,7 +224,7 @@ def test_worker_processes_give_the_same_batches(single_host):
     for s in range(6):
         b = next(it)
         assert int(b["step"]) == s
-        np.testing.assert_array_equal(b["pos_ids"], single_host[s]["pos_ids"])
+        assert_same(b, single_host[s])
 
 
 def test_temperature_mixing_and_errors():
@@ -229,5 +239,5 @@ def test_temperature_mixing_and_errors():
         pipeline.Schedule([80, 4], 8, 10, cfg)
     with pytest.raises(ValueError, match="global batch 8 is not divisible by the 3 hosts"):
         builder(0, 3)
-    with pytest.raises(ValueError, match=r"mixing='uniform'; choose one of \['remaining'"):
+    with pytest.raises(ValueError, match=r"mixing='uniform' is not allowed; choose one of \['rem"):
         PipelineConfig(global_batch=8, mixing="uniform")

@@ -12,9 +12,10 @@ from flax import nnx
 from helpers import TINY_QWEN3, random_batch, save_tiny_qwen3
 
 from jaxembed import hf
-from jaxembed.encoder import append_eos, load, load_tokenizer
+from jaxembed.encoder import load
 from jaxembed.hf.io import WeightsError, read_weights
 from jaxembed.models.pooling import pool
+from jaxembed.tokenizer import append_eos, load_tokenizer
 
 LENGTHS = (9, 4, 1, 7)
 

@@ -347,8 +347,9 @@ def test_prepare_refuses_a_non_empty_out_dir(tmp_path, capsys):
     before = sorted(p.name for p in out.iterdir())
     with pytest.raises(FileExistsError, match="not empty; pass --overwrite"):
         prepare_lib.prepare([path], out)
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as info:
         prepare_lib.main(["--input", str(path), "--out", str(out)])
+    assert info.value.code == 2
     assert "not empty" in capsys.readouterr().err
     assert sorted(p.name for p in out.iterdir()) == before
     stats = prepare_lib.prepare([write_jsonl(tmp_path / "new.jsonl", RECORDS)], out, overwrite=True)

@@ -9,7 +9,8 @@ import pytest
 from flax import nnx
 
 from jaxembed import config as config_lib
-from jaxembed import sharding, train
+from jaxembed import sharding, train, train_state
+from jaxembed.data import pipeline
 from jaxembed.models.bert import BertConfig, BertModel
 
 TINY = BertConfig(
@@ -41,32 +42,37 @@ def make_config(**train_overrides):
 
 
 def random_batch(seed=0, b=B, k=K):
+    """A host batch (`jaxembed.data.pipeline`): token ids of random lengths, K negatives per row."""
     rng = np.random.default_rng(seed)
 
-    def ids(*shape):
-        lengths = rng.integers(2, shape[-1] + 1, shape[:-1])
-        mask = (np.arange(shape[-1]) < lengths[..., None]).astype(np.int32)
-        return (rng.integers(1, TINY.vocab_size, shape) * mask).astype(np.int32), mask
+    def texts(n, longest):
+        return [
+            rng.integers(1, TINY.vocab_size, rng.integers(2, longest + 1)).tolist()
+            for _ in range(n)
+        ]
 
-    q, qm = ids(b, LQ)
-    p, pm = ids(b, LP)
-    n, nm = ids(b, k, LP)
     pos_hash = rng.integers(0, 1 << 30, b).astype(np.int32)
     pos_hash[3] = pos_hash[5]  # one duplicate positive: exercises false-negative masking
     valid = np.ones((b, k), bool)
+    negatives = texts(b * k, LP)
     if k:
-        valid[0, -1] = False
+        valid[0, -1] = False  # a padded negative: it takes no room
+        negatives[k - 1] = []
     return dict(
-        query_ids=q,
-        query_mask=qm,
-        pos_ids=p,
-        pos_mask=pm,
-        neg_ids=n,
-        neg_mask=nm,
+        query=texts(b, LQ),
+        pos=texts(b, LP),
+        neg=negatives,
         neg_valid=valid,
         pos_hash=pos_hash,
         neg_hash=rng.integers(0, 1 << 30, (b, k)).astype(np.int32),
+        pad_id=np.int32(0),
     )
+
+
+def step_batch(host: dict, segments: int = 1, granule: int = 8) -> dict:
+    """The train step's arrays for a host batch on one process (rows of ``LQ`` / ``LP``)."""
+    packing = pipeline.Packing((LQ,), (LP,), granule, segments)
+    return packing.pack_local(host)
 
 
 # --- mesh and rules -------------------------------------------------------------------------
@@ -97,8 +103,8 @@ def test_logical_rules():
         sharding.logical_to_spec(("bogus",), (4,), mesh)
     # Parameters are placed in their shards and the start-up table lists them.
     c = make_config()
-    tx, _ = train.make_optimizer(c.optim, c.train.steps)
-    _, state, _ = train.create_state(tiny_model(), c, mesh, tx)
+    tx, _ = train_state.make_optimizer(c.optim, c.train.steps)
+    _, state, _ = train_state.create_state(tiny_model(), c, mesh, tx)
     kernel = state.params["model"]["encoder"]["layer"][0]["intermediate"]["dense"]["kernel"]
     assert kernel.sharding.spec == P("fsdp", "tensor")
     assert len(kernel.addressable_shards) == 8 and kernel.addressable_shards[0].data.shape == (
@@ -132,10 +138,10 @@ def loss_and_grads_on(shape, gradcache: bool, chunk: int = 8, task: str = "retri
     c = make_config(gradcache=gradcache, gradcache_chunk=chunk)
     c.loss.symmetric = True
     c.loss.learnable_temperature = True
-    tx, _ = train.make_optimizer(c.optim, c.train.steps)
-    graphdef, state, _ = train.create_state(tiny_model(), c, mesh, tx)
+    tx, _ = train_state.make_optimizer(c.optim, c.train.steps)
+    graphdef, state, _ = train_state.create_state(tiny_model(), c, mesh, tx)
     fn = jax.jit(train.make_loss_and_grads(graphdef, c, task, "mean", mesh))
-    batch = sharding.shard_batch(random_batch(), mesh)
+    batch = sharding.shard_batch(step_batch(random_batch()), mesh)
     loss, grads, _ = fn(state.params, batch, jax.random.key(7))
     return float(loss), jax.tree.map(np.asarray, grads)
 
@@ -167,34 +173,31 @@ def test_gradcache_equals_full_batch_with_dropout(reference):
 def test_packed_batch_gives_the_same_loss_and_grads():
     """Several texts per row (train.packing) vs one per row: equal loss and gradients.
 
-    Dropout off (its masks are seeded per packed row, so they differ by design), on the
-    2x4 mesh with GradCache chunks of 8 packed rows, against one unpacked device.
+    Dropout off (its masks are seeded per row, so they differ by design), on the 2x4 mesh
+    with GradCache chunks of 8 packed rows, against one text per row on one device.
     """
-    from jaxembed.data import pipeline
-
-    batch = random_batch(seed=3)
-    batch["pad_id"] = np.int32(0)
-    packing = pipeline.Packing(LQ, LP, granule=8, num_segments=8)
-    plans = packing.plan(batch)
+    host = random_batch(seed=3)
+    packing = pipeline.Packing((LQ,), (LP,), granule=8, num_segments=8)
+    lengths = packing.lengths(host)
+    plans = packing.plan(host, lengths)
     assert not any(i == 0 * K + K - 1 for row in plans["neg"] for i in row)  # invalid: no room
     rows = {t: packing.rows(len(p)) for t, p in plans.items()}
     assert all(r % 8 == 0 for r in rows.values())
     assert len(plans["query"]) < B and len(plans["neg"]) < B * K - 1  # texts share rows
-    packed = packing.pack(batch, plans, rows, dict.fromkeys(rows, 0))
-    real = sum(int(batch[k].sum()) for k in ("query_mask", "pos_mask")) + int(
-        (batch["neg_mask"] * batch["neg_valid"][..., None]).sum()
-    )
+    packed = packing.pack(host, plans, lengths, rows, dict.fromkeys(rows, 0))
+    real = sum(len(t) for name in ("query", "pos", "neg") for t in host[name])
     assert sum(int((packed[f"{t}_seg"] > 0).sum()) for t in rows) == real
     results = []
-    for shape, chunk, b in (((1,), 0, batch), ((2, 4), 8, packed)):
+    for shape, chunk, b in (((1,), 0, step_batch(host)), ((2, 4), 8, packed)):
         mesh = sharding.make_mesh(*shape, devices=jax.devices()[: int(np.prod(shape))])
-        c = make_config(gradcache=bool(chunk), gradcache_chunk=chunk or 16, dropout=False)
+        c = make_config(
+            gradcache=bool(chunk), gradcache_chunk=chunk or 16, dropout=False, packing=b is packed
+        )
         c.loss.symmetric = True
-        tx, _ = train.make_optimizer(c.optim, c.train.steps)
-        graphdef, state, _ = train.create_state(tiny_model(), c, mesh, tx)
+        tx, _ = train_state.make_optimizer(c.optim, c.train.steps)
+        graphdef, state, _ = train_state.create_state(tiny_model(), c, mesh, tx)
         fn = jax.jit(train.make_loss_and_grads(graphdef, c, "retrieval", "mean", mesh))
-        keys = pipeline.PACKED_KEYS if b is packed else pipeline.ARRAY_KEYS
-        loss, grads, _ = fn(state.params, sharding.shard_batch({k: b[k] for k in keys}, mesh), None)
+        loss, grads, _ = fn(state.params, sharding.shard_batch(b, mesh), None)
         results.append((float(loss), jax.tree.map(np.asarray, grads)))
     assert abs(results[0][0] - results[1][0]) <= 1e-5
     assert_grads_close(results[1][1], results[0][1], atol=1e-5)
@@ -207,13 +210,13 @@ def test_chunk_and_batch_errors():
         make_config(gradcache=True, gradcache_chunk=5)
     c = make_config()
     mesh = sharding.make_mesh(8)
-    tx, schedule = train.make_optimizer(c.optim, c.train.steps)
-    graphdef, state, sh = train.create_state(tiny_model(), c, mesh, tx)
+    tx, schedule = train_state.make_optimizer(c.optim, c.train.steps)
+    graphdef, state, sh = train_state.create_state(tiny_model(), c, mesh, tx)
     step = train.TrainStep(graphdef, c, mesh, tx, schedule, sh, "mean")
     with pytest.raises(ValueError, match=r"batch has 8 rows but config\.train\.global_batch=16"):
-        step(state, random_batch(b=8), "retrieval")
+        step(state, step_batch(random_batch(b=8)), "retrieval")
     with pytest.raises(ValueError, match="unknown task 'ranking'"):
-        step(state, random_batch(), "ranking")
+        step(state, step_batch(random_batch()), "ranking")
     c.train.global_batch = 12
     with pytest.raises(
         ValueError, match="global batch size 12 is not divisible by the data-parallel size 8"
@@ -227,7 +230,7 @@ def test_chunk_and_batch_errors():
 def test_schedule_and_decay_mask():
     c = config_lib.default_config()
     c.optim.lr, c.optim.min_lr, c.optim.warmup_steps = 1e-3, 1e-5, 10
-    sched = train.make_schedule(c.optim, 110)
+    sched = train_state.make_schedule(c.optim, 110)
     assert float(sched(0)) == 0.0
     np.testing.assert_allclose(float(sched(5)), 5e-4, rtol=1e-6)
     np.testing.assert_allclose(float(sched(10)), 1e-3, rtol=1e-6)
@@ -235,10 +238,10 @@ def test_schedule_and_decay_mask():
     np.testing.assert_allclose(float(sched(110)), 1e-5, rtol=1e-5)
     c.optim.schedule = "linear"
     np.testing.assert_allclose(
-        float(train.make_schedule(c.optim, 110)(60)), (1e-3 + 1e-5) / 2, rtol=1e-5
+        float(train_state.make_schedule(c.optim, 110)(60)), (1e-3 + 1e-5) / 2, rtol=1e-5
     )
     params = {"model": nnx.to_pure_dict(nnx.state(tiny_model())), "log_temperature": jnp.float32(0)}
-    mask = train.decay_mask(params)
+    mask = train_state.decay_mask(params)
     layer = mask["model"]["encoder"]["layer"][0]
     assert layer["intermediate"]["dense"]["kernel"] and not layer["intermediate"]["dense"]["bias"]
     assert not layer["output"]["LayerNorm"]["scale"] and not mask["log_temperature"]
@@ -265,31 +268,24 @@ def topic_pairs(seed, b=B, topics=24, per_topic=2):
     noise = np.arange(1 + topics * per_topic, TINY.vocab_size)
 
     def draw(length, n_topic):
-        rows = []
-        for t in chosen:
-            row = np.concatenate(
-                [rng.choice(vocab[t], n_topic), rng.choice(noise, length - n_topic)]
-            )
-            rows.append(rng.permutation(row))
-        return np.stack(rows).astype(np.int32)
+        return [
+            rng.permutation(
+                np.concatenate([rng.choice(vocab[t], n_topic), rng.choice(noise, length - n_topic)])
+            ).tolist()
+            for t in chosen
+        ]
 
     batch = random_batch(seed, b=b, k=0)
-    batch.update(
-        query_ids=draw(LQ, 2),
-        query_mask=np.ones((b, LQ), np.int32),
-        pos_ids=draw(LP, 3),
-        pos_mask=np.ones((b, LP), np.int32),
-        pos_hash=chosen.astype(np.int32),
-    )
-    return batch
+    batch.update(query=draw(LQ, 2), pos=draw(LP, 3), pos_hash=chosen.astype(np.int32))
+    return step_batch(batch)
 
 
 def test_tiny_model_learns_pairs():
     c = make_config(dropout=False)
     c.train.steps, c.optim.lr = 100, 3e-3
     mesh = sharding.make_mesh(2, 4)
-    tx, schedule = train.make_optimizer(c.optim, c.train.steps)
-    graphdef, state, sh = train.create_state(tiny_model(), c, mesh, tx)
+    tx, schedule = train_state.make_optimizer(c.optim, c.train.steps)
+    graphdef, state, sh = train_state.create_state(tiny_model(), c, mesh, tx)
     step = train.TrainStep(graphdef, c, mesh, tx, schedule, sh, "mean")
     losses = []
     for i in range(c.train.steps):
@@ -301,19 +297,14 @@ def test_tiny_model_learns_pairs():
     assert int(state.step) == c.train.steps
     # The right positive ranks first for unseen draws.
     batch = topic_pairs(10_000)
-    encode = jax.jit(train.make_encode(graphdef, "mean"))
-    q = np.asarray(
-        encode(
-            state.params["model"],
-            batch["query_ids"],
-            batch["query_mask"],
-            batch["query_mask"],
-            None,
-        )
-    )
-    p = np.asarray(
-        encode(state.params["model"], batch["pos_ids"], batch["pos_mask"], batch["pos_mask"], None)
-    )
+    encode = jax.jit(train.make_encode(graphdef, "mean", 1))
+
+    def embed(tower):  # one text per row: the slots put the rows back in text order
+        seg, slot = batch[f"{tower}_seg"], batch[f"{tower}_slot"]
+        out = encode(state.params["model"], batch[f"{tower}_ids"], seg, seg, None)
+        return np.asarray(out)[slot[:, 0], slot[:, 1]]
+
+    q, p = embed("query"), embed("pos")
     q = q / np.linalg.norm(q, axis=1, keepdims=True)
     p = p / np.linalg.norm(p, axis=1, keepdims=True)
     assert (np.argmax(q @ p.T, axis=1) == np.arange(B)).mean() == 1.0

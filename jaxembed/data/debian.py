@@ -25,9 +25,7 @@ never the languages in ``RESERVED_LANGS``, which exist for zero-shot evaluation 
 
 from __future__ import annotations
 
-import argparse
 import bz2
-import contextlib
 import gzip
 import hashlib
 import io
@@ -46,7 +44,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
+from jaxembed import cli
 from jaxembed.data.records import check_record
+from jaxembed.files import atomic_open, write_jsonl
 
 RESERVED_LANGS = frozenset({"pl", "cs", "ja", "ko", "ru", "uk", "zh_CN"})
 # The non-English bookworm/main translations with more than a few hundred packages.
@@ -155,7 +155,7 @@ class DebianFormatError(ValueError):
     """A malformed index file; the message starts with ``file:line:``."""
 
 
-class FetchError(RuntimeError):
+class FetchError(OSError):
     """``apt-get update`` failed, or fetched no usable index; the message carries apt's stderr."""
 
 
@@ -519,40 +519,14 @@ def load_packages(
 # Writing
 
 
-@contextlib.contextmanager
-def _atomic_open(path: Path) -> Iterator[IO[str]]:
-    """Writes to a hidden temp file beside ``path`` and renames it over ``path`` on success.
-
-    A crash or exception leaves either the previous file or none, never a partial one under
-    the final name; the temp file is removed on exceptions.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8", newline="\n") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def _write_records(path: Path, records: Iterable[dict]) -> int:
     """Writes validated training records as JSONL, atomically; returns the count."""
     n = 0
-    with _atomic_open(path) as f:
+    with atomic_open(path) as f:
         for n, record in enumerate(records, 1):
             record = check_record(record, f"{path}:{n}")
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
     return n
-
-
-def _write_jsonl(path: Path, rows: Iterable[dict]) -> None:
-    with _atomic_open(path) as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
 # ------------------------------------------------------------------------------------------
@@ -837,9 +811,9 @@ def build_eval(
 
 def _write_eval(root: Path, split: str, s: EvalSet) -> None:
     folder = root / split / s.name
-    _write_jsonl(folder / "corpus.jsonl", s.corpus)
-    _write_jsonl(folder / "queries.jsonl", s.queries)
-    with _atomic_open(folder / "qrels" / f"{split}.tsv") as f:
+    write_jsonl(folder / "corpus.jsonl", s.corpus)
+    write_jsonl(folder / "queries.jsonl", s.queries)
+    with atomic_open(folder / "qrels" / f"{split}.tsv") as f:
         f.write("query-id\tcorpus-id\tscore\n")
         for qid, did, score in s.qrels:
             f.write(f"{qid}\t{did}\t{score}\n")
@@ -914,7 +888,7 @@ def build(
                 "qrels": len(s.qrels),
             }
     stats["seconds"] = round(time.time() - t0, 1)
-    with _atomic_open(out_dir / "stats.json") as f:
+    with atomic_open(out_dir / "stats.json") as f:
         json.dump(stats, f, indent=2, ensure_ascii=False)
         f.write("\n")
     if verbose:
@@ -950,9 +924,9 @@ def format_stats(stats: dict) -> str:
 
 def main(argv: Sequence[str] | None = None) -> dict:
     """The command line; see ``--help``. Returns the stats that ``build`` returns."""
-    parser = argparse.ArgumentParser(
-        prog="python -m jaxembed.data.debian",
-        description=(
+    parser = cli.parser(
+        "jaxembed.data.debian",
+        (
             "Build multilingual training records (JSONL) and BEIR retrieval sets from Debian's "
             "translated package descriptions. Split by package name: md5 starting with 'f' is "
             "test, 'e' dev, the rest train. Languages "
@@ -964,6 +938,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
             "OUT/stats.json. Example: python -m jaxembed.data.debian --out data/debian "
             "--langs de,fr,es,ja,pl --max-per-task 2000"
         ),
+        multihost=False,
     )
     parser.add_argument("--out", required=True, metavar="DIR", help="output directory")
     parser.add_argument(
@@ -1004,22 +979,22 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument(
         "--seed", type=int, default=0, help="seed for every sampling choice (default: 0)"
     )
-    args = parser.parse_args(argv)
+    return cli.main(parser, _main, argv)
+
+
+def _main(args) -> dict:
     for flag in ("max_per_task", "max_eval", "max_corpus"):
         if getattr(args, flag) < 1:
-            parser.error(f"--{flag.replace('_', '-')} must be at least 1")
-    try:
-        return build(
-            args.out,
-            lists_dir=args.lists,
-            langs=[lang for lang in args.langs.split(",") if lang.strip()],
-            max_per_task=args.max_per_task,
-            max_eval=args.max_eval,
-            max_corpus=args.max_corpus,
-            seed=args.seed,
-        )
-    except (DebianFormatError, FetchError, ValueError) as e:
-        raise SystemExit(f"error: {e}") from e
+            raise ValueError(f"--{flag.replace('_', '-')} must be at least 1")
+    return build(
+        args.out,
+        lists_dir=args.lists,
+        langs=[lang for lang in args.langs.split(",") if lang.strip()],
+        max_per_task=args.max_per_task,
+        max_eval=args.max_eval,
+        max_corpus=args.max_corpus,
+        seed=args.seed,
+    )
 
 
 if __name__ == "__main__":

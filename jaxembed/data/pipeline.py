@@ -19,9 +19,11 @@ Mixing (which dataset each global batch comes from):
 
 Within a dataset, rows are shuffled per (seed, dataset, epoch); a batch's hard negatives are
 sampled from each row's stored pool per (seed, dataset, epoch, row). Each host reads and
-tokenizes only its own rows of the global batch and pads them to its own bucket length;
-before the step the hosts exchange their lengths and pad to the largest (`pad_lengths`),
-which is the bucket the whole global batch would have picked on one host.
+tokenizes only its own rows of the global batch: element ``s`` holds their token ids
+(``query``, ``pos``, ``neg``: lists of id lists, negative ``t`` of row ``r`` at ``r * K +
+t``), masks and hashes. Before the step the hosts agree on row lengths and counts and pack
+them (`Packing`; ``jaxembed.train.agree_on_batch``): the step sees one layout, rows of
+token ids with segment ids, whatever the packing.
 """
 
 from __future__ import annotations
@@ -34,11 +36,12 @@ from collections.abc import Sequence
 import grain
 import numpy as np
 
-MIXING = ("remaining", "temperature")
-# Where a row's negatives come from: its stored (mined) pool, or, as the control that shows
-# what mining adds, other rows' positives drawn uniformly from the same dataset.
-NEGATIVES = ("mined", "random")
-DEFAULT_NEGATIVES = {"retrieval": 7, "clustering": 7, "classification": 1}
+from jaxembed.choices import MIXING, NEGATIVES, check
+from jaxembed.config import default_config
+from jaxembed.packing import bucket, fill, pack_rows
+from jaxembed.tokenizer import load_tokenizer
+
+_DATA = default_config().data  # the defaults live in jaxembed.config, once
 
 
 def text_hash(text: str) -> int:
@@ -52,42 +55,52 @@ def default_buckets(max_length: int) -> tuple[int, ...]:
     return tuple(sorted({max(16, max_length // 4), max(16, max_length // 2), max_length}))
 
 
-def bucket_length(ids: list[list[int]], buckets: Sequence[int]) -> int:
-    """The smallest bucket that holds the longest sequence (texts are already truncated)."""
-    longest = max((len(x) for x in ids), default=1)
-    return next(b for b in buckets if b >= longest)
-
-
 @dataclasses.dataclass(frozen=True)
 class PipelineConfig:
     global_batch: int
+    """The ``config.data`` settings the pipeline reads (`from_config`); see `jaxembed.config`."""
+
+    global_batch: int
     seed: int = 0
-    mixing: str = "remaining"
-    mixing_temperature: float = 1.0
-    num_negatives: tuple[tuple[str, int], ...] = tuple(DEFAULT_NEGATIVES.items())
-    negatives: str = "mined"  # one of NEGATIVES
-    # > 0: each batch is made of groups of this many rows linked by their mined negatives
-    # (`negative_groups`), so in-batch negatives are hard ones; 0: rows shuffled uniformly.
-    group_size: int = 0
-    # Fraction of each training query's tokens replaced by random vocabulary tokens: queries
-    # partly made of words the model cannot read, as in languages it was never trained on.
-    query_noise: float = 0.0
-    max_query_length: int = 64
-    max_passage_length: int = 256
+    mixing: str = _DATA.mixing
+    mixing_temperature: float = _DATA.mixing_temperature
+    num_negatives: tuple[tuple[str, int], ...] = tuple(_DATA.num_negatives.items())
+    negatives: str = _DATA.negatives
+    group_size: int = _DATA.group_size  # > 0: batches of rows linked by mined negatives
+    query_noise: float = _DATA.query_noise
+    max_query_length: int = _DATA.max_query_length
+    max_passage_length: int = _DATA.max_passage_length
     query_buckets: tuple[int, ...] = ()  # () = default_buckets(max_query_length)
     passage_buckets: tuple[int, ...] = ()
-    query_prefix: str = ""  # e.g. E5's "query: "
-    passage_prefix: str = ""  # e.g. E5's "passage: "
-    # Applied when a record has an instruction (F2LLM's format); passages never get one.
-    instruction_template: str = "Instruct: {instruction}\nQuery: {query}"
+    query_prefix: str = _DATA.query_prefix
+    passage_prefix: str = _DATA.passage_prefix
+    instruction_template: str = _DATA.instruction_template
+
+    @classmethod
+    def from_config(cls, config) -> PipelineConfig:
+        """The pipeline settings of a run config (``config.data``, batch and seed)."""
+        d = config.data
+        return cls(
+            global_batch=config.train.global_batch,
+            seed=config.train.seed,
+            mixing=d.mixing,
+            mixing_temperature=d.mixing_temperature,
+            num_negatives=tuple(d.num_negatives.items()),
+            negatives=d.negatives,
+            group_size=d.group_size,
+            query_noise=d.query_noise,
+            max_query_length=d.max_query_length,
+            max_passage_length=d.max_passage_length,
+            query_buckets=tuple(d.query_buckets),
+            passage_buckets=tuple(d.passage_buckets),
+            query_prefix=d.query_prefix,
+            passage_prefix=d.passage_prefix,
+            instruction_template=d.instruction_template,
+        )
 
     def __post_init__(self):
-        if self.mixing not in MIXING:
-            raise ValueError(f"config.data.mixing={self.mixing!r}; choose one of {list(MIXING)}")
-        if self.negatives not in NEGATIVES:
-            raise ValueError(
-                f"config.data.negatives={self.negatives!r}; choose one of {list(NEGATIVES)}"
-            )
+        check(self.mixing, MIXING, "config.data.mixing")
+        check(self.negatives, NEGATIVES, "config.data.negatives")
         if self.group_size < 0 or self.group_size > self.global_batch:
             raise ValueError(
                 f"config.data.group_size={self.group_size} must lie in 0..{self.global_batch} "
@@ -246,8 +259,6 @@ class BatchBuilder:
     @property
     def tokenizer(self):
         if self._tokenizer is None:
-            from jaxembed.encoder import load_tokenizer
-
             self._tokenizer = load_tokenizer(self.tokenizer_path)
         return self._tokenizer
 
@@ -278,15 +289,6 @@ class BatchBuilder:
             return []
         out = self.tokenizer(texts, add_special_tokens=True, truncation=True, max_length=max_length)
         return out["input_ids"]
-
-    @staticmethod
-    def _pad(ids: list[list[int]], length: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-        out = np.full((len(ids), length), pad_id, np.int32)
-        mask = np.zeros((len(ids), length), np.int32)
-        for r, x in enumerate(ids):
-            out[r, : len(x)] = x
-            mask[r, : len(x)] = 1
-        return out, mask
 
     @staticmethod
     def _random_negatives(source, record: dict, k: int, seed: list[int]) -> list[str]:
@@ -332,7 +334,6 @@ class BatchBuilder:
                 chosen = [pool[t] for t in rng.permutation(len(pool))[:k]] if pool else []
             negatives.append(chosen)
             valid[r, : len(chosen)] = True
-        pad_id = self.tokenizer.pad_token_id or 0
         q_ids = self._tokenize([self._query_text(r) for r in records], cfg.max_query_length)
         if cfg.query_noise:
             q_ids = [
@@ -342,32 +343,17 @@ class BatchBuilder:
         p_ids = self._tokenize(
             [cfg.passage_prefix + r["positive"] for r in records], cfg.max_passage_length
         )
-        flat_negs = [cfg.passage_prefix + t for negs in negatives for t in negs]
-        n_flat = self._tokenize(flat_negs, cfg.max_passage_length)
-        # Padded to this host's bucket; hosts then agree on the largest (`pad_lengths`).
-        lq = bucket_length(q_ids, cfg.buckets("query"))
-        lp = bucket_length(p_ids + n_flat, cfg.buckets("passage"))
-
-        n = len(rows)
-        q, qm = self._pad(q_ids, lq, pad_id)
-        p, pm = self._pad(p_ids, lp, pad_id)
-        neg = np.full((n, k, lp), pad_id, np.int32)
-        negm = np.zeros((n, k, lp), np.int32)
-        neg_hash = np.zeros((n, k), np.int32)
-        offsets = np.cumsum([0] + [len(x) for x in negatives])
-        for r in range(n):
-            for t, text in enumerate(negatives[r]):
-                ids = n_flat[offsets[r] + t]
-                neg[r, t, : len(ids)] = ids
-                negm[r, t, : len(ids)] = 1
-                neg_hash[r, t] = text_hash(text)
+        flat = [cfg.passage_prefix + t for negs in negatives for t in negs]
+        flat_ids = iter(self._tokenize(flat, cfg.max_passage_length))
+        # Row r's negative t is text r * k + t; absent ones (a short pool) are empty.
+        n_ids = [next(flat_ids) if valid[r, t] else [] for r in range(len(rows)) for t in range(k)]
+        neg_hash = np.zeros((len(rows), k), np.int32)
+        for r, negs in enumerate(negatives):
+            neg_hash[r, : len(negs)] = [text_hash(t) for t in negs]
         return {
-            "query_ids": q,
-            "query_mask": qm,
-            "pos_ids": p,
-            "pos_mask": pm,
-            "neg_ids": neg,
-            "neg_mask": negm,
+            "query": q_ids,
+            "pos": p_ids,
+            "neg": n_ids,
             "neg_valid": valid,
             "pos_hash": np.array([text_hash(r["positive"]) for r in records], np.int32),
             "neg_hash": neg_hash,
@@ -375,134 +361,115 @@ class BatchBuilder:
             "source": np.int64(d),
             "task": task,
             "dataset": source.name,
-            "pad_id": np.int32(pad_id),
-            "num_tokens": np.int64(qm.sum() + pm.sum() + negm.sum()),
+            "pad_id": np.int32(self.tokenizer.pad_token_id or 0),
+            "num_tokens": np.int64(sum(map(len, q_ids + p_ids + n_ids))),
         }
 
 
-def lengths(batch: dict) -> tuple[int, int]:
-    """``(query, passage)`` padded lengths of a host-local batch."""
-    return batch["query_ids"].shape[1], batch["pos_ids"].shape[1]
+# --- the train step's batch: texts packed into rows ----------------------------------------
+# Every tower (queries, positives, hard negatives) is rows of token ids with segment ids
+# (`jaxembed.packing`): ``<tower>_ids`` and ``<tower>_seg`` (R, L), 1, 2, ... per text and 0
+# for padding, and ``<tower>_slot``: for every text, (global row, segment - 1), where the
+# step finds its pooled embedding in the (R, segments, dim) output. With one text per row
+# this is a padded batch. Absent texts (padded hard negatives) take no room; their slot is
+# any valid one and ``neg_valid`` masks them in the loss.
 
-
-def pad_lengths(batch: dict, query_length: int, passage_length: int) -> dict:
-    """``batch`` right-padded to the given lengths (pad id, mask 0): the lengths all hosts use.
-
-    Each host pads its rows to its own bucket; the global batch needs one shape, the largest
-    bucket of any host, which is the bucket the whole global batch would have picked.
-    """
-    lq, lp = lengths(batch)
-    if (lq, lp) == (query_length, passage_length):
-        return batch
-    if query_length < lq or passage_length < lp:
-        raise ValueError(f"cannot pad lengths {(lq, lp)} down to {(query_length, passage_length)}")
-    out = dict(batch)
-    pad_id = int(batch["pad_id"])
-
-    def pad(x, length, value):
-        width = [(0, 0)] * (x.ndim - 1) + [(0, length - x.shape[-1])]
-        return np.pad(x, width, constant_values=value)
-
-    out["query_ids"] = pad(batch["query_ids"], query_length, pad_id)
-    out["query_mask"] = pad(batch["query_mask"], query_length, 0)
-    if "query_pool_mask" in batch:
-        out["query_pool_mask"] = pad(batch["query_pool_mask"], query_length, 0)
-    for key, value in (("pos_ids", pad_id), ("pos_mask", 0), ("neg_ids", pad_id), ("neg_mask", 0)):
-        out[key] = pad(batch[key], passage_length, value)
-    return out
-
-
-# --- sequence packing for the train step ------------------------------------------------------
-# A packed tower holds its texts back to back in rows of the tower's maximum length:
-# ``<tower>_ids`` and ``<tower>_seg`` (R, L) (segment ids 1, 2, ... per text, 0 = padding),
-# and ``<tower>_slot``: for every text, (global row, segment - 1), where the step finds its
-# pooled embedding in the (R, segments, dim) output. Absent texts (padded hard negatives)
-# take no room; their slot is any valid one and ``neg_valid`` masks them in the loss.
+STEP_KEYS = (
+    "query_ids",
+    "query_seg",
+    "query_pool",
+    "query_slot",
+    "pos_ids",
+    "pos_seg",
+    "pos_slot",
+    "neg_ids",
+    "neg_seg",
+    "neg_slot",
+    "neg_valid",
+    "pos_hash",
+    "neg_hash",
+)
 
 
 @dataclasses.dataclass(frozen=True)
 class Packing:
-    """How the train step packs a host's batch: row lengths, row-count granule, segments.
+    """How a host's batch becomes the train step's rows: lengths, segments, row-count granule.
 
-    ``granule`` is the host-local row-count step: every host's tower is padded with empty
-    rows to the same multiple of it (hosts agree on the count before the step), so the global
-    row count divides the data-parallel size (and the GradCache chunk). Row counts of a
-    tower vary from batch to batch only in granules: each count is one compiled shape.
+    A tower's rows are as long as the bucket that holds its longest text (queries and
+    passages each have their buckets; positives and negatives share one length), and hold
+    at most ``num_segments`` texts (1: one text per row). ``granule`` is the host-local
+    row-count step: every host pads its tower with empty rows to the same multiple of it
+    (hosts agree on lengths and counts before the step), so the global row count divides the
+    data-parallel size (and the GradCache chunk). Each (length, rows) met is one compile.
     """
 
-    query_length: int
-    passage_length: int
+    query_buckets: tuple[int, ...]
+    passage_buckets: tuple[int, ...]
     granule: int
-    num_segments: int  # texts per row at most (`jaxembed.train.PACKED_SEGMENTS` or fewer)
+    num_segments: int  # texts per row at most (`jaxembed.packing.MAX_SEGMENTS` or fewer)
 
-    def _towers(self, batch: dict):
-        b, k = batch["neg_valid"].shape
-        yield "query", batch["query_ids"], batch["query_mask"], None, self.query_length
-        yield "pos", batch["pos_ids"], batch["pos_mask"], None, self.passage_length
-        if k:
-            flat = (b * k, batch["neg_ids"].shape[-1])
-            ids, mask = batch["neg_ids"].reshape(flat), batch["neg_mask"].reshape(flat)
-            yield "neg", ids, mask, batch["neg_valid"].reshape(-1), self.passage_length
+    def lengths(self, batch: dict) -> dict[str, int]:
+        """This host's row length per kind ("query", "passage"): the bucket of its longest."""
+        longest_q = max(map(len, batch["query"]), default=1)
+        longest_p = max(map(len, batch["pos"] + batch["neg"]), default=1)
+        return {
+            "query": bucket(longest_q, self.query_buckets),
+            "passage": bucket(longest_p, self.passage_buckets),
+        }
 
-    def plan(self, batch: dict) -> dict[str, list[list[int]]]:
-        """Per tower, the texts of each packed row (`jaxembed.encoder.pack_rows`)."""
-        from jaxembed.encoder import pack_rows
-
+    def plan(self, batch: dict, lengths: dict[str, int]) -> dict[str, list[list[int]]]:
+        """Per tower, the texts of each row (`jaxembed.packing.pack_rows`) at ``lengths``."""
         plans = {}
-        for name, _ids, mask, present, length in self._towers(batch):
-            lengths = mask.sum(-1)
-            if lengths.max(initial=0) > length:
-                raise ValueError(
-                    f"packing: a {name} text has {lengths.max()} tokens, more than the "
-                    f"row length {length}"
-                )
-            keep = np.arange(len(lengths)) if present is None else np.flatnonzero(present)
-            rows = pack_rows(lengths[keep].tolist(), length, self.num_segments)
-            plans[name] = [[int(keep[i]) for i in row] for row in rows]
+        for name in ("query", "pos", "neg"):
+            texts = batch[name]
+            if name == "neg" and not texts:
+                continue
+            keep = [i for i, t in enumerate(texts) if t or name != "neg"]  # absent: no room
+            row_length = lengths["query" if name == "query" else "passage"]
+            rows = pack_rows([len(texts[i]) for i in keep], row_length, self.num_segments)
+            plans[name] = [[keep[i] for i in row] for row in rows]
         return plans
 
     def rows(self, needed: int) -> int:
         """Host-local rows for a tower that needs ``needed``: the next multiple of the granule."""
         return max(1, -(-needed // self.granule)) * self.granule
 
-    def pack(self, batch: dict, plans: dict, rows: dict[str, int], offsets: dict[str, int]) -> dict:
-        """``batch`` with every tower packed into ``rows[t]`` rows (this host's share).
+    def pack(
+        self,
+        batch: dict,
+        plans: dict,
+        lengths: dict[str, int],
+        rows: dict[str, int],
+        offsets: dict[str, int],
+    ) -> dict:
+        """The step's arrays (`STEP_KEYS`): every tower packed into ``rows[t]`` rows.
 
         ``offsets[t]`` is the global index of this host's first row of tower ``t``, so that
         slots address the global (sharded) matrix of segment embeddings.
         """
-        out = {k: v for k, v in batch.items() if k not in ARRAY_KEYS}
-        out.update({k: batch[k] for k in ("neg_valid", "pos_hash", "neg_hash")})
-        pad_id = int(batch["pad_id"])
-        pool = batch.get("query_pool_mask")
-        for name, ids, mask, _present, length in self._towers(batch):
-            plan, n_rows = plans[name], rows[name]
-            if len(plan) > n_rows:
-                raise ValueError(f"packing: {name} needs {len(plan)} rows, given {n_rows}")
-            packed = np.full((n_rows, length), pad_id, np.int32)
-            seg = np.zeros((n_rows, length), np.int32)
-            pool_seg = np.zeros((n_rows, length), np.int32) if name == "query" else None
-            slot = np.zeros((len(ids), 2), np.int32)
+        out = {k: batch[k] for k in ("neg_valid", "pos_hash", "neg_hash")}
+        for name, plan in plans.items():
+            length = lengths["query" if name == "query" else "passage"]
+            ids, seg, pooled, where = fill(
+                batch[name], plan, rows[name], length, int(batch["pad_id"])
+            )
+            slot = np.zeros((len(batch[name]), 2), np.int32)
             slot[:, 0] = offsets[name]
-            lengths = mask.sum(-1)
-            for r, texts in enumerate(plan):
-                at = 0
-                for j, i in enumerate(texts, start=1):
-                    end = at + lengths[i]
-                    packed[r, at:end] = ids[i, : lengths[i]]
-                    seg[r, at:end] = j
-                    if pool_seg is not None:
-                        keep = pool[i, : lengths[i]] > 0 if pool is not None else True
-                        pool_seg[r, at:end] = np.where(keep, j, 0)
-                    slot[i] = offsets[name] + r, j - 1
-                    at = end
-            out[f"{name}_ids"], out[f"{name}_seg"] = packed, seg
-            if pool_seg is not None:
-                out["query_pool"] = pool_seg
+            slot[where[:, 0]] = where[:, 1:] + [offsets[name], 0]
+            out[f"{name}_ids"], out[f"{name}_seg"] = ids, seg
+            if name == "query":
+                out["query_pool"] = pooled
             out[f"{name}_slot"] = (
                 slot.reshape(*batch["neg_valid"].shape, 2) if name == "neg" else slot
             )
         return out
+
+    def pack_local(self, batch: dict) -> dict:
+        """`pack` for one process: its own lengths and rows (what `agree_on_batch` agrees on)."""
+        lengths = self.lengths(batch)
+        plans = self.plan(batch, lengths)
+        rows = {t: self.rows(len(p)) for t, p in plans.items()}
+        return self.pack(batch, plans, lengths, rows, dict.fromkeys(rows, 0))
 
 
 def make_dataset(builder: BatchBuilder, start_step: int = 0) -> grain.MapDataset:
@@ -524,53 +491,3 @@ def make_iterator(dataset: grain.MapDataset, workers: int = 0, prefetch: int = 2
             flags.FLAGS.mark_as_parsed()
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
     return iter(it)
-
-
-ARRAY_KEYS = (
-    "query_ids",
-    "query_mask",
-    "pos_ids",
-    "pos_mask",
-    "neg_ids",
-    "neg_mask",
-    "neg_valid",
-    "pos_hash",
-    "neg_hash",
-)
-
-
-PACKED_KEYS = (
-    "query_ids",
-    "query_seg",
-    "query_pool",
-    "query_slot",
-    "pos_ids",
-    "pos_seg",
-    "pos_slot",
-    "neg_ids",
-    "neg_seg",
-    "neg_slot",
-    "neg_valid",
-    "pos_hash",
-    "neg_hash",
-)
-
-
-def is_packed(batch: dict) -> bool:
-    return "query_seg" in batch
-
-
-def to_global(batch: dict, mesh) -> dict:
-    """Assembles global arrays from every host's local slice (the train step's input)."""
-    import jax
-
-    from jaxembed import sharding
-
-    keys = PACKED_KEYS if is_packed(batch) else ARRAY_KEYS
-    return {
-        key: jax.make_array_from_process_local_data(
-            sharding.batch_sharding(mesh, np.ndim(batch[key])), batch[key]
-        )
-        for key in keys
-        if key in batch
-    }

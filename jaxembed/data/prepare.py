@@ -20,22 +20,22 @@ with TFDS's own protobuf copies, ``array_record``'s writer writes the shards, an
 used: in tfds 4.9.10 it goes through the download manager, which imports the
 ``importlib_resources`` backport that this environment does not ship.
 
-The output is built in ``DIR.tmp-<pid>`` beside ``DIR`` and renamed into place only when
+The output is built in ``.DIR.tmp-<pid>`` beside ``DIR`` and renamed into place only when
 complete, so a failure leaves no ``DIR`` behind and readers never see half a dataset.
 """
 
 from __future__ import annotations
 
-import argparse
 import concurrent.futures
 import multiprocessing
 import os
 import re
-import shutil
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
+from jaxembed import cli
 from jaxembed.data.readers import RecordSource, open_sources
+from jaxembed.files import atomic_dir
 
 SPLIT = "train"
 VERSION = "1.0.0"
@@ -196,11 +196,7 @@ def prepare(
     counts = [total // shards + (k < total % shards) for k in range(shards)]
     starts = [sum(counts[:k]) for k in range(shards)]
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f"{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)  # left by an earlier crashed run with our pid
-    try:
-        tmp.mkdir()
+    with atomic_dir(out) as tmp:
         template = tfds.core.ShardedFileTemplate(
             data_dir=tmp,
             template=FILE_TEMPLATE,
@@ -232,10 +228,6 @@ def prepare(
                 sources=[os.path.abspath(s.path) for s in sources],
             ),
         )
-        _move_into_place(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return {
         "path": os.fspath(out),
         "dataset": dataset,
@@ -246,27 +238,9 @@ def prepare(
     }
 
 
-def _move_into_place(tmp: Path, out: Path) -> None:
-    """Renames the finished ``tmp`` to ``out``, replacing an empty (or overwritten) ``out``."""
-    if out.is_dir() and not any(out.iterdir()):
-        out.rmdir()
-    if out.exists():  # --overwrite: set the old one aside first so a failed rename keeps it
-        old = out.parent / f"{out.name}.old-{os.getpid()}"
-        out.rename(old)
-        tmp.rename(out)
-        if old.is_dir():
-            shutil.rmtree(old)
-        else:
-            old.unlink()
-    else:
-        tmp.rename(out)
-
-
-def main(argv: Sequence[str] | None = None) -> None:
+def main(argv: Sequence[str] | None = None) -> dict:
     """Command-line entry point; see the module docstring."""
-    parser = argparse.ArgumentParser(
-        prog="python -m jaxembed.data.prepare", description=__doc__.split("\n")[0]
-    )
+    parser = cli.parser("jaxembed.data.prepare", __doc__.split("\n")[0], multihost=False)
     parser.add_argument("--input", nargs="+", required=True, help="JSONL / Parquet files or dirs")
     parser.add_argument("--out", required=True, help="output TFDS dataset directory")
     parser.add_argument("--name", help="dataset name of records without one")
@@ -275,24 +249,26 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--shards", type=int, default=1, help="ArrayRecord files to write")
     parser.add_argument("--workers", type=int, default=1, help="processes writing shards")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
-    args = parser.parse_args(argv)
-    try:
-        stats = prepare(
-            args.input,
-            args.out,
-            name=args.name,
-            task=args.task,
-            skip_bad=args.skip_bad,
-            shards=args.shards,
-            workers=args.workers,
-            overwrite=args.overwrite,
-        )
-    except (OSError, ValueError) as e:  # RecordError is a ValueError; its message says where
-        parser.exit(1, f"prepare: error: {e}\n")
+    return cli.main(parser, _main, argv)
+
+
+def _main(args) -> dict:
+    # RecordError is a ValueError whose message says where: cli.main prints it in one line.
+    stats = prepare(
+        args.input,
+        args.out,
+        name=args.name,
+        task=args.task,
+        skip_bad=args.skip_bad,
+        shards=args.shards,
+        workers=args.workers,
+        overwrite=args.overwrite,
+    )
     print(
         f"wrote {stats['records']} records of {stats['dataset']!r} ({stats['task']}) "
         f"in {stats['shards']} shard(s) to {stats['path']}; skipped {stats['skipped']} bad"
     )
+    return stats
 
 
 if __name__ == "__main__":

@@ -70,7 +70,7 @@ class RecordSource:
     Attributes:
       path: the file or directory read.
       name: the dataset name shared by every record.
-      task: the task shared by every record (one of `jaxembed.data.records.TASKS`).
+      task: the task shared by every record (one of `jaxembed.choices.TASKS`).
       skipped: bad records skipped at open (only with ``skip_bad=True``).
     """
 

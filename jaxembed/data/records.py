@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from typing import Any
 
-TASKS = ("retrieval", "classification", "clustering")
+from jaxembed.choices import TASKS
+
 REQUIRED = ("query", "positive", "task", "dataset")
 FIELDS = (*REQUIRED, "negatives", "instruction")
 

@@ -16,9 +16,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxembed.files import atomic_write_text
 from jaxembed.hf import bert, mapping, qwen3
 from jaxembed.hf.io import ModelFolderError, read_weights, write_weights_stream
-from jaxembed.hf.mapping import Row, expand, export_params, load_params
+from jaxembed.hf.mapping import Row, expand, load_params
 
 FAMILIES: dict[str, ModuleType] = {
     **dict.fromkeys(bert.MODEL_TYPES, bert),
@@ -27,7 +28,6 @@ FAMILIES: dict[str, ModuleType] = {
 __all__ = [
     "FAMILIES",
     "ModelFolderError",
-    "export_state_dict",
     "hf_config",
     "iter_export",
     "load_model",
@@ -94,11 +94,6 @@ def export_rows(model: nnx.Module) -> list[Row]:
     return expand(fam.table(cfg), fam.num_layers(cfg))
 
 
-def export_state_dict(model: nnx.Module, dtype=jnp.float32) -> dict:
-    """The HF state dict (NumPy) of a backbone, through the same table that loaded it."""
-    return export_params(model, export_rows(model), dtype=dtype)
-
-
 def iter_export(model: nnx.Module, dtype=jnp.float32, fetch=np.asarray):
     """``(hf_key, array)`` pairs of a backbone, one at a time (see `mapping.iter_export`)."""
     return mapping.iter_export(model, export_rows(model), dtype, fetch)
@@ -136,7 +131,6 @@ def save_model(
         mapping.iter_export(model, rows, dtype, fetch),
         max_shard_bytes,
     )
-    tmp = path / "config.json.tmp"
-    tmp.write_text(json.dumps(hf_config(model, dtype), indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path / "config.json")
+    config = json.dumps(hf_config(model, dtype), indent=2, sort_keys=True) + "\n"
+    atomic_write_text(path / "config.json", config)
     return ["config.json", *files]

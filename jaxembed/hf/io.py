@@ -21,6 +21,8 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
+from jaxembed.files import atomic_open, atomic_write_text
+
 _ST_DTYPES = {
     "F64": np.float64,
     "F32": np.float32,
@@ -123,24 +125,19 @@ def write_safetensors_stream(
         offset += nbytes
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # the format aligns the data section to 8 bytes
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(len(blob).to_bytes(8, "little"))
-            f.write(blob)
-            for expected in specs:
-                key, a = next(tensors, (None, None))
-                if key != expected:
-                    raise WeightsError(f"{path}: expected tensor {expected!r} next, got {key!r}")
-                if spec_of(a) != (tuple(specs[key][0]), np.dtype(specs[key][1])):
-                    raise WeightsError(
-                        f"{path}: tensor {key!r} is {spec_of(a)}, the header says {specs[key]}"
-                    )
-                # A byte view, not tobytes(): no second copy of a large tensor.
-                f.write(np.ascontiguousarray(a).reshape(-1).view(np.uint8).data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_open(path, "wb") as f:
+        f.write(len(blob).to_bytes(8, "little"))
+        f.write(blob)
+        for expected in specs:
+            key, a = next(tensors, (None, None))
+            if key != expected:
+                raise WeightsError(f"{path}: expected tensor {expected!r} next, got {key!r}")
+            if spec_of(a) != (tuple(specs[key][0]), np.dtype(specs[key][1])):
+                raise WeightsError(
+                    f"{path}: tensor {key!r} is {spec_of(a)}, the header says {specs[key]}"
+                )
+            # A byte view, not tobytes(): no second copy of a large tensor.
+            f.write(np.ascontiguousarray(a).reshape(-1).view(np.uint8).data)
 
 
 # --- pytorch_model.bin -----------------------------------------------------------------------
@@ -296,9 +293,7 @@ def write_weights_stream(
         "metadata": {"total_size": sum(_nbytes(s) for s in specs.values())},
         "weight_map": weight_map,
     }
-    tmp = folder / "model.safetensors.index.json.tmp"
-    tmp.write_text(json.dumps(index, indent=2))
-    os.replace(tmp, folder / "model.safetensors.index.json")
+    atomic_write_text(folder / "model.safetensors.index.json", json.dumps(index, indent=2))
     return [*names, "model.safetensors.index.json"]
 
 

@@ -68,12 +68,6 @@ def get_variable(module: nnx.Module, path: str) -> nnx.Variable:
     return node
 
 
-def param_paths(module: nnx.Module) -> set[str]:
-    """Dotted paths of every `nnx.Param` in ``module``."""
-    flat = nnx.to_flat_state(nnx.state(module, nnx.Param))
-    return {".".join(str(p) for p in path) for path, _ in flat}
-
-
 def _normalize_legacy(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     # TF-era checkpoints name LayerNorm parameters gamma/beta; transformers renames on load.
     out = {}
@@ -184,8 +178,3 @@ def export_specs(module: nnx.Module, rows: list[Row], dtype=np.float32) -> dict[
         for key, view in _hf_views(row, np.broadcast_to(np.zeros((), np.float32), shape)):
             out[key] = (tuple(view.shape), np.dtype(dtype))
     return out
-
-
-def export_params(module: nnx.Module, rows: list[Row], dtype=np.float32) -> dict[str, np.ndarray]:
-    """The HF state dict of ``module``'s parameters (gathered to host memory)."""
-    return dict(iter_export(module, rows, dtype))

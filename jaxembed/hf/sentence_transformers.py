@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
+from jaxembed.files import atomic_write_text
 from jaxembed.models.pooling import POOLING_MODES
 
 _LEGACY_POOLING = {
@@ -97,7 +99,7 @@ def read_st_config(path: str | Path) -> STConfig:
 
 def _write_json(path: Path, obj) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+    atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
 
 def write_st_config(path: str | Path, st: STConfig, embedding_dim: int) -> list[str]:
@@ -154,3 +156,28 @@ def write_st_config(path: str | Path, st: STConfig, embedding_dim: int) -> list[
     )
     written.append("config_sentence_transformers.json")
     return written
+
+
+# --- prompts ---------------------------------------------------------------------------------
+
+QUERY_PROMPTS = ("query",)
+DOC_PROMPTS = ("document", "passage", "corpus")
+
+
+def pick_prompt(
+    prompts: dict[str, str], name: str | None, defaults: Sequence[str], model=""
+) -> str:
+    """Prompt text: ``prompts[name]``, else the first of ``defaults`` the model defines, else "".
+
+    The defaults are sentence-transformers' ``encode_query`` ("query") and
+    ``encode_document`` ("document", "passage", "corpus"), which MTEB calls, so both sides
+    read the same prompts. An undefined ``name`` is an error naming the defined ones.
+    """
+    if name is not None:
+        if name not in prompts:
+            raise ValueError(
+                f"prompt_name {name!r} is not defined by {model or 'the model'}; "
+                f"defined prompts: {sorted(prompts) or 'none'}"
+            )
+        return prompts[name]
+    return next((prompts[n] for n in defaults if n in prompts), "")

@@ -26,9 +26,8 @@ from jaxembed.models.layers import (
     dropout,
     same_segment,
     segment_positions,
-    split_rng,
-    to_seed,
 )
+from jaxembed.seeds import split_rng, to_seed
 
 # model_type -> whether positions start after the padding index (RoBERTa-style).
 FAMILIES = {"bert": False, "roberta": True, "xlm-roberta": True, "camembert": True}

@@ -9,6 +9,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jaxembed.models.layers import segment_positions
+
 # The names sentence-transformers uses in 1_Pooling/config.json.
 POOLING_MODES = ("cls", "mean", "max", "mean_sqrt_len_tokens", "weightedmean", "lasttoken")
 
@@ -83,8 +85,6 @@ def pool_segments(
     w = member.astype(jnp.float32)
     if mode == "weightedmean":
         # Weights count from each text's first token (prompt or not), as in `pool`.
-        from jaxembed.models.layers import segment_positions
-
         w = w * (segment_positions(segment_ids) + 1).astype(jnp.float32)[:, None, :]
     summed = jnp.einsum("rsl,rlh->rsh", w, h)
     count = jnp.sum(w, axis=-1)[..., None]
@@ -98,12 +98,3 @@ def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
     x = x.astype(jnp.float32)
     norm = jnp.sqrt(jnp.sum(x * x, axis=-1, keepdims=True))
     return x / jnp.maximum(norm, eps)
-
-
-def truncate(x: jax.Array, dim: int | None) -> jax.Array:
-    """Keeps the first ``dim`` features (Matryoshka); renormalise afterwards."""
-    if dim is None:
-        return x
-    if not 0 < dim <= x.shape[-1]:
-        raise ValueError(f"truncate dim {dim} must be in 1..{x.shape[-1]}")
-    return x[..., :dim]

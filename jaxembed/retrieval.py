@@ -1,0 +1,521 @@
+"""Retrieval: BEIR-layout data, exact top-k search, the standard metrics, prompt choice.
+
+The library under `jaxembed.evaluate` (the CLI), `jaxembed.mine` (search), `jaxembed.
+mteb_adapter` and the training loop's dev evaluation (`Evaluator`), so that all of them
+read, search and score the same way. Input: ``corpus.jsonl`` (``_id``, ``title``,
+``text``), ``queries.jsonl`` (``_id``, ``text``) and ``qrels/<split>.tsv`` (``query-id
+corpus-id score``, graded relevance allowed; a header line is optional). Search is exact:
+blocked matrix products keep a running top-k, so memory is bounded by the block sizes, not
+by the corpus.
+
+The metrics are MTEB's for retrieval (it scores with ``pytrec_eval``, i.e. trec_eval), so
+that our numbers and MTEB's agree on the same rankings:
+
+- nDCG@10 with linear gains (the grade of a relevant document), log2 discounts, the ideal
+  ranking built from all judged relevant documents; MRR@10; MAP@100 (the sum of precisions
+  at relevant hits in the top 100, divided by *all* relevant documents); Recall@{1,10,100}.
+- A document is relevant when its grade is > 0; grades <= 0 count as non-relevant.
+- Ties: equal scores are ranked by document id, *descending* (string order), as trec_eval
+  does (MTEB's own MRR follows the same rule). We get this for free by searching a corpus
+  sorted by id descending with a "lower index first" tie rule.
+- Every query with at least one judgment in the qrels is scored; one whose judgments are
+  all <= 0 scores 0 on every metric (trec_eval and MTEB count it too). Queries without
+  judgments are not evaluated. A document whose id equals the query id is *not* skipped
+  (MTEB's default, ``ignore_identical_ids=False``).
+- A corpus text is ``title + " " + text`` (stripped) when there is a title, else the text
+  stripped: MTEB's rule, so both see the same strings.
+
+Encoders here produce unit vectors, so the inner product is the cosine similarity MTEB uses.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import functools
+import json
+import math
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxembed import sharding
+from jaxembed.encoder import Encoder
+from jaxembed.hf.sentence_transformers import DOC_PROMPTS, QUERY_PROMPTS, pick_prompt
+
+METRICS = ("ndcg@10", "mrr@10", "map@100", "recall@1", "recall@10", "recall@100")
+# Where MTEB stores the same numbers in its result files.
+MTEB_KEYS = {m: m.replace("@", "_at_") for m in METRICS}
+K = 100  # ranks kept per query: the deepest cut-off in METRICS
+
+EncodeFn = Callable[[list[str]], np.ndarray]
+
+
+class EvalDataError(ValueError):
+    """Malformed or inconsistent BEIR-layout data; the message names the file."""
+
+
+# ------------------------------------------------------------------------------------------
+# Data
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise EvalDataError(f"{path}:{line_no}: invalid JSON ({e.msg})") from None
+            if "_id" not in rows[-1]:
+                raise EvalDataError(f"{path}:{line_no}: missing field '_id'")
+    return rows
+
+
+def corpus_text(row: dict) -> str:
+    """A corpus entry as the model reads it: MTEB's title/text join."""
+    title = row.get("title") or ""
+    text = row.get("text") or ""
+    return f"{title} {text}".strip() if title else text.strip()
+
+
+def load_beir(folder: str | os.PathLike, split: str = "dev"):
+    """``(corpus {id: text}, queries {id: text}, qrels {qid: {doc_id: grade}})``.
+
+    Errors name the file (and line): a missing file, an empty corpus, a qrels line whose
+    query id is not in ``queries.jsonl`` or whose corpus id is not in ``corpus.jsonl``.
+    """
+    folder = Path(folder)
+    corpus_file, queries_file = folder / "corpus.jsonl", folder / "queries.jsonl"
+    qrels_file = folder / "qrels" / f"{split}.tsv"
+    for f in (corpus_file, queries_file, qrels_file):
+        if not f.exists():
+            raise EvalDataError(f"{folder}: missing {f.relative_to(folder)}")
+    corpus = {str(row["_id"]): corpus_text(row) for row in _read_jsonl(corpus_file)}
+    if not corpus:
+        raise EvalDataError(f"{corpus_file}: the corpus is empty")
+    queries = {str(r["_id"]): r.get("text") or "" for r in _read_jsonl(queries_file)}
+    qrels: dict[str, dict[str, int]] = {}
+    with open(qrels_file, encoding="utf-8") as f:
+        for line_no, row in enumerate(csv.reader(f, delimiter="\t"), 1):
+            if not row or (line_no == 1 and row[0] == "query-id"):
+                continue
+            if len(row) != 3:
+                raise EvalDataError(f"{qrels_file}:{line_no}: expected 3 tab-separated columns")
+            qid, did, score = row
+            if qid not in queries:
+                raise EvalDataError(
+                    f"{qrels_file}:{line_no}: query id {qid!r} is not in {queries_file}"
+                )
+            if did not in corpus:
+                raise EvalDataError(
+                    f"{qrels_file}:{line_no}: corpus id {did!r} is not in {corpus_file}"
+                )
+            try:
+                qrels.setdefault(qid, {})[did] = int(score)
+            except ValueError:
+                raise EvalDataError(
+                    f"{qrels_file}:{line_no}: score {score!r} is not an integer"
+                ) from None
+    if not qrels:
+        raise EvalDataError(f"{qrels_file}: no judgments")
+    return corpus, queries, qrels
+
+
+def find_sets(data: str | os.PathLike) -> list[Path]:
+    """``data`` itself if it is a BEIR folder, else its sub-folders that are (sorted)."""
+    data = Path(data)
+    if (data / "corpus.jsonl").exists():
+        return [data]
+    sets = (
+        sorted(p for p in data.iterdir() if (p / "corpus.jsonl").exists()) if data.is_dir() else []
+    )
+    if not sets:
+        raise EvalDataError(f"{data}: not a BEIR folder (no corpus.jsonl) and no sub-folder is one")
+    return sets
+
+
+# ------------------------------------------------------------------------------------------
+# Search and metrics
+
+
+@functools.partial(jax.jit, static_argnames=("k",))
+def _merge_block(best_s, best_i, q, d, n_valid, offset, k):
+    """Folds one corpus block into the running top-k (ties: lower corpus index first)."""
+    # HIGHEST: no TF32/bf16 passes on accelerators, so near-ties rank as in float32.
+    s = jnp.matmul(q, d.T, precision=jax.lax.Precision.HIGHEST)
+    col = jnp.arange(d.shape[0])
+    s = jnp.where(col[None, :] < n_valid, s, -jnp.inf)
+    cand_s = jnp.concatenate([best_s, s], axis=1)
+    cand_i = jnp.concatenate([best_i, jnp.broadcast_to(offset + col, s.shape)], axis=1)
+    # top_k puts the lower position first among equal values; the running best always sits
+    # before the block and holds lower corpus indices, so the tie rule holds across blocks.
+    top_s, pos = jax.lax.top_k(cand_s, k)
+    return top_s, jnp.take_along_axis(cand_i, pos, axis=1)
+
+
+def _pow2_at_least(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+def top_k(
+    queries: np.ndarray,
+    docs: np.ndarray,
+    k: int,
+    block: int = 16384,
+    query_block: int = 1024,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k by inner product: ``(scores, indices)``, each ``(len(queries), k)``.
+
+    Scans ``docs`` in blocks of ``block`` rows and ``queries`` in blocks of ``query_block``
+    (both padded to a power of two, so few shapes compile), so memory stays at about
+    ``query_block * (block + k)`` floats. Equal scores rank the lower document index first,
+    whatever the block sizes.
+    """
+    queries = np.asarray(queries, np.float32)
+    docs = np.asarray(docs, np.float32)
+    k = min(k, len(docs))
+    n_q = len(queries)
+    out_s = np.zeros((n_q, k), np.float32)
+    out_i = np.zeros((n_q, k), np.int64)
+    if n_q == 0 or k == 0:
+        return out_s, out_i
+    d_rows = min(_pow2_at_least(block), _pow2_at_least(len(docs)))
+    q_rows = min(_pow2_at_least(query_block), _pow2_at_least(n_q))
+    n_docs = len(docs)
+    docs = np.concatenate([docs, np.zeros((-n_docs % d_rows, docs.shape[1]), np.float32)])
+    for qs in range(0, n_q, q_rows):
+        q = np.zeros((q_rows, queries.shape[1]), np.float32)
+        q[: min(q_rows, n_q - qs)] = queries[qs : qs + q_rows]
+        q = jnp.asarray(q)
+        best_s = jnp.full((q_rows, k), -jnp.inf, jnp.float32)
+        best_i = jnp.full((q_rows, k), -1, jnp.int32)
+        for ds in range(0, n_docs, d_rows):
+            best_s, best_i = _merge_block(
+                best_s, best_i, q, jnp.asarray(docs[ds : ds + d_rows]), n_docs - ds, ds, k
+            )
+        rows = min(q_rows, n_q - qs)
+        out_s[qs : qs + rows] = np.asarray(best_s)[:rows]
+        out_i[qs : qs + rows] = np.asarray(best_i)[:rows]
+    return out_s, out_i
+
+
+def retrieval_metrics(ranked: dict[str, list[str]], qrels: dict[str, dict[str, int]]) -> dict:
+    """Mean metrics over every query in ``qrels`` (see the module docstring for the rules).
+
+    ``ranked`` maps a query id to its documents, best first (at least 100 when the corpus
+    has them); a query of ``qrels`` missing from it counts as retrieving nothing.
+    """
+    totals = dict.fromkeys(METRICS, 0.0)
+    any_relevant = False
+    for qid, rels in qrels.items():
+        relevant = {d: g for d, g in rels.items() if g > 0}
+        if not relevant:
+            continue  # trec_eval scores it 0 on everything: it only counts in the mean
+        any_relevant = True
+        gains = [relevant.get(d, 0) for d in ranked.get(qid, [])[:K]]
+        dcg = sum(g / math.log2(i + 2) for i, g in enumerate(gains[:10]))
+        ideal = sorted(relevant.values(), reverse=True)[:10]
+        idcg = sum(g / math.log2(i + 2) for i, g in enumerate(ideal))
+        totals["ndcg@10"] += dcg / idcg
+        first = next((i for i, g in enumerate(gains[:10]) if g > 0), None)
+        totals["mrr@10"] += 0.0 if first is None else 1.0 / (first + 1)
+        hits, ap = 0, 0.0
+        for i, g in enumerate(gains[:100]):
+            if g > 0:
+                hits += 1
+                ap += hits / (i + 1)
+        totals["map@100"] += ap / len(relevant)
+        for k in (1, 10, 100):
+            totals[f"recall@{k}"] += sum(1 for g in gains[:k] if g > 0) / len(relevant)
+    if not any_relevant:
+        raise EvalDataError("no query in the qrels has a relevant document (grade > 0)")
+    return {m: v / len(qrels) for m, v in totals.items()}
+
+
+def evaluate_beir(
+    encode_queries: EncodeFn,
+    encode_docs: EncodeFn,
+    folder: str | os.PathLike | None,
+    split: str = "dev",
+    k: int = K,
+    data=None,
+) -> dict:
+    """Encodes a BEIR set with the two callables (texts -> unit vectors) and scores it.
+
+    ``data`` may pass an already loaded `load_beir` result (the training loop keeps it).
+    Returns the `METRICS` and the query and document counts.
+    """
+    corpus, queries, qrels = data if data is not None else load_beir(folder, split)
+    # Sorted by id, descending: search breaks ties by lower index, i.e. by greater id, as
+    # trec_eval does.
+    doc_ids = sorted(corpus, reverse=True)
+    qids = list(qrels)
+    d = _check_embeddings(encode_docs([corpus[i] for i in doc_ids]), len(doc_ids), "corpus")
+    q = _check_embeddings(encode_queries([queries[i] for i in qids]), len(qids), "queries")
+    _, idx = top_k(q, d, k)
+    ranked = {qid: [doc_ids[j] for j in row] for qid, row in zip(qids, idx, strict=True)}
+    return {**retrieval_metrics(ranked, qrels), "queries": len(qids), "corpus": len(doc_ids)}
+
+
+def reuse_last(encode: EncodeFn) -> EncodeFn:
+    """``encode`` that reuses the vectors of the texts it encoded in its previous call.
+
+    Evaluation sets often share a corpus (Debian's ``xling-*`` sets all search the same
+    English descriptions): consecutive sets then encode it once. Only the last call's
+    vectors are kept, so memory stays that of one corpus.
+    """
+    last: dict[str, np.ndarray] = {}
+
+    def cached(texts: list[str]) -> np.ndarray:
+        nonlocal last
+        new = list(dict.fromkeys(t for t in texts if t not in last))
+        vectors = dict(zip(new, np.asarray(encode(new)), strict=True)) if new else {}
+        known = {t: last[t] for t in texts if t in last}
+        last = known | vectors
+        return np.stack([last[t] for t in texts]) if texts else np.asarray(encode([]))
+
+    return cached
+
+
+def _check_embeddings(x: np.ndarray, n: int, what: str) -> np.ndarray:
+    x = np.asarray(x, np.float32)
+    if x.ndim != 2 or len(x) != n:
+        raise ValueError(f"encoding the {what}: expected {n} rows, got shape {x.shape}")
+    if not np.isfinite(x).all():
+        raise FloatingPointError(f"encoding the {what}: non-finite embeddings")
+    return x
+
+
+# ------------------------------------------------------------------------------------------
+# Encoders: prompts and the device mesh
+
+
+def on_mesh(encoder, mesh=None):
+    """``encoder`` with its forward passes data-parallel over ``mesh`` (see `Encoder.use_mesh`).
+
+    The default mesh is every device on the ``data`` axis, on every host of a multi-host
+    run (each process then encodes the same texts and receives every embedding).
+    """
+    if mesh is None:
+        mesh = sharding.make_mesh()
+    return encoder.use_mesh(mesh)
+
+
+def encoder_fns(
+    encoder, query_prompt: str | None = None, doc_prompt: str | None = None, batch_size: int = 32
+) -> tuple[EncodeFn, EncodeFn, dict]:
+    """``(encode_queries, encode_docs, prompts used)`` for a `jaxembed.Encoder`.
+
+    ``query_prompt`` / ``doc_prompt`` are prompt *names* (see `pick_prompt`); both are
+    checked before anything is encoded.
+    """
+    q_text = pick_prompt(encoder.prompts, query_prompt, QUERY_PROMPTS, encoder.name)
+    d_text = pick_prompt(encoder.prompts, doc_prompt, DOC_PROMPTS, encoder.name)
+
+    def queries(texts):
+        return encoder.encode(texts, batch_size=batch_size, prompt=q_text)
+
+    def docs(texts):
+        return encoder.encode(texts, batch_size=batch_size, prompt=d_text)
+
+    return queries, docs, {"query": q_text, "document": d_text}
+
+
+def st_encoder_fns(
+    model, query_prompt: str | None = None, doc_prompt: str | None = None, batch_size: int = 32
+) -> tuple[EncodeFn, EncodeFn, dict]:
+    """The same for a ``sentence_transformers.SentenceTransformer`` (PyTorch reference)."""
+    prompts = {k: v for k, v in model.prompts.items() if v is not None}
+    q_text = pick_prompt(prompts, query_prompt, QUERY_PROMPTS)
+    d_text = pick_prompt(prompts, doc_prompt, DOC_PROMPTS)
+
+    def run(texts, prompt):
+        return model.encode(texts, prompt=prompt, batch_size=batch_size, normalize_embeddings=True)
+
+    return (
+        lambda t: run(t, q_text),
+        lambda t: run(t, d_text),
+        {"query": q_text, "document": d_text},
+    )
+
+
+# ------------------------------------------------------------------------------------------
+# Reporting
+
+
+def mean_over_sets(per_set: dict[str, dict]) -> dict:
+    """The unweighted mean of each metric over the sets (how the training loop reports)."""
+    return {m: float(np.mean([r[m] for r in per_set.values()])) for m in METRICS}
+
+
+def format_table(per_set: dict[str, dict]) -> str:
+    """One row per set (and a mean row when there are several), one column per metric."""
+    rows = dict(per_set)
+    if len(per_set) > 1:
+        rows["mean"] = mean_over_sets(per_set)
+    width = max(8, *(len(n) for n in rows))
+    lines = [f"{'set':<{width}}  " + "  ".join(f"{m:>10}" for m in METRICS)]
+    for name, r in rows.items():
+        lines.append(f"{name:<{width}}  " + "  ".join(f"{r[m]:>10.4f}" for m in METRICS))
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------
+# In training
+
+
+class Evaluator:
+    """The training loop's dev evaluation: metrics with the live parameters (no export)."""
+
+    def __init__(self, config, model, tokenizer, pooling: str, st, prompts: dict[str, str]):
+        self.sets = {Path(p).name: load_beir(p, config.eval.split) for p in config.eval.data}
+        self.groups = {g: tuple(members) for g, members in config.eval.groups.items()}
+        max_len = max(config.data.max_query_length, config.data.max_passage_length)
+        # Training pools over prompt tokens too, whatever the source folder's include_prompt.
+        st = dataclasses.replace(st, include_prompt=True)
+        self.encoder = Encoder(model, tokenizer, pooling=pooling, max_length=max_len, st=st)
+        self.batch_size = config.eval.batch_size
+        # ``prompts``: those the exported folder will carry (`jaxembed.run.trained_prompts`,
+        # e.g. F2LLM's one instruction), so the numbers logged here are what
+        # `jaxembed.evaluate` gives on the checkpoint.
+        self.query_prompt, self.passage_prompt = prompts["query"], prompts["passage"]
+        self.q_len, self.p_len = config.data.max_query_length, config.data.max_passage_length
+
+    @staticmethod
+    def _mesh_of(params):
+        """The mesh the live parameters are sharded on (it may span several hosts)."""
+        leaf = jax.tree.leaves(params)[0]
+        return getattr(getattr(leaf, "sharding", None), "mesh", None)
+
+    def __call__(self, params) -> dict:
+        if not self.sets:
+            return {}
+        self.encoder.set_params(params["model"])
+        enc = self.encoder
+        mesh = self._mesh_of(params["model"])
+        if mesh is not None:
+            # Eval batches split over the training mesh's data axes, like `jaxembed.evaluate`
+            # on its own mesh; the parameters stay where training keeps them.
+            on_mesh(enc, mesh)
+
+        def queries(texts):
+            enc.max_length = self.q_len
+            return enc.encode(texts, batch_size=self.batch_size, prompt=self.query_prompt)
+
+        def docs(texts):
+            enc.max_length = self.p_len
+            return enc.encode(texts, batch_size=self.batch_size, prompt=self.passage_prompt)
+
+        docs = reuse_last(docs)  # sets sharing a corpus encode it once
+        per_set = {
+            name: evaluate_beir(queries, docs, None, data=data) for name, data in self.sets.items()
+        }
+        out = {f"eval/{name}/{m}": r[m] for name, r in per_set.items() for m in METRICS}
+        out.update({f"eval/{m}": v for m, v in mean_over_sets(per_set).items()})
+        for group, members in self.groups.items():
+            means = mean_over_sets({name: per_set[name] for name in members})
+            out.update({f"eval/{group}/{m}": means[m] for m in METRICS})
+        return out
+
+
+# ------------------------------------------------------------------------------------------
+# Search over embedding shards: corpora whose embeddings do not fit in memory at once
+
+
+def merge_top_k(
+    best_s: np.ndarray, best_i: np.ndarray, s: np.ndarray, i: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Merges two ``(scores, global indices)`` candidate lists per row into the best ``k``.
+
+    Ties rank the lower index first, as `top_k` does, so a search split into shards ranks
+    exactly like one over the whole corpus. Index -1 marks an empty slot (score -inf).
+    """
+    cand_s = np.concatenate([best_s, s], axis=1)
+    cand_i = np.concatenate([best_i, i], axis=1)
+    # lexsort: the last key is primary. Empty slots (-inf) sort after every real score.
+    order = np.lexsort((cand_i, -cand_s), axis=-1)[:, :k]
+    return np.take_along_axis(cand_s, order, 1), np.take_along_axis(cand_i, order, 1)
+
+
+def search_shards(
+    queries: np.ndarray,
+    shards: Sequence[np.ndarray],
+    k: int,
+    *,
+    block: int = 16384,
+    query_block: int = 1024,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k of ``queries`` over the concatenation of ``shards`` (e.g. memory-maps).
+
+    Each shard is searched with `top_k` and merged into a running top-k, so only one shard
+    is in memory at a time. Returns ``(scores, indices)`` of shape ``(len(queries), k)``,
+    indices global; when the shards hold fewer than ``k`` rows the rest is filled with score
+    -inf and index -1. Ties: lower index first.
+    """
+    queries = np.asarray(queries, np.float32)
+    best_s = np.full((len(queries), k), -np.inf, np.float32)
+    best_i = np.full((len(queries), k), -1, np.int64)
+    offset = 0
+    for shard in shards:
+        if len(shard) and len(queries) and k:
+            s, i = top_k(queries, np.asarray(shard), k, block, query_block)
+            best_s, best_i = merge_top_k(best_s, best_i, s, i + offset, k)
+        offset += len(shard)
+    return best_s, best_i
+
+
+def nearest_non_positives(
+    q_shards: Sequence[np.ndarray],
+    d_shards: Sequence[np.ndarray],
+    pool_hash: np.ndarray,
+    pos_hash: np.ndarray,
+    k: int,
+    *,
+    block: int = 16384,
+    query_block: int = 1024,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Each query's best ``k`` documents that are none of its positives.
+
+    Positives are recognised by text hash, not by index, so a positive that also sits in
+    the corpus (or twice in it) is never returned as a candidate negative.
+
+    Args:
+      q_shards, d_shards: query and document embeddings, in shards of equal size (but the
+        last); the queries' shards bound the memory of one `search_shards` call.
+      pool_hash: `jaxembed.data.pipeline.text_hash` of every document.
+      pos_hash: ``(queries, max positives)`` hashes of each query's positives, -1 padded.
+      k, block, query_block: as for `search_shards`.
+
+    Returns:
+      ``(scores, document indices)``, ``(queries, k)``, best first; -inf and -1 where there
+      are fewer candidates.
+    """
+    n_q, max_pos = pos_hash.shape
+    # A query's positives are at most max_pos of the ranks: k + max_pos covers them.
+    k_search = k + max_pos
+    cand_s = np.full((n_q, k), -np.inf, np.float32)
+    cand_i = np.full((n_q, k), -1, np.int64)
+    lo = 0
+    for q_shard in q_shards:
+        hi = lo + len(q_shard)
+        s, i = search_shards(
+            np.asarray(q_shard), d_shards, k_search, block=block, query_block=query_block
+        )
+        h = np.where(i >= 0, pool_hash[np.maximum(i, 0)], -2)
+        excluded = i < 0
+        for j in range(max_pos):
+            excluded |= h == pos_hash[lo:hi, j : j + 1]
+        # A stable sort on the flag moves the kept candidates forward in rank order.
+        order = np.argsort(excluded, axis=1, kind="stable")[:, :k]
+        keep = ~np.take_along_axis(excluded, order, 1)
+        cand_s[lo:hi] = np.where(keep, np.take_along_axis(s, order, 1), -np.inf)
+        cand_i[lo:hi] = np.where(keep, np.take_along_axis(i, order, 1), -1)
+        lo = hi
+    return cand_s, cand_i

@@ -1,0 +1,64 @@
+"""The tokenizer of a model folder, and the EOS rule of last-token pooling."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+# Every file a tokenizer may be saved as. A run copies these with its model files and an
+# export copies them back; a folder holding none of them has no tokenizer.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+    "sentencepiece.bpe.model",
+    "spiece.model",
+    "tokenizer.model",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+
+
+def load_tokenizer(path: str | os.PathLike):
+    """The fast tokenizer saved in a model folder."""
+    from transformers import AutoTokenizer  # heavy import, only needed here
+
+    path = Path(path)
+    if not any((path / f).exists() for f in TOKENIZER_FILES):
+        raise FileNotFoundError(
+            f"{path}: no tokenizer found (looked for {', '.join(TOKENIZER_FILES)})"
+        )
+    try:
+        return AutoTokenizer.from_pretrained(str(path), local_files_only=True, use_fast=True)
+    except Exception as e:  # transformers raises many types here; keep the cause
+        raise FileNotFoundError(f"{path}: the tokenizer could not be loaded: {e}") from e
+
+
+def append_eos(tokenizer, pooling: str):
+    """Makes ``tokenizer`` end every text with EOS when ``pooling`` is last-token.
+
+    Last-token pooling of a decoder (F2LLM, Qwen3-Embedding) reads the hidden state of an
+    EOS appended *after* truncation: a text truncated to ``max_length`` keeps
+    ``max_length - 1`` tokens plus EOS. Qwen tokenizers add no special tokens by default,
+    so we switch on the tokenizer's own EOS post-processor; it truncates exactly that way,
+    and a folder saved from this tokenizer makes sentence-transformers do the same.
+    Tokenizers that already end with EOS (XLM-R's ``</s>``) or have none (BERT) are left as
+    they are.
+    """
+    if pooling != "lasttoken" or tokenizer.eos_token_id is None:
+        return tokenizer
+    if tokenizer("a")["input_ids"][-1:] == [tokenizer.eos_token_id]:
+        return tokenizer
+    if not hasattr(type(tokenizer), "add_eos_token"):
+        raise ValueError(
+            f"{type(tokenizer).__name__} cannot be told to append EOS "
+            "(needed for last-token pooling); use a fast (tokenizers) tokenizer"
+        )
+    tokenizer.add_eos_token = True
+    if tokenizer("a")["input_ids"][-1:] != [tokenizer.eos_token_id]:
+        raise ValueError(f"{type(tokenizer).__name__} did not start appending EOS")
+    return tokenizer

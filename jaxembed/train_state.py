@@ -1,0 +1,127 @@
+"""The train state: parameters, the optimizer and its state, step and RNG, placed sharded.
+
+`make_optimizer` is AdamW with masked weight decay, global-norm clipping, warmup then decay;
+`create_state` builds the state from a model, `abstract_state` its shape and shardings (what
+a checkpoint restores into).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from flax import nnx, struct
+
+from jaxembed import sharding
+
+NO_DECAY = ("bias", "scale")  # LayerNorm / RMSNorm scales and every bias
+
+
+def make_schedule(optim: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
+    """Linear warmup from 0 to ``lr``, then cosine / linear decay to ``min_lr``, or constant."""
+    warmup = optax.linear_schedule(0.0, optim.lr, max(optim.warmup_steps, 1))
+    decay_steps = max(total_steps - optim.warmup_steps, 1)
+    if optim.schedule == "cosine":
+        after = optax.cosine_decay_schedule(optim.lr, decay_steps, alpha=optim.min_lr / optim.lr)
+    elif optim.schedule == "linear":
+        after = optax.linear_schedule(optim.lr, optim.min_lr, decay_steps)
+    else:
+        after = optax.constant_schedule(optim.lr)
+    if optim.warmup_steps == 0:
+        return after
+    return optax.join_schedules([warmup, after], [optim.warmup_steps])
+
+
+def decay_mask(params) -> dict:
+    """True for parameters that get weight decay: matrices and embeddings, not norms/biases."""
+
+    def leaf(path, _):
+        keys = [getattr(k, "key", getattr(k, "name", None)) for k in path]
+        # The HF pooler is exported but unused for embeddings: leave it untouched.
+        return keys[0] == "model" and keys[-1] not in NO_DECAY and "pooler" not in keys
+
+    return jax.tree_util.tree_map_with_path(leaf, params)
+
+
+def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int):
+    """AdamW with decoupled weight decay (masked), global-norm clipping, warmup + decay."""
+    schedule = make_schedule(optim, total_steps)
+    parts = [optax.clip_by_global_norm(optim.clip_norm)] if optim.clip_norm > 0 else []
+    parts.append(
+        optax.adamw(
+            schedule,
+            b1=optim.b1,
+            b2=optim.b2,
+            eps=optim.eps,
+            weight_decay=optim.weight_decay,
+            mask=decay_mask,
+        )
+    )
+    return optax.chain(*parts), schedule
+
+
+@struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: dict  # {"model": pure dict of fp32 arrays, ["log_temperature": scalar]}
+    opt_state: optax.OptState
+    rng: jax.Array  # base PRNG key data; each step's dropout seed derives from (rng, step)
+
+
+def init_params(model: nnx.Module, config: ml_collections.ConfigDict) -> tuple:
+    """Splits ``model`` into (graphdef, nnx state with axis metadata, trainable params dict)."""
+    graphdef, state = nnx.split(model)
+    params = {"model": nnx.to_pure_dict(state)}
+    if config.loss.learnable_temperature:
+        params["log_temperature"] = jnp.log(jnp.float32(config.loss.temperature))
+    return graphdef, state, params
+
+
+def create_state(model: nnx.Module, config: ml_collections.ConfigDict, mesh, tx):
+    """The sharded train state for ``model`` (host or device arrays) on ``mesh``.
+
+    Returns ``(graphdef, state, state_shardings)``; parameters are placed directly in their
+    shards and the optimizer state is created by a jit whose outputs are already sharded.
+    """
+    graphdef, _, params = init_params(model, config)
+    _, state_sh = abstract_state(model, config, mesh, tx)
+    repl = sharding.replicated(mesh)
+    params = jax.device_put(params, state_sh.params)
+    opt_state = jax.jit(tx.init, out_shardings=state_sh.opt_state)(params)
+    state = TrainState(
+        step=jax.device_put(jnp.zeros((), jnp.int32), repl),
+        params=params,
+        opt_state=opt_state,
+        rng=jax.device_put(jax.random.key_data(jax.random.key(config.train.seed)), repl),
+    )
+    return graphdef, state, state_sh
+
+
+def abstract_state(model: nnx.Module, config: ml_collections.ConfigDict, mesh, tx):
+    """``(state, shardings)`` of ShapeDtypeStructs: the train state's shape, no arrays made.
+
+    ``model`` may be abstract (`nnx.eval_shape`); this is what a checkpoint restores into.
+    """
+    _, nnx_state, params = init_params(model, config)
+    repl = sharding.replicated(mesh)
+    param_sh = {"model": nnx.to_pure_dict(sharding.state_shardings(nnx_state, mesh))}
+    if "log_temperature" in params:
+        param_sh["log_temperature"] = repl
+    params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+    opt_abstract = jax.eval_shape(tx.init, params)
+    opt_sh = optax.tree_map_params(
+        tx, lambda _, s: s, opt_abstract, param_sh, transform_non_params=lambda _: repl
+    )
+    key_data = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0)))
+    state = TrainState(
+        step=jax.ShapeDtypeStruct((), jnp.int32),
+        params=params,
+        opt_state=opt_abstract,
+        rng=key_data,
+    )
+    shardings = TrainState(step=repl, params=param_sh, opt_state=opt_sh, rng=repl)
+    with_sh = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), state, shardings
+    )
+    return with_sh, shardings
