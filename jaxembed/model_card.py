@@ -47,28 +47,37 @@ def _base_title(model_dir: Path, source: str) -> str:
 
 def model_card(ckpt: Checkpoint, model, st: STConfig, dtype: str, files: list[str]) -> str:
     """``README.md``: usage, prompts, pooling, data, loss, optimisation and dev metrics."""
-    meta, cfg = ckpt.meta, ckpt.config
-    mc = model.config
-    train, data, loss, optim = (cfg.get(k, {}) for k in ("train", "data", "loss", "optim"))
     info_file = ckpt.model_dir / "jaxembed.json"
     info = json.loads(info_file.read_text()) if info_file.exists() else {}
-    base = info.get("source") or cfg.get("model", {}).get("path", "?")
-    title = _base_title(ckpt.model_dir, base)
-    tasks = {d.get("task") for d in meta.get("datasets", {}).values()}
-    negatives = {t: n for t, n in data.get("num_negatives", {}).items() if t in tasks}
-    total = train.get("steps", ckpt.step)
-    out = [
-        "---",
-        "library_name: sentence-transformers",
-        "pipeline_tag: sentence-similarity",
-        "tags:",
-        "- sentence-transformers",
-        "- feature-extraction",
-        "- sentence-similarity",
-        "- jaxembed",
-        "---",
-        "",
-        f"# {title} fine-tuned with jaxembed (step {ckpt.step})",
+    base = info.get("source") or ckpt.config.get("model", {}).get("path", "?")
+    sections = (
+        _usage(ckpt, model.config, dtype, base),
+        _prompts(ckpt.meta, st),
+        _embedding(ckpt.config.get("data", {}), st, files),
+        _training(ckpt, base),
+        _dev_metrics(ckpt),
+    )
+    return "\n".join(line for section in sections for line in section) + "\n"
+
+
+FRONT_MATTER = [
+    "---",
+    "library_name: sentence-transformers",
+    "pipeline_tag: sentence-similarity",
+    "tags:",
+    "- sentence-transformers",
+    "- feature-extraction",
+    "- sentence-similarity",
+    "- jaxembed",
+    "---",
+    "",
+]
+
+
+def _usage(ckpt: Checkpoint, mc, dtype: str, base: str) -> list[str]:
+    return [
+        *FRONT_MATTER,
+        f"# {_base_title(ckpt.model_dir, base)} fine-tuned with jaxembed (step {ckpt.step})",
         "",
         f"A text-embedding model trained with jaxembed from `{base}` (`{mc.model_type}`, "
         f"{mc.hidden_size}-dimensional embeddings), exported from `{ckpt.name}` with "
@@ -88,6 +97,11 @@ def model_card(ckpt: Checkpoint, model, st: STConfig, dtype: str, files: list[st
         "`jaxembed.load(folder)` gives the same embeddings in JAX, and so does "
         f"`jaxembed.load({str(ckpt.workdir)!r})` on the training run itself.",
         "",
+    ]
+
+
+def _prompts(meta: dict, st: STConfig) -> list[str]:
+    out = [
         "## Prompts",
         "",
         "Each prompt is prepended to the text, exactly as in training. There is no default "
@@ -104,8 +118,7 @@ def model_card(ckpt: Checkpoint, model, st: STConfig, dtype: str, files: list[st
         "- `document` / `passage` (the same text): for documents, the passage prefix of "
         "training (`encode_document` picks `document`).",
     ]
-    per_dataset = [k for k in st.prompts if k not in ("query", "document", "passage")]
-    if per_dataset:
+    if any(k not in ("query", "document", "passage") for k in st.prompts):
         out.append(
             "- the other prompts are the instructions that training datasets carried, one per "
             f"dataset (named by it): use one for queries of that kind of task. Template: "
@@ -116,8 +129,11 @@ def model_card(ckpt: Checkpoint, model, st: STConfig, dtype: str, files: list[st
             "- this checkpoint did not record its datasets' instructions (it predates that): "
             "queries that carried an instruction in training have no prompt here."
         )
-    out += [
-        "",
+    return [*out, ""]
+
+
+def _embedding(data: dict, st: STConfig, files: list[str]) -> list[str]:
+    return [
         "## Embedding",
         "",
         f"- pooling: `{st.pooling}` over the transformer's last hidden states, "
@@ -129,15 +145,32 @@ def model_card(ckpt: Checkpoint, model, st: STConfig, dtype: str, files: list[st
         f"{data.get('max_passage_length')}).",
         f"- files: {', '.join(files)}",
         "",
+    ]
+
+
+def _training(ckpt: Checkpoint, base: str) -> list[str]:
+    meta, cfg = ckpt.meta, ckpt.config
+    train, data, loss, optim = (cfg.get(k, {}) for k in ("train", "data", "loss", "optim"))
+    tasks = {d.get("task") for d in meta.get("datasets", {}).values()}
+    negatives = {t: n for t, n in data.get("num_negatives", {}).items() if t in tasks}
+    total = train.get("steps", ckpt.step)
+    gradcache = f" (GradCache, chunks of {train.get('gradcache_chunk')})"
+    datasets = [
+        (
+            name,
+            d.get("task", "?"),
+            f"{d.get('rows', 0):,}",
+            "; ".join(_code(i) for i in d.get("instructions", [])) or "-",
+        )
+        for name, d in meta.get("datasets", {}).items()
+    ]
+    matryoshka = loss.get("matryoshka_dims")
+    return [
         "## Training",
         "",
         f"- base model: `{base}`",
         f"- steps: {ckpt.step} (of {total} planned), global batch {train.get('global_batch')}"
-        + (
-            f" (GradCache, chunks of {train.get('gradcache_chunk')})"
-            if train.get("gradcache")
-            else ""
-        )
+        + (gradcache if train.get("gradcache") else "")
         + f", dropout {'on' if train.get('dropout', True) else 'off'}, seed {train.get('seed')}",
         f"- compute dtype: {cfg.get('model', {}).get('dtype', 'float32')} (parameters float32)",
         "",
@@ -145,18 +178,7 @@ def model_card(ckpt: Checkpoint, model, st: STConfig, dtype: str, files: list[st
         f"`{data.get('mixing', 'remaining')}`; hard negatives per row and step: "
         f"{negatives}):",
         "",
-        _table(
-            ("dataset", "task", "rows", "instruction"),
-            [
-                (
-                    name,
-                    d.get("task", "?"),
-                    f"{d.get('rows', 0):,}",
-                    "; ".join(_code(i) for i in d.get("instructions", [])) or "-",
-                )
-                for name, d in meta.get("datasets", {}).items()
-            ],
-        ),
+        _table(("dataset", "task", "rows", "instruction"), datasets),
         "",
         f"- query prefix {_code(meta.get('query_prefix', ''))}, passage prefix "
         f"{_code(meta.get('passage_prefix', ''))}, instruction template "
@@ -166,30 +188,28 @@ def model_card(ckpt: Checkpoint, model, st: STConfig, dtype: str, files: list[st
         + (" (learnable)" if loss.get("learnable_temperature") else "")
         + f", symmetric {loss.get('symmetric', False)}, false-negative masking "
         f"{loss.get('false_negative_masking', True)}"
-        + (
-            f", Matryoshka dims {list(loss['matryoshka_dims'])}"
-            if loss.get("matryoshka_dims")
-            else ""
-        ),
+        + (f", Matryoshka dims {list(matryoshka)}" if matryoshka else ""),
         f"- optimizer: AdamW (b1 {optim.get('b1')}, b2 {optim.get('b2')}, eps "
         f"{optim.get('eps')}), weight decay {optim.get('weight_decay')} (not on norms, biases), "
         f"gradient clipping at global norm {optim.get('clip_norm')}",
         f"- learning rate: {_schedule(optim, total)}",
         "",
-        "## Dev metrics",
-        "",
     ]
+
+
+def _dev_metrics(ckpt: Checkpoint) -> list[str]:
+    out = ["## Dev metrics", ""]
     dev = dev_metrics(ckpt)
     if dev is None:
-        out.append("No dev evaluation was logged by this run.")
-    else:
-        step, values = dev
-        sets = ", ".join(Path(p).name for p in cfg.get("eval", {}).get("data", [])) or "dev"
-        out += [
-            f"Last evaluation, at step {step}"
-            + (" (before training)" if step == 0 else "")
-            + f", split `{cfg.get('eval', {}).get('split', 'dev')}` of {sets}:",
-            "",
-            _table(("metric", "value"), [(k, f"{v:.4f}") for k, v in values.items()]),
-        ]
-    return "\n".join(out) + "\n"
+        return [*out, "No dev evaluation was logged by this run."]
+    step, values = dev
+    evaluation = ckpt.config.get("eval", {})
+    sets = ", ".join(Path(p).name for p in evaluation.get("data", [])) or "dev"
+    return [
+        *out,
+        f"Last evaluation, at step {step}"
+        + (" (before training)" if step == 0 else "")
+        + f", split `{evaluation.get('split', 'dev')}` of {sets}:",
+        "",
+        _table(("metric", "value"), [(k, f"{v:.4f}") for k, v in values.items()]),
+    ]
