@@ -50,6 +50,10 @@ def st_recipe():
     c.train.steps = 312  # one epoch of 20,000 pairs
     c.train.dropout = True
     c.train.packing = True
+    # Packed rows of one length per tower: a few hundred steps do not repay compiling a step
+    # per bucket (bench/RESULTS.md, "One batch layout": 12 packed shapes, 174 s, for 6% faster
+    # steps, vs 3 shapes, 46 s).
+    c.data.query_buckets = c.data.passage_buckets = (128,)
     c.optim.lr = 5e-5
     c.optim.warmup_steps = 31  # 10% of the steps
     c.optim.schedule = "linear"
@@ -73,6 +77,7 @@ def get_config(variant: str = ""):
     c = st_recipe()
     c.data.train = ("runs/retrofit-debian/mined.jsonl",)
     c.data.max_query_length = 64  # summaries are short; packing makes the limit free
+    c.data.query_buckets = (64,)
     # Hard negatives as in-batch candidates: batches of groups of 16 rows linked by the
     # negatives mined with the base model (a row's negative is another row's positive).
     # One mined negative per row as an extra passage (num_negatives 1) was as good per
