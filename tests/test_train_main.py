@@ -111,11 +111,12 @@ def test_config_validation_names_key_and_values(train_setup):
 def test_recipe_configs_validate_and_name_their_eval_sets(train_setup):
     import ml_collections
 
-    for name in ("demo.py", "retrofit_debian.py", "retrofit_debian.py:st"):
-        file, _, variant = name.partition(":")
-        c = load_config_file(ROOT / "configs" / file, *([variant] if variant else []))
-        config_lib.validate(c)
-    demo = load_config_file(ROOT / "configs" / "demo.py")
+    names = ("demo.py", "retrofit_debian.py", "retrofit_debian.py:st", "retrofit_xlmr_base.py")
+    for name in (*names, "retrofit_mmbert.py", "f2llm_qwen3.py:0.6b", "f2llm_qwen3.py:4b"):
+        config_lib.validate(config_lib.load(str(ROOT / "configs" / name)))
+    mmbert = config_lib.load(str(ROOT / "configs" / "retrofit_mmbert.py"))
+    assert mmbert.data.max_passage_length == 512 and mmbert.train.global_batch == 512
+    demo = config_lib.load(str(ROOT / "configs" / "demo.py"))
     assert set(demo.eval.groups) == {"zero_shot", "trained"}
     with pytest.raises(ValueError, match=r"config\.eval\.groups\.oops: \['xling-xx'\] not among"):
         c = tiny_config(train_setup)
@@ -123,19 +124,10 @@ def test_recipe_configs_validate_and_name_their_eval_sets(train_setup):
         config_lib.validate(c)
 
 
-def load_config_file(path: Path, *args):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(*args)
-
-
 def test_retrofit_recipe_runs_on_a_tiny_xlmr(train_setup, tmp_path):
     base, _, data, dev = train_setup
     model = save_tiny_with_tokenizer("xlm-roberta", base / "xlmr", num_hidden_layers=1)
-    c = load_config_file(ROOT / "configs" / "retrofit_xlmr_base.py")
+    c = config_lib.load(str(ROOT / "configs" / "retrofit_xlmr_base.py"))
     assert c.train.gradcache and c.model.dtype == "bfloat16" and c.model.remat
     c.model.path = str(model)
     c.data.train, c.eval.data = (str(data[0]),), (str(dev),)

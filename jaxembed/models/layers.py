@@ -81,9 +81,17 @@ class Embed(nnx.Module):
 class LayerNorm(nnx.Module):
     """LayerNorm with statistics in fp32 whatever the compute dtype (bf16 variance underflows)."""
 
-    def __init__(self, features: int, *, eps: float, dtype=jnp.float32, param_dtype=jnp.float32):
+    def __init__(
+        self,
+        features: int,
+        *,
+        eps: float,
+        use_bias: bool = True,
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
+    ):
         self.scale = param(jnp.ones((features,), param_dtype), ("norm",))
-        self.bias = param(jnp.zeros((features,), param_dtype), ("norm",))
+        self.bias = param(jnp.zeros((features,), param_dtype), ("norm",)) if use_bias else None
         self.eps = eps
         self.dtype = dtype
 
@@ -91,8 +99,9 @@ class LayerNorm(nnx.Module):
         x32 = x.astype(jnp.float32)
         mean = x32.mean(-1, keepdims=True)
         var = jnp.square(x32 - mean).mean(-1, keepdims=True)
-        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
-        y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps) * self.scale[...].astype(jnp.float32)
+        if self.bias is not None:
+            y = y + self.bias[...].astype(jnp.float32)
         return y.astype(self.dtype)
 
 
@@ -130,6 +139,25 @@ def activation(name: str):
         raise ValueError(
             f"unsupported hidden_act {name!r}; supported: {sorted(ACTIVATIONS)}"
         ) from None
+
+
+# --- rotary position embeddings (Qwen3, ModernBERT) ----------------------------------------
+
+
+def rotary(positions: jax.Array, head_dim: int, theta: float, dtype) -> tuple[jax.Array, ...]:
+    """cos and sin tables (batch, length, head_dim) of ``positions`` (batch or 1, length) for
+    HF's "rotate half" rotary embedding."""
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
+
+
+def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """``x`` (batch, length, heads, head_dim) rotated by position."""
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
 
 
 # --- sequence packing -----------------------------------------------------------------------

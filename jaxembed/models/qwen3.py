@@ -29,7 +29,9 @@ from jaxembed.models.layers import (
     Embed,
     Linear,
     activation,
+    apply_rotary,
     param,
+    rotary,
     same_segment,
     segment_positions,
 )
@@ -89,22 +91,6 @@ class RMSNorm(nnx.Module):
         x32 = x.astype(jnp.float32)
         y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
         return self.scale[...].astype(self.dtype) * y.astype(self.dtype)
-
-
-def rotary(positions: jax.Array, head_dim: int, theta: float, dtype) -> tuple[jax.Array, ...]:
-    """cos and sin tables (batch, length, head_dim) of ``positions`` (batch or 1, length) for
-    HF's "rotate half" rotary embedding."""
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
-    freqs = positions.astype(jnp.float32)[..., None] * inv_freq
-    emb = jnp.concatenate([freqs, freqs], axis=-1)
-    return jnp.cos(emb).astype(dtype), jnp.sin(emb).astype(dtype)
-
-
-def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """``x`` (batch, length, heads, head_dim) rotated by position."""
-    half = x.shape[-1] // 2
-    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-    return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
 
 
 class Qwen3Attention(nnx.Module):
