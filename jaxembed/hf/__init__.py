@@ -17,12 +17,13 @@ import numpy as np
 from flax import nnx
 
 from jaxembed.files import atomic_write_text
-from jaxembed.hf import bert, mapping, modernbert, qwen3
+from jaxembed.hf import bert, gemma3, mapping, modernbert, qwen3
 from jaxembed.hf.io import ModelFolderError, read_weights, write_weights_stream
 from jaxembed.hf.mapping import Row, expand, load_params
 
 FAMILIES: dict[str, ModuleType] = {
     **dict.fromkeys(bert.MODEL_TYPES, bert),
+    **dict.fromkeys(gemma3.MODEL_TYPES, gemma3),
     **dict.fromkeys(modernbert.MODEL_TYPES, modernbert),
     **dict.fromkeys(qwen3.MODEL_TYPES, qwen3),
 }

@@ -1,0 +1,156 @@
+"""Gemma3 text models: parity with transformers (causal and bidirectional, padded and packed)."""
+
+from __future__ import annotations
+
+import json
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import random_batch
+
+from jaxembed import hf
+from jaxembed.hf.io import read_weights
+
+# Four layers, the fourth global (every 4th), a 6-token window shorter than the texts, GQA
+# (4 query heads on 2 key/value heads), scores scaled by query_pre_attn_scalar, not head_dim.
+TINY = dict(
+    vocab_size=300,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    max_position_embeddings=64,
+    sliding_window=6,
+    sliding_window_pattern=4,
+    query_pre_attn_scalar=24,
+    rope_theta=1e6,
+    rope_local_base_freq=1e4,
+    pad_token_id=0,
+    initializer_range=0.2,
+)
+LENGTHS = (13, 5, 1, 10)
+
+
+def save_tiny(folder, cls="Gemma3TextModel", seed=0, **overrides):
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    cfg = transformers.Gemma3TextConfig(**dict(TINY, **overrides))
+    model = getattr(transformers, cls)(cfg).eval()
+    with torch.no_grad():  # norms start at zero (scale 1 + 0): make them matter
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.normal_(0.0, 0.3)
+    model.save_pretrained(folder)
+    return folder
+
+
+def torch_hidden(folder, ids, mask, cls="Gemma3TextModel"):
+    import torch
+    import transformers
+
+    model = getattr(transformers, cls).from_pretrained(folder, attn_implementation="eager").eval()
+    with torch.no_grad():
+        out = model(
+            input_ids=torch.tensor(ids, dtype=torch.long),
+            attention_mask=torch.tensor(mask, dtype=torch.long),
+            output_hidden_states=cls != "Gemma3TextModel",
+        )
+    return (out.last_hidden_state if cls == "Gemma3TextModel" else out.hidden_states[-1]).numpy()
+
+
+def masked_max_abs(a, b, mask):
+    return float(np.abs((np.asarray(a) - np.asarray(b)) * np.asarray(mask)[..., None]).max())
+
+
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_hidden_states_match_transformers_padded_and_packed(tmp_path, bidirectional):
+    folder = save_tiny(tmp_path, seed=int(bidirectional), use_bidirectional_attention=bidirectional)
+    ids, mask = random_batch(TINY["vocab_size"], 0, LENGTHS, seed=1)
+    model = hf.load_model(folder)
+    assert model.config.layer_types.count("full_attention") == 1
+    ref = torch_hidden(folder, ids, mask)
+    ours = np.asarray(model(jnp.asarray(ids), jnp.asarray(mask)))
+    err = masked_max_abs(ours, ref, mask)
+    print(f"gemma3 (bidirectional={bidirectional}) hidden max-abs vs transformers: {err:.2e}")
+    assert err < 1e-5
+    row = np.concatenate([ids[r, :n] for r, n in enumerate(LENGTHS)])[None]
+    seg = np.concatenate([np.full(n, r + 1) for r, n in enumerate(LENGTHS)])[None]
+    packed = np.asarray(model(jnp.asarray(row), jnp.asarray(seg > 0), segment_ids=jnp.asarray(seg)))
+    starts = np.cumsum((0, *LENGTHS))
+    for r, n in enumerate(LENGTHS):
+        np.testing.assert_allclose(packed[0, starts[r] : starts[r] + n], ref[r, :n], atol=1e-5)
+
+
+def test_causal_lm_checkpoints_and_linear_rope_scaling(tmp_path):
+    scaling = {"full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1e6}}
+    save_tiny(tmp_path, cls="Gemma3ForCausalLM", seed=3, rope_parameters=scaling)
+    assert any(k.startswith("model.") for k in read_weights(tmp_path))
+    ids, mask = random_batch(TINY["vocab_size"], 0, LENGTHS, seed=4)
+    model = hf.load_model(tmp_path)
+    assert model.config.global_rope_factor == 4.0
+    ours = model(jnp.asarray(ids), jnp.asarray(mask))
+    ref = torch_hidden(tmp_path, ids, mask, cls="Gemma3ForCausalLM")
+    assert masked_max_abs(ours, ref, mask) < 1e-5
+
+
+def test_export_round_trips_every_tensor(tmp_path):
+    import transformers
+
+    folder = save_tiny(tmp_path / "in", seed=5, use_bidirectional_attention=True)
+    model = hf.load_model(folder)
+    hf.save_model(model, tmp_path / "out")
+    original, exported = read_weights(folder), read_weights(tmp_path / "out")
+    assert sorted(original) == sorted(exported)
+    for key, value in original.items():
+        np.testing.assert_array_equal(exported[key], value, err_msg=key)
+    cfg = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert cfg["model_type"] == "gemma3_text" and cfg["use_bidirectional_attention"] is True
+    _, info = transformers.Gemma3TextModel.from_pretrained(
+        tmp_path / "out", output_loading_info=True
+    )
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    assert hf.load_model(tmp_path / "out").config == model.config
+
+
+def test_bidirectional_train_step_on_a_2x4_fsdp_mesh_equals_one_device():
+    import jax
+    from flax import nnx
+    from test_train_step import make_config, random_batch, step_batch
+
+    from jaxembed import sharding, train, train_state
+    from jaxembed.models.gemma3 import Gemma3Config, Gemma3Model
+
+    tiny = Gemma3Config(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=32,
+        sliding_window=4,
+        use_bidirectional_attention=True,
+        layer_types=("sliding_attention", "full_attention"),
+    )
+    results = []
+    for shape in ((1, 1), (2, 4)):
+        mesh = sharding.make_mesh(*shape, devices=jax.devices()[: int(np.prod(shape))])
+        c = make_config()
+        tx, _ = train_state.make_optimizer(c.optim, c.train.steps)
+        model = Gemma3Model(tiny, rngs=nnx.Rngs(0))
+        graphdef, state, _ = train_state.create_state(model, c, mesh, tx)
+        fn = jax.jit(train.make_loss_and_grads(graphdef, c, "retrieval", "mean", mesh))
+        batch = sharding.shard_batch(step_batch(random_batch()), mesh)
+        loss, grads, _ = fn(state.params, batch, None)
+        results.append((float(loss), jax.tree.map(np.asarray, grads)))
+    assert abs(results[0][0] - results[1][0]) <= 1e-5
+    # 1e-5 of each gradient's scale (at least 1): Gemma's sqrt(hidden) embedding scale makes
+    # some gradients O(1), where fp32 summation order alone moves the last digits.
+    for a, b in zip(jax.tree.leaves(results[1][1]), jax.tree.leaves(results[0][1]), strict=True):
+        assert np.abs(a - b).max() <= 1e-5 * max(1.0, np.abs(b).max())
