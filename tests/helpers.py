@@ -201,3 +201,24 @@ def launch_local(n: int, args: list[str], timeout: int = 300, **extra) -> tuple[
         timeout=timeout,
     )
     return proc.returncode, proc.stdout + proc.stderr
+
+
+def torch_hidden(folder, ids, mask, cls: str):
+    """Last hidden states of a saved ``transformers`` model class (eager attention, fp32)."""
+    import torch
+    import transformers
+
+    model = getattr(transformers, cls).from_pretrained(folder, attn_implementation="eager").eval()
+    base = not cls.endswith(("ForCausalLM", "ForMaskedLM"))
+    with torch.no_grad():
+        out = model(
+            input_ids=torch.tensor(ids, dtype=torch.long),
+            attention_mask=torch.tensor(mask, dtype=torch.long),
+            output_hidden_states=not base,
+        )
+    return (out.last_hidden_state if base else out.hidden_states[-1]).numpy()
+
+
+def masked_max_abs(a, b, mask):
+    """Max |a - b| over real (mask 1) positions of (batch, length, hidden) states."""
+    return float(np.abs((np.asarray(a) - np.asarray(b)) * np.asarray(mask)[..., None]).max())

@@ -7,7 +7,7 @@ import json
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import random_batch
+from helpers import masked_max_abs, random_batch, torch_hidden
 
 from jaxembed import hf
 from jaxembed.hf.io import read_weights
@@ -49,31 +49,13 @@ def save_tiny(folder, cls="Gemma3TextModel", seed=0, **overrides):
     return folder
 
 
-def torch_hidden(folder, ids, mask, cls="Gemma3TextModel"):
-    import torch
-    import transformers
-
-    model = getattr(transformers, cls).from_pretrained(folder, attn_implementation="eager").eval()
-    with torch.no_grad():
-        out = model(
-            input_ids=torch.tensor(ids, dtype=torch.long),
-            attention_mask=torch.tensor(mask, dtype=torch.long),
-            output_hidden_states=cls != "Gemma3TextModel",
-        )
-    return (out.last_hidden_state if cls == "Gemma3TextModel" else out.hidden_states[-1]).numpy()
-
-
-def masked_max_abs(a, b, mask):
-    return float(np.abs((np.asarray(a) - np.asarray(b)) * np.asarray(mask)[..., None]).max())
-
-
 @pytest.mark.parametrize("bidirectional", [False, True])
 def test_hidden_states_match_transformers_padded_and_packed(tmp_path, bidirectional):
     folder = save_tiny(tmp_path, seed=int(bidirectional), use_bidirectional_attention=bidirectional)
     ids, mask = random_batch(TINY["vocab_size"], 0, LENGTHS, seed=1)
     model = hf.load_model(folder)
     assert model.config.layer_types.count("full_attention") == 1
-    ref = torch_hidden(folder, ids, mask)
+    ref = torch_hidden(folder, ids, mask, cls="Gemma3TextModel")
     ours = np.asarray(model(jnp.asarray(ids), jnp.asarray(mask)))
     err = masked_max_abs(ours, ref, mask)
     print(f"gemma3 (bidirectional={bidirectional}) hidden max-abs vs transformers: {err:.2e}")

@@ -7,7 +7,7 @@ import json
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import random_batch
+from helpers import masked_max_abs, random_batch, torch_hidden
 
 from jaxembed import hf
 from jaxembed.hf.io import read_weights
@@ -47,24 +47,6 @@ def folder(tmp_path_factory):
     return save_tiny(tmp_path_factory.mktemp("modernbert") / "model")
 
 
-def torch_hidden(folder, ids, mask, cls="ModernBertModel"):
-    import torch
-    import transformers
-
-    model = getattr(transformers, cls).from_pretrained(folder, attn_implementation="eager").eval()
-    with torch.no_grad():
-        out = model(
-            input_ids=torch.tensor(ids, dtype=torch.long),
-            attention_mask=torch.tensor(mask, dtype=torch.long),
-            output_hidden_states=cls != "ModernBertModel",
-        )
-    return (out.last_hidden_state if cls == "ModernBertModel" else out.hidden_states[-1]).numpy()
-
-
-def masked_max_abs(a, b, mask):
-    return float(np.abs((np.asarray(a) - np.asarray(b)) * np.asarray(mask)[..., None]).max())
-
-
 def test_hidden_states_match_transformers_padded_and_packed(folder):
     ids, mask = random_batch(TINY["vocab_size"], 0, LENGTHS, seed=1)
     model = hf.load_model(folder)
@@ -75,7 +57,7 @@ def test_hidden_states_match_transformers_padded_and_packed(folder):
         "full_attention",
     )
     assert model.layers[0].attn_norm is None and model.layers[1].attn_norm is not None
-    ref = torch_hidden(folder, ids, mask)
+    ref = torch_hidden(folder, ids, mask, cls="ModernBertModel")
     ours = np.asarray(model(jnp.asarray(ids), jnp.asarray(mask)))
     err = masked_max_abs(ours, ref, mask)
     print(f"modernbert fp32 hidden max-abs vs transformers: {err:.2e}")
@@ -106,7 +88,7 @@ def test_biases_and_new_style_configs(tmp_path):
     assert "layer_types" in cfg and "rope_parameters" in cfg
     ids, mask = random_batch(TINY["vocab_size"], 0, LENGTHS, seed=6)
     ours = hf.load_model(tmp_path)(jnp.asarray(ids), jnp.asarray(mask))
-    assert masked_max_abs(ours, torch_hidden(tmp_path, ids, mask), mask) < 1e-5
+    assert masked_max_abs(ours, torch_hidden(tmp_path, ids, mask, "ModernBertModel"), mask) < 1e-5
     # An old-style folder (an interval and two thetas, as the released checkpoints have).
     old = {k: v for k, v in cfg.items() if k not in ("layer_types", "rope_parameters")}
     old.update(global_attn_every_n_layers=3, global_rope_theta=160000.0, local_rope_theta=1e4)
@@ -210,7 +192,9 @@ def test_dropout_is_seeded_and_off_without_a_seed(tmp_path):
     ids, mask = random_batch(TINY["vocab_size"], 0, LENGTHS, seed=10)
     ids, mask = jnp.asarray(ids), jnp.asarray(mask)
     plain = np.asarray(model(ids, mask))
-    assert masked_max_abs(plain, torch_hidden(folder, ids, mask), mask) < 1e-5  # eval mode
+    assert (
+        masked_max_abs(plain, torch_hidden(folder, ids, mask, "ModernBertModel"), mask) < 1e-5
+    )  # eval mode
     a, b = (np.asarray(model(ids, mask, dropout_seed=jnp.uint32(s))) for s in (1, 1))
     c = np.asarray(model(ids, mask, dropout_seed=jnp.uint32(2)))
     np.testing.assert_array_equal(a, b)

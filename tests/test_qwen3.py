@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from helpers import TINY_QWEN3, random_batch, save_tiny_qwen3
+from helpers import TINY_QWEN3, masked_max_abs, random_batch, save_tiny_qwen3, torch_hidden
 
 from jaxembed import hf
 from jaxembed.encoder import load
@@ -25,31 +25,11 @@ def folder(tmp_path_factory):
     return save_tiny_qwen3(tmp_path_factory.mktemp("qwen3") / "model")
 
 
-def torch_hidden(folder, ids, mask, cls="Qwen3Model"):
-    import torch
-    import transformers
-
-    model = getattr(transformers, cls).from_pretrained(folder, attn_implementation="eager").eval()
-    with torch.no_grad():
-        out = model(
-            input_ids=torch.tensor(ids, dtype=torch.long),
-            attention_mask=torch.tensor(mask, dtype=torch.long),
-            output_hidden_states=cls != "Qwen3Model",
-        )
-    if cls == "Qwen3Model":
-        return out.last_hidden_state.numpy()
-    return out.hidden_states[-1].numpy()
-
-
-def masked_max_abs(a, b, mask):
-    return float(np.abs((np.asarray(a) - np.asarray(b)) * np.asarray(mask)[..., None]).max())
-
-
 def test_hidden_states_match_transformers_and_scan_equals_unrolled(folder):
     ids, mask = random_batch(TINY_QWEN3["vocab_size"], 0, LENGTHS, seed=1)
     model = hf.load_model(folder)
     assert model.layers.self_attn.q_proj.kernel.shape == (2, 32, 64)  # stacked layers
-    ref = torch_hidden(folder, ids, mask)
+    ref = torch_hidden(folder, ids, mask, cls="Qwen3Model")
     scanned = model(jnp.asarray(ids), jnp.asarray(mask))
     err = masked_max_abs(scanned, ref, mask)
     print(f"qwen3 fp32 hidden max-abs vs transformers: {err:.2e}")
@@ -178,7 +158,7 @@ def test_encoder_pools_the_eos_state(folder):
     ref_ids, ref_mask = np.zeros((3, 8), np.int64), np.zeros((3, 8), np.int64)
     for r, row in enumerate(ids):
         ref_ids[r, : len(row)], ref_mask[r, : len(row)] = row, 1
-    hidden = torch_hidden(folder, ref_ids, ref_mask)
+    hidden = torch_hidden(folder, ref_ids, ref_mask, cls="Qwen3Model")
     want = hidden[np.arange(3), ref_mask.sum(1) - 1]
     want /= np.linalg.norm(want, axis=1, keepdims=True)
     assert np.abs(emb - want).max() < 1e-4

@@ -37,6 +37,7 @@ from jaxembed.models.layers import (
     rotary,
     same_segment,
     segment_positions,
+    stacked_layers,
 )
 
 MODEL_TYPES = ("gemma3_text",)
@@ -172,19 +173,6 @@ class Gemma3DecoderLayer(nnx.Module):
         return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
 
 
-def _stacked_layers(cfg: Gemma3Config, *, dtype, rngs: nnx.Rngs) -> Gemma3DecoderLayer:
-    @nnx.split_rngs(splits=cfg.num_hidden_layers)
-    @nnx.vmap(in_axes=0, out_axes=0)
-    def make(rngs):
-        return Gemma3DecoderLayer(cfg, dtype=dtype, rngs=rngs)
-
-    layers = make(rngs)
-    for _, var in nnx.iter_graph(layers):
-        if isinstance(var, nnx.Param):
-            var.set_metadata("axes", ("layers", *var.get_metadata("axes")))
-    return layers
-
-
 def _apply_layer(graphdef, x, layer_state, cos, sin, bias):
     return nnx.merge(graphdef, layer_state)(x, cos, sin, bias)
 
@@ -205,7 +193,9 @@ class Gemma3Model(nnx.Module):
         self.embed_tokens = Embed(
             cfg.vocab_size, cfg.hidden_size, axes=("vocab", "embed"), dtype=dtype, rngs=rngs
         )
-        self.layers = _stacked_layers(cfg, dtype=dtype, rngs=rngs)
+        self.layers = stacked_layers(
+            lambda r: Gemma3DecoderLayer(cfg, dtype=dtype, rngs=r), cfg.num_hidden_layers, rngs
+        )
         self.norm = GemmaRMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype)
         self.dtype = dtype
         self.remat = remat

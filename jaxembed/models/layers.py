@@ -141,6 +141,28 @@ def activation(name: str):
         ) from None
 
 
+# --- stacked layers (Qwen3, Gemma3) -----------------------------------------------------------
+
+
+def stacked_layers(make_layer, num_layers: int, rngs: nnx.Rngs) -> nnx.Module:
+    """``num_layers`` layers (``make_layer(rngs)``) as one module with a leading layer dimension.
+
+    Run by `jax.lax.scan`, so compile time does not grow with depth.
+    """
+
+    @nnx.split_rngs(splits=num_layers)
+    @nnx.vmap(in_axes=0, out_axes=0)
+    def make(rngs):
+        return make_layer(rngs)
+
+    layers = make(rngs)
+    # Our logical names live in the "axes" metadata, which nnx.vmap does not know about.
+    for _, var in nnx.iter_graph(layers):
+        if isinstance(var, nnx.Param):
+            var.set_metadata("axes", ("layers", *var.get_metadata("axes")))
+    return layers
+
+
 # --- rotary position embeddings (Qwen3, ModernBERT) ----------------------------------------
 
 

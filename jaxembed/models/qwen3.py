@@ -34,6 +34,7 @@ from jaxembed.models.layers import (
     rotary,
     same_segment,
     segment_positions,
+    stacked_layers,
 )
 
 MODEL_TYPES = ("qwen3",)
@@ -149,22 +150,6 @@ class Qwen3DecoderLayer(nnx.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
-def _stacked_layers(cfg: Qwen3Config, *, dtype, rngs: nnx.Rngs) -> Qwen3DecoderLayer:
-    """``num_hidden_layers`` decoder layers as one module with a leading layer dimension."""
-
-    @nnx.split_rngs(splits=cfg.num_hidden_layers)
-    @nnx.vmap(in_axes=0, out_axes=0)
-    def make(rngs):
-        return Qwen3DecoderLayer(cfg, dtype=dtype, rngs=rngs)
-
-    layers = make(rngs)
-    # Our logical names live in the "axes" metadata, which nnx.vmap does not know about.
-    for _, var in nnx.iter_graph(layers):
-        if isinstance(var, nnx.Param):
-            var.set_metadata("axes", ("layers", *var.get_metadata("axes")))
-    return layers
-
-
 def _apply_layer(graphdef, x, layer_state, cos, sin, bias):
     return nnx.merge(graphdef, layer_state)(x, cos, sin, bias)
 
@@ -186,7 +171,9 @@ class Qwen3Model(nnx.Module):
         self.embed_tokens = Embed(
             cfg.vocab_size, cfg.hidden_size, axes=("vocab", "embed"), dtype=dtype, rngs=rngs
         )
-        self.layers = _stacked_layers(cfg, dtype=dtype, rngs=rngs)
+        self.layers = stacked_layers(
+            lambda r: Qwen3DecoderLayer(cfg, dtype=dtype, rngs=r), cfg.num_hidden_layers, rngs
+        )
         self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype)
         self.dtype = dtype
         self.remat = remat
