@@ -36,7 +36,13 @@ from jaxembed.choices import DTYPES, check
 from jaxembed.files import atomic_dir
 from jaxembed.hf.sentence_transformers import write_st_config
 from jaxembed.model_card import model_card
-from jaxembed.run import Checkpoint, find_checkpoint, restore_model, trained_st_config
+from jaxembed.run import (
+    Checkpoint,
+    find_checkpoint,
+    restore_head,
+    restore_model,
+    trained_st_config,
+)
 from jaxembed.tokenizer import TOKENIZER_FILES
 
 LICENSE_FILES = ("LICENSE", "LICENSE.txt", "LICENSE.md", "NOTICE", "NOTICE.txt")
@@ -112,7 +118,7 @@ def export(
             if (model_dir / name).exists():
                 shutil.copy2(model_dir / name, tmp / name)
                 files.append(name)
-        files += write_st_config(tmp, st, model.config.hidden_size)
+        files += write_st_config(tmp, st, model.config.hidden_size, restore_head(ckpt))
         (tmp / "README.md").write_text(model_card(ckpt, model, st, dtype, files))
     return out
 
@@ -132,7 +138,8 @@ def main(argv: list[str] | None = None) -> int:
         (
             "Export a jaxembed training checkpoint as a Hugging Face / sentence-transformers "
             "folder: config.json, safetensors weights, tokenizer, modules.json, 1_Pooling "
-            "(pooling as trained), Normalize, config_sentence_transformers.json (the prompts "
+            "(pooling as trained), the Dense layers if the base model had them, Normalize, "
+            "config_sentence_transformers.json (the prompts "
             "used in training) and a README.md model card. It loads with "
             "SentenceTransformer(DIR) or transformers.AutoModel.from_pretrained(DIR) and "
             "embeds as jaxembed.load(WORKDIR) does."

@@ -12,14 +12,18 @@ from flax import nnx
 
 from jaxembed import hf, run, sharding
 from jaxembed.choices import DTYPES, check
-from jaxembed.hf.sentence_transformers import STConfig, pick_prompt, read_st_config
+from jaxembed.hf.sentence_transformers import STConfig, load_head, pick_prompt, read_st_config
+from jaxembed.models.head import Head
 from jaxembed.models.pooling import check_pooling, l2_normalize, pool_segments
 from jaxembed.packing import MAX_SEGMENTS, bucket, fill, length_buckets, pack_rows
 from jaxembed.tokenizer import append_eos, load_tokenizer
 
 
 class Encoder:
-    """A backbone, its tokenizer and its pooling: ``encode(texts) -> (n, dim)`` unit vectors."""
+    """A backbone, its tokenizer, pooling and head: ``encode(texts) -> (n, dim)`` unit vectors.
+
+    ``head`` holds the folder's Dense layers after pooling (`jaxembed.models.head`), if any.
+    """
 
     def __init__(
         self,
@@ -31,8 +35,10 @@ class Encoder:
         st: STConfig | None = None,
         name: str = "",
         packing: bool = False,
+        head: Head | None = None,
     ):
         self.model = model
+        self.head = head
         self.packing = packing
         self.tokenizer = tokenizer
         self.pooling = check_pooling(pooling)
@@ -42,20 +48,27 @@ class Encoder:
         self.name = name
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         graphdef, state = nnx.split(model)
+        params = {"model": state}
+        if head is not None:
+            head_graphdef, params["head"] = nnx.split(head)
         # Host (NumPy) parameters go to the default device; live arrays (perhaps sharded
         # over several hosts) stay where they are.
-        self._state = jax.tree.map(
-            lambda x: x if isinstance(x, jax.Array) else jax.device_put(x), state
+        self._params = jax.tree.map(
+            lambda x: x if isinstance(x, jax.Array) else jax.device_put(x), params
         )
 
         # Texts per row: several with packing, else one (a padded batch). A static shape.
         self.segments = MAX_SEGMENTS if packing else 1
 
-        def embed(state, ids, segment_ids, pool_ids):
+        def embed(params, ids, segment_ids, pool_ids):
             """(rows, segments, dim) unit vectors of a batch of rows (`jaxembed.packing`)."""
-            h = nnx.merge(graphdef, state)(ids, segment_ids > 0, segment_ids=segment_ids)
+            model = nnx.merge(graphdef, params["model"])
+            h = model(ids, segment_ids > 0, segment_ids=segment_ids)
             segments = min(self.segments, ids.shape[1])
-            return l2_normalize(pool_segments(h, pool_ids, segment_ids, self.pooling, segments))
+            pooled = pool_segments(h, pool_ids, segment_ids, self.pooling, segments)
+            if "head" in params:
+                pooled = nnx.merge(head_graphdef, params["head"])(pooled)
+            return l2_normalize(pooled)
 
         self._embed = embed
         self._jitted = jax.jit(embed)
@@ -77,9 +90,9 @@ class Encoder:
         self._mesh = mesh if sharding.data_parallel_size(mesh) > 1 or multi_host else None
         if self._mesh is not None:
             self._on_mesh = jax.jit(self._embed, out_shardings=sharding.replicated(mesh))
-            self._state = self._place(self._state)
+            self._params = self._place(self._params)
         else:  # one device: bring parameters back from a previous, larger mesh
-            self._state = jax.device_put(self._state, mesh.devices.flat[0])
+            self._params = jax.device_put(self._params, mesh.devices.flat[0])
         return self
 
     def _place(self, state):
@@ -93,7 +106,7 @@ class Encoder:
         """Embeddings ``(rows, segments, dim)`` of one batch of rows."""
         if self._mesh is None:
             return self._jitted(
-                self._state, jnp.asarray(ids), jnp.asarray(segments), jnp.asarray(pooled)
+                self._params, jnp.asarray(ids), jnp.asarray(segments), jnp.asarray(pooled)
             )
         rows, n = ids.shape[0], sharding.data_parallel_size(self._mesh)
         placed = []
@@ -105,17 +118,22 @@ class Encoder:
                     a.shape, sharding.batch_sharding(self._mesh, a.ndim), lambda i, a=a: a[i]
                 )
             )
-        return self._on_mesh(self._place(self._state), *placed)[:rows]
+        return self._on_mesh(self._place(self._params), *placed)[:rows]
 
-    def set_params(self, model_params) -> None:
-        """Swaps in new backbone parameters (e.g. live training parameters) without recompiling.
+    def set_params(self, params: dict) -> None:
+        """Swaps in new parameters (e.g. live training parameters) without recompiling.
 
-        ``model_params`` is an `nnx.State` or its pure-dict form, possibly sharded on a mesh.
+        ``params`` is laid out as the train state's: ``{"model": ..., "head": ...}`` (the
+        head when the encoder has one), each an `nnx.State` or its pure-dict form, possibly
+        sharded on a mesh; other entries are ignored.
         """
-        self._state = model_params
+        self._params = {k: params[k] for k in self._params}
 
     @property
     def dim(self) -> int:
+        """The embedding size: the last Dense layer's output, else the backbone's."""
+        if self.head is not None and self.head.out_features is not None:
+            return self.head.out_features
         return self.model.config.hidden_size
 
     def resolve_prompt(self, prompt_name: str | None, prompt: str | None = None) -> str:
@@ -235,7 +253,7 @@ def load(
     """
     check(dtype, DTYPES, "dtype")
     path = Path(path)
-    model, st, files = _model_and_settings(path, dtype)
+    model, head, st, files = _model_and_settings(path, dtype)
     pooling = pooling or st.pooling or "mean"
     tokenizer = append_eos(load_tokenizer(files), pooling)
     limit = model.config.max_tokens
@@ -251,16 +269,18 @@ def load(
         st=st,
         name=str(path),
         packing=packing,
+        head=head,
     )
 
 
-def _model_and_settings(path: Path, dtype: str) -> tuple[nnx.Module, STConfig, Path]:
-    """``(model, sentence-transformers settings, folder with the tokenizer)`` of ``path``."""
-    if (path / "config.json").exists():
-        return hf.load_model(path, dtype=jnp.dtype(dtype)), read_st_config(path), path
-    if not run.is_checkpoint(path):
-        return hf.load_model(path, dtype=jnp.dtype(dtype)), read_st_config(path), path  # errors
+def _model_and_settings(path: Path, dtype: str) -> tuple[nnx.Module, Head | None, STConfig, Path]:
+    """``(model, head, sentence-transformers settings, tokenizer folder)`` of ``path``."""
+    if (path / "config.json").exists() or not run.is_checkpoint(path):
+        # A model folder (or an error naming what is missing from one).
+        model = hf.load_model(path, dtype=jnp.dtype(dtype))
+        st = read_st_config(path)
+        return model, load_head(path, st, model.config.hidden_size), st, path
     ckpt = run.find_checkpoint(path)
     # Host (NumPy) parameters, like hf.load_model's; Encoder places them on the device.
     model = run.restore_model(ckpt, dtype=dtype)
-    return model, run.trained_st_config(ckpt, model.config), ckpt.model_dir
+    return model, run.restore_head(ckpt), run.trained_st_config(ckpt, model.config), ckpt.model_dir

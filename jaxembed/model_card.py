@@ -51,7 +51,7 @@ def model_card(ckpt: Checkpoint, model, st: STConfig, dtype: str, files: list[st
     info = json.loads(info_file.read_text()) if info_file.exists() else {}
     base = info.get("source") or ckpt.config.get("model", {}).get("path", "?")
     sections = (
-        _usage(ckpt, model.config, dtype, base),
+        _usage(ckpt, model.config, st.output_dim(model.config.hidden_size), dtype, base),
         _prompts(ckpt.meta, st),
         _embedding(ckpt.config.get("data", {}), st, files),
         _training(ckpt, base),
@@ -74,13 +74,13 @@ FRONT_MATTER = [
 ]
 
 
-def _usage(ckpt: Checkpoint, mc, dtype: str, base: str) -> list[str]:
+def _usage(ckpt: Checkpoint, mc, dim: int, dtype: str, base: str) -> list[str]:
     return [
         *FRONT_MATTER,
         f"# {_base_title(ckpt.model_dir, base)} fine-tuned with jaxembed (step {ckpt.step})",
         "",
         f"A text-embedding model trained with jaxembed from `{base}` (`{mc.model_type}`, "
-        f"{mc.hidden_size}-dimensional embeddings), exported from `{ckpt.name}` with "
+        f"{dim}-dimensional embeddings), exported from `{ckpt.name}` with "
         f"`python -m jaxembed.convert` as {dtype} weights.",
         "",
         "## Usage",
@@ -139,7 +139,8 @@ def _embedding(data: dict, st: STConfig, files: list[str]) -> list[str]:
         f"- pooling: `{st.pooling}` over the transformer's last hidden states, "
         f"`include_prompt={st.include_prompt}` (prompt tokens are "
         f"{'' if st.include_prompt else 'not '}pooled, as in training), "
-        "then L2 normalisation (compare with cosine or dot product).",
+        + (f"then {st.describe_head()} (trained with the transformer), " if st.head else "")
+        + "then L2 normalisation (compare with cosine or dot product).",
         f"- max_seq_length: {st.max_seq_length} tokens "
         f"(training truncated queries at {data.get('max_query_length')} and passages at "
         f"{data.get('max_passage_length')}).",

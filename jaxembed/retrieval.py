@@ -374,13 +374,17 @@ def format_table(per_set: dict[str, dict]) -> str:
 class Evaluator:
     """The training loop's dev evaluation: metrics with the live parameters (no export)."""
 
-    def __init__(self, config, model, tokenizer, pooling: str, st, prompts: dict[str, str]):
+    def __init__(
+        self, config, model, tokenizer, pooling: str, st, prompts: dict[str, str], head=None
+    ):
         self.sets = {Path(p).name: load_beir(p, config.eval.split) for p in config.eval.data}
         self.groups = {g: tuple(members) for g, members in config.eval.groups.items()}
         max_len = max(config.data.max_query_length, config.data.max_passage_length)
         # Training pools over prompt tokens too, whatever the source folder's include_prompt.
         st = dataclasses.replace(st, include_prompt=True)
-        self.encoder = Encoder(model, tokenizer, pooling=pooling, max_length=max_len, st=st)
+        self.encoder = Encoder(
+            model, tokenizer, pooling=pooling, max_length=max_len, st=st, head=head
+        )
         self.batch_size = config.eval.batch_size
         # ``prompts``: those the exported folder will carry (`jaxembed.run.trained_prompts`,
         # e.g. F2LLM's one instruction), so the numbers logged here are what
@@ -397,7 +401,7 @@ class Evaluator:
     def __call__(self, params) -> dict:
         if not self.sets:
             return {}
-        self.encoder.set_params(params["model"])
+        self.encoder.set_params(params)
         enc = self.encoder
         mesh = self._mesh_of(params["model"])
         if mesh is not None:

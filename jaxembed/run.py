@@ -30,6 +30,7 @@ from jaxembed import hf, sharding
 from jaxembed.files import atomic_dir
 from jaxembed.hf.io import ModelFolderError
 from jaxembed.hf.sentence_transformers import STConfig, read_st_config
+from jaxembed.models.head import Head, build_head
 from jaxembed.tokenizer import append_eos, load_tokenizer
 
 # --- the run's model folder -------------------------------------------------------------------
@@ -173,6 +174,14 @@ def abstract_model(model_dir: Path, dtype: str = "float32", remat: bool = False)
     )
 
 
+def abstract_head(model_dir: Path, pooled: int | None = None) -> Head | None:
+    """The shape of the folder's Dense head (`jaxembed.models.head`), None if it has none.
+
+    ``pooled``: the backbone's output size, which the first Dense layer must take.
+    """
+    return nnx.eval_shape(lambda: build_head(read_st_config(model_dir).head, pooled))
+
+
 def checkpoint_model(ckpt: Checkpoint, dtype: str = "float32") -> nnx.Module:
     """`abstract_model` of a checkpoint's run; an error naming the run if it cannot be built."""
     try:
@@ -193,8 +202,17 @@ def restore_model(ckpt: Checkpoint, *, dtype: str = "float32", mesh=None) -> nnx
     ``mesh`` the parameters come back as host (NumPy) arrays; with one, as global arrays
     sharded per `jaxembed.sharding`, which is how a model larger than one device is held.
     """
-    model = checkpoint_model(ckpt, dtype)
-    state = nnx.state(model)
+    return _restore(ckpt, "model", checkpoint_model(ckpt, dtype), mesh)
+
+
+def restore_head(ckpt: Checkpoint, mesh=None) -> Head | None:
+    """The trained Dense head (``params["head"]``) as host arrays; None if the run has none."""
+    head = abstract_head(ckpt.model_dir)
+    return None if head is None else _restore(ckpt, "head", head, mesh)
+
+
+def _restore(ckpt: Checkpoint, name: str, module: nnx.Module, mesh) -> nnx.Module:
+    state = nnx.state(module)
     shapes = nnx.to_pure_dict(state)
     if mesh is None:
         item = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), shapes)
@@ -203,8 +221,8 @@ def restore_model(ckpt: Checkpoint, *, dtype: str = "float32", mesh=None) -> nnx
         item = jax.tree.map(
             lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings
         )
-    params = ckpt_lib.restore_params(ckpt.workdir, ckpt.step, "model", item)
-    return nnx.merge(nnx.graphdef(model), params)
+    params = ckpt_lib.restore_params(ckpt.workdir, ckpt.step, name, item)
+    return nnx.merge(nnx.graphdef(module), params)
 
 
 # --- what was trained: prompts, pooling, lengths ----------------------------------------------
@@ -264,9 +282,10 @@ def trained_prompts(meta: dict) -> dict[str, str]:
 def trained_st_config(ckpt: Checkpoint, model_config) -> STConfig:
     """The sentence-transformers settings that reproduce the trained encoder.
 
-    Pooling and ``include_prompt`` as trained, L2 normalisation (the training losses compare
-    normalised embeddings), the prompts of `trained_prompts`, and the base model's
-    ``max_seq_length`` (else the longer of the training query / passage lengths).
+    Pooling and ``include_prompt`` as trained, the base model's Dense head (trained with
+    the backbone), L2 normalisation (the training losses compare normalised embeddings), the
+    prompts of `trained_prompts`, and the base model's ``max_seq_length`` (else the longer
+    of the training query / passage lengths).
     """
     source = read_st_config(ckpt.model_dir)
     data = ckpt.config.get("data", {})
@@ -279,6 +298,8 @@ def trained_st_config(ckpt: Checkpoint, model_config) -> STConfig:
         do_lower_case=source.do_lower_case,
         prompts=trained_prompts(ckpt.meta),
         default_prompt_name=None,
+        head=source.head,
+        head_dirs=source.head_dirs,
         normalize=True,
     )
 

@@ -51,7 +51,7 @@ from jaxembed import cli as jaxembed_cli
 from jaxembed import config as config_lib
 from jaxembed.config import validate
 from jaxembed.data import pipeline, readers
-from jaxembed.hf.sentence_transformers import read_st_config
+from jaxembed.hf.sentence_transformers import load_head, read_st_config
 from jaxembed.models.pooling import pool_segments
 from jaxembed.packing import MAX_SEGMENTS
 from jaxembed.retrieval import Evaluator
@@ -101,12 +101,17 @@ def texts_per_row(config) -> int:
     return MAX_SEGMENTS if config.train.packing else 1
 
 
-def batch_loss(emb: dict, extra: dict, batch: dict, config, task: str, constrain) -> jax.Array:
+def batch_loss(
+    emb: dict, extra: dict, batch: dict, config, task: str, constrain, head=None
+) -> jax.Array:
     """The task's contrastive loss (`jaxembed.losses`) on the batch's embeddings.
 
-    ``emb`` holds each tower's (rows, segments, dim) output; every text's slot picks its
-    embedding, and the loss compares the (B, dim) queries with the positives of the whole
-    global batch and each row's K hard negatives.
+    ``emb`` holds each tower's (rows, segments, dim) pooled output; every text's slot picks
+    its embedding, the Dense head (graphdef ``head``, parameters ``extra["head"]``) maps it
+    when the model has one, and the loss compares the (B, dim) queries with the positives
+    of the whole global batch and each row's K hard negatives. The head sits here, after
+    the encoder, so GradCache caches pooled vectors and differentiates the head with the
+    loss.
     """
     loss_fn = losses.task_loss(task, config.loss.style)
     if config.loss.matryoshka_dims:
@@ -114,10 +119,13 @@ def batch_loss(emb: dict, extra: dict, batch: dict, config, task: str, constrain
             loss_fn, config.loss.matryoshka_dims, config.loss.matryoshka_weights or None
         )
     emb = {
-        name: constrain(e[slot[:, 0], slot[:, 1]])
+        name: e[slot[:, 0], slot[:, 1]]
         for name, e in emb.items()
         for slot in [batch[f"{name}_slot"].reshape(-1, 2)]
     }
+    if head is not None:
+        emb = {name: nnx.merge(head, extra["head"])(e) for name, e in emb.items()}
+    emb = {name: constrain(e) for name, e in emb.items()}
     b, k = batch["neg_valid"].shape
     d = emb["query"].shape[-1]
     n = emb["neg"].reshape(b, k, d) if k else jnp.zeros((b, 0, d), emb["query"].dtype)
@@ -140,13 +148,16 @@ def temperature(extra: dict, config) -> jax.Array:
     return jnp.float32(config.loss.temperature)
 
 
-def make_loss_and_grads(graphdef, config: ml_collections.ConfigDict, task: str, pooling: str, mesh):
+def make_loss_and_grads(
+    graphdef, config: ml_collections.ConfigDict, task: str, pooling: str, mesh, head=None
+):
     """``f(params, batch, seed) -> (loss, grads, temperature)`` for one task's batches.
 
     Encodes every tower and differentiates `batch_loss`: in one pass, or with
     ``train.gradcache`` chunk by chunk (`jaxembed.gradcache`), with the same result.
-    ``seed`` (uint32, or a PRNG key) None turns dropout off. Exposed on its own so tests can
-    compare gradients across meshes, packings and GradCache.
+    ``seed`` (uint32, or a PRNG key) None turns dropout off. ``head`` is the graphdef of the
+    Dense head, if the model has one. Exposed on its own so tests can compare gradients
+    across meshes, packings and GradCache.
     """
     losses.task_loss(task, config.loss.style)  # an unknown task fails here, before tracing
     encode = make_encode(graphdef, pooling, texts_per_row(config))
@@ -162,7 +173,7 @@ def make_loss_and_grads(graphdef, config: ml_collections.ConfigDict, task: str, 
         extra = {name: v for name, v in params.items() if name != "model"}
 
         def objective(emb, extra):
-            return batch_loss(emb, extra, batch, config, task, constrain)
+            return batch_loss(emb, extra, batch, config, task, constrain, head)
 
         if config.train.gradcache:
             chunk = config.train.gradcache_chunk
@@ -207,19 +218,23 @@ class TrainStep:
     already be global arrays sharded over the batch axes (`jaxembed.sharding`).
     """
 
-    def __init__(self, graphdef, config, mesh, tx, schedule, state_shardings, pooling: str):
+    def __init__(
+        self, graphdef, config, mesh, tx, schedule, state_shardings, pooling: str, head=None
+    ):
         sharding.check_global_batch(config.train.global_batch, mesh)
         if config.train.gradcache:
             sharding.check_global_batch(config.train.gradcache_chunk, mesh, "gradcache_chunk")
         self.graphdef, self.config, self.mesh = graphdef, config, mesh
         self.tx, self.schedule, self.state_shardings = tx, schedule, state_shardings
-        self.pooling = pooling
+        self.pooling, self.head = pooling, head
         self._compiled: dict[str, Callable] = {}
 
     def jitted(self, task: str) -> Callable:
         """The jitted step of ``task`` (built on first use)."""
         if task not in self._compiled:
-            core = make_loss_and_grads(self.graphdef, self.config, task, self.pooling, self.mesh)
+            core = make_loss_and_grads(
+                self.graphdef, self.config, task, self.pooling, self.mesh, self.head
+            )
             step = functools.partial(
                 train_step,
                 loss_and_grads=core,
@@ -280,11 +295,14 @@ def main(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
 
     # --- the step, then the state: restored, else initialised from the model folder -----------
     abstract_model = run.abstract_model(model_dir, config.model.dtype, remat=config.model.remat)
+    # The Dense layers after pooling, if any.
+    abstract_head = run.abstract_head(model_dir, abstract_model.config.hidden_size)
     graphdef = nnx.graphdef(abstract_model)
+    head_def = None if abstract_head is None else nnx.graphdef(abstract_head)
     tx, schedule = make_optimizer(config.optim, config.train.steps)
-    abstract, state_sh = abstract_state(abstract_model, config, mesh, tx)
+    abstract, state_sh = abstract_state(abstract_model, config, mesh, tx, abstract_head)
     # Built before any weights load: it checks the batch against the mesh.
-    step_fn = TrainStep(graphdef, config, mesh, tx, schedule, state_sh, pooling)
+    step_fn = TrainStep(graphdef, config, mesh, tx, schedule, state_sh, pooling, head_def)
     packing = make_packing(config, mesh)
     mngr = checkpoint.manager(
         workdir,
@@ -297,7 +315,8 @@ def main(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
     def init():
         dtype = jnp.dtype(config.model.dtype)
         model = hf.load_model(config.model.path, dtype=dtype, remat=config.model.remat)
-        return create_state(model, config, mesh, tx)[1]
+        head = load_head(config.model.path, st, model.config.hidden_size)
+        return create_state(model, config, mesh, tx, head)[1]
 
     state, data_pos, start = checkpoint.restore_or_init(mngr, init, abstract)
     # Batches are a pure function of their index: resuming is starting the dataset there.
@@ -311,8 +330,9 @@ def main(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
     log.print(sharding.describe(shapes, sharding.state_shardings(shapes, mesh)))
 
     model = nnx.merge(graphdef, state.params["model"])
+    head = None if head_def is None else nnx.merge(head_def, state.params["head"])
     prompts = run.trained_prompts(meta)
-    evaluator = Evaluator(config, model, load_tokenizer(model_dir), pooling, st, prompts)
+    evaluator = Evaluator(config, model, load_tokenizer(model_dir), pooling, st, prompts, head)
     results: dict = {}
     if start == 0 and evaluator.sets:
         results["before"] = log.eval(0, "eval before training", evaluator(state.params))

@@ -39,7 +39,8 @@ def decay_mask(params) -> dict:
     def leaf(path, _):
         keys = [getattr(k, "key", getattr(k, "name", None)) for k in path]
         # The HF pooler is exported but unused for embeddings: leave it untouched.
-        return keys[0] == "model" and keys[-1] not in NO_DECAY and "pooler" not in keys
+        decayed = keys[0] in ("model", "head")
+        return decayed and keys[-1] not in NO_DECAY and "pooler" not in keys
 
     return jax.tree_util.tree_map_with_path(leaf, params)
 
@@ -64,28 +65,34 @@ def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int):
 @struct.dataclass
 class TrainState:
     step: jax.Array
-    params: dict  # {"model": pure dict of fp32 arrays, ["log_temperature": scalar]}
+    # {"model": pure dict of fp32 arrays, ["head": the Dense head's], ["log_temperature": ()]}
+    params: dict
     opt_state: optax.OptState
     rng: jax.Array  # base PRNG key data; each step's dropout seed derives from (rng, step)
 
 
-def init_params(model: nnx.Module, config: ml_collections.ConfigDict) -> tuple:
-    """Splits ``model`` into (graphdef, nnx state with axis metadata, trainable params dict)."""
+def init_params(model: nnx.Module, config: ml_collections.ConfigDict, head=None) -> tuple:
+    """Splits ``model`` (and ``head``, the Dense layers after pooling, if any) into
+    ``(graphdef, nnx states with axis metadata, trainable params dict)``."""
     graphdef, state = nnx.split(model)
     params = {"model": nnx.to_pure_dict(state)}
+    states = {"model": state}
+    if head is not None:
+        states["head"] = nnx.state(head)
+        params["head"] = nnx.to_pure_dict(states["head"])
     if config.loss.learnable_temperature:
         params["log_temperature"] = jnp.log(jnp.float32(config.loss.temperature))
-    return graphdef, state, params
+    return graphdef, states, params
 
 
-def create_state(model: nnx.Module, config: ml_collections.ConfigDict, mesh, tx):
-    """The sharded train state for ``model`` (host or device arrays) on ``mesh``.
+def create_state(model: nnx.Module, config: ml_collections.ConfigDict, mesh, tx, head=None):
+    """The sharded train state for ``model`` and ``head`` (host or device arrays) on ``mesh``.
 
     Returns ``(graphdef, state, state_shardings)``; parameters are placed directly in their
     shards and the optimizer state is created by a jit whose outputs are already sharded.
     """
-    graphdef, _, params = init_params(model, config)
-    _, state_sh = abstract_state(model, config, mesh, tx)
+    graphdef, _, params = init_params(model, config, head)
+    _, state_sh = abstract_state(model, config, mesh, tx, head)
     repl = sharding.replicated(mesh)
     params = jax.device_put(params, state_sh.params)
     opt_state = jax.jit(tx.init, out_shardings=state_sh.opt_state)(params)
@@ -98,14 +105,15 @@ def create_state(model: nnx.Module, config: ml_collections.ConfigDict, mesh, tx)
     return graphdef, state, state_sh
 
 
-def abstract_state(model: nnx.Module, config: ml_collections.ConfigDict, mesh, tx):
+def abstract_state(model: nnx.Module, config: ml_collections.ConfigDict, mesh, tx, head=None):
     """``(state, shardings)`` of ShapeDtypeStructs: the train state's shape, no arrays made.
 
-    ``model`` may be abstract (`nnx.eval_shape`); this is what a checkpoint restores into.
+    ``model`` and ``head`` may be abstract (`nnx.eval_shape`); this is what a checkpoint
+    restores into.
     """
-    _, nnx_state, params = init_params(model, config)
+    _, states, params = init_params(model, config, head)
     repl = sharding.replicated(mesh)
-    param_sh = {"model": nnx.to_pure_dict(sharding.state_shardings(nnx_state, mesh))}
+    param_sh = {k: nnx.to_pure_dict(sharding.state_shardings(v, mesh)) for k, v in states.items()}
     if "log_temperature" in params:
         param_sh["log_temperature"] = repl
     params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)

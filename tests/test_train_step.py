@@ -12,6 +12,7 @@ from jaxembed import config as config_lib
 from jaxembed import sharding, train, train_state
 from jaxembed.data import pipeline
 from jaxembed.models.bert import BertConfig, BertModel
+from jaxembed.models.head import HeadLayer, build_head
 
 TINY = BertConfig(
     vocab_size=64,
@@ -132,15 +133,16 @@ def reference():
     return loss_and_grads_on(MESHES["1x1"], gradcache=False)
 
 
-def loss_and_grads_on(shape, gradcache: bool, chunk: int = 8, task: str = "retrieval"):
+def loss_and_grads_on(shape, gradcache: bool, chunk: int = 8, task: str = "retrieval", head=None):
     devices = jax.devices()[: int(np.prod(shape))]
     mesh = sharding.make_mesh(*shape, devices=devices)
     c = make_config(gradcache=gradcache, gradcache_chunk=chunk)
     c.loss.symmetric = True
     c.loss.learnable_temperature = True
     tx, _ = train_state.make_optimizer(c.optim, c.train.steps)
-    graphdef, state, _ = train_state.create_state(tiny_model(), c, mesh, tx)
-    fn = jax.jit(train.make_loss_and_grads(graphdef, c, task, "mean", mesh))
+    graphdef, state, _ = train_state.create_state(tiny_model(), c, mesh, tx, head)
+    head_def = None if head is None else nnx.graphdef(head)
+    fn = jax.jit(train.make_loss_and_grads(graphdef, c, task, "mean", mesh, head_def))
     batch = sharding.shard_batch(step_batch(random_batch()), mesh)
     loss, grads, _ = fn(state.params, batch, jax.random.key(7))
     return float(loss), jax.tree.map(np.asarray, grads)
@@ -168,6 +170,32 @@ def test_gradcache_equals_full_batch_with_dropout(reference):
     assert_grads_close(grads, reference[1], atol=1e-5)
     # Gradient reaches every parameter (no silently detached tower).
     assert all(np.abs(g).max() > 0 for g in jax.tree.leaves(grads))
+
+
+def test_dense_head_trains_the_same_on_every_mesh_and_with_gradcache():
+    """A sentence-transformers Dense head (EmbeddingGemma-style, 32 -> 48 -> 16 without bias,
+    and a tanh layer with a projected residual) trains with the backbone: its gradients and
+    the backbone's are those of one device on a 2x4 FSDP mesh with GradCache."""
+    layers = [
+        HeadLayer("dense", 32, 48, bias=False),
+        HeadLayer("normalize"),
+        HeadLayer("dense", 48, 16, activation="tanh", residual=True),
+    ]
+
+    def head():
+        return build_head(layers, 32, seed=3)
+
+    loss1, grads1 = loss_and_grads_on(MESHES["1x1"], gradcache=False, head=head())
+    loss8, grads8 = loss_and_grads_on(MESHES["2x4"], gradcache=True, head=head())
+    assert abs(loss8 - loss1) <= 1e-5
+    assert_grads_close(grads8, grads1, atol=1e-5)
+    assert set(grads1["head"]["dense"]) == {0, 1}
+    assert {"kernel"} == set(grads1["head"]["dense"][0]["linear"])
+    assert set(grads1["head"]["dense"][1]) == {"linear", "residual"}
+    assert all(np.abs(g).max() > 0 for g in jax.tree.leaves(grads1["head"]))
+    # The head's kernels get weight decay, its biases do not, as the backbone's.
+    mask = train_state.decay_mask(grads1)
+    assert mask["head"]["dense"][1]["linear"] == {"kernel": True, "bias": False}
 
 
 def test_packed_batch_gives_the_same_loss_and_grads():

@@ -1,11 +1,13 @@
-"""The sentence-transformers files around an HF folder: pooling, prompts, max length.
+"""The sentence-transformers files around an HF folder: pooling, head, prompts, max length.
 
 `read_st_config` reads ``modules.json``, ``1_Pooling/config.json`` (legacy
-``pooling_mode_*`` booleans and the newer ``pooling_mode`` key),
-``sentence_bert_config.json`` and ``config_sentence_transformers.json``; `write_st_config`
-writes them (the exporter, `jaxembed.convert`). A pipeline we cannot reproduce exactly (a
-Dense projection, several pooling modes concatenated) is an error, never a silent
-difference.
+``pooling_mode_*`` booleans and the newer ``pooling_mode`` key), the ``Dense`` and
+``Normalize`` modules after pooling (`jaxembed.models.head`), ``sentence_bert_config.json``
+and ``config_sentence_transformers.json``; `load_head` reads the Dense weights;
+`write_st_config` writes it all back in the same module layout (the exporter,
+`jaxembed.convert`). A pipeline we cannot reproduce exactly (a module we do not know,
+several pooling modes concatenated, a Dense on token embeddings) is an error, never a
+silent difference.
 """
 
 from __future__ import annotations
@@ -15,7 +17,11 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
+
 from jaxembed.files import atomic_write_text
+from jaxembed.hf.io import WeightsError, read_weights, write_safetensors
+from jaxembed.models.head import Head, HeadLayer, build_head, check_chain
 from jaxembed.models.pooling import POOLING_MODES
 
 _LEGACY_POOLING = {
@@ -26,7 +32,17 @@ _LEGACY_POOLING = {
     "pooling_mode_weightedmean_tokens": "weightedmean",
     "pooling_mode_lasttoken": "lasttoken",
 }
-_SUPPORTED_MODULES = ("Transformer", "Pooling", "Normalize")
+_SUPPORTED_MODULES = ("Transformer", "Pooling", "Dense", "Normalize")
+# sentence-transformers writes the activation's class path; these are the ones we compute.
+_TORCH_ACTIVATIONS = {
+    "torch.nn.modules.linear.Identity": "identity",
+    "torch.nn.modules.activation.Tanh": "tanh",
+    "torch.nn.modules.activation.ReLU": "relu",
+    "torch.nn.modules.activation.GELU": "gelu",
+    "torch.nn.modules.activation.SiLU": "silu",
+    "torch.nn.modules.activation.Sigmoid": "sigmoid",
+}
+_ACTIVATION_PATHS = {v: k for k, v in _TORCH_ACTIVATIONS.items()}
 
 
 @dataclasses.dataclass
@@ -39,7 +55,33 @@ class STConfig:
     do_lower_case: bool = False
     prompts: dict[str, str] = dataclasses.field(default_factory=dict)
     default_prompt_name: str | None = None
+    # Modules between Pooling and a final Normalize (``normalize``), in order, and the
+    # folder of each (relative to the model folder; "" for a parameter-free Normalize).
+    head: tuple[HeadLayer, ...] = ()
+    head_dirs: tuple[str, ...] = ()
     normalize: bool = False
+
+    @property
+    def dense(self) -> bool:
+        """Whether the folder has Dense layers (parameters beyond the backbone)."""
+        return any(x.kind == "dense" for x in self.head)
+
+    def output_dim(self, pooled: int) -> int:
+        """The embedding size: the last Dense layer's output, else the pooled size."""
+        sizes = [x.out_features for x in self.head if x.kind == "dense"]
+        return sizes[-1] if sizes else pooled
+
+    def describe_head(self) -> str:
+        """The head in words, e.g. "Dense 768->3072 (identity), Dense 3072->768 (identity)"."""
+        return ", ".join(
+            f"Dense {x.in_features}->{x.out_features} ({x.activation}"
+            + (", no bias" if not x.bias else "")
+            + (", residual" if x.residual else "")
+            + ")"
+            if x.kind == "dense"
+            else "Normalize"
+            for x in self.head
+        )
 
 
 def _read_json(path: Path) -> dict:
@@ -70,20 +112,7 @@ def read_st_config(path: str | Path) -> STConfig:
     st = STConfig()
     modules_file = path / "modules.json"
     if modules_file.exists():
-        for module in _read_json(modules_file):
-            kind = module["type"].rsplit(".", 1)[-1]
-            if kind not in _SUPPORTED_MODULES:
-                raise ValueError(
-                    f"{modules_file}: module {module['type']!r} is not supported "
-                    f"(supported: {', '.join(_SUPPORTED_MODULES)})"
-                )
-            if kind == "Pooling":
-                pool_file = path / module["path"] / "config.json"
-                pool_cfg = _read_json(pool_file)
-                st.pooling = _pooling_mode(pool_cfg, pool_file)
-                st.include_prompt = bool(pool_cfg.get("include_prompt", True))
-            elif kind == "Normalize":
-                st.normalize = True
+        _read_modules(path, modules_file, st)
     bert_cfg = path / "sentence_bert_config.json"
     if bert_cfg.exists():
         cfg = _read_json(bert_cfg)
@@ -97,28 +126,122 @@ def read_st_config(path: str | Path) -> STConfig:
     return st
 
 
+def _read_modules(path: Path, modules_file: Path, st: STConfig) -> None:
+    """Fills ``st`` from ``modules.json``: Transformer, Pooling, then Dense / Normalize."""
+    head, dirs, pooled = [], [], False
+    for module in _read_json(modules_file):
+        kind = module["type"].rsplit(".", 1)[-1]
+        where = f"{modules_file}: module {module.get('idx', len(head))} ({kind})"
+        if kind not in _SUPPORTED_MODULES:
+            raise ValueError(
+                f"{modules_file}: module {module['type']!r} is not supported "
+                f"(supported: {', '.join(_SUPPORTED_MODULES)})"
+            )
+        if kind == "Pooling":
+            pool_file = path / module["path"] / "config.json"
+            pool_cfg = _read_json(pool_file)
+            st.pooling = _pooling_mode(pool_cfg, pool_file)
+            st.include_prompt = bool(pool_cfg.get("include_prompt", True))
+            pooled = True
+        elif kind in ("Dense", "Normalize"):
+            if not pooled:
+                raise ValueError(f"{where}: comes before Pooling (token-level heads unsupported)")
+            dense = kind == "Dense"
+            head.append(_dense_layer(path / module["path"]) if dense else HeadLayer("normalize"))
+            dirs.append(module["path"] if dense else "")
+    # A final Normalize is the `normalize` flag; the rest is the head.
+    st.normalize = bool(head) and head[-1].kind == "normalize"
+    if st.normalize:
+        head, dirs = head[:-1], dirs[:-1]
+    check_chain(head)
+    st.head, st.head_dirs = tuple(head), tuple(dirs)
+
+
+def _dense_layer(folder: Path) -> HeadLayer:
+    """A ``Dense`` module's config (``N_Dense/config.json``) as a `HeadLayer`."""
+    cfg_file = folder / "config.json"
+    cfg = _read_json(cfg_file)
+    for key in ("module_input_name", "module_output_name"):
+        if cfg.get(key, "sentence_embedding") != "sentence_embedding":
+            raise ValueError(f"{cfg_file}: {key}={cfg[key]!r}; supported: sentence_embedding")
+    act = cfg.get("activation_function", "torch.nn.modules.activation.Tanh")
+    if act not in _TORCH_ACTIVATIONS:
+        raise ValueError(
+            f"{cfg_file}: activation_function {act!r}; supported: {sorted(_TORCH_ACTIVATIONS)}"
+        )
+    try:
+        return HeadLayer(
+            "dense",
+            int(cfg["in_features"]),
+            int(cfg["out_features"]),
+            bool(cfg.get("bias", True)),
+            _TORCH_ACTIVATIONS[act],
+            bool(cfg.get("use_residual", False)),
+        )
+    except KeyError as e:
+        raise ValueError(f"{cfg_file}: no {e.args[0]!r} key") from None
+
+
+def load_head(path: str | Path, st: STConfig, pooled: int | None = None) -> Head | None:
+    """The folder's Dense layers with their weights (None when it has none).
+
+    ``pooled``: the backbone's output size, which the first Dense layer must take.
+    """
+    head = build_head(st.head, pooled)
+    if head is None:
+        return None
+    denses = [d for x, d in zip(st.head, st.head_dirs, strict=True) if x.kind == "dense"]
+    for module, folder in zip(head.dense, denses, strict=True):
+        tensors = read_weights(Path(path) / folder)
+        for name in ("linear", "residual"):
+            linear = getattr(module, name)
+            if linear is not None:
+                _fill(linear, tensors, name, Path(path) / folder)
+    return head
+
+
+def _fill(linear, tensors: dict, name: str, folder: Path) -> None:
+    """A Linear's kernel (in, out) and bias from PyTorch's ``weight`` (out, in) and ``bias``."""
+    for attr, key in (("kernel", "weight"), ("bias", "bias")):
+        var = getattr(linear, attr)
+        if var is None:
+            continue
+        if f"{name}.{key}" not in tensors:
+            raise WeightsError(f"{folder}: no tensor {name}.{key}")
+        value = np.asarray(tensors[f"{name}.{key}"], np.float32)
+        want = var.shape[::-1]  # PyTorch's layout: (out, in) for the weight
+        if value.shape != want:
+            raise WeightsError(f"{folder}: {name}.{key} has shape {value.shape}, expected {want}")
+        var.set_value(value.T)
+
+
 def _write_json(path: Path, obj) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
 
-def write_st_config(path: str | Path, st: STConfig, embedding_dim: int) -> list[str]:
+def write_st_config(
+    path: str | Path, st: STConfig, embedding_dim: int, head: Head | None = None
+) -> list[str]:
     """Writes the sentence-transformers files of ``st`` around the backbone in ``path``.
 
-    Transformer -> Pooling (-> Normalize): ``modules.json``, ``1_Pooling/config.json``,
-    ``sentence_bert_config.json`` and ``config_sentence_transformers.json`` (prompts).
-    `read_st_config` reads them back to the same `STConfig`. The pooling file uses the
-    legacy ``pooling_mode_*`` booleans, which every sentence-transformers version reads
-    (newer ones convert them). Returns the paths written, relative to ``path``.
+    Transformer -> Pooling (-> Dense / Normalize ...) (-> Normalize): ``modules.json``,
+    ``1_Pooling/config.json``, each Dense module's folder (``config.json`` and the weights
+    of ``head``, fp32 safetensors), ``sentence_bert_config.json`` and
+    ``config_sentence_transformers.json`` (prompts). `read_st_config` reads them back to the
+    same `STConfig`, `load_head` to the same head. The pooling file uses the legacy
+    ``pooling_mode_*`` booleans, which every sentence-transformers version reads (newer ones
+    convert them). Returns the paths written, relative to ``path``.
     """
     path = Path(path)
     if st.pooling not in POOLING_MODES:
         raise ValueError(f"pooling {st.pooling!r}; supported: {list(POOLING_MODES)}")
-    modules = [
-        ("Transformer", ""),
-        ("Pooling", "1_Pooling"),
-        *([("Normalize", "2_Normalize")] if st.normalize else []),
-    ]
+    if st.dense and head is None:
+        raise ValueError("the model has Dense layers after pooling: pass their head to write")
+    check_chain(st.head, embedding_dim)
+    layers = [*st.head, *([HeadLayer("normalize")] if st.normalize else [])]
+    modules = [("Transformer", ""), ("Pooling", "1_Pooling")]
+    modules += [(x.kind.title(), f"{i + 2}_{x.kind.title()}") for i, x in enumerate(layers)]
     _write_json(
         path / "modules.json",
         [
@@ -131,9 +254,13 @@ def write_st_config(path: str | Path, st: STConfig, embedding_dim: int) -> list[
     pooling["include_prompt"] = bool(st.include_prompt)
     _write_json(path / "1_Pooling" / "config.json", pooling)
     written = ["modules.json", "1_Pooling/config.json"]
-    if st.normalize:
-        # Normalize has no parameters; sentence-transformers itself saves an empty folder.
-        (path / "2_Normalize").mkdir(exist_ok=True)
+    dense = iter(head.dense if head is not None else ())
+    for layer, (_, folder) in zip(layers, modules[2:], strict=True):
+        if layer.kind == "dense":
+            written += _write_dense(path / folder, layer, next(dense), folder)
+        else:
+            # Normalize has no parameters; sentence-transformers itself saves an empty folder.
+            (path / folder).mkdir(exist_ok=True)
     if st.max_seq_length is not None:
         _write_json(
             path / "sentence_bert_config.json",
@@ -156,6 +283,26 @@ def write_st_config(path: str | Path, st: STConfig, embedding_dim: int) -> list[
     )
     written.append("config_sentence_transformers.json")
     return written
+
+
+def _write_dense(folder: Path, layer: HeadLayer, module, name: str) -> list[str]:
+    """One Dense module's ``config.json`` and ``model.safetensors`` (PyTorch layouts)."""
+    cfg = {
+        "in_features": layer.in_features,
+        "out_features": layer.out_features,
+        "bias": layer.bias,
+        "activation_function": _ACTIVATION_PATHS[layer.activation],
+    }
+    if layer.residual:  # omitted when False, as sentence-transformers does for old readers
+        cfg["use_residual"] = True
+    _write_json(folder / "config.json", cfg)
+    tensors = {"linear.weight": np.asarray(module.linear.kernel[...], np.float32).T}
+    if module.linear.bias is not None:
+        tensors["linear.bias"] = np.asarray(module.linear.bias[...], np.float32)
+    if module.residual is not None:
+        tensors["residual.weight"] = np.asarray(module.residual.kernel[...], np.float32).T
+    write_safetensors(folder / "model.safetensors", tensors)
+    return [f"{name}/config.json", f"{name}/model.safetensors"]
 
 
 # --- prompts ---------------------------------------------------------------------------------
