@@ -26,6 +26,14 @@ def default_config() -> ml_collections.ConfigDict:
     c.model.dtype = "float32"  # compute dtype; parameters are always float32
     c.model.remat = False  # recompute each layer in the backward pass (less memory)
     c.model.pooling = ""  # "" = the folder's pooling (sentence-transformers), else mean
+    # LoRA (rank > 0): low-rank adapters on the linear layers named in targets (HF module
+    # names, matched as PEFT's target_modules: "query", "q_proj", "self_attn.o_proj"); only
+    # the adapters (and a Dense head, if any) train, the backbone's weights stay frozen.
+    c.model.lora = ml_collections.ConfigDict()
+    c.model.lora.rank = 0
+    c.model.lora.alpha = 16.0  # the update is scaled by alpha / rank
+    c.model.lora.dropout = 0.0  # on the adapters' input, in training
+    c.model.lora.targets = ()
 
     c.loss = ml_collections.ConfigDict()
     c.loss.style = "joint"  # retrieval: "joint" one softmax, "f2llm" in-batch + hard, summed
@@ -150,6 +158,16 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
                 f"config.train.gradcache_chunk={c.train.gradcache_chunk} must divide "
                 f"config.train.global_batch={c.train.global_batch}"
             )
+    _positive(c, "model.lora.rank", allow_zero=True)
+    if c.model.lora.rank:
+        _positive(c, "model.lora.alpha")
+        if not c.model.lora.targets:
+            raise ValueError(
+                "config.model.lora.targets is empty: name the linear layers to adapt, "
+                "e.g. ('query', 'key', 'value') for BERT or ('q_proj', 'v_proj') for Qwen3"
+            )
+        if not 0.0 <= c.model.lora.dropout < 1.0:
+            raise ValueError(f"config.model.lora.dropout={c.model.lora.dropout} must be in [0, 1)")
     _positive(c, "train.packing_rows", allow_zero=True)
     _positive(c, "train.time_limit_minutes", allow_zero=True)
     if c.optim.min_lr > c.optim.lr:

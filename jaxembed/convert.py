@@ -14,6 +14,9 @@ every host (FSDP), then gathered and written one tensor at a time, by process 0 
 neither a device nor the host ever holds the whole model beyond its shards. Run the same
 command on every host for a multi-host export (``launch/``; `jaxembed.distributed`).
 
+A LoRA run exports merged (``W + (alpha / r) A B``: a plain folder, no PEFT needed);
+``--adapters-only`` writes the adapters alone in PEFT's format instead.
+
 The other direction needs no tool: a Hugging Face / sentence-transformers folder is what
 ``config.model.path`` names to train from, and what `jaxembed.load` reads.
 """
@@ -21,6 +24,7 @@ The other direction needs no tool: a Hugging Face / sentence-transformers folder
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import shutil
@@ -34,11 +38,14 @@ import numpy as np
 from jaxembed import cli, hf, sharding
 from jaxembed.choices import DTYPES, check
 from jaxembed.files import atomic_dir
-from jaxembed.hf.sentence_transformers import write_st_config
+from jaxembed.hf.peft import adapter_tensors, write_adapters
+from jaxembed.hf.sentence_transformers import read_st_config, write_st_config
 from jaxembed.model_card import model_card
 from jaxembed.run import (
     Checkpoint,
     find_checkpoint,
+    lora_spec,
+    restore_adapted,
     restore_head,
     restore_model,
     trained_st_config,
@@ -123,6 +130,40 @@ def export(
     return out
 
 
+def export_adapters(
+    checkpoint: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool = False
+) -> Path:
+    """Writes a LoRA run's adapters alone, in PEFT's format (`jaxembed.hf.peft`).
+
+    For those who keep one base model and swap adapters; `export` writes the merged folder,
+    which needs no PEFT. A run that also trained a Dense head is refused: PEFT adapters on
+    the transformer cannot carry it.
+    """
+    ckpt = find_checkpoint(checkpoint)
+    spec = lora_spec(ckpt.config)
+    if spec is None:
+        raise ValueError(
+            f"{ckpt.name}: not a LoRA run (config.model.lora.rank is 0): there are no "
+            "adapters to write; export the model without --adapters-only"
+        )
+    if read_st_config(ckpt.model_dir).dense:
+        raise ValueError(
+            f"{ckpt.name}: the run also trained Dense layers after pooling, which PEFT "
+            "adapters cannot carry; export the merged model without --adapters-only"
+        )
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(f"{out}: output directory is not empty (pass --overwrite)")
+    model = restore_adapted(ckpt, mesh=sharding.make_mesh(data=1, fsdp=-1))
+    base = json.loads((ckpt.model_dir / "jaxembed.json").read_text())["source"]
+    if jax.process_index() != 0:
+        adapter_tensors(model, spec, fetch=_to_host)  # take part in the gathers
+        return out
+    with atomic_dir(out) as tmp:
+        write_adapters(model, tmp, spec, base, fetch=_to_host)
+    return out
+
+
 def parse_size(text: str) -> int:
     """``"5GB"``, ``"500MB"``, ``"123"`` (bytes) -> bytes."""
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?B?)\s*", text.upper())
@@ -168,6 +209,12 @@ def main(argv: list[str] | None = None) -> int:
         "--overwrite", action="store_true", help="replace an existing model folder at --out"
     )
     parser.add_argument(
+        "--adapters-only",
+        action="store_true",
+        help="a LoRA run: write only its adapters in PEFT's format (adapter_config.json, "
+        "adapter_model.safetensors) instead of the merged model",
+    )
+    parser.add_argument(
         "--max-shard-size",
         type=parse_size,
         default=5 << 30,
@@ -180,6 +227,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(args) -> int:
     # Bad input is the same on every host (the checkpoint is on shared storage): all stop.
+    if args.adapters_only:
+        out = export_adapters(args.checkpoint, args.out, overwrite=args.overwrite)
+        if jax.process_index() == 0:
+            print(f"wrote {out} (PEFT LoRA adapters)")
+        return 0
     out = export(
         args.checkpoint,
         args.out,

@@ -30,6 +30,7 @@ from jaxembed import hf, sharding
 from jaxembed.files import atomic_dir
 from jaxembed.hf.io import ModelFolderError
 from jaxembed.hf.sentence_transformers import STConfig, read_st_config
+from jaxembed.models import lora
 from jaxembed.models.head import Head, build_head
 from jaxembed.tokenizer import append_eos, load_tokenizer
 
@@ -163,15 +164,40 @@ def find_checkpoint(path: str | os.PathLike) -> Checkpoint:
     return Checkpoint(workdir, step, meta)
 
 
-def abstract_model(model_dir: Path, dtype: str = "float32", remat: bool = False) -> nnx.Module:
-    """The backbone's shape (no arrays) from a run's model folder and its family table."""
+def lora_spec(config) -> lora.LoRASpec | None:
+    """The run's LoRA settings (``model.lora``; a config or its dict form), None when off."""
+    cfg = config["model"].get("lora") or {}
+    if not cfg.get("rank"):
+        return None
+    return lora.LoRASpec(
+        int(cfg["rank"]), float(cfg["alpha"]), float(cfg["dropout"]), tuple(cfg["targets"])
+    )
+
+
+def with_adapters(model: nnx.Module, spec: lora.LoRASpec | None, seed: int = 0) -> nnx.Module:
+    """``model`` with LoRA adapters on the linear layers ``spec`` targets (unchanged if None)."""
+    if spec is not None:
+        lora.add_adapters(
+            model, [row.flax for row in hf.lora_rows(model, spec.targets)], spec, seed
+        )
+    return model
+
+
+def abstract_model(
+    model_dir: Path, dtype: str = "float32", remat: bool = False, adapters=None
+) -> nnx.Module:
+    """The backbone's shape (no arrays) from a run's model folder and its family table,
+    with the LoRA adapters of ``adapters`` (a `lora.LoRASpec`) if given."""
     hf_cfg = hf.read_config(model_dir)
     fam = hf.family(hf_cfg["model_type"])
     info = json.loads((model_dir / "jaxembed.json").read_text())
     cfg = fam.config_from_hf(hf_cfg, has_pooler=info["has_pooler"])
-    return nnx.eval_shape(
-        lambda: fam.build(cfg, dtype=jnp.dtype(dtype), remat=remat, rngs=nnx.Rngs(0))
-    )
+
+    def build():
+        model = fam.build(cfg, dtype=jnp.dtype(dtype), remat=remat, rngs=nnx.Rngs(0))
+        return with_adapters(model, adapters)
+
+    return nnx.eval_shape(build)
 
 
 def abstract_head(model_dir: Path, pooled: int | None = None) -> Head | None:
@@ -183,9 +209,10 @@ def abstract_head(model_dir: Path, pooled: int | None = None) -> Head | None:
 
 
 def checkpoint_model(ckpt: Checkpoint, dtype: str = "float32") -> nnx.Module:
-    """`abstract_model` of a checkpoint's run; an error naming the run if it cannot be built."""
+    """`abstract_model` of a checkpoint's run (adapters included for a LoRA run); an error
+    naming the run if it cannot be built."""
     try:
-        return abstract_model(ckpt.model_dir, dtype)
+        return abstract_model(ckpt.model_dir, dtype, adapters=lora_spec(ckpt.config))
     except (ValueError, KeyError, TypeError) as e:
         # ModelFolderError (unknown model_type) is a ValueError, as are config_from_hf's.
         raise ModelFolderError(
@@ -195,14 +222,37 @@ def checkpoint_model(ckpt: Checkpoint, dtype: str = "float32") -> nnx.Module:
 
 
 def restore_model(ckpt: Checkpoint, *, dtype: str = "float32", mesh=None) -> nnx.Module:
-    """The backbone with the checkpoint's parameters; nothing else is read.
+    """The backbone with the checkpoint's parameters (a LoRA run's adapters merged in).
 
     Only ``params["model"]`` of the train state is restored (`checkpoint.restore_params`),
     so neither the optimizer state nor the original model folder is needed. Without
     ``mesh`` the parameters come back as host (NumPy) arrays; with one, as global arrays
     sharded per `jaxembed.sharding`, which is how a model larger than one device is held.
+    A LoRA run's checkpoints hold only the adapters: the base weights are read from the
+    folder it was trained from (`restore_adapted`), and the result is merged.
     """
+    if lora_spec(ckpt.config) is not None:
+        return lora.merged(restore_adapted(ckpt, dtype=dtype, mesh=mesh))
     return _restore(ckpt, "model", checkpoint_model(ckpt, dtype), mesh)
+
+
+def restore_adapted(ckpt: Checkpoint, *, dtype: str = "float32", mesh=None) -> nnx.Module:
+    """A LoRA run's backbone with its adapters unmerged: frozen base weights from the
+    source folder (recorded in ``WORKDIR/model/jaxembed.json``), adapters from the step."""
+    model = checkpoint_model(ckpt, dtype)
+    source = Path(json.loads((ckpt.model_dir / "jaxembed.json").read_text())["source"])
+    if not (source / "config.json").exists():
+        raise ModelFolderError(
+            f"{ckpt.name}: a LoRA run's checkpoints hold only the adapters, and its base "
+            f"model {source} (the weights they adapt) is gone"
+        )
+    adapters, base = lora.split(model)
+    base_params = nnx.to_pure_dict(nnx.state(hf.load_model(source, dtype=jnp.dtype(dtype))))
+    if mesh is not None:
+        shardings = nnx.to_pure_dict(sharding.state_shardings(base, mesh))
+        base_params = jax.device_put(base_params, shardings)
+    params = lora.join(base_params, _restore_params(ckpt, "lora", adapters, mesh))
+    return nnx.merge(nnx.graphdef(model), params)
 
 
 def restore_head(ckpt: Checkpoint, mesh=None) -> Head | None:
@@ -212,7 +262,12 @@ def restore_head(ckpt: Checkpoint, mesh=None) -> Head | None:
 
 
 def _restore(ckpt: Checkpoint, name: str, module: nnx.Module, mesh) -> nnx.Module:
-    state = nnx.state(module)
+    params = _restore_params(ckpt, name, nnx.state(module), mesh)
+    return nnx.merge(nnx.graphdef(module), params)
+
+
+def _restore_params(ckpt: Checkpoint, name: str, state: nnx.State, mesh) -> dict:
+    """``params[name]`` of the step, shaped as the (abstract) ``state``, as pure dicts."""
     shapes = nnx.to_pure_dict(state)
     if mesh is None:
         item = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), shapes)
@@ -221,8 +276,7 @@ def _restore(ckpt: Checkpoint, name: str, module: nnx.Module, mesh) -> nnx.Modul
         item = jax.tree.map(
             lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings
         )
-    params = ckpt_lib.restore_params(ckpt.workdir, ckpt.step, name, item)
-    return nnx.merge(nnx.graphdef(module), params)
+    return ckpt_lib.restore_params(ckpt.workdir, ckpt.step, name, item)
 
 
 # --- what was trained: prompts, pooling, lengths ----------------------------------------------

@@ -52,12 +52,19 @@ from jaxembed import config as config_lib
 from jaxembed.config import validate
 from jaxembed.data import pipeline, readers
 from jaxembed.hf.sentence_transformers import load_head, read_st_config
+from jaxembed.models import lora
 from jaxembed.models.pooling import pool_segments
 from jaxembed.packing import MAX_SEGMENTS
 from jaxembed.retrieval import Evaluator
 from jaxembed.seeds import to_seed
 from jaxembed.tokenizer import load_tokenizer
-from jaxembed.train_state import TrainState, abstract_state, create_state, make_optimizer
+from jaxembed.train_state import (
+    TrainState,
+    abstract_state,
+    create_state,
+    frozen_params,
+    make_optimizer,
+)
 
 # --- the step -------------------------------------------------------------------------------
 
@@ -71,14 +78,19 @@ def make_encode(graphdef, pooling: str, segments: int) -> Callable:
     is the most texts a row holds (1: one per row).
     """
 
-    def encode(model_params, ids, seg, pool_seg, seeds):
+    def forward(model_params, ids, seg, seed=None):
         model = nnx.merge(graphdef, model_params)
+        if seed is not None:
+            lora.seed_dropout(model, seed)  # LoRA adapters' dropout, if any
+        return model(ids, seg > 0, segment_ids=seg, dropout_seed=seed)
+
+    def encode(model_params, ids, seg, pool_seg, seeds):
         if seeds is None:
-            hidden = model(ids, seg > 0, segment_ids=seg)
+            hidden = forward(model_params, ids, seg)
         else:
-            hidden = jax.vmap(
-                lambda i, g, s: model(i[None], g[None] > 0, segment_ids=g[None], dropout_seed=s)[0]
-            )(ids, seg, seeds)
+            hidden = jax.vmap(lambda i, g, s: forward(model_params, i[None], g[None], s)[0])(
+                ids, seg, seeds
+            )
         return pool_segments(hidden, pool_seg, seg, pooling, min(segments, ids.shape[1]))
 
     return encode
@@ -156,8 +168,10 @@ def make_loss_and_grads(
     Encodes every tower and differentiates `batch_loss`: in one pass, or with
     ``train.gradcache`` chunk by chunk (`jaxembed.gradcache`), with the same result.
     ``seed`` (uint32, or a PRNG key) None turns dropout off. ``head`` is the graphdef of the
-    Dense head, if the model has one. Exposed on its own so tests can compare gradients
-    across meshes, packings and GradCache.
+    Dense head, if the model has one. With LoRA, ``params`` holds the adapters ("lora"),
+    ``frozen`` the base weights (`train_state.frozen_params`), and only the adapters are
+    differentiated. Exposed on its own so tests can compare gradients across meshes,
+    packings and GradCache.
     """
     losses.task_loss(task, config.loss.style)  # an unknown task fails here, before tracing
     encode = make_encode(graphdef, pooling, texts_per_row(config))
@@ -168,9 +182,13 @@ def make_loss_and_grads(
             return x
         return jax.lax.with_sharding_constraint(x, sharding.batch_sharding(mesh, x.ndim))
 
-    def loss_and_grads(params, batch, seed):
+    def loss_and_grads(params, batch, seed, frozen=None):
         inputs = towers(batch, to_seed(seed))
-        extra = {name: v for name, v in params.items() if name != "model"}
+        trained = "lora" if "lora" in params else "model"
+        extra = {name: v for name, v in params.items() if name != trained}
+
+        def encode_trained(p, *tower):
+            return encode(p if frozen is None else lora.join(frozen, p), *tower)
 
         def objective(emb, extra):
             return batch_loss(emb, extra, batch, config, task, constrain, head)
@@ -178,27 +196,32 @@ def make_loss_and_grads(
         if config.train.gradcache:
             chunk = config.train.gradcache_chunk
             loss, (g_model, g_extra) = gradcache.value_and_grad(
-                encode, objective, params["model"], inputs, extra, chunk, constrain
+                encode_trained, objective, params[trained], inputs, extra, chunk, constrain
             )
         else:
 
-            def full(model_params, extra):
-                return objective({t: encode(model_params, *x) for t, x in inputs.items()}, extra)
+            def full(p, extra):
+                return objective({t: encode_trained(p, *x) for t, x in inputs.items()}, extra)
 
             loss, (g_model, g_extra) = jax.value_and_grad(full, argnums=(0, 1))(
-                params["model"], extra
+                params[trained], extra
             )
-        return loss, {"model": g_model, **g_extra}, temperature(extra, config)
+        return loss, {trained: g_model, **g_extra}, temperature(extra, config)
 
     return loss_and_grads
 
 
-def train_step(state: TrainState, batch: dict, *, loss_and_grads, tx, schedule, dropout: bool):
-    """One optimizer step: dropout seed of the step, loss and gradients, AdamW update."""
+def train_step(
+    state: TrainState, batch: dict, frozen, *, loss_and_grads, tx, schedule, dropout: bool
+):
+    """One optimizer step: dropout seed of the step, loss and gradients, AdamW update.
+
+    ``frozen``: a LoRA run's base weights (read, never updated), else None.
+    """
     seed = None
     if dropout:
         seed = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-    loss, grads, temp = loss_and_grads(state.params, batch, seed)
+    loss, grads, temp = loss_and_grads(state.params, batch, seed, frozen)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {
@@ -215,7 +238,8 @@ class TrainStep:
     """`train_step` jitted once per task: ``state, metrics = step(state, batch, task)``.
 
     The state is donated (updated in place) and keeps its shardings; ``batch`` arrays must
-    already be global arrays sharded over the batch axes (`jaxembed.sharding`).
+    already be global arrays sharded over the batch axes (`jaxembed.sharding`). A LoRA
+    run passes its frozen base weights as ``frozen``: an argument that is not donated.
     """
 
     def __init__(
@@ -249,14 +273,14 @@ class TrainStep:
             )
         return self._compiled[task]
 
-    def __call__(self, state: TrainState, batch: dict, task: str = "retrieval"):
+    def __call__(self, state: TrainState, batch: dict, task: str = "retrieval", frozen=None):
         step = self.jitted(task)
         b = batch["neg_valid"].shape[0]
         if b != self.config.train.global_batch:
             raise ValueError(
                 f"batch has {b} rows but config.train.global_batch={self.config.train.global_batch}"
             )
-        return step(state, batch)
+        return step(state, batch, frozen)
 
 
 # --- the training run -----------------------------------------------------------------------
@@ -294,7 +318,8 @@ def main(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
     meta = run.run_meta(config, model_dir, pooling, sources)
 
     # --- the step, then the state: restored, else initialised from the model folder -----------
-    abstract_model = run.abstract_model(model_dir, config.model.dtype, remat=config.model.remat)
+    adapters = run.lora_spec(config)
+    abstract_model = run.abstract_model(model_dir, config.model.dtype, config.model.remat, adapters)
     # The Dense layers after pooling, if any.
     abstract_head = run.abstract_head(model_dir, abstract_model.config.hidden_size)
     graphdef = nnx.graphdef(abstract_model)
@@ -312,13 +337,23 @@ def main(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
         async_save=config.ckpt.async_save,
     )
 
-    def init():
+    def load_model():
         dtype = jnp.dtype(config.model.dtype)
         model = hf.load_model(config.model.path, dtype=dtype, remat=config.model.remat)
-        head = load_head(config.model.path, st, model.config.hidden_size)
-        return create_state(model, config, mesh, tx, head)[1]
+        return run.with_adapters(model, adapters, config.train.seed)
+
+    # LoRA: the frozen base weights are read from the model folder on every start (the
+    # checkpoints hold the adapters only); without LoRA only a first start reads them.
+    model = load_model() if adapters else None
+    frozen = frozen_params(model, mesh) if adapters else None
+
+    def init():
+        source = model or load_model()
+        head = load_head(config.model.path, st, source.config.hidden_size)
+        return create_state(source, config, mesh, tx, head)[1]
 
     state, data_pos, start = checkpoint.restore_or_init(mngr, init, abstract)
+    del model
     # Batches are a pure function of their index: resuming is starting the dataset there.
     data_iter = pipeline.make_iterator(
         pipeline.make_dataset(builder, data_pos["next_batch"] if data_pos else 0),
@@ -329,13 +364,19 @@ def main(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
     shapes = nnx.state(abstract_model)
     log.print(sharding.describe(shapes, sharding.state_shardings(shapes, mesh)))
 
-    model = nnx.merge(graphdef, state.params["model"])
+    def live(params) -> dict:
+        """The live parameters as the encoder takes them (a LoRA run's joined to its base)."""
+        if frozen is None:
+            return params
+        return {**params, "model": lora.join(frozen, params["lora"])}
+
+    model = nnx.merge(graphdef, live(state.params)["model"])
     head = None if head_def is None else nnx.merge(head_def, state.params["head"])
     prompts = run.trained_prompts(meta)
     evaluator = Evaluator(config, model, load_tokenizer(model_dir), pooling, st, prompts, head)
     results: dict = {}
     if start == 0 and evaluator.sets:
-        results["before"] = log.eval(0, "eval before training", evaluator(state.params))
+        results["before"] = log.eval(0, "eval before training", evaluator(live(state.params)))
 
     # --- the loop -----------------------------------------------------------------------------
     progress = Progress(config, start)
@@ -351,14 +392,16 @@ def main(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
                 batch, tokens, request = agree_on_batch(host, request, packing, mesh)
                 stopping, out_of_time = request == PREEMPTED, request == TIME_LIMIT
                 batch = sharding.from_process_local(batch, mesh)
-                state, metrics = step_fn(state, batch, host["task"])
+                state, metrics = step_fn(state, batch, host["task"], frozen)
                 step += 1
                 progress.add(host["task"], metrics["loss"], tokens)
                 if step % config.log.every == 0 or step == config.train.steps or out_of_time:
                     last = progress.report(step, metrics, log)
                 eval_metrics = None
                 if config.eval.every and step % config.eval.every == 0 and evaluator.sets:
-                    eval_metrics = log.eval(step, f"eval at step {step}", evaluator(state.params))
+                    eval_metrics = log.eval(
+                        step, f"eval at step {step}", evaluator(live(state.params))
+                    )
                 ending = step == config.train.steps or stopping or out_of_time
                 if step % config.ckpt.every == 0 or ending:
                     check_finite(jax.device_get(metrics), step)
@@ -378,7 +421,9 @@ def main(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
                     results["time_limit_step"] = step
                     break
             if evaluator.sets:
-                results["after"] = log.eval(step, "eval after training", evaluator(state.params))
+                results["after"] = log.eval(
+                    step, "eval after training", evaluator(live(state.params))
+                )
             mngr.wait_until_finished()
         finally:
             mngr.close()

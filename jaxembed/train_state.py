@@ -14,6 +14,7 @@ import optax
 from flax import nnx, struct
 
 from jaxembed import sharding
+from jaxembed.models import lora
 
 NO_DECAY = ("bias", "scale")  # LayerNorm / RMSNorm scales and every bias
 
@@ -39,7 +40,7 @@ def decay_mask(params) -> dict:
     def leaf(path, _):
         keys = [getattr(k, "key", getattr(k, "name", None)) for k in path]
         # The HF pooler is exported but unused for embeddings: leave it untouched.
-        decayed = keys[0] in ("model", "head")
+        decayed = keys[0] in ("model", "lora", "head")
         return decayed and keys[-1] not in NO_DECAY and "pooler" not in keys
 
     return jax.tree_util.tree_map_with_path(leaf, params)
@@ -65,7 +66,8 @@ def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int):
 @struct.dataclass
 class TrainState:
     step: jax.Array
-    # {"model": pure dict of fp32 arrays, ["head": the Dense head's], ["log_temperature": ()]}
+    # {"model": pure dict of fp32 arrays (or "lora": the adapters', the base frozen apart),
+    #  ["head": the Dense head's], ["log_temperature": ()]}
     params: dict
     opt_state: optax.OptState
     rng: jax.Array  # base PRNG key data; each step's dropout seed derives from (rng, step)
@@ -73,10 +75,14 @@ class TrainState:
 
 def init_params(model: nnx.Module, config: ml_collections.ConfigDict, head=None) -> tuple:
     """Splits ``model`` (and ``head``, the Dense layers after pooling, if any) into
-    ``(graphdef, nnx states with axis metadata, trainable params dict)``."""
+    ``(graphdef, nnx states with axis metadata, trainable params dict)``.
+
+    The graphdef is the whole model's (adapters included), merged with the full tree.
+    """
     graphdef, state = nnx.split(model)
-    params = {"model": nnx.to_pure_dict(state)}
-    states = {"model": state}
+    # With LoRA adapters only they train; the rest is `frozen_params`.
+    states = {"lora": lora.split(model)[0]} if lora.adapters(model) else {"model": state}
+    params = {k: nnx.to_pure_dict(v) for k, v in states.items()}
     if head is not None:
         states["head"] = nnx.state(head)
         params["head"] = nnx.to_pure_dict(states["head"])
@@ -133,3 +139,14 @@ def abstract_state(model: nnx.Module, config: ml_collections.ConfigDict, mesh, t
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), state, shardings
     )
     return with_sh, shardings
+
+
+def frozen_params(model: nnx.Module, mesh) -> dict | None:
+    """A LoRA model's frozen base weights (pure dict), placed in their shards; None without
+    adapters. The step reads them as an argument of their own: never donated, copied or
+    held by the optimizer."""
+    if not lora.adapters(model):
+        return None
+    _, base = lora.split(model)
+    shardings = nnx.to_pure_dict(sharding.state_shardings(base, mesh))
+    return jax.device_put(nnx.to_pure_dict(base), shardings)

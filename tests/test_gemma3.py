@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
@@ -136,3 +137,53 @@ def test_bidirectional_train_step_on_a_2x4_fsdp_mesh_equals_one_device():
     # some gradients O(1), where fp32 summation order alone moves the last digits.
     for a, b in zip(jax.tree.leaves(results[1][1]), jax.tree.leaves(results[0][1]), strict=True):
         assert np.abs(a - b).max() <= 1e-5 * max(1.0, np.abs(b).max())
+
+
+def test_an_embeddinggemma_style_folder_encodes_trains_and_exports(tmp_path):
+    """EmbeddingGemma's layout on a tiny random Gemma3: bidirectional attention, mean pooling,
+    two bias-free Dense layers (32 -> 64 -> 32), Normalize. jaxembed.load equals
+    SentenceTransformer on the folder; configs/embeddinggemma.py trains it (Dense layers and
+    Matryoshka included) and the export equals jaxembed.load(run)."""
+    import torch
+    from helpers import save_qwen3_tokenizer, toy_records, write_jsonl
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer import modules as st_modules
+
+    import jaxembed
+    from jaxembed import config as config_lib
+    from jaxembed import convert, train
+    from jaxembed.hf.sentence_transformers import read_st_config
+
+    source = save_tiny(tmp_path / "gemma", seed=3, use_bidirectional_attention=True)
+    save_qwen3_tokenizer(source, TINY["vocab_size"])  # any small tokenizer will do
+    torch.manual_seed(0)
+    identity = torch.nn.Identity()
+    layers = [
+        st_modules.Transformer(str(source), max_seq_length=48),
+        st_modules.Pooling(32, pooling_mode="mean"),
+        st_modules.Dense(32, 64, bias=False, activation_function=identity),
+        st_modules.Dense(64, 32, bias=False, activation_function=identity),
+        st_modules.Normalize(),
+    ]
+    folder = tmp_path / "embeddinggemma"
+    SentenceTransformer(modules=layers, device="cpu").save(str(folder))
+    texts = ["task: search result | query: a fast tool", "title: none | text: Debian tools.", "?"]
+    ref = SentenceTransformer(str(folder), device="cpu").encode(texts)
+    np.testing.assert_allclose(jaxembed.load(folder).encode(texts), ref, atol=1e-5, rtol=0)
+
+    data = write_jsonl(tmp_path / "retr.jsonl", toy_records("retr", "retrieval", 32, 3))
+    c = config_lib.load(str(Path(__file__).parents[1] / "configs" / "embeddinggemma.py"))
+    c.model.path, c.model.dtype, c.data.train = str(folder), "float32", (str(data),)
+    c.data.max_query_length = c.data.max_passage_length = 32
+    c.loss.matryoshka_dims = (32, 16)
+    c.train.global_batch, c.train.steps, c.optim.warmup_steps = 8, 2, 1
+    c.ckpt.async_save, c.log.tensorboard = False, False
+    train.main(c, tmp_path / "run")
+    out = tmp_path / "export"
+    assert convert.main(["--checkpoint", str(tmp_path / "run"), "--out", str(out)]) == 0
+    st = read_st_config(out)
+    assert [x.out_features for x in st.head] == [64, 32] and st.normalize
+    exported = SentenceTransformer(str(out), device="cpu")
+    assert exported.prompts["query"] == "task: search result | query: "
+    want = exported.encode(texts)
+    np.testing.assert_allclose(jaxembed.load(tmp_path / "run").encode(texts), want, atol=1e-5)

@@ -112,7 +112,9 @@ def test_recipe_configs_validate_and_name_their_eval_sets(train_setup):
     import ml_collections
 
     names = ("demo.py", "retrofit_debian.py", "retrofit_debian.py:st", "retrofit_xlmr_base.py")
-    for name in (*names, "retrofit_mmbert.py", "f2llm_qwen3.py:0.6b", "f2llm_qwen3.py:4b"):
+    more = ("retrofit_mmbert.py", "f2llm_qwen3.py:0.6b", "f2llm_qwen3.py:4b")
+    more += ("f2llm_qwen3.py:0.6b-lora", "embeddinggemma.py", "embeddinggemma.py:lora")
+    for name in (*names, *more):
         config_lib.validate(config_lib.load(str(ROOT / "configs" / name)))
     mmbert = config_lib.load(str(ROOT / "configs" / "retrofit_mmbert.py"))
     assert mmbert.data.max_passage_length == 512 and mmbert.train.global_batch == 512

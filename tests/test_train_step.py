@@ -9,10 +9,11 @@ import pytest
 from flax import nnx
 
 from jaxembed import config as config_lib
-from jaxembed import sharding, train, train_state
+from jaxembed import run, sharding, train, train_state
 from jaxembed.data import pipeline
 from jaxembed.models.bert import BertConfig, BertModel
 from jaxembed.models.head import HeadLayer, build_head
+from jaxembed.models.lora import LoRASpec, join
 
 TINY = BertConfig(
     vocab_size=64,
@@ -133,18 +134,22 @@ def reference():
     return loss_and_grads_on(MESHES["1x1"], gradcache=False)
 
 
-def loss_and_grads_on(shape, gradcache: bool, chunk: int = 8, task: str = "retrieval", head=None):
+def loss_and_grads_on(
+    shape, gradcache: bool, chunk: int = 8, task: str = "retrieval", head=None, adapters=None
+):
     devices = jax.devices()[: int(np.prod(shape))]
     mesh = sharding.make_mesh(*shape, devices=devices)
     c = make_config(gradcache=gradcache, gradcache_chunk=chunk)
     c.loss.symmetric = True
     c.loss.learnable_temperature = True
     tx, _ = train_state.make_optimizer(c.optim, c.train.steps)
-    graphdef, state, _ = train_state.create_state(tiny_model(), c, mesh, tx, head)
+    model = run.with_adapters(tiny_model(), adapters, seed=1)
+    graphdef, state, _ = train_state.create_state(model, c, mesh, tx, head)
+    frozen = train_state.frozen_params(model, mesh)
     head_def = None if head is None else nnx.graphdef(head)
     fn = jax.jit(train.make_loss_and_grads(graphdef, c, task, "mean", mesh, head_def))
     batch = sharding.shard_batch(step_batch(random_batch()), mesh)
-    loss, grads, _ = fn(state.params, batch, jax.random.key(7))
+    loss, grads, _ = fn(state.params, batch, jax.random.key(7), frozen)
     return float(loss), jax.tree.map(np.asarray, grads)
 
 
@@ -196,6 +201,23 @@ def test_dense_head_trains_the_same_on_every_mesh_and_with_gradcache():
     # The head's kernels get weight decay, its biases do not, as the backbone's.
     mask = train_state.decay_mask(grads1)
     assert mask["head"]["dense"][1]["linear"] == {"kernel": True, "bias": False}
+
+
+def test_lora_trains_only_the_adapters_the_same_on_every_mesh():
+    """LoRA with adapter dropout: only adapters get gradients, equal on one device and on a
+    2x4 FSDP mesh with GradCache (the dropout masks replay exactly in GradCache's passes)."""
+    spec = LoRASpec(rank=4, alpha=8.0, dropout=0.25, targets=("query", "value", "output.dense"))
+    loss1, grads1 = loss_and_grads_on(MESHES["1x1"], gradcache=False, adapters=spec)
+    loss8, grads8 = loss_and_grads_on(MESHES["2x4"], gradcache=True, adapters=spec)
+    assert abs(loss8 - loss1) <= 1e-5
+    assert_grads_close(grads8, grads1, atol=1e-5)
+    assert set(grads1) == {"lora", "log_temperature"}
+    attention = grads1["lora"]["encoder"]["layer"][0]["attention"]
+    assert set(attention["self"]) == {"query", "value"}  # "key" is not a target
+    assert set(attention["output"]["dense"]["lora"]) == {"a", "b"}
+    # B starts at zero, so only B gets a gradient at the first step (A's passes through B).
+    b = attention["self"]["query"]["lora"]["b"]
+    assert b.shape == (4, 32) and np.abs(b).max() > 0
 
 
 def test_packed_batch_gives_the_same_loss_and_grads():
@@ -308,31 +330,47 @@ def topic_pairs(seed, b=B, topics=24, per_topic=2):
     return step_batch(batch)
 
 
-def test_tiny_model_learns_pairs():
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_tiny_model_learns_pairs(lora):
+    """Full fine-tuning and LoRA (rank 8 on every linear layer, the embeddings frozen)."""
     c = make_config(dropout=False)
-    c.train.steps, c.optim.lr = 100, 3e-3
+    c.train.steps, c.optim.lr = 100, 3e-2 if lora else 3e-3
     mesh = sharding.make_mesh(2, 4)
     tx, schedule = train_state.make_optimizer(c.optim, c.train.steps)
-    graphdef, state, sh = train_state.create_state(tiny_model(), c, mesh, tx)
+    spec = LoRASpec(8, 16.0, targets=("query", "key", "value", "dense")) if lora else None
+    model = run.with_adapters(tiny_model(), spec)
+    graphdef, state, sh = train_state.create_state(model, c, mesh, tx)
+    frozen = train_state.frozen_params(model, mesh)
     step = train.TrainStep(graphdef, c, mesh, tx, schedule, sh, "mean")
-    losses = []
-    for i in range(c.train.steps):
-        state, metrics = step(state, sharding.shard_batch(topic_pairs(i), mesh), "retrieval")
-        losses.append(float(metrics["loss"]))
-    first, last = np.mean(losses[:3]), np.mean(losses[-3:])
-    print(f"loss {first:.3f} -> {last:.3f}")
-    assert last < first / 10
-    assert int(state.step) == c.train.steps
-    # The right positive ranks first for unseen draws.
-    batch = topic_pairs(10_000)
     encode = jax.jit(train.make_encode(graphdef, "mean", 1))
 
-    def embed(tower):  # one text per row: the slots put the rows back in text order
-        seg, slot = batch[f"{tower}_seg"], batch[f"{tower}_slot"]
-        out = encode(state.params["model"], batch[f"{tower}_ids"], seg, seg, None)
-        return np.asarray(out)[slot[:, 0], slot[:, 1]]
+    def accuracy(params):
+        """How often the right positive ranks first, for unseen draws."""
+        batch = topic_pairs(10_000)
+        params = params["model"] if frozen is None else join(frozen, params["lora"])
 
-    q, p = embed("query"), embed("pos")
-    q = q / np.linalg.norm(q, axis=1, keepdims=True)
-    p = p / np.linalg.norm(p, axis=1, keepdims=True)
-    assert (np.argmax(q @ p.T, axis=1) == np.arange(B)).mean() == 1.0
+        def embed(tower):  # one text per row: the slots put the rows back in text order
+            seg, slot = batch[f"{tower}_seg"], batch[f"{tower}_slot"]
+            out = np.asarray(encode(params, batch[f"{tower}_ids"], seg, seg, None))
+            out = out[slot[:, 0], slot[:, 1]]
+            return out / np.linalg.norm(out, axis=1, keepdims=True)
+
+        return (np.argmax(embed("query") @ embed("pos").T, axis=1) == np.arange(B)).mean()
+
+    before = accuracy(state.params)
+    losses = []
+    for i in range(c.train.steps):
+        batch = sharding.shard_batch(topic_pairs(i), mesh)
+        state, metrics = step(state, batch, "retrieval", frozen)
+        losses.append(float(metrics["loss"]))
+    first, last = np.mean(losses[:3]), np.mean(losses[-3:])
+    after = accuracy(state.params)
+    name = "lora" if lora else "full"
+    print(f"{name}: loss {first:.3f} -> {last:.3f}, top-1 {before:.3f} -> {after:.3f}")
+    assert int(state.step) == c.train.steps
+    if lora:
+        # The embedding table stays frozen, so LoRA cannot simply down-weight the noise
+        # tokens: its loss falls less far (2.44 -> 0.90 here), yet ranking clearly improves.
+        assert last < first / 2.5 and after >= before + 0.3
+    else:
+        assert last < first / 10 and after == 1.0

@@ -32,7 +32,9 @@ __all__ = [
     "ModelFolderError",
     "hf_config",
     "iter_export",
+    "linear_layers",
     "load_model",
+    "lora_rows",
     "read_config",
     "save_model",
 ]
@@ -94,6 +96,36 @@ def export_rows(model: nnx.Module) -> list[Row]:
     cfg = model.config
     fam = family(cfg.model_type)
     return expand(fam.table(cfg), fam.num_layers(cfg))
+
+
+def linear_layers(model: nnx.Module) -> dict[str, Row]:
+    """The backbone's linear layers by HF module name (``{i}`` for stacked layers' index),
+    each with its table row (a ``*.kernel`` stored as a transposed torch ``Linear``)."""
+    return {
+        row.hf.removesuffix(".weight"): row
+        for row in export_rows(model)
+        if row.transform == "transpose" and row.flax.endswith(".kernel")
+    }
+
+
+def lora_rows(model: nnx.Module, targets) -> list[Row]:
+    """The rows of the linear layers that LoRA ``targets`` name, matched as PEFT matches
+    ``target_modules``: a target equals the HF module name or ends it after a dot
+    ("q_proj", "self_attn.q_proj", "attention.self.query"). A target that matches nothing
+    is an error listing the names it could have been."""
+    layers = linear_layers(model)
+
+    def hit(name: str, target: str) -> bool:
+        return name == target or name.endswith("." + target)
+
+    for target in targets:
+        if not any(hit(name, target) for name in layers):
+            names = sorted({n.rsplit(".", 1)[-1] for n in layers})
+            raise ValueError(
+                f"model.lora.targets: {target!r} names no linear layer of this "
+                f"{model.config.model_type} model; its linear layers: {names}"
+            )
+    return [row for name, row in layers.items() if any(hit(name, t) for t in targets)]
 
 
 def iter_export(model: nnx.Module, dtype=jnp.float32, fetch=np.asarray):

@@ -30,7 +30,10 @@ def _normal(rngs: nnx.Rngs, shape, std: float, dtype) -> jax.Array:
 
 
 class Linear(nnx.Module):
-    """``y = x @ kernel + bias`` with the kernel stored (in, out), cast to ``dtype`` for compute."""
+    """``y = x @ kernel + bias`` with the kernel stored (in, out), cast to ``dtype`` for compute.
+
+    With a LoRA adapter (``lora``) its low-rank update is added.
+    """
 
     def __init__(
         self,
@@ -47,11 +50,14 @@ class Linear(nnx.Module):
         self.kernel = param(_normal(rngs, (in_features, out_features), init_std, param_dtype), axes)
         self.bias = param(jnp.zeros((out_features,), param_dtype), axes[1:]) if use_bias else None
         self.dtype = dtype
+        self.lora = nnx.data(None)  # a LoRA adapter (`jaxembed.models.lora`), when one is added
 
     def __call__(self, x: jax.Array) -> jax.Array:
         y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
+        if self.lora is not None:
+            y = y + self.lora(x, self.dtype)
         return y
 
 
