@@ -222,3 +222,57 @@ def torch_hidden(folder, ids, mask, cls: str):
 def masked_max_abs(a, b, mask):
     """Max |a - b| over real (mask 1) positions of (batch, length, hidden) states."""
     return float(np.abs((np.asarray(a) - np.asarray(b)) * np.asarray(mask)[..., None]).max())
+
+
+def peft_hidden(base_folder, adapters, ids, mask):
+    """Last hidden states of ``PeftModel.from_pretrained(AutoModel(base), adapters)``."""
+    import torch
+    import transformers
+    from peft import PeftModel
+
+    base = transformers.AutoModel.from_pretrained(base_folder, attn_implementation="eager")
+    model = PeftModel.from_pretrained(base, adapters).eval()
+    with torch.no_grad():
+        out = model(
+            input_ids=torch.tensor(ids, dtype=torch.long),
+            attention_mask=torch.tensor(mask, dtype=torch.long),
+        )
+    return out.last_hidden_state.numpy()
+
+
+def check_lora(folder, targets, vocab_size: int, tol: float, peft_dir):
+    """LoRA on an HF folder's backbone: adapters start at the base model bit for bit; with
+    random B, PEFT on `transformers` (our adapters written in its format) gives our adapted
+    hidden states within ``tol`` (the family's parity tolerance), and merging into the
+    kernels gives them within 1e-5. Returns the shapes of the adapters' A matrices."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxembed import hf, run
+    from jaxembed.hf.peft import write_adapters
+    from jaxembed.models import lora
+    from jaxembed.models.lora import LoRASpec
+
+    ids, mask = random_batch(vocab_size, 0, (9, 4, 1, 7), seed=5)
+    model = hf.load_model(folder)
+    base = np.asarray(model(jnp.asarray(ids), jnp.asarray(mask)))
+    spec = LoRASpec(rank=4, alpha=8.0, targets=targets)
+    run.with_adapters(model, spec)
+    adapters = lora.adapters(model)
+    assert adapters
+    np.testing.assert_array_equal(np.asarray(model(jnp.asarray(ids), jnp.asarray(mask))), base)
+    for k, a in enumerate(adapters):
+        a.b.set_value(0.2 * jax.random.normal(jax.random.key(k), a.b.shape))
+    adapted = np.asarray(model(jnp.asarray(ids), jnp.asarray(mask)))
+    assert masked_max_abs(adapted, base, mask) > 1e-2
+    write_adapters(model, peft_dir, spec, str(folder))
+    err = masked_max_abs(peft_hidden(folder, peft_dir, ids, mask), adapted, mask)
+    print(f"{folder.name}: PEFT on transformers vs jaxembed adapted: max-abs {err:.2e}")
+    assert err < tol
+    shapes = [a.a.shape for a in adapters]
+    merged = lora.merged(model)
+    assert not lora.adapters(merged)
+    err = masked_max_abs(merged(jnp.asarray(ids), jnp.asarray(mask)), adapted, mask)
+    print(f"{folder.name}: merged vs adapted: max-abs {err:.2e}")
+    assert err < 1e-5
+    return shapes

@@ -187,3 +187,14 @@ def test_an_embeddinggemma_style_folder_encodes_trains_and_exports(tmp_path):
     assert exported.prompts["query"] == "task: search result | query: "
     want = exported.encode(texts)
     np.testing.assert_allclose(jaxembed.load(tmp_path / "run").encode(texts), want, atol=1e-5)
+
+
+def test_lora_adapters_merge_and_load_in_peft(tmp_path):
+    """LoRA on the stacked, scanned Gemma3 layers (bidirectional): PEFT agrees, merging is exact."""
+    from helpers import check_lora
+
+    folder = save_tiny(tmp_path / "base", use_bidirectional_attention=True)
+    shapes = check_lora(
+        folder, ("q_proj", "o_proj", "up_proj"), TINY["vocab_size"], 1e-5, tmp_path / "peft"
+    )
+    assert sorted(shapes) == [(4, 32, 4), (4, 32, 4), (4, 64, 4)]

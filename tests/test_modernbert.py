@@ -199,3 +199,12 @@ def test_dropout_is_seeded_and_off_without_a_seed(tmp_path):
     c = np.asarray(model(ids, mask, dropout_seed=jnp.uint32(2)))
     np.testing.assert_array_equal(a, b)
     assert masked_max_abs(a, plain, mask) > 1e-2 and masked_max_abs(a, c, mask) > 1e-2
+
+
+def test_lora_adapters_merge_and_load_in_peft(tmp_path):
+    """LoRA on the fused Wqkv and the MLP's Wi: PEFT on transformers agrees, merging is exact."""
+    from helpers import check_lora
+
+    folder = save_tiny(tmp_path / "base")
+    shapes = check_lora(folder, ("Wqkv", "mlp.Wi"), TINY["vocab_size"], 1e-5, tmp_path / "peft")
+    assert len(shapes) == 2 * TINY["num_hidden_layers"]

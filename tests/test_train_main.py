@@ -82,8 +82,8 @@ def test_time_limit_ends_training_and_a_rerun_continues_exactly(
 def test_non_finite_loss_stops_with_the_step(train_setup, tmp_path, monkeypatch):
     original = train.TrainStep.__call__
 
-    def poisoned(self, state, batch, task="retrieval"):
-        state, metrics = original(self, state, batch, task)
+    def poisoned(self, state, batch, task="retrieval", frozen=None):
+        state, metrics = original(self, state, batch, task, frozen)
         if int(state.step) >= 5:
             metrics = {**metrics, "loss": np.float32("nan")}
         return state, metrics
