@@ -27,7 +27,6 @@ import argparse
 import json
 import os
 import re
-import shutil
 import sys
 from pathlib import Path
 
@@ -39,8 +38,9 @@ from jaxembed import cli, hf, sharding
 from jaxembed.choices import DTYPES, check
 from jaxembed.files import atomic_dir
 from jaxembed.hf.peft import adapter_tensors, write_adapters
-from jaxembed.hf.sentence_transformers import read_st_config, write_st_config
+from jaxembed.hf.sentence_transformers import read_st_config
 from jaxembed.model_card import model_card
+from jaxembed.model_folder import write_model_folder
 from jaxembed.run import (
     Checkpoint,
     find_checkpoint,
@@ -50,10 +50,6 @@ from jaxembed.run import (
     restore_model,
     trained_st_config,
 )
-from jaxembed.tokenizer import TOKENIZER_FILES
-
-LICENSE_FILES = ("LICENSE", "LICENSE.txt", "LICENSE.md", "NOTICE", "NOTICE.txt")
-
 
 # --- export -----------------------------------------------------------------------------------
 
@@ -116,17 +112,23 @@ def export(
             pass  # take part in the gathers; process 0 writes
         return out
     # Empty, or a model folder that overwrite=True replaces (checked above).
+    head = restore_head(ckpt)
+
+    def card(files):
+        return model_card(ckpt, model, st, dtype, files)
+
     with atomic_dir(out) as tmp:
-        files = hf.save_model(
-            model, tmp, jnp.dtype(dtype), fetch=_to_host, max_shard_bytes=max_shard_bytes
+        write_model_folder(
+            tmp,
+            model,
+            head,
+            st,
+            ckpt.model_dir,
+            dtype,
+            card,
+            fetch=_to_host,
+            max_shard_bytes=max_shard_bytes,
         )
-        model_dir = ckpt.model_dir
-        for name in TOKENIZER_FILES + LICENSE_FILES:
-            if (model_dir / name).exists():
-                shutil.copy2(model_dir / name, tmp / name)
-                files.append(name)
-        files += write_st_config(tmp, st, model.config.hidden_size, restore_head(ckpt))
-        (tmp / "README.md").write_text(model_card(ckpt, model, st, dtype, files))
     return out
 
 

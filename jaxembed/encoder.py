@@ -10,9 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxembed import hf, run, sharding
+from jaxembed import run, sharding
 from jaxembed.choices import DTYPES, check
-from jaxembed.hf.sentence_transformers import STConfig, load_head, pick_prompt, read_st_config
+from jaxembed.hf.sentence_transformers import STConfig, pick_prompt
 from jaxembed.models.head import Head
 from jaxembed.models.pooling import check_pooling, l2_normalize, pool_segments
 from jaxembed.packing import MAX_SEGMENTS, bucket, fill, length_buckets, pack_rows
@@ -253,7 +253,8 @@ def load(
     """
     check(dtype, DTYPES, "dtype")
     path = Path(path)
-    model, head, st, files = _model_and_settings(path, dtype)
+    # Host (NumPy) parameters; the Encoder places them on the device.
+    model, head, st, files = run.load_model_or_run(path, dtype)
     pooling = pooling or st.pooling or "mean"
     tokenizer = append_eos(load_tokenizer(files), pooling)
     limit = model.config.max_tokens
@@ -271,16 +272,3 @@ def load(
         packing=packing,
         head=head,
     )
-
-
-def _model_and_settings(path: Path, dtype: str) -> tuple[nnx.Module, Head | None, STConfig, Path]:
-    """``(model, head, sentence-transformers settings, tokenizer folder)`` of ``path``."""
-    if (path / "config.json").exists() or not run.is_checkpoint(path):
-        # A model folder (or an error naming what is missing from one).
-        model = hf.load_model(path, dtype=jnp.dtype(dtype))
-        st = read_st_config(path)
-        return model, load_head(path, st, model.config.hidden_size), st, path
-    ckpt = run.find_checkpoint(path)
-    # Host (NumPy) parameters, like hf.load_model's; Encoder places them on the device.
-    model = run.restore_model(ckpt, dtype=dtype)
-    return model, run.restore_head(ckpt), run.trained_st_config(ckpt, model.config), ckpt.model_dir

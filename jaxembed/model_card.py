@@ -214,3 +214,50 @@ def _dev_metrics(ckpt: Checkpoint) -> list[str]:
         "",
         _table(("metric", "value"), [(k, f"{v:.4f}") for k, v in values.items()]),
     ]
+
+
+def merge_card(recipe: dict, mc, st: STConfig, dtype: str, files: list[str]) -> str:
+    """``README.md`` of a merged model (`jaxembed.merge`): the recipe, usage, embedding."""
+    method = recipe["method"]
+    if method == "slerp":
+        how = f"spherical interpolation (slerp) at t = {recipe['t']:g} from the first to the second"
+        rows = [(p, "-") for p in recipe["inputs"]]
+    else:
+        how = "weighted average (weights normalised to sum to 1)"
+        rows = [(p, f"{w:.4g}") for p, w in zip(recipe["inputs"], recipe["weights"], strict=True)]
+    only = recipe["only"]
+    scope = (
+        f"parameters matching {', '.join(_code(p) for p in only)} "
+        f"({recipe['merged_tensors']} of {recipe['tensors']} tensors; the others are the "
+        "first input's)"
+        if only
+        else f"every parameter ({recipe['tensors']} tensors)"
+    )
+    return (
+        "\n".join(
+            [
+                *FRONT_MATTER,
+                f"# A merge of {len(rows)} `{mc.model_type}` models (jaxembed.merge)",
+                "",
+                f"{st.output_dim(mc.hidden_size)}-dimensional embeddings, {dtype} weights, made "
+                f"with `python -m jaxembed.merge` by {how} of {scope}.",
+                "",
+                "## Recipe",
+                "",
+                _table(("input", "weight"), rows),
+                "",
+                "Pooling, prompts and the sentence-transformers modules are the first input's.",
+                "",
+                "## Usage",
+                "",
+                "```python",
+                "from sentence_transformers import SentenceTransformer",
+                "",
+                'model = SentenceTransformer("path/to/this/folder")',
+                "```",
+                "",
+                *_embedding({}, st, files),
+            ]
+        )
+        + "\n"
+    )

@@ -29,7 +29,7 @@ from jaxembed import checkpoint as ckpt_lib
 from jaxembed import hf, sharding
 from jaxembed.files import atomic_dir
 from jaxembed.hf.io import ModelFolderError
-from jaxembed.hf.sentence_transformers import STConfig, read_st_config
+from jaxembed.hf.sentence_transformers import STConfig, load_head, read_st_config
 from jaxembed.models import lora
 from jaxembed.models.head import Head, build_head
 from jaxembed.tokenizer import append_eos, load_tokenizer
@@ -277,6 +277,22 @@ def _restore_params(ckpt: Checkpoint, name: str, state: nnx.State, mesh) -> dict
             lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, shardings
         )
     return ckpt_lib.restore_params(ckpt.workdir, ckpt.step, name, item)
+
+
+def load_model_or_run(
+    path: Path, dtype: str = "float32"
+) -> tuple[nnx.Module, Head | None, STConfig, Path]:
+    """``(backbone, Dense head, sentence-transformers settings, tokenizer folder)`` of a
+    model folder or of a training run (WORKDIR[/STEP]: as its export would be), host arrays."""
+    path = Path(path)
+    if (path / "config.json").exists() or not is_checkpoint(path):
+        # A model folder (or an error naming what is missing from one).
+        model = hf.load_model(path, dtype=jnp.dtype(dtype))
+        st = read_st_config(path)
+        return model, load_head(path, st, model.config.hidden_size), st, path
+    ckpt = find_checkpoint(path)
+    model = restore_model(ckpt, dtype=dtype)
+    return model, restore_head(ckpt), trained_st_config(ckpt, model.config), ckpt.model_dir
 
 
 # --- what was trained: prompts, pooling, lengths ----------------------------------------------

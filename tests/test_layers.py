@@ -4,7 +4,13 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "jaxembed"
-PROGRAMS = {"jaxembed.train", "jaxembed.mine", "jaxembed.evaluate", "jaxembed.convert"}
+PROGRAMS = {
+    "jaxembed.train",
+    "jaxembed.mine",
+    "jaxembed.evaluate",
+    "jaxembed.convert",
+    "jaxembed.merge",
+}
 # Optional heavy dependencies imported where they are used, never to dodge a cycle.
 ALLOWED_LOCAL = {("jaxembed.evaluate", "jaxembed.mteb_adapter")}
 
