@@ -43,6 +43,14 @@ def default_config() -> ml_collections.ConfigDict:
     c.loss.false_negative_masking = True  # mask candidates whose text equals the positive
     c.loss.matryoshka_dims = ()  # e.g. (768, 512, 256, 128); () = off
     c.loss.matryoshka_weights = ()  # one per dim; () = all 1
+    # Distillation from the teacher scores records carry ("scores", `jaxembed.score`), per
+    # task, added to InfoNCE: KL between the teacher's and the student's softmax over each
+    # row's positive and hard negatives, and Margin-MSE on positive-minus-negative margins.
+    # Student logits are cos / temperature; teacher scores are divided by teacher_temperature.
+    c.loss.infonce_weight = ml_collections.ConfigDict(dict.fromkeys(TASKS, 1.0))
+    c.loss.kl_weight = ml_collections.ConfigDict(dict.fromkeys(TASKS, 0.0))
+    c.loss.margin_mse_weight = ml_collections.ConfigDict(dict.fromkeys(TASKS, 0.0))
+    c.loss.teacher_temperature = 1.0
 
     c.optim = ml_collections.ConfigDict()
     c.optim.lr = 2e-5
@@ -175,6 +183,13 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
             f"config.optim.min_lr={c.optim.min_lr} exceeds config.optim.lr={c.optim.lr}"
         )
     # data.mixing, negatives, group_size, query_noise: `PipelineConfig` checks them.
+    for group in ("infonce_weight", "kl_weight", "margin_mse_weight"):
+        for task, weight in c.loss[group].items():
+            if task not in TASKS:
+                raise ValueError(f"config.loss.{group}.{task}: unknown task; allowed: {TASKS}")
+            if weight < 0:
+                raise ValueError(f"config.loss.{group}.{task}={weight} must be >= 0")
+    _positive(c, "loss.teacher_temperature")
     for task in c.data.num_negatives:
         if task not in TASKS:
             raise ValueError(

@@ -333,3 +333,87 @@ def task_loss(task: str, style: str = "joint") -> Callable[..., jax.Array]:
     if task != "retrieval":
         return hard_negative_loss
     return retrieval_loss if style == "joint" else f2llm_retrieval_loss
+
+
+# --- distillation from a teacher's scores ----------------------------------------------------
+# ``teacher``: [B, 1 + K] scores of the row's positive (column 0) and its K hard negatives,
+# as the teacher gave them (a cross-encoder's logits, a bi-encoder's cosine); NaN where the
+# teacher gave none (padded negatives, rows of datasets without scores). Student scores are
+# the logits InfoNCE uses, cos / temperature; teacher scores are divided by
+# ``teacher_temperature``. Rows without a positive score are left out of the mean.
+
+
+def _candidates(q, p, n, teacher, temperature, teacher_temperature, neg_mask):
+    """Student and teacher logits over [p_i, n_i,0 ..], the valid mask, the rows scored."""
+    qn, pn, nn, temp, neg_mask, _, _ = _prepare(q, p, n, temperature, neg_mask, None, None)
+    teacher = _gathered(jnp.asarray(teacher, jnp.float32))
+    b, k = neg_mask.shape
+    if teacher.shape != (b, 1 + k):
+        raise ValueError(f"teacher scores must be [B={b}, 1+K={1 + k}]; got {teacher.shape}")
+    student = (
+        jnp.concatenate(
+            [jnp.sum(qn * pn, -1, keepdims=True), jnp.einsum("bd,bkd->bk", qn, nn)], axis=1
+        )
+        / temp
+    )
+    valid = jnp.concatenate([jnp.ones((b, 1), bool), neg_mask], axis=1) & jnp.isfinite(teacher)
+    scored = valid[:, 0]
+    t = jnp.where(valid, teacher, 0.0) / jnp.asarray(teacher_temperature, jnp.float32)
+    return student, t, valid, scored
+
+
+def _mean_over(values: jax.Array, rows: jax.Array) -> jax.Array:
+    return jnp.sum(jnp.where(rows, values, 0.0)) / jnp.maximum(jnp.sum(rows), 1)
+
+
+def kl_distill_loss(q, p, n, teacher, *, temperature, teacher_temperature=1.0, neg_mask=None):
+    """KL(teacher || student) between the softmaxes over each query's candidates.
+
+    The candidates are the row's positive and hard negatives that the teacher scored; the
+    mean is over rows whose positive has a score (the others contribute nothing).
+    """
+    student, t, valid, scored = _candidates(
+        q, p, n, teacher, temperature, teacher_temperature, neg_mask
+    )
+    log_s = jax.nn.log_softmax(jnp.where(valid, student, _MASKED), axis=-1)
+    log_t = jax.nn.log_softmax(jnp.where(valid, t, _MASKED), axis=-1)
+    per_row = jnp.sum(jnp.where(valid, jnp.exp(log_t) * (log_t - log_s), 0.0), axis=-1)
+    return _mean_over(per_row, scored)
+
+
+def margin_mse_loss(q, p, n, teacher, *, temperature, teacher_temperature=1.0, neg_mask=None):
+    """Margin-MSE (Hofstätter et al.): the student's positive-minus-negative margins match the
+    teacher's, squared error averaged over the (row, negative) pairs both scored."""
+    student, t, valid, _ = _candidates(q, p, n, teacher, temperature, teacher_temperature, neg_mask)
+    pairs = valid[:, 1:] & valid[:, :1]
+    err = (student[:, :1] - student[:, 1:]) - (t[:, :1] - t[:, 1:])
+    return jnp.sum(jnp.where(pairs, err * err, 0.0)) / jnp.maximum(jnp.sum(pairs), 1)
+
+
+def with_distillation(
+    loss_fn: Callable[..., jax.Array],
+    infonce: float = 1.0,
+    kl: float = 0.0,
+    margin_mse: float = 0.0,
+    teacher_temperature: float = 1.0,
+) -> Callable[..., jax.Array]:
+    """``infonce * loss_fn + kl * KL + margin_mse * Margin-MSE``, taking ``teacher=`` scores.
+
+    The result has the shared signature plus ``teacher`` (so `matryoshka` wraps it as any
+    loss); a zero weight skips its term.
+    """
+
+    def loss(q, p, n, *, teacher, temperature, neg_mask=None, **kwargs):
+        total = 0.0
+        if infonce:
+            total = infonce * loss_fn(q, p, n, temperature=temperature, neg_mask=neg_mask, **kwargs)
+        common = dict(temperature=temperature, teacher_temperature=teacher_temperature)
+        if kl:
+            total = total + kl * kl_distill_loss(q, p, n, teacher, neg_mask=neg_mask, **common)
+        if margin_mse:
+            total = total + margin_mse * margin_mse_loss(
+                q, p, n, teacher, neg_mask=neg_mask, **common
+            )
+        return total
+
+    return loss

@@ -24,6 +24,7 @@ own row, which is a padded batch. B rows of the global batch, K hard negatives e
     query_slot, pos_slot, neg_slot     (B, 2), (B, 2), (B, K, 2) int32  (row, segment - 1)
     neg_valid                          (B, K) bool     False for padded negatives
     pos_hash, neg_hash                 (B,), (B, K) int32 text hashes (false negatives)
+    teacher                            (B, 1 + K) float32 teacher scores, NaN where none
 """
 
 from __future__ import annotations
@@ -126,6 +127,9 @@ def batch_loss(
     loss.
     """
     loss_fn = losses.task_loss(task, config.loss.style)
+    distill = distillation_weights(config, task)
+    if distill is not None:
+        loss_fn = losses.with_distillation(loss_fn, *distill)
     if config.loss.matryoshka_dims:
         loss_fn = losses.matryoshka(
             loss_fn, config.loss.matryoshka_dims, config.loss.matryoshka_weights or None
@@ -151,7 +155,17 @@ def batch_loss(
         pos_hash=batch["pos_hash"] if fn_mask else None,
         neg_hash=batch["neg_hash"] if fn_mask else None,
         symmetric=config.loss.symmetric,
+        **({"teacher": batch["teacher"]} if distill is not None else {}),
     )
+
+
+def distillation_weights(config, task: str) -> tuple | None:
+    """``(infonce, kl, margin_mse, teacher temperature)`` of ``task``; None: InfoNCE alone."""
+    loss = config.loss
+    weights = (loss.infonce_weight[task], loss.kl_weight[task], loss.margin_mse_weight[task])
+    if weights == (1.0, 0.0, 0.0):
+        return None
+    return (*weights, loss.teacher_temperature)
 
 
 def temperature(extra: dict, config) -> jax.Array:

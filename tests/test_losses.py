@@ -424,3 +424,87 @@ def test_task_loss_dispatch():
         losses.task_loss("rerank")
     with pytest.raises(ValueError, match=r"unknown loss style 'mnrl'.*joint, f2llm"):
         losses.task_loss("retrieval", "mnrl")
+
+
+# --- distillation ------------------------------------------------------------------------------
+
+
+def _teacher(batch, seed=3):
+    """Teacher scores on a cross-encoder's scale, with the gaps a real batch has: a row the
+    teacher never scored, a negative it skipped, and the padded negatives of ``neg_mask``."""
+    rng = np.random.default_rng(seed)
+    b, k = batch["neg_mask"].shape
+    teacher = rng.normal(0.0, 4.0, (b, 1 + k)).astype(np.float32)
+    teacher[1] = np.nan  # a row of a dataset without scores
+    teacher[2, 2] = np.nan  # a negative the teacher did not score
+    return teacher
+
+
+def _ref_distill(q, p, n, teacher, neg_mask, t, tt):
+    qn, pn, nn = _unit(q), _unit(p), _unit(n)
+    kl_rows, mse_terms = [], []
+    for i in range(q.shape[0]):
+        if not np.isfinite(teacher[i, 0]):
+            continue
+        student = [qn[i] @ pn[i] / t] + [qn[i] @ nn[i, j] / t for j in range(n.shape[1])]
+        keep = [0] + [
+            1 + j for j in range(n.shape[1]) if neg_mask[i, j] and np.isfinite(teacher[i, 1 + j])
+        ]
+        s = np.array([student[c] for c in keep], np.float64)
+        g = np.array([teacher[i, c] / tt for c in keep], np.float64)
+        log_s = s - np.log(np.exp(s - s.max()).sum()) - s.max()
+        log_g = g - np.log(np.exp(g - g.max()).sum()) - g.max()
+        kl_rows.append(np.sum(np.exp(log_g) * (log_g - log_s)))
+        mse_terms += [((s[0] - s[c]) - (g[0] - g[c])) ** 2 for c in range(1, len(keep))]
+    return np.mean(kl_rows), np.mean(mse_terms)
+
+
+@jax.jit
+def _distill_losses(q, p, n, teacher, neg_mask):
+    kw = dict(temperature=0.05, teacher_temperature=2.0, neg_mask=neg_mask)
+    kl = losses.kl_distill_loss(q, p, n, teacher, **kw)
+    mse = losses.margin_mse_loss(q, p, n, teacher, **kw)
+    combined = losses.with_distillation(losses.retrieval_loss, 0.5, 2.0, 0.1, 2.0)
+    total = combined(q, p, n, teacher=teacher, temperature=0.05, neg_mask=neg_mask)
+    infonce = losses.retrieval_loss(q, p, n, temperature=0.05, neg_mask=neg_mask)
+    return kl, mse, total, infonce
+
+
+def test_distillation_losses_match_reference():
+    batch = make_batch(seed=5)
+    teacher = _teacher(batch)
+    args = (batch["q"], batch["p"], batch["n"], teacher, batch["neg_mask"])
+    kl, mse, total, infonce = (float(x) for x in _distill_losses(*args))
+    want_kl, want_mse = _ref_distill(*args, 0.05, 2.0)
+    assert kl == pytest.approx(want_kl, abs=1e-5, rel=1e-5)
+    assert mse == pytest.approx(want_mse, abs=1e-5, rel=1e-5)
+    assert total == pytest.approx(0.5 * infonce + 2.0 * kl + 0.1 * mse, rel=1e-6)
+    # The student that copies the teacher's logits has zero KL and zero Margin-MSE.
+    q = np.eye(4, dtype=np.float32)[:2]
+    p = q.copy()
+    n = np.stack([np.eye(4, dtype=np.float32)[2:]] * 2)  # orthogonal: cos 0
+    copy = np.array([[1.0, 0.0, 0.0]] * 2, np.float32) / 0.05 * 2.0  # teacher / tt == student
+    kl0, mse0, _, _ = _distill_losses(q, p, n, copy, np.ones((2, 2), bool))
+    assert abs(float(kl0)) < 1e-6 and abs(float(mse0)) < 1e-6
+
+
+def test_distillation_gradients_match_finite_differences():
+    batch = make_batch(seed=6)
+    teacher = _teacher(batch, seed=4)
+    mask = batch["neg_mask"]
+
+    def f(q):
+        kl, mse, _, _ = _distill_losses(q, batch["p"], batch["n"], teacher, mask)
+        return kl + mse
+
+    q = jnp.asarray(batch["q"], jnp.float32)
+    grad = np.asarray(jax.grad(lambda x: f(x))(q))
+    rng = np.random.default_rng(0)
+    for _ in range(4):
+        i, j = rng.integers(q.shape[0]), rng.integers(q.shape[1])
+        e = np.zeros(q.shape, np.float32)
+        e[i, j] = 1e-2
+        numeric = (float(f(q + e)) - float(f(q - e))) / 2e-2
+        assert grad[i, j] == pytest.approx(numeric, abs=2e-3, rel=2e-2), (i, j)
+    # A row without teacher scores gets no gradient from distillation.
+    assert np.abs(grad[1]).max() == 0.0

@@ -241,3 +241,37 @@ def test_temperature_mixing_and_errors():
         builder(0, 3)
     with pytest.raises(ValueError, match=r"mixing='uniform' is not allowed; choose one of \['rem"):
         PipelineConfig(global_batch=8, mixing="uniform")
+
+
+def test_teacher_scores_follow_the_sampled_negatives():
+    """Each row's teacher scores (positive, then the sampled negatives) travel with the texts;
+    rows without scores and padded negatives are NaN; a bad scores field names its line."""
+    from jaxembed.data.pipeline import text_hash
+    from jaxembed.data.records import RecordError, check_record
+
+    scored = make_source("scored", "retrieval", 16, 10)
+    for i, rec in enumerate(scored.records):
+        if i % 4:  # every fourth row has no scores
+            rec["scores"] = [100.0 + i] + [i + j / 100 for j in range(10)]
+    b = builder(sources=[scored])
+    for step in range(2):
+        batch = b(step)
+        teacher = batch["teacher"]
+        assert teacher.shape == (8, 8) and teacher.dtype == np.float32
+        by_hash = {text_hash(r["positive"]): r for r in scored.records}
+        for row in range(8):
+            rec = by_hash[int(batch["pos_hash"][row])]
+            if "scores" not in rec:
+                assert np.isnan(teacher[row]).all()
+                continue
+            assert teacher[row, 0] == rec["scores"][0]
+            for t in range(7):
+                j = [text_hash(x) for x in rec["negatives"]].index(int(batch["neg_hash"][row, t]))
+                assert teacher[row, 1 + t] == np.float32(rec["scores"][1 + j])
+    good = dict(scored.records[1])
+    with pytest.raises(
+        RecordError, match=r"f.jsonl:3: field 'scores' has 2 numbers; expected 1 \+ 10"
+    ):
+        check_record(dict(good, scores=[1.0, 2.0]), "f.jsonl:3")
+    with pytest.raises(RecordError, match=r"f.jsonl:4: scores\[1\] must be a finite number"):
+        check_record(dict(good, scores=[0.0, float("nan")] + [0.0] * 9), "f.jsonl:4")

@@ -253,6 +253,44 @@ def test_packed_batch_gives_the_same_loss_and_grads():
     assert_grads_close(results[1][1], results[0][1], atol=1e-5)
 
 
+def test_distillation_is_the_same_packed_on_a_mesh_with_gradcache_and_matryoshka():
+    """KL + Margin-MSE on teacher scores beside InfoNCE, Matryoshka at 32 and 16: one text per
+    row on one device equals packed rows on the 2x4 mesh with GradCache chunks of 8."""
+    host = random_batch(seed=4)
+    rng = np.random.default_rng(9)
+    host["teacher"] = rng.normal(0, 3, (B, 1 + K)).astype(np.float32)
+    host["teacher"][2] = np.nan  # a row without scores
+    packing = pipeline.Packing((LQ,), (LP,), granule=8, num_segments=8)
+    results = []
+    for shape, chunk, b in (((1,), 0, step_batch(host)), ((2, 4), 8, packing.pack_local(host))):
+        mesh = sharding.make_mesh(*shape, devices=jax.devices()[: int(np.prod(shape))])
+        c = make_config(
+            gradcache=bool(chunk), gradcache_chunk=chunk or 16, dropout=False, packing=bool(chunk)
+        )
+        c.loss.kl_weight.retrieval, c.loss.margin_mse_weight.retrieval = 0.5, 0.1
+        c.loss.infonce_weight.retrieval, c.loss.teacher_temperature = 0.8, 2.0
+        c.loss.matryoshka_dims = (32, 16)
+        tx, _ = train_state.make_optimizer(c.optim, c.train.steps)
+        graphdef, state, _ = train_state.create_state(tiny_model(), c, mesh, tx)
+        fn = jax.jit(train.make_loss_and_grads(graphdef, c, "retrieval", "mean", mesh))
+        loss, grads, _ = fn(state.params, sharding.shard_batch(b, mesh), None)
+        results.append((float(loss), jax.tree.map(np.asarray, grads)))
+    assert abs(results[0][0] - results[1][0]) <= 1e-5
+    # Logits of cos / 0.05 make gradients of ~30: 1e-5 of each tensor's scale (fp32 sums).
+    for (path, x), y in zip(
+        jax.tree_util.tree_flatten_with_path(results[1][1])[0],
+        jax.tree.leaves(results[0][1]),
+        strict=True,
+    ):
+        atol = 1e-5 * max(1.0, float(np.abs(y).max()))
+        np.testing.assert_allclose(x, y, atol=atol, rtol=0, err_msg=jax.tree_util.keystr(path))
+    # The distillation terms are in the loss: dropping them changes it.
+    c.loss.kl_weight.retrieval = c.loss.margin_mse_weight.retrieval = 0.0
+    fn = jax.jit(train.make_loss_and_grads(graphdef, c, "retrieval", "mean", mesh))
+    plain, _, _ = fn(state.params, sharding.shard_batch(b, mesh), None)
+    assert abs(float(plain) - results[1][0]) > 1e-3
+
+
 def test_chunk_and_batch_errors():
     with pytest.raises(
         ValueError, match=r"gradcache_chunk=5 must divide config\.train\.global_batch=16"

@@ -325,13 +325,21 @@ class BatchBuilder:
         rows = self._rows(d, epoch, j)[self.local]
         records = [source[int(i)] for i in rows]
         negatives, valid = [], np.zeros((len(rows), k), bool)
+        # The teacher's scores of each row's positive and chosen negatives; NaN: none.
+        teacher = np.full((len(rows), 1 + k), np.nan, np.float32)
         for r, (i, rec) in enumerate(zip(rows, records, strict=True)):
+            scores = rec.get("scores")
             if cfg.negatives == "random":
                 chosen = self._random_negatives(source, rec, k, [cfg.seed, 4, d, epoch, int(i)])
+                picked = []  # drawn from other rows: the teacher never scored them
             else:
                 pool = rec["negatives"]
                 rng = np.random.default_rng([cfg.seed, 3, d, epoch, int(i)])
-                chosen = [pool[t] for t in rng.permutation(len(pool))[:k]] if pool else []
+                picked = rng.permutation(len(pool))[:k].tolist() if pool else []
+                chosen = [pool[t] for t in picked]
+            if scores is not None:
+                teacher[r, 0] = scores[0]
+                teacher[r, 1 : 1 + len(picked)] = [scores[1 + t] for t in picked]
             negatives.append(chosen)
             valid[r, : len(chosen)] = True
         q_ids = self._tokenize([self._query_text(r) for r in records], cfg.max_query_length)
@@ -357,6 +365,7 @@ class BatchBuilder:
             "neg_valid": valid,
             "pos_hash": np.array([text_hash(r["positive"]) for r in records], np.int32),
             "neg_hash": neg_hash,
+            "teacher": teacher,
             "step": np.int64(step),
             "source": np.int64(d),
             "task": task,
@@ -388,6 +397,7 @@ STEP_KEYS = (
     "neg_valid",
     "pos_hash",
     "neg_hash",
+    "teacher",
 )
 
 
@@ -448,6 +458,9 @@ class Packing:
         slots address the global (sharded) matrix of segment embeddings.
         """
         out = {k: batch[k] for k in ("neg_valid", "pos_hash", "neg_hash")}
+        b, k = batch["neg_valid"].shape
+        # A hand-made host batch may carry no teacher scores: none, as for unscored data.
+        out["teacher"] = batch.get("teacher", np.full((b, 1 + k), np.nan, np.float32))
         for name, plan in plans.items():
             length = lengths["query" if name == "query" else "passage"]
             ids, seg, pooled, where = fill(

@@ -33,6 +33,8 @@ import re
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
+import numpy as np
+
 from jaxembed import cli
 from jaxembed.data.readers import RecordSource, open_sources
 from jaxembed.files import atomic_dir
@@ -43,7 +45,8 @@ FILE_TEMPLATE = "{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}"
 
 
 def features():
-    """The TFDS features of a record; absent ``instruction`` is stored as ``''``."""
+    """The TFDS features of a record; absent ``instruction`` is stored as ``''``, absent
+    ``scores`` as an empty list."""
     # Imported here: tensorflow_datasets takes about a second to import.
     import tensorflow_datasets as tfds
 
@@ -56,6 +59,7 @@ def features():
             "task": text,
             "dataset": text,
             "instruction": text,
+            "scores": tfds.features.Sequence(tfds.features.Scalar(np.float32)),
         }
     )
 
@@ -110,7 +114,11 @@ def _write_range(path: Path, sources: Sequence[RecordSource], start: int, count:
 
     def serialized() -> Iterator[bytes]:
         for record in _records(sources, start, count):
-            example = {**record, "instruction": record.get("instruction", "")}
+            example = {
+                **record,
+                "instruction": record.get("instruction", ""),
+                "scores": np.asarray(record.get("scores", []), np.float32),
+            }
             yield serializer.serialize_example(feats.encode_example(example))
 
     written = _write_shard(path, serialized())

@@ -21,7 +21,8 @@ Formats, chosen by the path:
   memory (and travel to each Grain worker when the source is pickled). For corpora too
   large for that, convert them once with ``python -m jaxembed.data.prepare``.
 * ``*.parquet`` in F2LLM's layout: columns ``query``, ``passage``, ``negative_1`` ..
-  ``negative_N`` and optionally ``task``, ``dataset``, ``instruction``. The needed columns
+  ``negative_N`` and optionally ``task``, ``dataset``, ``instruction``, ``scores`` (a list
+  column: the teacher scores of the positive and each negative). The needed columns
   are loaded into Arrow memory at open (compact: no Python object per string; pyarrow's
   default row groups are too large to re-read one per random access) and reloaded in each
   worker. ``passage`` becomes ``positive``; negatives keep column order, with null or empty
@@ -277,7 +278,7 @@ class ParquetSource(RecordSource):
                 )
         self._negatives = [c for c in names if NEGATIVE_COLUMN.fullmatch(c)]
         self._columns = ["query", "passage", *self._negatives] + [
-            c for c in ("task", "dataset", "instruction") if c in names
+            c for c in ("task", "dataset", "instruction", "scores") if c in names
         ]
         self._table = None
         bad = []
@@ -312,6 +313,8 @@ class ParquetSource(RecordSource):
         }
         if values.get("instruction") is not None:
             record["instruction"] = values["instruction"]
+        if values.get("scores") is not None:
+            record["scores"] = values["scores"][: 1 + len(negatives)]
         return record
 
     def __len__(self) -> int:
@@ -353,6 +356,9 @@ def _from_tfds(example: dict, where: str) -> dict:
             # TFDS Text features cannot be null: prepare writes '' for an absent field.
             record[key] = text if text or key in ("query", "positive") else None
     record["negatives"] = [_text(v, where, "negatives") for v in example.get("negatives", [])]
+    scores = example.get("scores")
+    if scores is not None and len(scores):  # older prepared datasets have no scores
+        record["scores"] = [float(x) for x in scores]
     return record
 
 

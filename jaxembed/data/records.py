@@ -4,17 +4,20 @@ Every reader (JSONL, Parquet, TFDS/ArrayRecord) yields plain dicts of this shape
 `check_record`, whose errors name the file and the line (or row):
 
     {"query": str, "positive": str, "negatives": [str, ...], "task": str, "dataset": str,
-     "instruction": str (optional; the query-side instruction, F2LLM's "Instruct: ...")}
+     "instruction": str (optional; the query-side instruction, F2LLM's "Instruct: ..."),
+     "scores": [float, ...] (optional; a teacher's score of the positive, then of each
+               negative in order: what distillation losses learn from, `jaxembed.score`)}
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from jaxembed.choices import TASKS
 
 REQUIRED = ("query", "positive", "task", "dataset")
-FIELDS = (*REQUIRED, "negatives", "instruction")
+FIELDS = (*REQUIRED, "negatives", "instruction", "scores")
 
 
 class RecordError(ValueError):
@@ -60,4 +63,23 @@ def check_record(obj: Any, where: str) -> dict:
     record["negatives"] = list(negatives)
     if instruction:
         record["instruction"] = instruction
+    scores = obj.get("scores")
+    if scores is not None:
+        record["scores"] = _check_scores(scores, len(negatives), where)
     return record
+
+
+def _check_scores(scores: Any, num_negatives: int, where: str) -> list[float]:
+    if not isinstance(scores, (list, tuple)):
+        raise RecordError(
+            f"{where}: field 'scores' must be a list of numbers, got {type(scores).__name__}"
+        )
+    if len(scores) != 1 + num_negatives:
+        raise RecordError(
+            f"{where}: field 'scores' has {len(scores)} numbers; expected 1 + {num_negatives} "
+            "(the positive's, then one per negative)"
+        )
+    for i, x in enumerate(scores):
+        if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x):
+            raise RecordError(f"{where}: scores[{i}] must be a finite number, got {x!r}")
+    return [float(x) for x in scores]
