@@ -10,6 +10,7 @@ PROGRAMS = {
     "jaxembed.evaluate",
     "jaxembed.convert",
     "jaxembed.merge",
+    "jaxembed.score",
 }
 # Optional heavy dependencies imported where they are used, never to dodge a cycle.
 ALLOWED_LOCAL = {("jaxembed.evaluate", "jaxembed.mteb_adapter")}
