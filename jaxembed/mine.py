@@ -177,7 +177,8 @@ def mine(
       query_prefix, passage_prefix: literal prompt text, overriding the names.
       instruction_template: how a record's ``instruction`` and query are joined.
       task, dataset: for records that lack them (dataset default: the input's file name).
-      with_scores: also write ``positive_score`` and ``negative_scores`` per record.
+      with_scores: also write each record's ``scores``: the teacher's cosine of the
+        positive, then of each negative (what distillation trains on).
       overwrite: replace an existing ``out``.
       batch_size: texts per forward pass (split over the mesh's devices).
       dtype, max_length, packing: passed to `jaxembed.load` when ``model`` is a path
@@ -631,8 +632,9 @@ def _row(record: dict, negatives: list[str], positive_score: float, scores, with
     if record.get("instruction"):
         row["instruction"] = record["instruction"]
     if with_scores:
-        row["positive_score"] = round(positive_score, 6)
-        row["negative_scores"] = [round(float(x), 6) for x in scores]
+        # The record's "scores" field: the teacher's cosine of the positive, then of each
+        # negative; the distillation losses train on it (`jaxembed.data.records`).
+        row["scores"] = [round(positive_score, 6), *(round(float(x), 6) for x in scores)]
     return row
 
 
@@ -839,15 +841,10 @@ def _write_parquet(path: Path, rows: list[dict], with_scores: bool) -> None:
     if any("instruction" in r for r in rows):
         cols["instruction"] = [r.get("instruction") for r in rows]
     if with_scores:
-        cols["positive_score"] = [r["positive_score"] for r in rows]
-        cols["negative_scores"] = [r["negative_scores"] for r in rows]
+        cols["scores"] = [r["scores"] for r in rows]
     schema = pa.schema(
-        [
-            (k, pa.list_(pa.float32()) if k == "negative_scores" else
-             pa.float32() if k == "positive_score" else pa.string())
-            for k in cols
-        ]
-    )  # fmt: skip
+        [(k, pa.list_(pa.float64()) if k == "scores" else pa.string()) for k in cols]
+    )
     table = pa.table(cols, schema=schema)
     with atomic_open(path, "wb") as f:
         pq.write_table(table, f)
@@ -996,7 +993,8 @@ def _add_text_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--with-scores",
         action="store_true",
-        help="also write positive_score and negative_scores per record",
+        help="also write each record's scores (the positive's, then each negative's cosine), "
+        "the field distillation trains on (loss.kl_weight, loss.margin_mse_weight)",
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
 

@@ -15,6 +15,9 @@ negative, in order (`jaxembed.data.records`), which the distillation losses lear
 - any model `jaxembed.load` reads (a bi-encoder): the cosine between the query's and the
   passage's embeddings, each passage encoded once.
 
+(``jaxembed.mine --with-scores`` writes the same field with the mining teacher's cosines,
+so mined data is distillation data at no extra cost.)
+
 Work is split over every local device (the batch axis of a data-parallel mesh). The output
 is written to a temporary file and renamed when complete.
 """

@@ -164,11 +164,11 @@ def test_relative_margin_removes_a_planted_near_duplicate(word_data, tmp_path):
     rows = read_jsonl(tmp_path / "margin.jsonl")
     assert NEAR_DUP not in rows[0]["negatives"]
     pos = 3 / np.sqrt(60)
-    assert rows[0]["positive_score"] == pytest.approx(pos, abs=1e-6)
+    assert rows[0]["scores"][0] == pytest.approx(pos, abs=1e-6)
     # The 2-word distractors score 2/3 of the positive: kept, best first.
     assert rows[0]["negatives"][0].startswith("apple banana x")
-    assert rows[0]["negative_scores"][0] == pytest.approx(2 / np.sqrt(60), abs=1e-6)
-    assert all(s < 0.95 * pos for s in rows[0]["negative_scores"])
+    assert rows[0]["scores"][1] == pytest.approx(2 / np.sqrt(60), abs=1e-6)
+    assert all(s < 0.95 * pos for s in rows[0]["scores"][1:])
     assert stats["candidates"]["relative_margin"] >= 1
     assert stats["scores"]["relative_margin"]["max"] == pytest.approx(pos, abs=1e-6)
 
@@ -348,7 +348,7 @@ def test_eight_devices_equal_one_device(tiny, one_device_run, tmp_path, capsys):
     assert min(stats["candidates"].values()) > 0  # every rule took part (130 kept)
     for ra, rb in zip(a, b, strict=True):
         assert ra["negatives"] == rb["negatives"]
-        np.testing.assert_allclose(ra["negative_scores"], rb["negative_scores"], atol=1e-5)
+        np.testing.assert_allclose(ra["scores"], rb["scores"], atol=1e-5)
     # The query with two positives: neither is a negative of either record.
     both = {a[3]["positive"], a[40]["positive"]}
     assert not both & set(a[3]["negatives"]) and not both & set(a[40]["negatives"])
@@ -376,7 +376,7 @@ def test_two_hosts_equal_one_device(tiny, one_device_run, tmp_path):
     assert len(a) == len(b) == 41
     for ra, rb in zip(a, b, strict=True):
         assert ra["negatives"] == rb["negatives"]
-        np.testing.assert_allclose(ra["negative_scores"], rb["negative_scores"], atol=1e-5)
+        np.testing.assert_allclose(ra["scores"], rb["scores"], atol=1e-5)
     assert (
         len(list(Path(f"{out}.cache").rglob("shard_*.npy")))
         == stats["cache"]["corpus"]["shards"] + stats["cache"]["queries"]["shards"]
