@@ -79,14 +79,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import gzip
 import inspect
 import json
 import logging
 import os
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import jax
@@ -273,7 +272,7 @@ class _Rules:
     def select(self, scores, valid, positive_score: float, record: dict):
         """`select` for ``record``: random sampling is seeded by its texts, so reruns agree."""
         rng_seed = [self.seed, text_hash(record["query"]), text_hash(record["positive"])]
-        return select(
+        return retrieval.select_negatives(
             scores, valid, positive_score, skip_top=self.skip_top, max_score=self.max_score,
             relative_margin=self.relative_margin, num_negatives=self.num_negatives,
             sampling=self.sampling, rng_seed=rng_seed,
@@ -384,7 +383,7 @@ def _read_pairs(input: Path, corpus, task: str, dataset: str | None) -> _Inputs:
         raise MiningError(f"{input}: no records")
     if corpus is None:
         return _Inputs(records, None)
-    texts, skipped = read_corpus(corpus)
+    texts, skipped = retrieval.read_corpus(corpus)
     return _Inputs(records, texts, skipped)
 
 
@@ -414,50 +413,6 @@ def _read_beir(folder: Path, split: str, dataset: str | None) -> _Inputs:
         raise MiningError(f"{qrels_file}: no judgment with grade > 0: nothing to mine")
     # Corpus order is the file's order (ties in search go to the lower pool index).
     return _Inputs(records, list(docs.values()))
-
-
-def read_corpus(path: str | os.PathLike) -> tuple[list[str], int]:
-    """``(texts, skipped)`` of a corpus file; empty documents are skipped and counted.
-
-    ``.jsonl`` / ``.jsonl.gz``: one object per line with ``text`` (and optionally ``title``
-    and ``_id``; a title is joined as `retrieval.corpus_text` does). Anything else: plain
-    text, one document per line.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise MiningError(f"{path}: corpus file not found")
-    jsonl = path.name.endswith((".jsonl", ".jsonl.gz"))
-    texts: list[str] = []
-    skipped = 0
-    for text in _jsonl_documents(path) if jsonl else _line_documents(path):
-        if text.strip():
-            texts.append(text)
-        else:
-            skipped += 1
-    if not texts:
-        raise MiningError(f"{path}: the corpus is empty (no non-empty document)")
-    return texts, skipped
-
-
-def _jsonl_documents(path: Path) -> Iterator[str]:
-    opener = gzip.open if path.name.endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise MiningError(f"{path}:{line_no}: invalid JSON ({e.msg})") from None
-            if not isinstance(row, dict) or not isinstance(row.get("text"), str):
-                raise MiningError(f"{path}:{line_no}: expected an object with a 'text' string")
-            yield retrieval.corpus_text(row)
-
-
-def _line_documents(path: Path) -> Iterator[str]:
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            yield line.rstrip("\n").rstrip("\r")
 
 
 def is_beir_folder(path: str | os.PathLike) -> bool:
@@ -542,46 +497,6 @@ def _model_query(record: dict, q_prompt: str, template: str) -> tuple[str, str]:
 
 # ------------------------------------------------------------------------------------------
 # Selection
-
-
-def select(
-    scores: np.ndarray,
-    valid: np.ndarray,
-    positive_score: float,
-    *,
-    skip_top: int,
-    max_score: float | None,
-    relative_margin: float | None,
-    num_negatives: int,
-    sampling: str,
-    rng_seed: Sequence[int],
-) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """Steps 2-5 for one record: ``(taken ranks, (skipped, capped, too-close masks))``.
-
-    ``scores`` are the record's non-positive candidates best first
-    (`retrieval.nearest_non_positives`), ``valid`` marks the real ones; the taken ranks come
-    back in increasing order. The masks say why each candidate was dropped, for the stats.
-    """
-    ranks = np.arange(len(scores))
-    none = np.zeros(len(scores), bool)
-    drop_skip = valid & (ranks < skip_top)
-    rest = valid & ~drop_skip
-    drop_max = rest & (scores >= max_score) if max_score is not None else none
-    rest &= ~drop_max
-    if relative_margin is not None:
-        # pos - margin * |pos| is (1 - margin) * pos for pos >= 0 and stays below pos else.
-        threshold = positive_score - relative_margin * abs(positive_score)
-        drop_margin = rest & (scores >= threshold)
-    else:
-        drop_margin = none
-    rest &= ~drop_margin
-    survivors = np.flatnonzero(rest)
-    if sampling == "top" or len(survivors) <= num_negatives:
-        take = survivors[:num_negatives]
-    else:
-        rng = np.random.default_rng(list(rng_seed))
-        take = np.sort(rng.choice(survivors, size=num_negatives, replace=False))
-    return take, (drop_skip, drop_max, drop_margin)
 
 
 def _positive_scores(q_shards, d_shards, shard_size: int, queries: _Queries, pool: _Pool):

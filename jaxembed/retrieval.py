@@ -33,10 +33,11 @@ from __future__ import annotations
 import csv
 import dataclasses
 import functools
+import gzip
 import json
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import jax
@@ -56,7 +57,7 @@ EncodeFn = Callable[[list[str]], np.ndarray]
 
 
 class EvalDataError(ValueError):
-    """Malformed or inconsistent BEIR-layout data; the message names the file."""
+    """Malformed or inconsistent retrieval data (a BEIR folder, a corpus); names the file."""
 
 
 # ------------------------------------------------------------------------------------------
@@ -523,3 +524,91 @@ def nearest_non_positives(
         cand_i[lo:hi] = np.where(keep, np.take_along_axis(i, order, 1), -1)
         lo = hi
     return cand_s, cand_i
+
+
+# ------------------------------------------------------------------------------------------
+# Corpora and the selection of hard negatives (`jaxembed.mine`, re-mining in training)
+
+
+def read_corpus(path: str | os.PathLike) -> tuple[list[str], int]:
+    """``(texts, skipped)`` of a corpus file; empty documents are skipped and counted.
+
+    ``.jsonl`` / ``.jsonl.gz``: one object per line with ``text`` (and optionally ``title``
+    and ``_id``; a title is joined as `retrieval.corpus_text` does). Anything else: plain
+    text, one document per line.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise EvalDataError(f"{path}: corpus file not found")
+    jsonl = path.name.endswith((".jsonl", ".jsonl.gz"))
+    texts: list[str] = []
+    skipped = 0
+    for text in _jsonl_documents(path) if jsonl else _line_documents(path):
+        if text.strip():
+            texts.append(text)
+        else:
+            skipped += 1
+    if not texts:
+        raise EvalDataError(f"{path}: the corpus is empty (no non-empty document)")
+    return texts, skipped
+
+
+def _jsonl_documents(path: Path) -> Iterator[str]:
+    opener = gzip.open if path.name.endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise EvalDataError(f"{path}:{line_no}: invalid JSON ({e.msg})") from None
+            if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+                raise EvalDataError(f"{path}:{line_no}: expected an object with a 'text' string")
+            yield corpus_text(row)
+
+
+def _line_documents(path: Path) -> Iterator[str]:
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            yield line.rstrip("\n").rstrip("\r")
+
+
+def select_negatives(
+    scores: np.ndarray,
+    valid: np.ndarray,
+    positive_score: float,
+    *,
+    skip_top: int,
+    max_score: float | None,
+    relative_margin: float | None,
+    num_negatives: int,
+    sampling: str,
+    rng_seed: Sequence[int],
+) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Steps 2-5 for one record: ``(taken ranks, (skipped, capped, too-close masks))``.
+
+    ``scores`` are the record's non-positive candidates best first
+    (`retrieval.nearest_non_positives`), ``valid`` marks the real ones; the taken ranks come
+    back in increasing order. The masks say why each candidate was dropped, for the stats.
+    """
+    ranks = np.arange(len(scores))
+    none = np.zeros(len(scores), bool)
+    drop_skip = valid & (ranks < skip_top)
+    rest = valid & ~drop_skip
+    drop_max = rest & (scores >= max_score) if max_score is not None else none
+    rest &= ~drop_max
+    if relative_margin is not None:
+        # pos - margin * |pos| is (1 - margin) * pos for pos >= 0 and stays below pos else.
+        threshold = positive_score - relative_margin * abs(positive_score)
+        drop_margin = rest & (scores >= threshold)
+    else:
+        drop_margin = none
+    rest &= ~drop_margin
+    survivors = np.flatnonzero(rest)
+    if sampling == "top" or len(survivors) <= num_negatives:
+        take = survivors[:num_negatives]
+    else:
+        rng = np.random.default_rng(list(rng_seed))
+        take = np.sort(rng.choice(survivors, size=num_negatives, replace=False))
+    return take, (drop_skip, drop_max, drop_margin)

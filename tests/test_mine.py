@@ -55,16 +55,18 @@ def test_select_applies_the_rules_in_order():
     scores = np.array([0.9, 0.85, 0.7, 0.6, 0.5, -0.2, -np.inf])
     valid = np.array([True] * 6 + [False])
     rules = dict(skip_top=1, max_score=0.8, relative_margin=0.05, sampling="top", rng_seed=[0])
-    take, (skip, cap, close) = mn.select(scores, valid, 0.72, num_negatives=2, **rules)
+    take, (skip, cap, close) = retrieval.select_negatives(
+        scores, valid, 0.72, num_negatives=2, **rules
+    )
     assert skip.tolist() == [True] + [False] * 6
     assert cap.tolist() == [False, True] + [False] * 5  # 0.9 was skipped first
     assert close.tolist() == [False, False, True] + [False] * 4  # 0.7 >= 0.95 * 0.72
     assert take.tolist() == [3, 4]
-    take, _ = mn.select(scores, valid, 0.72, num_negatives=5, **rules)
+    take, _ = retrieval.select_negatives(scores, valid, 0.72, num_negatives=5, **rules)
     assert take.tolist() == [3, 4, 5]  # too few: what there is
     # A negative positive score: the threshold stays below it (-0.1 - 0.5 * 0.1).
     s = np.array([-0.12, -0.16])
-    _, (_, _, close) = mn.select(
+    _, (_, _, close) = retrieval.select_negatives(
         s, np.ones(2, bool), -0.1, skip_top=0, max_score=None, relative_margin=0.5,
         num_negatives=2, sampling="top", rng_seed=[0],
     )  # fmt: skip
@@ -280,7 +282,7 @@ def test_beir_input_and_its_errors(tmp_path):
 
 def test_errors_name_the_problem(word_data, tmp_path):
     (tmp_path / "empty.txt").write_text("\n  \n")
-    with pytest.raises(mn.MiningError, match=r"empty\.txt: the corpus is empty"):
+    with pytest.raises(retrieval.EvalDataError, match=r"empty\.txt: the corpus is empty"):
         mn.mine(
             WordEncoder(), word_data / "pairs.jsonl", tmp_path / "o.jsonl",
             corpus=tmp_path / "empty.txt", devices=ONE_DEVICE,
