@@ -83,6 +83,17 @@ def default_config() -> ml_collections.ConfigDict:
     # spent, training ends after the current step (checkpoint, eval after) even if the
     # schedule has steps left; rerunning the same command resumes and continues.
     c.train.time_limit_minutes = 0.0
+    # Hard negatives re-mined with the live parameters every remine_every steps (0: never),
+    # for the retrieval datasets (`jaxembed.remine`): against remine_corpus (corpus files as
+    # jaxembed.mine reads them; (): the distinct positives), the best remine_top_k minus
+    # the first remine_skip_top, none within remine_relative_margin of the positive's score
+    # (NV-Retriever's 95%; < 0: off), remine_num_negatives kept per row.
+    c.train.remine_every = 0
+    c.train.remine_corpus = ()
+    c.train.remine_top_k = 50
+    c.train.remine_skip_top = 0
+    c.train.remine_relative_margin = 0.05
+    c.train.remine_num_negatives = 16
 
     c.data = ml_collections.ConfigDict()
     c.data.train = ()  # JSONL / Parquet files, directories of them, or prepared TFDS dirs
@@ -176,6 +187,17 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
             )
         if not 0.0 <= c.model.lora.dropout < 1.0:
             raise ValueError(f"config.model.lora.dropout={c.model.lora.dropout} must be in [0, 1)")
+    _positive(c, "train.remine_every", allow_zero=True)
+    if c.train.remine_every:
+        for key in ("train.remine_top_k", "train.remine_num_negatives"):
+            _positive(c, key)
+        _positive(c, "train.remine_skip_top", allow_zero=True)
+        if c.train.remine_skip_top + c.train.remine_num_negatives > c.train.remine_top_k:
+            raise ValueError(
+                "config.train.remine_top_k must hold remine_skip_top + remine_num_negatives "
+                f"candidates ({c.train.remine_skip_top} + {c.train.remine_num_negatives} > "
+                f"{c.train.remine_top_k})"
+            )
     _positive(c, "train.packing_rows", allow_zero=True)
     _positive(c, "train.time_limit_minutes", allow_zero=True)
     if c.optim.min_lr > c.optim.lr:

@@ -47,7 +47,7 @@ import optax
 from absl import logging as absl_logging
 from flax import nnx
 
-from jaxembed import checkpoint, distributed, gradcache, hf, losses, run, sharding
+from jaxembed import checkpoint, distributed, gradcache, hf, losses, remine, run, sharding
 from jaxembed import cli as jaxembed_cli
 from jaxembed import config as config_lib
 from jaxembed.config import validate
@@ -56,7 +56,7 @@ from jaxembed.hf.sentence_transformers import load_head, read_st_config
 from jaxembed.models import lora
 from jaxembed.models.pooling import pool_segments
 from jaxembed.packing import MAX_SEGMENTS
-from jaxembed.retrieval import Evaluator
+from jaxembed.retrieval import Evaluator, on_mesh
 from jaxembed.seeds import to_seed
 from jaxembed.tokenizer import load_tokenizer
 from jaxembed.train_state import (
@@ -368,12 +368,6 @@ def main(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
 
     state, data_pos, start = checkpoint.restore_or_init(mngr, init, abstract)
     del model
-    # Batches are a pure function of their index: resuming is starting the dataset there.
-    data_iter = pipeline.make_iterator(
-        pipeline.make_dataset(builder, data_pos["next_batch"] if data_pos else 0),
-        config.data.workers,
-        config.data.prefetch,
-    )
     log.print("resumed from step" if start else "initialised from", start or config.model.path)
     shapes = nnx.state(abstract_model)
     log.print(sharding.describe(shapes, sharding.state_shardings(shapes, mesh)))
@@ -388,6 +382,32 @@ def main(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
     head = None if head_def is None else nnx.merge(head_def, state.params["head"])
     prompts = run.trained_prompts(meta)
     evaluator = Evaluator(config, model, load_tokenizer(model_dir), pooling, st, prompts, head)
+    remining = remine.Settings.from_config(config)
+
+    def data_from(step: int, fresh: bool = False):
+        """The batches from ``step`` on (a pure function of their index, so resuming is
+        starting there), with the negatives of the last re-mining if any: mined now when
+        ``fresh``, or when a run resumes at a re-mining step before its pool was saved."""
+        if remining is not None and step >= remining.every:
+            mined_at = remine.last_remine_step(step, remining.every)
+            pool = None if fresh else remine.Pool.load(workdir, mined_at)
+            if pool is None and mined_at != step:
+                raise FileNotFoundError(
+                    f"{workdir}/{remine.POOL_DIR}/{mined_at}.npz: the negatives re-mined at "
+                    f"step {mined_at} are missing, so step {step} cannot resume exactly"
+                )
+            if pool is None:
+                on_mesh(evaluator.encoder, mesh).set_params(live(state.params))
+                pool = remine.remine(
+                    evaluator.encoder, builder, remining, step, config.eval.batch_size, log
+                )
+                if jax.process_index() == 0:
+                    pool.save(workdir)
+            builder.remined = (pool.texts, pool.negatives)
+        dataset = pipeline.make_dataset(builder, step)
+        return pipeline.make_iterator(dataset, config.data.workers, config.data.prefetch)
+
+    data_iter = data_from(data_pos["next_batch"] if data_pos else 0)
     results: dict = {}
     if start == 0 and evaluator.sets:
         results["before"] = log.eval(0, "eval before training", evaluator(live(state.params)))
@@ -422,6 +442,8 @@ def main(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
                     data = {"next_batch": step}
                     force = stopping or out_of_time
                     checkpoint.save(mngr, step, state, data, meta, eval_metrics, force)
+                if remining and step % remining.every == 0 and not ending:
+                    data_iter = data_from(step, fresh=True)  # after the checkpoint: see data_from
                 if stopping:
                     mngr.wait_until_finished()
                     why = signals[0] if signals else "another host's stop signal"

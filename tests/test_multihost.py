@@ -15,6 +15,7 @@ import textwrap
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from helpers import launch_local, subprocess_env
 from trainrun import ROOT, STEPS, read_losses, tiny_config, write_config
@@ -233,3 +234,27 @@ def test_agreement_checks_and_a_python_error_on_one_host(tmp_path):
     assert "RuntimeError: host 1 fails" in outs[1]
     assert "process 1 of 2 failed" in outs[1]
     assert elapsed < HEARTBEAT + 45, elapsed
+
+
+def test_remining_on_two_hosts_equals_one_host(train_setup, tmp_path):
+    """Negatives re-mined with the live parameters (every 2 steps): each host encodes its
+    share of the corpus, all receive every embedding and select the same pool, so the
+    losses of 2 processes x 4 devices equal one process's."""
+    remine = dict(
+        train__remine_every=2,
+        train__remine_num_negatives=3,
+        train__remine_top_k=8,
+        train__remine_relative_margin=-1.0,
+        eval__data=(),
+        ckpt__every=4,
+    )
+    one = tmp_path / "one"
+    train.main(tiny_config(train_setup, steps=4, **remine), one)
+    cfg = write_config(train_setup, tmp_path / "cfg.py", 4, **remine)
+    rc, out = launch_local(2, train_args(cfg, tmp_path / "two"))
+    assert rc == 0, out
+    assert "[0] re-mined negatives at step 2: 48 queries" in out
+    assert_losses_match(read_losses(tmp_path / "two"), read_losses(one), range(1, 5))
+    two_pool = np.load(tmp_path / "two" / "remine" / "2.npz", allow_pickle=True)["source_0"]
+    one_pool = np.load(one / "remine" / "2.npz", allow_pickle=True)["source_0"]
+    np.testing.assert_array_equal(two_pool, one_pool)

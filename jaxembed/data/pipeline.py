@@ -247,6 +247,9 @@ class BatchBuilder:
         self._perms: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
         self._links: dict[int, list[np.ndarray]] = {}  # per dataset, for group_size
         self._special = None  # the tokenizer's special token ids, for query_noise
+        # Negatives re-mined during training: (texts, {source index: (rows, K) indices into
+        # texts, -1 padded}); they replace those sources' stored negatives. None: stored.
+        self.remined: tuple[list[str], dict[int, np.ndarray]] | None = None
 
     def __getstate__(self):
         state = dict(self.__dict__)
@@ -277,7 +280,8 @@ class BatchBuilder:
         g = self.cfg.global_batch
         return self._perms[key][j * g : (j + 1) * g]
 
-    def _query_text(self, record: dict) -> str:
+    def query_text(self, record: dict) -> str:
+        """The query as the model reads it: instruction template, else the query prefix."""
         if record.get("instruction"):
             return self.cfg.instruction_template.format(
                 instruction=record["instruction"], query=record["query"]
@@ -334,6 +338,10 @@ class BatchBuilder:
                 picked = []  # drawn from other rows: the teacher never scored them
             else:
                 pool = rec["negatives"]
+                if self.remined is not None and d in self.remined[1]:
+                    texts, rows_of = self.remined
+                    pool = [texts[j] for j in rows_of[d][i] if j >= 0]
+                    scores = None  # the teacher scored the stored negatives, not these
                 rng = np.random.default_rng([cfg.seed, 3, d, epoch, int(i)])
                 picked = rng.permutation(len(pool))[:k].tolist() if pool else []
                 chosen = [pool[t] for t in picked]
@@ -342,7 +350,7 @@ class BatchBuilder:
                 teacher[r, 1 : 1 + len(picked)] = [scores[1 + t] for t in picked]
             negatives.append(chosen)
             valid[r, : len(chosen)] = True
-        q_ids = self._tokenize([self._query_text(r) for r in records], cfg.max_query_length)
+        q_ids = self._tokenize([self.query_text(r) for r in records], cfg.max_query_length)
         if cfg.query_noise:
             q_ids = [
                 self._noised(x, [cfg.seed, 6, d, epoch, int(i)])
