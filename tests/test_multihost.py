@@ -237,24 +237,24 @@ def test_agreement_checks_and_a_python_error_on_one_host(tmp_path):
 
 
 def test_remining_on_two_hosts_equals_one_host(train_setup, tmp_path):
-    """Negatives re-mined with the live parameters (every 2 steps): each host encodes its
+    """Negatives re-mined with the live parameters (after step 1): each host encodes its
     share of the corpus, all receive every embedding and select the same pool, so the
     losses of 2 processes x 4 devices equal one process's."""
     remine = dict(
-        train__remine_every=2,
+        train__remine_every=1,
         train__remine_num_negatives=3,
         train__remine_top_k=8,
         train__remine_relative_margin=-1.0,
         eval__data=(),
-        ckpt__every=4,
+        ckpt__every=2,
     )
     one = tmp_path / "one"
-    train.main(tiny_config(train_setup, steps=4, **remine), one)
-    cfg = write_config(train_setup, tmp_path / "cfg.py", 4, **remine)
+    train.main(tiny_config(train_setup, steps=2, **remine), one)
+    cfg = write_config(train_setup, tmp_path / "cfg.py", 2, **remine)
     rc, out = launch_local(2, train_args(cfg, tmp_path / "two"))
     assert rc == 0, out
-    assert "[0] re-mined negatives at step 2: 48 queries" in out
-    assert_losses_match(read_losses(tmp_path / "two"), read_losses(one), range(1, 5))
-    two_pool = np.load(tmp_path / "two" / "remine" / "2.npz", allow_pickle=True)["source_0"]
-    one_pool = np.load(one / "remine" / "2.npz", allow_pickle=True)["source_0"]
+    assert "[0] re-mined negatives at step 1: 48 queries" in out
+    assert_losses_match(read_losses(tmp_path / "two"), read_losses(one), range(1, 3))
+    two_pool = np.load(tmp_path / "two" / "remine" / "1.npz", allow_pickle=True)["source_0"]
+    one_pool = np.load(one / "remine" / "1.npz", allow_pickle=True)["source_0"]
     np.testing.assert_array_equal(two_pool, one_pool)
