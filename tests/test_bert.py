@@ -185,6 +185,18 @@ def test_no_weights(bert_folder, tmp_path):
         hf.load_model(tmp_path)
 
 
+def test_damaged_and_truncated_safetensors_name_the_file(bert_folder, tmp_path):
+    shutil.copy(bert_folder / "config.json", tmp_path / "config.json")
+    blob = (bert_folder / "model.safetensors").read_bytes()
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(b"\xff" * 8 + blob[8:])  # a header length beyond the file
+    with pytest.raises(hf.ModelFolderError, match=r"model.safetensors: damaged or not a safet"):
+        hf.load_model(tmp_path)
+    weights.write_bytes(blob[: len(blob) - 1000])  # cut short
+    with pytest.raises(hf.ModelFolderError, match=r"model.safetensors: tensor '.*' needs bytes"):
+        hf.load_model(tmp_path)
+
+
 def test_sharded_safetensors_round_trip(bert_folder, tmp_path):
     from jaxembed.hf.io import write_weights
 

@@ -95,6 +95,9 @@ def test_jsonl_fills_missing_task_and_dataset_from_arguments(tmp_path):
     # A record's own value wins over the argument.
     path = write_jsonl(tmp_path / "own.jsonl", RECORDS[:2])
     assert open_source(path, task="clustering", dataset="other").task == "retrieval"
+    # Without arguments: retrieval pairs of a dataset named after the file (as Parquet).
+    src = open_source(write_jsonl(tmp_path / "my-pairs.jsonl.gz", bare))
+    assert (src.task, src.name) == ("retrieval", "my-pairs")
 
 
 def test_parquet_three_negatives(tmp_path):

@@ -202,7 +202,9 @@ class JsonlSource(RecordSource):
     """A JSONL file: plain (lines read back by byte offset) or gzipped (records in memory)."""
 
     def __init__(self, path: Path, task=None, dataset=None, skip_bad=False):
-        super().__init__(path, task, dataset, skip_bad)
+        # As for Parquet: a record without a task is a retrieval pair; the file is the dataset.
+        stem = path.name.removesuffix(".gz").removesuffix(".jsonl")
+        super().__init__(path, task or "retrieval", dataset or stem, skip_bad)
         self._gzip = path.name.endswith(".gz")
         self._records: list[dict] | None = [] if self._gzip else None
         offsets: list[int] = []

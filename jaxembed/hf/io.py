@@ -56,13 +56,25 @@ class WeightsError(ModelFolderError):
 def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
     """All tensors of one ``.safetensors`` file, memory-mapped (read-only)."""
     path = Path(path)
+    size = path.stat().st_size
     with open(path, "rb") as f:
         n = int.from_bytes(f.read(8), "little")
+        if size < 8 or n > size - 8:
+            raise WeightsError(
+                f"{path}: damaged or not a safetensors file (its header claims {n:,} bytes, "
+                f"the file has {size:,})"
+            )
         try:
             header = json.loads(f.read(n))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise WeightsError(f"{path}: not a safetensors file ({e})") from None
-    data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + n)
+    if not isinstance(header, dict):
+        raise WeightsError(f"{path}: damaged safetensors header (not a JSON object)")
+    data = (
+        np.memmap(path, dtype=np.uint8, mode="r", offset=8 + n)
+        if size > 8 + n
+        else np.zeros(0, np.uint8)
+    )
     out = {}
     for key, info in header.items():
         if key == "__metadata__":
@@ -71,7 +83,13 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
             raise WeightsError(f"{path}: tensor {key!r} has unsupported dtype {info['dtype']}")
         start, end = info["data_offsets"]
         dtype = np.dtype(_ST_DTYPES[info["dtype"]])
-        out[key] = data[start:end].view(dtype).reshape(info["shape"])
+        want = int(np.prod(info["shape"], dtype=np.int64)) * dtype.itemsize
+        if end > len(data) or end - start != want:
+            raise WeightsError(
+                f"{path}: tensor {key!r} needs bytes {start:,}..{end:,} of the data section, "
+                f"which has {len(data):,}: the file is truncated or damaged"
+            )
+        out[key] = np.asarray(data[start:end]).view(dtype).reshape(info["shape"])
     return out
 
 
