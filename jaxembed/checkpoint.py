@@ -153,15 +153,37 @@ def restore_params(workdir: str | os.PathLike, step: int, name: str, item):
     return restored["params"][name]
 
 
+class CheckpointDamaged(ValueError):
+    """Every checkpoint of a run fails to restore; the message names the directory."""
+
+
 def restore_or_init(mngr: ocp.CheckpointManager, init: Callable[[], object], abstract_state):
     """The latest checkpoint if the run has one, else ``init()``.
 
     Returns ``(state, data, step)``: ``data`` is the saved data position (None when
     initialised). A workdir with a checkpoint always resumes: the initialisation (e.g.
-    loading HF weights) is not even run then.
+    loading HF weights) is not even run then. A damaged latest step (a killed save, a
+    corrupted file) is reported in one line and the previous step is restored instead.
     """
-    step = mngr.latest_step()
-    if step is None:
+    steps = sorted(mngr.all_steps(), reverse=True)
+    if not steps:
         return init(), None, 0
-    state, _, data = restore(mngr, step, abstract_state, with_data=True)
-    return state, data, step
+    for step in steps:
+        try:
+            state, _, data = restore(mngr, step, abstract_state, with_data=True)
+        except Exception as e:  # any damage (a killed save, a bad file): try an older step
+            first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+            if step == steps[-1]:
+                raise CheckpointDamaged(
+                    f"{mngr.directory}: no checkpoint can be restored (tried steps {steps}); "
+                    f"the last error: {first}"
+                ) from None
+            if jax.process_index() == 0:
+                print(
+                    f"warning: checkpoint step {step} is damaged ({first}); "
+                    "falling back to the previous one",
+                    flush=True,
+                )
+            continue
+        return state, data, step
+    raise AssertionError("unreachable")

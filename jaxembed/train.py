@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import json
 import math
 import os
 import signal
@@ -368,6 +369,8 @@ def main(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
 
     state, data_pos, start = checkpoint.restore_or_init(mngr, init, abstract)
     del model
+    if start:
+        check_resumable(checkpoint.restore_meta(workdir, start)[1], config, workdir)
     log.print("resumed from step" if start else "initialised from", start or config.model.path)
     shapes = nnx.state(abstract_model)
     log.print(sharding.describe(shapes, sharding.state_shardings(shapes, mesh)))
@@ -467,11 +470,61 @@ def main(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
     return results | {"last": last, "step": step}
 
 
+# What a resumed run must share with the run that wrote the checkpoint: the model, and what
+# decides which rows, texts and negatives each step sees. Anything else (steps, learning
+# rate, mesh, packing, GradCache, evaluation) may change between invocations.
+RESUME_KEYS = (
+    "model.path",
+    "model.pooling",
+    "model.lora",
+    "data.train",
+    "data.num_negatives",
+    "data.negatives",
+    "data.group_size",
+    "data.mixing",
+    "data.max_query_length",
+    "data.max_passage_length",
+    "data.query_prefix",
+    "data.passage_prefix",
+    "data.instruction_template",
+    "train.global_batch",
+    "train.seed",
+    "train.remine_every",
+)
+
+
+def check_resumable(saved_meta: dict, config, workdir: Path) -> None:
+    """Refuses to resume with a config that changes the model or the data of the run."""
+    saved = saved_meta.get("config", {})
+    saved = json.loads(saved) if isinstance(saved, str) else saved
+    current = json.loads(config.to_json_best_effort())
+    for key in RESUME_KEYS:
+        group, name = key.split(".")
+        if group not in saved or name not in saved[group]:
+            continue  # a checkpoint written before the key existed
+        was, now = saved[group][name], current[group][name]
+        if json.dumps(was, sort_keys=True) != json.dumps(now, sort_keys=True):
+            raise ValueError(
+                f"{workdir} holds a run with config.{key}={was!r}, not {now!r}: resuming "
+                "would silently change the run; use a new --workdir (or the old value)"
+            )
+
+
 def open_data(config, model_dir: Path, log) -> tuple[list, pipeline.BatchBuilder]:
     """The training sources (checked the same on every host) and this host's batch builder."""
     sources = readers.open_sources(list(config.data.train), skip_bad=config.data.skip_bad)
     if not sources:
         raise ValueError("config.data.train names no training data")
+    for s in sources:
+        if not len(s):
+            raise ValueError(f"{s.path}: no training records (an empty file?)")
+        k = dict(config.data.num_negatives).get(s.task, 0)
+        stored = max(len(s[int(i)]["negatives"]) for i in np.linspace(0, len(s) - 1, 8))
+        if k == 0 and stored:
+            log.print(
+                f"data: {s.name} carries hard negatives, but config.data.num_negatives."
+                f"{s.task}=0 leaves them unused (set it to use up to {stored})"
+            )
     distributed.check_same(
         "the training data", "; ".join(f"{s.name} {s.task} {len(s)} rows {s.path}" for s in sources)
     )

@@ -139,3 +139,50 @@ def test_retrofit_recipe_runs_on_a_tiny_xlmr(train_setup, tmp_path):
     c.optim.warmup_steps, c.ckpt.every, c.ckpt.async_save = 1, 2, False
     results = train.main(c, tmp_path)
     assert results["step"] == 2 and np.isfinite(results["last"]["loss"])
+
+
+def test_damaged_latest_checkpoint_falls_back_and_changed_configs_are_refused(
+    train_setup, straight_run, tmp_path, capsys
+):
+    import shutil
+
+    workdir = tmp_path / "run"
+    shutil.copytree(straight_run[0], workdir, ignore=shutil.ignore_patterns("metrics.jsonl"))
+    # The latest step's array data damaged on disk (as a failing disk or a bad copy would).
+    damaged = [p for p in (workdir / "checkpoints" / "6" / "state").rglob("*") if p.is_file()]
+    for p in damaged:
+        p.write_bytes(b"\0" * 16)
+    # Resuming with another batch size or other data would silently change the run.
+    for key, value in (("train__global_batch", 16), ("data__max_passage_length", 32)):
+        with pytest.raises(
+            ValueError, match=rf"holds a run with config\.{key.replace('__', '.')}="
+        ):
+            train.main(tiny_config(train_setup, steps=STEPS, **{key: value}), workdir)
+    results = train.main(tiny_config(train_setup, steps=STEPS), workdir)
+    out = capsys.readouterr().out
+    assert "warning: checkpoint step 6 is damaged" in out and "resumed from step 3" in out
+    assert results["step"] == STEPS
+    want = read_losses(straight_run[0])
+    for step, loss in read_losses(workdir).items():
+        assert abs(loss - want[step]) < 1e-6, step
+
+
+def test_empty_data_and_unused_negatives_are_reported(train_setup, tmp_path):
+    model = train_setup[1]
+    lines = []
+
+    class Log:
+        def print(self, *args):
+            lines.append(" ".join(map(str, args)))
+
+    c = tiny_config(train_setup)
+    c.data.num_negatives.retrieval = 0
+    train.open_data(c, model, Log())
+    assert any(
+        "retr carries hard negatives, but config.data.num_negatives.retrieval=0" in x for x in lines
+    )
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    c.data.train = (str(empty),)
+    with pytest.raises(ValueError, match=r"empty.jsonl: no training records \(an empty file\?\)"):
+        train.open_data(c, model, Log())
