@@ -98,6 +98,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.data = ml_collections.ConfigDict()
     c.data.train = ()  # JSONL / Parquet files, directories of them, or prepared TFDS dirs
     c.data.skip_bad = False  # skip (and count) malformed records instead of stopping
+    # Renames of your columns to the record fields, e.g. {"question": "query", "answer":
+    # "positive"}; sentence-transformers' anchor / positive / negative(_N) need none.
+    c.data.columns = ml_collections.ConfigDict()
     c.data.mixing = "remaining"  # F2LLM: proportional to remaining batches; or "temperature"
     c.data.mixing_temperature = 1.0
     c.data.num_negatives = ml_collections.ConfigDict(
@@ -221,7 +224,8 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         _positive(c, key)
     _positive(c, "eval.every", allow_zero=True)
     names = {Path(p).name for p in c.eval.data}
-    for group, members in c.eval.groups.items():
+    # Without eval sets there is nothing to group (a recipe's groups, evaluation turned off).
+    for group, members in c.eval.groups.items() if c.eval.data else ():
         unknown = [m for m in members if m not in names] if members else ["(empty)"]
         if unknown:
             raise ValueError(

@@ -512,7 +512,9 @@ def check_resumable(saved_meta: dict, config, workdir: Path) -> None:
 
 def open_data(config, model_dir: Path, log) -> tuple[list, pipeline.BatchBuilder]:
     """The training sources (checked the same on every host) and this host's batch builder."""
-    sources = readers.open_sources(list(config.data.train), skip_bad=config.data.skip_bad)
+    sources = readers.open_sources(
+        list(config.data.train), skip_bad=config.data.skip_bad, columns=dict(config.data.columns)
+    )
     if not sources:
         raise ValueError("config.data.train names no training data")
     for s in sources:

@@ -269,9 +269,29 @@ def test_parquet_errors_name_file_and_row(tmp_path):
     path = write_f2llm(tmp_path / "mix.parquet", rows[:2], 1, task=["retrieval", "clustering"])
     with pytest.raises(RecordError, match=re.escape(f"{path}:row 1: task 'clustering' differs")):
         open_source(path)
-    pq.write_table(pa.table({"query": ["q"], "positive": ["p"]}), tmp_path / "layout.parquet")
-    with pytest.raises(RecordError, match="no column 'passage'"):
+    pq.write_table(pa.table({"question": ["q"], "answer": ["p"]}), tmp_path / "layout.parquet")
+    with pytest.raises(RecordError, match="no query column; expected F2LLM's layout"):
         open_source(tmp_path / "layout.parquet")
+
+
+def test_sentence_transformers_columns_and_renamed_ones(tmp_path):
+    """anchor / positive / negative_N (sentence-transformers' triplet and n-tuple datasets),
+    a single ``negative``, and the config's data.columns renames, in JSONL and Parquet."""
+    want = {"query": "q", "positive": "p", "negatives": ["n1", "n2"], "task": "retrieval"}
+    rows = {"anchor": ["q"], "positive": ["p"], "negative_2": ["n2"], "negative_1": ["n1"]}
+    pq.write_table(pa.table(rows), tmp_path / "st.parquet")
+    assert open_source(tmp_path / "st.parquet")[0] == {**want, "dataset": "st"}
+    path = write_jsonl(
+        tmp_path / "triplets.jsonl", [{"anchor": "q", "positive": "p", "negative": "n1"}]
+    )
+    assert open_source(path)[0]["negatives"] == ["n1"]
+    mine = {"question": ["q"], "answer": ["p"], "wrong": [["n1", "n2"]]}
+    pq.write_table(pa.table(mine), tmp_path / "mine.parquet")
+    renames = {"question": "query", "answer": "positive", "wrong": "negatives"}
+    got = open_source(tmp_path / "mine.parquet", columns=renames)[0]
+    assert got == {**want, "dataset": "mine"}
+    path = write_jsonl(tmp_path / "mine.jsonl", [{"question": "q", "answer": "p"}])
+    assert open_source(path, columns=renames)[0]["query"] == "q"
 
 
 def test_unknown_format_and_missing_path(tmp_path):
@@ -366,3 +386,25 @@ def test_prepare_refuses_inputs_of_two_datasets(tmp_path):
     with pytest.raises(ValueError, match="one output directory per dataset"):
         prepare_lib.prepare([a, b], tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_hugging_face_datasets_folders(tmp_path):
+    """``save_to_disk`` folders of a Dataset and of a DatasetDict (its train split), with
+    sentence-transformers' columns, read as Arrow; a directory of them expands."""
+    datasets = pytest.importorskip("datasets")
+    rows = {"anchor": ["q0", "q1"], "positive": ["p0", "p1"], "negative": ["n0", "n1"]}
+    ds = datasets.Dataset.from_dict(rows)
+    ds.save_to_disk(str(tmp_path / "all" / "triplets"))
+    datasets.DatasetDict({"train": ds, "dev": ds.select([0])}).save_to_disk(
+        str(tmp_path / "all" / "dict")
+    )
+    sources = open_sources(tmp_path / "all")
+    assert [s.name for s in sources] == ["dict", "triplets"]
+    for src in sources:
+        assert len(src) == 2 and src.task == "retrieval"
+        assert src[1] == {
+            "query": "q1", "positive": "p1", "negatives": ["n1"], "task": "retrieval",
+            "dataset": src.name,
+        }  # fmt: skip
+    clone = pickle.loads(pickle.dumps(sources[0]))
+    assert clone[0]["query"] == "q0"

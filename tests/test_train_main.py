@@ -186,3 +186,20 @@ def test_empty_data_and_unused_negatives_are_reported(train_setup, tmp_path):
     c.data.train = (str(empty),)
     with pytest.raises(ValueError, match=r"empty.jsonl: no training records \(an empty file\?\)"):
         train.open_data(c, model, Log())
+
+
+def test_your_own_columns_train_from_python(train_setup, tmp_path):
+    """The README's "Train on your data": rows with other column names and no task or
+    dataset, mapped with data.columns, trained through the Python API."""
+    rows = [
+        {"question": f"tool number {i}", "answer": f"A package: utility {i}."} for i in range(16)
+    ]
+    data = tmp_path / "my_pairs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    c = tiny_config(train_setup, steps=2, eval__data=())
+    c.data.train = (str(data),)
+    c.data.columns = {"question": "query", "answer": "positive"}
+    results = train.main(c, tmp_path / "run")
+    assert results["step"] == 2 and np.isfinite(results["last"]["loss"])
+    meta = checkpoint.restore_meta(tmp_path / "run")[1]
+    assert meta["datasets"] == {"my_pairs": {"task": "retrieval", "rows": 16, "instructions": []}}

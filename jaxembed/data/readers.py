@@ -33,6 +33,15 @@ Formats, chosen by the path:
   which needs no TensorFlow. Its records were validated when it was written, and its task
   and dataset come from its ``metadata.json``; other TFDS directories with the same
   features get one validating pass at open instead. Errors name ``dir:record N``.
+* a Hugging Face ``datasets`` folder (``save_to_disk``: ``state.json`` and Arrow files, or
+  a DatasetDict's ``dataset_dict.json``, whose ``train`` split is read), read as Arrow
+  like Parquet, without the ``datasets`` package.
+
+Column names: besides the schema's own, sentence-transformers' (``anchor``, ``positive``,
+``negative`` or ``negative_1..N``) and F2LLM's (``passage``) are understood, and
+``columns`` (the config's ``data.columns``) renames others (`records.normalise`). A JSONL
+record without ``task`` is a retrieval pair and its dataset is the file's name, as for
+Parquet.
 
 ``task`` and ``dataset`` given to `open_source` fill in records that lack those fields
 (F2LLM files carry neither); a record's own value wins. With ``skip_bad=True`` a record
@@ -56,7 +65,7 @@ from typing import Any
 
 import numpy as np
 
-from jaxembed.data.records import RecordError, check_record
+from jaxembed.data.records import RecordError, check_record, normalise
 
 log = logging.getLogger(__name__)
 
@@ -80,8 +89,16 @@ class RecordSource:
     task: str
     skipped: int
 
-    def __init__(self, path: Path, task: str | None, dataset: str | None, skip_bad: bool):
+    def __init__(
+        self,
+        path: Path,
+        task: str | None,
+        dataset: str | None,
+        skip_bad: bool,
+        columns: dict[str, str] | None = None,
+    ):
         self.path = path
+        self._columns_map = dict(columns or {})
         self._default_task = task
         self._default_dataset = dataset
         self._skip_bad = skip_bad
@@ -118,7 +135,9 @@ class RecordSource:
     # --- shared by the readers -------------------------------------------------------------
 
     def _fill(self, obj: Any) -> Any:
-        """Fills a missing (absent or null) task / dataset from the defaults given at open."""
+        """The row in the schema's names (`records.normalise`), a missing (absent or null)
+        task / dataset filled from the defaults given at open."""
+        obj = normalise(obj, self._columns_map)
         if isinstance(obj, dict):
             if obj.get("task") is None and self._default_task is not None:
                 obj["task"] = self._default_task
@@ -201,10 +220,10 @@ def _decode_line(raw: bytes, where: str) -> Any:
 class JsonlSource(RecordSource):
     """A JSONL file: plain (lines read back by byte offset) or gzipped (records in memory)."""
 
-    def __init__(self, path: Path, task=None, dataset=None, skip_bad=False):
+    def __init__(self, path: Path, task=None, dataset=None, skip_bad=False, columns=None):
         # As for Parquet: a record without a task is a retrieval pair; the file is the dataset.
         stem = path.name.removesuffix(".gz").removesuffix(".jsonl")
-        super().__init__(path, task or "retrieval", dataset or stem, skip_bad)
+        super().__init__(path, task or "retrieval", dataset or stem, skip_bad, columns)
         self._gzip = path.name.endswith(".gz")
         self._records: list[dict] | None = [] if self._gzip else None
         offsets: list[int] = []
@@ -264,24 +283,23 @@ class JsonlSource(RecordSource):
 class ParquetSource(RecordSource):
     """A Parquet file in F2LLM's layout, its needed columns held as an Arrow table."""
 
-    def __init__(self, path: Path, task=None, dataset=None, skip_bad=False):
+    def __init__(self, path: Path, task=None, dataset=None, skip_bad=False, columns=None):
         # F2LLM files carry neither task nor dataset: the file is the dataset.
         super().__init__(
-            path, task or "retrieval", dataset or path.name[: -len(".parquet")], skip_bad
+            path, task or "retrieval", dataset or path.name[: -len(".parquet")], skip_bad, columns
         )
-        import pyarrow.parquet as pq  # imported here: only Parquet users need pyarrow
-
-        names = pq.read_schema(path).names
-        for col in ("query", "passage"):
-            if col not in names:
+        names = self._schema_names()
+        # Which columns hold which field: the config's renames, then the known aliases.
+        field = {n: normalise({n: ""}, self._columns_map).popitem()[0] for n in names}
+        for want in ("query", "positive"):
+            if want not in field.values():
                 raise RecordError(
-                    f"{path}: no column {col!r}; expected F2LLM's layout (query, passage, "
-                    f"negative_1..negative_N), found {names}"
+                    f"{path}: no {want} column; expected F2LLM's layout (query, passage, "
+                    "negative_1..negative_N), sentence-transformers' (anchor, positive, "
+                    f"negative...) or config.data.columns naming it; found {names}"
                 )
-        self._negatives = [c for c in names if NEGATIVE_COLUMN.fullmatch(c)]
-        self._columns = ["query", "passage", *self._negatives] + [
-            c for c in ("task", "dataset", "instruction", "scores") if c in names
-        ]
+        known = ("query", "positive", "negatives", "task", "dataset", "instruction", "scores")
+        self._columns = [n for n in names if field[n] in known]
         self._table = None
         bad = []
         row = 0
@@ -295,28 +313,32 @@ class ParquetSource(RecordSource):
         self._num_rows = row
         self._opened()
 
+    def _schema_names(self) -> list[str]:
+        import pyarrow.parquet as pq  # imported here: only Parquet users need pyarrow
+
+        return pq.read_schema(self.path).names
+
+    def _read_table(self):
+        import pyarrow.parquet as pq
+
+        return pq.read_table(self.path, columns=self._columns)
+
     def _load(self):
         if self._table is None:
-            import pyarrow.parquet as pq
-
-            self._table = pq.read_table(self.path, columns=self._columns)
+            self._table = self._read_table()
         return self._table
 
     def _to_record(self, values: dict) -> dict:
-        negatives = [values[c] for c in self._negatives]
+        record = normalise(values, self._columns_map)
+        negatives = record.get("negatives") or []
         while negatives and (negatives[-1] is None or not str(negatives[-1]).strip()):
             negatives.pop()
-        record = {
-            "query": values["query"],
-            "positive": values["passage"],
-            "negatives": negatives,
-            "task": values.get("task"),
-            "dataset": values.get("dataset"),
-        }
-        if values.get("instruction") is not None:
-            record["instruction"] = values["instruction"]
-        if values.get("scores") is not None:
-            record["scores"] = values["scores"][: 1 + len(negatives)]
+        record["negatives"] = negatives
+        for key in ("task", "dataset", "instruction", "scores"):
+            if record.get(key) is None:
+                record.pop(key, None)
+        if "scores" in record:
+            record["scores"] = record["scores"][: 1 + len(negatives)]
         return record
 
     def __len__(self) -> int:
@@ -329,6 +351,53 @@ class ParquetSource(RecordSource):
 
     def _unpicklable(self) -> tuple[str, ...]:
         return ("_table",)
+
+
+class HfDatasetSource(ParquetSource):
+    """A Hugging Face ``datasets`` folder (``Dataset.save_to_disk``; of a ``DatasetDict``, its
+    ``train`` split), read as Arrow without the ``datasets`` package. Columns as for Parquet:
+    the schema's names, sentence-transformers' or F2LLM's, or ``data.columns`` renames."""
+
+    def __init__(self, path: Path, task=None, dataset=None, skip_bad=False, columns=None):
+        self._folder = _hf_split(path)
+        super().__init__(path, task, dataset or path.name, skip_bad, columns)
+
+    def _arrow_files(self) -> list[Path]:
+        state = json.loads((self._folder / "state.json").read_text())
+        return [self._folder / f["filename"] for f in state.get("_data_files", [])]
+
+    def _schema_names(self) -> list[str]:
+        import pyarrow as pa
+
+        with pa.memory_map(str(self._arrow_files()[0])) as f:
+            return pa.ipc.open_stream(f).schema.names
+
+    def _read_table(self):
+        import pyarrow as pa
+
+        tables = []
+        for file in self._arrow_files():
+            with pa.memory_map(str(file)) as f:
+                tables.append(pa.ipc.open_stream(f).read_all().select(self._columns))
+        return pa.concat_tables(tables)
+
+
+def _hf_split(path: Path) -> Path:
+    """The folder holding ``state.json``: ``path``, or a DatasetDict's ``train`` split."""
+    if (path / "state.json").is_file():
+        return path
+    splits = json.loads((path / "dataset_dict.json").read_text()).get("splits", [])
+    if "train" in splits:
+        return path / "train"
+    if len(splits) == 1:
+        return path / splits[0]
+    raise RecordError(f"{path}: a DatasetDict with no 'train' split and several others: {splits}")
+
+
+def is_hf_dataset_dir(path: str | os.PathLike) -> bool:
+    """True for a folder written by ``datasets``' ``save_to_disk`` (a Dataset or DatasetDict)."""
+    path = Path(path)
+    return (path / "state.json").is_file() or (path / "dataset_dict.json").is_file()
 
 
 def _kept(total: int, bad: list[int]) -> np.ndarray | None:
@@ -367,8 +436,8 @@ def _from_tfds(example: dict, where: str) -> dict:
 class TfdsSource(RecordSource):
     """A TFDS dataset directory of ArrayRecord files, read without TensorFlow."""
 
-    def __init__(self, path: Path, task=None, dataset=None, skip_bad=False):
-        super().__init__(path, task, dataset, skip_bad)
+    def __init__(self, path: Path, task=None, dataset=None, skip_bad=False, columns=None):
+        super().__init__(path, task, dataset, skip_bad, columns)
         self._ds = None
         builder = self._builder()
         splits = list(builder.info.splits)
@@ -430,8 +499,9 @@ class TfdsSource(RecordSource):
 
 
 def is_tfds_dir(path: str | os.PathLike) -> bool:
-    """True for a directory holding a TFDS dataset (its ``dataset_info.json``)."""
-    return (Path(path) / TFDS_MARKER).is_file()
+    """True for a directory holding a TFDS dataset (its ``dataset_info.json``; a ``datasets``
+    folder has one too, and its ``state.json``)."""
+    return (Path(path) / TFDS_MARKER).is_file() and not is_hf_dataset_dir(path)
 
 
 def open_source(
@@ -440,6 +510,7 @@ def open_source(
     task: str | None = None,
     dataset: str | None = None,
     skip_bad: bool = False,
+    columns: dict[str, str] | None = None,
 ) -> RecordSource:
     """Opens one JSONL / JSONL.gz / Parquet file or TFDS directory for random access.
 
@@ -449,6 +520,8 @@ def open_source(
         to ``"retrieval"``).
       dataset: the dataset name of records that lack one (Parquet defaults to the file stem).
       skip_bad: skip and count records that break the schema instead of raising.
+      columns: renames of a table's columns to the schema's fields (``data.columns``), as
+        `jaxembed.data.records.normalise` applies them with sentence-transformers' names.
 
     Returns:
       The source; every record in it shares ``source.task`` and ``source.name``.
@@ -462,8 +535,10 @@ def open_source(
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file or directory")
-    kw = dict(task=task, dataset=dataset, skip_bad=skip_bad)
+    kw = dict(task=task, dataset=dataset, skip_bad=skip_bad, columns=columns)
     if path.is_dir():
+        if is_hf_dataset_dir(path):
+            return HfDatasetSource(path, **kw)
         if is_tfds_dir(path):
             return TfdsSource(path, **kw)
         raise ValueError(
@@ -489,7 +564,7 @@ def expand(paths: str | os.PathLike | Iterable[str | os.PathLike]) -> list[Path]
         paths = [paths]
     found = []
     for path in map(Path, paths):
-        if not path.is_dir() or is_tfds_dir(path):
+        if not path.is_dir() or is_tfds_dir(path) or is_hf_dataset_dir(path):
             found.append(path)
             continue
         children = [
@@ -497,7 +572,11 @@ def expand(paths: str | os.PathLike | Iterable[str | os.PathLike]) -> list[Path]
             for child in sorted(path.iterdir())
             if not child.name.startswith(".")
             and ".tmp-" not in child.name
-            and ((child.name.endswith(RECORD_SUFFIXES) and child.is_file()) or is_tfds_dir(child))
+            and (
+                (child.name.endswith(RECORD_SUFFIXES) and child.is_file())
+                or is_tfds_dir(child)
+                or is_hf_dataset_dir(child)
+            )
         ]
         if not children:
             raise ValueError(f"{path}: no {', '.join(RECORD_SUFFIXES)} files or TFDS datasets")
@@ -512,6 +591,6 @@ def open_sources(
 
     Args:
       paths: files, TFDS directories, or directories of them.
-      **kw: ``task``, ``dataset``, ``skip_bad``, as for `open_source`.
+      **kw: ``task``, ``dataset``, ``skip_bad``, ``columns``, as for `open_source`.
     """
     return [open_source(path, **kw) for path in expand(paths)]

@@ -12,12 +12,45 @@ Every reader (JSONL, Parquet, TFDS/ArrayRecord) yields plain dicts of this shape
 from __future__ import annotations
 
 import math
+import re
 from typing import Any
 
 from jaxembed.choices import TASKS
 
 REQUIRED = ("query", "positive", "task", "dataset")
 FIELDS = (*REQUIRED, "negatives", "instruction", "scores")
+
+
+# sentence-transformers' column names (and F2LLM's "passage") for the schema's fields.
+ALIASES = {"anchor": "query", "passage": "positive", "negative": "negatives"}
+NUMBERED_NEGATIVE = re.compile(r"negative_(\d+)")
+
+
+def normalise(obj: Any, columns: dict[str, str] | None = None) -> Any:
+    """A row of a user's table as the schema's fields (before `check_record`).
+
+    ``columns`` renames first (``{"question": "query", "answer": "positive"}``: the
+    config's ``data.columns``); then sentence-transformers' names are understood:
+    ``anchor`` is the query, ``negative`` (a text or a list) and ``negative_1`` ..
+    ``negative_N`` (in numeric order; empty ones dropped) the negatives; F2LLM's
+    ``passage`` is the positive. A field the schema already has is never overwritten.
+    """
+    if not isinstance(obj, dict):
+        return obj
+    out = {}
+    for key, value in obj.items():
+        out[(columns or {}).get(key, key)] = value
+    for alias, field in ALIASES.items():
+        if alias in out and field not in out:
+            value = out.pop(alias)
+            out[field] = [value] if field == "negatives" and isinstance(value, str) else value
+    numbered = sorted((int(m.group(1)), k) for k in out if (m := NUMBERED_NEGATIVE.fullmatch(k)))
+    if numbered and "negatives" not in out:
+        values = [out.pop(k) for _, k in numbered]
+        while values and (values[-1] is None or not str(values[-1]).strip()):
+            values.pop()  # rows with fewer negatives than columns leave the last ones empty
+        out["negatives"] = values
+    return out
 
 
 class RecordError(ValueError):
