@@ -17,6 +17,7 @@ when complete), so a run killed at any moment resumes from the last complete che
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -24,6 +25,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging as absl_logging
 
 CKPT_DIR = "checkpoints"
 
@@ -60,14 +62,28 @@ def manager(
     )
 
 
+@contextlib.contextmanager
+def _reader(path: Path, **kw):
+    """A read-only manager of ``path``, without the warnings Orbax logs about read-only
+    options on every such open (nothing a user can act on)."""
+    level = absl_logging.get_verbosity()
+    absl_logging.set_verbosity(absl_logging.ERROR)
+    try:
+        manager = ocp.CheckpointManager(
+            path.absolute(), options=ocp.CheckpointManagerOptions(read_only=True), **kw
+        )
+    finally:
+        absl_logging.set_verbosity(level)
+    with manager as m:
+        yield m
+
+
 def latest_step(workdir: str | os.PathLike) -> int | None:
     """The last complete checkpoint's step, or None (also when there is no checkpoint dir)."""
     path = Path(workdir) / CKPT_DIR
     if not path.exists():
         return None
-    with ocp.CheckpointManager(
-        path.absolute(), options=ocp.CheckpointManagerOptions(read_only=True)
-    ) as m:
+    with _reader(path) as m:
         return m.latest_step()
 
 
@@ -75,9 +91,7 @@ def all_steps(workdir: str | os.PathLike) -> list[int]:
     path = Path(workdir) / CKPT_DIR
     if not path.exists():
         return []
-    with ocp.CheckpointManager(
-        path.absolute(), options=ocp.CheckpointManagerOptions(read_only=True)
-    ) as m:
+    with _reader(path) as m:
         return list(m.all_steps())
 
 
@@ -118,11 +132,7 @@ def restore_meta(workdir: str | os.PathLike, step: int | None = None) -> tuple[i
     step = max(steps) if step is None else step
     if step not in steps:
         raise FileNotFoundError(f"{workdir}: no checkpoint at step {step}; steps: {steps}")
-    with ocp.CheckpointManager(
-        path.absolute(),
-        item_names=("state", "data", "meta"),
-        options=ocp.CheckpointManagerOptions(read_only=True),
-    ) as m:
+    with _reader(path, item_names=("state", "data", "meta")) as m:
         meta = m.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
     return step, meta
 

@@ -16,7 +16,10 @@ from jaxembed.hf.sentence_transformers import STConfig, pick_prompt
 from jaxembed.models.head import Head
 from jaxembed.models.pooling import check_pooling, l2_normalize, pool_segments
 from jaxembed.packing import MAX_SEGMENTS, bucket, fill, length_buckets, pack_rows
+from jaxembed.progress import Progress
 from jaxembed.tokenizer import append_eos, load_tokenizer
+
+PROGRESS_FROM = 5000  # texts: smaller jobs finish before a progress line would help
 
 
 class Encoder:
@@ -220,11 +223,15 @@ class Encoder:
 
     def _encode_rows(self, ids: list[list[int]], batch_size: int, skip: int) -> np.ndarray:
         out = np.zeros((len(ids), self.dim), np.float32)
-        for rows, per_batch, length in self.batches(ids, batch_size):
-            *arrays, where = fill(ids, rows, per_batch, length, self.pad_id, skip)
-            emb = np.asarray(self._forward(*arrays))
-            text, row, segment = where.T
-            out[text] = emb[row, segment]
+        # Only jobs that take a while report, and only process 0 of a multi-host run.
+        loud = len(ids) >= PROGRESS_FROM and jax.process_index() == 0
+        with Progress(len(ids), "encoding", enabled=loud) as progress:
+            for rows, per_batch, length in self.batches(ids, batch_size):
+                *arrays, where = fill(ids, rows, per_batch, length, self.pad_id, skip)
+                emb = np.asarray(self._forward(*arrays))
+                text, row, segment = where.T
+                out[text] = emb[row, segment]
+                progress.update(len(text))
         return out
 
 

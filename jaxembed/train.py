@@ -373,7 +373,10 @@ def main(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
         check_resumable(checkpoint.restore_meta(workdir, start)[1], config, workdir)
     log.print("resumed from step" if start else "initialised from", start or config.model.path)
     shapes = nnx.state(abstract_model)
-    log.print(sharding.describe(shapes, sharding.state_shardings(shapes, mesh)))
+    table = sharding.describe(shapes, sharding.state_shardings(shapes, mesh))
+    if jax.process_index() == 0:
+        (workdir / "parameters.txt").write_text(table + "\n")
+    log.print(f"{table.splitlines()[-1]}; every tensor's shape and sharding: parameters.txt")
 
     def live(params) -> dict:
         """The live parameters as the encoder takes them (a LoRA run's joined to its base)."""
@@ -418,6 +421,7 @@ def main(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
     # --- the loop -----------------------------------------------------------------------------
     progress = Progress(config, start)
     step, last = start, {}
+    compiled: set[tuple] = set()  # (task, row shapes) the step has been compiled for
     time_limit = 60 * config.train.time_limit_minutes or float("inf")
     with stop_signals() as signals:
         try:
@@ -429,7 +433,9 @@ def main(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
                 batch, tokens, request = agree_on_batch(host, request, packing, mesh)
                 stopping, out_of_time = request == PREEMPTED, request == TIME_LIMIT
                 batch = sharding.from_process_local(batch, mesh)
-                state, metrics = step_fn(state, batch, host["task"], frozen)
+                state, metrics = run_step(
+                    step_fn, state, batch, host["task"], frozen, compiled, log
+                )
                 step += 1
                 progress.add(host["task"], metrics["loss"], tokens)
                 if step % config.log.every == 0 or step == config.train.steps or out_of_time:
@@ -508,6 +514,23 @@ def check_resumable(saved_meta: dict, config, workdir: Path) -> None:
                 f"{workdir} holds a run with config.{key}={was!r}, not {now!r}: resuming "
                 "would silently change the run; use a new --workdir (or the old value)"
             )
+
+
+def run_step(step_fn, state, batch: dict, task: str, frozen, compiled: set, log):
+    """``step_fn(...)``; the first step of each (task, row shapes) compiles, which can take
+    minutes on an accelerator: it is announced, with the shapes, and timed."""
+    towers = [t for t in ("query", "pos", "neg") if f"{t}_ids" in batch]
+    shape = (task, *(batch[f"{t}_ids"].shape for t in towers))
+    if shape in compiled:
+        return step_fn(state, batch, task, frozen)
+    rows = ", ".join(f"{t} {s[0]}x{s[1]}" for t, s in zip(towers, shape[1:], strict=True))
+    log.print(f"compiling the train step for {task} (rows x tokens: {rows}) ...")
+    t0 = time.perf_counter()
+    state, metrics = step_fn(state, batch, task, frozen)
+    jax.block_until_ready(metrics["loss"])
+    compiled.add(shape)
+    log.print(f"  compiled and ran in {time.perf_counter() - t0:.1f}s")
+    return state, metrics
 
 
 def open_data(config, model_dir: Path, log) -> tuple[list, pipeline.BatchBuilder]:
