@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -93,6 +94,24 @@ def all_steps(workdir: str | os.PathLike) -> list[int]:
         return []
     with _reader(path) as m:
         return list(m.all_steps())
+
+
+def check_space(mngr: ocp.CheckpointManager, needed: int, step: int) -> None:
+    """Stops with one line when the checkpoint directory has no room for another step.
+
+    Orbax writes from background threads; a disk that fills under them ends the run in
+    pages of thread tracebacks. Checking first turns the common case (a full disk) into one
+    line that says what is kept. ``needed`` is the state's size in bytes.
+    """
+    directory = Path(mngr.directory)
+    free = shutil.disk_usage(directory).free
+    if free < needed * 1.1 + (16 << 20):
+        last = mngr.latest_step()
+        kept = f"the last checkpoint, step {last}, is intact" if last is not None else "none kept"
+        raise OSError(
+            f"{directory}: {free / 1e6:,.0f} MB free, but checkpointing step {step} needs about "
+            f"{needed / 1e6:,.0f} MB ({kept}); free some space and rerun to resume"
+        )
 
 
 def save(

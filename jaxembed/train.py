@@ -367,6 +367,7 @@ def main(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
         head = load_head(config.model.path, st, source.config.hidden_size)
         return create_state(source, config, mesh, tx, head)[1]
 
+    state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(abstract))
     state, data_pos, start = checkpoint.restore_or_init(mngr, init, abstract)
     del model
     if start:
@@ -448,6 +449,7 @@ def main(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
                 ending = step == config.train.steps or stopping or out_of_time
                 if step % config.ckpt.every == 0 or ending:
                     check_finite(jax.device_get(metrics), step)
+                    checkpoint.check_space(mngr, state_bytes, step)
                     data = {"next_batch": step}
                     force = stopping or out_of_time
                     checkpoint.save(mngr, step, state, data, meta, eval_metrics, force)

@@ -203,3 +203,17 @@ def test_your_own_columns_train_from_python(train_setup, tmp_path):
     assert results["step"] == 2 and np.isfinite(results["last"]["loss"])
     meta = checkpoint.restore_meta(tmp_path / "run")[1]
     assert meta["datasets"] == {"my_pairs": {"task": "retrieval", "rows": 16, "instructions": []}}
+
+
+def test_a_full_disk_is_one_line_before_orbax_starts_writing(tmp_path):
+    """(Measured on a 3 MB tmpfs: 221 lines of Orbax thread tracebacks before, 11 lines
+    ending in this message after.)"""
+    mngr = checkpoint.manager(tmp_path, async_save=False)
+    checkpoint.check_space(mngr, 1 << 20, 4)  # a megabyte fits
+    with pytest.raises(
+        OSError,
+        match=r"checkpoints: [\d,]+ MB free, but checkpointing step 4 "
+        r"needs about [\d,]+ MB \(none kept\); free some space and rerun",
+    ):
+        checkpoint.check_space(mngr, 1 << 60, 4)
+    mngr.close()
