@@ -20,6 +20,7 @@ from jaxembed.files import atomic_write_text
 from jaxembed.hf import bert, gemma3, mapping, modernbert, qwen3
 from jaxembed.hf.io import ModelFolderError, read_weights, write_weights_stream
 from jaxembed.hf.mapping import Row, expand, load_params
+from jaxembed.progress import Progress
 
 FAMILIES: dict[str, ModuleType] = {
     **dict.fromkeys(bert.MODEL_TYPES, bert),
@@ -159,12 +160,16 @@ def save_model(
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     rows = export_rows(model)
-    files = write_weights_stream(
-        path,
-        mapping.export_specs(model, rows, dtype),
-        mapping.iter_export(model, rows, dtype, fetch),
-        max_shard_bytes,
-    )
+    specs = mapping.export_specs(model, rows, dtype)
+    # Large models take minutes to gather and write: report (a bar on a terminal).
+    with Progress(len(specs), "writing weights", "tensors", enabled=len(specs) >= 200) as p:
+
+        def counted():
+            for item in mapping.iter_export(model, rows, dtype, fetch):
+                yield item
+                p.update(1)
+
+        files = write_weights_stream(path, specs, counted(), max_shard_bytes)
     config = json.dumps(hf_config(model, dtype), indent=2, sort_keys=True) + "\n"
     atomic_write_text(path / "config.json", config)
     return ["config.json", *files]
