@@ -10,7 +10,6 @@ over non-padding tokens and give padding the ``pad_token_id`` position.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from typing import Any
 
@@ -23,6 +22,7 @@ from jaxembed.models.layers import (
     LayerNorm,
     Linear,
     activation,
+    call_layer,
     dropout,
     same_segment,
     segment_positions,
@@ -210,19 +210,8 @@ class BertEncoder(nnx.Module):
     def __call__(self, x, bias, rng):
         rngs = split_rng(rng, len(self.layer))
         for layer, r in zip(self.layer, rngs, strict=True):
-            if self.remat:
-                # Keep only each layer's input for the backward pass; recompute the rest. A
-                # plain jax.checkpoint over the layer's state (not nnx.remat) composes with
-                # the jax.vmap the train step wraps around the model.
-                graphdef, state = nnx.split(layer)
-                x = jax.checkpoint(functools.partial(_apply_layer, graphdef))(state, x, bias, r)
-            else:
-                x = layer(x, bias, r)
+            x = call_layer(layer, x, bias, r, remat=self.remat)
         return x
-
-
-def _apply_layer(graphdef, state, x, bias, rng):
-    return nnx.merge(graphdef, state)(x, bias, rng)
 
 
 class BertPooler(nnx.Module):

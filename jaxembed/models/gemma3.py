@@ -30,9 +30,12 @@ from flax import nnx
 
 from jaxembed.models.layers import (
     Embed,
+    GatedMLP,
     Linear,
     activation,
     apply_rotary,
+    grouped_query_attention,
+    merged_call,
     param,
     rotary,
     same_segment,
@@ -127,40 +130,21 @@ class Gemma3Attention(nnx.Module):
 
     def __call__(self, x, cos, sin, bias):
         b, l, _ = x.shape
-        g = self.num_heads // self.num_kv_heads
         q = self.q_norm(self.q_proj(x).reshape(b, l, self.num_heads, self.head_dim))
         k = self.k_norm(self.k_proj(x).reshape(b, l, self.num_kv_heads, self.head_dim))
         v = self.v_proj(x).reshape(b, l, self.num_kv_heads, self.head_dim)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        # Grouped-query attention; query head n = kv * g + j uses key/value head kv.
-        q = q.reshape(b, l, self.num_kv_heads, g, self.head_dim)
-        scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
-        scores = scores * self.scaling
-        if self.softcap:
-            scores = jnp.tanh(scores / self.softcap) * self.softcap
-        probs = jax.nn.softmax(scores + bias[:, None, None], axis=-1).astype(x.dtype)
-        out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
-        return self.o_proj(out.reshape(b, l, self.num_heads * self.head_dim))
-
-
-class Gemma3MLP(nnx.Module):
-    def __init__(self, cfg: Gemma3Config, *, dtype, rngs: nnx.Rngs):
-        h, m = cfg.hidden_size, cfg.intermediate_size
-        kw = dict(use_bias=False, dtype=dtype, rngs=rngs)
-        self.gate_proj = Linear(h, m, axes=("embed", "mlp"), **kw)
-        self.up_proj = Linear(h, m, axes=("embed", "mlp"), **kw)
-        self.down_proj = Linear(m, h, axes=("mlp", "embed"), **kw)
-        self.act = activation(cfg.hidden_activation)
-
-    def __call__(self, x):
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        out = grouped_query_attention(q, k, v, bias, self.scaling, self.softcap)
+        return self.o_proj(out)
 
 
 class Gemma3DecoderLayer(nnx.Module):
     def __init__(self, cfg: Gemma3Config, *, dtype, rngs: nnx.Rngs):
         norm = functools.partial(GemmaRMSNorm, cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype)
         self.self_attn = Gemma3Attention(cfg, dtype=dtype, rngs=rngs)
-        self.mlp = Gemma3MLP(cfg, dtype=dtype, rngs=rngs)
+        self.mlp = GatedMLP(
+            cfg.hidden_size, cfg.intermediate_size, cfg.hidden_activation, dtype=dtype, rngs=rngs
+        )
         self.input_layernorm = norm()
         self.post_attention_layernorm = norm()
         self.pre_feedforward_layernorm = norm()
@@ -171,10 +155,6 @@ class Gemma3DecoderLayer(nnx.Module):
             self.self_attn(self.input_layernorm(x), cos, sin, bias)
         )
         return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
-
-
-def _apply_layer(graphdef, x, layer_state, cos, sin, bias):
-    return nnx.merge(graphdef, layer_state)(x, cos, sin, bias)
 
 
 class Gemma3Model(nnx.Module):
@@ -249,7 +229,7 @@ class Gemma3Model(nnx.Module):
         sliding = jnp.asarray([t == "sliding_attention" for t in cfg.layer_types])
 
         graphdef, state = nnx.split(self.layers)
-        layer = functools.partial(_apply_layer, graphdef)
+        layer = functools.partial(merged_call, graphdef)
         if self.remat:
             layer = jax.checkpoint(layer)
 
@@ -257,7 +237,7 @@ class Gemma3Model(nnx.Module):
             layer_state, is_sliding = xs
             pick = functools.partial(jnp.where, is_sliding)
             cos, sin = pick(rope_local[0], rope_full[0]), pick(rope_local[1], rope_full[1])
-            return layer(h, layer_state, cos, sin, pick(local, full)), None
+            return layer(layer_state, h, cos, sin, pick(local, full)), None
 
         x, _ = jax.lax.scan(body, x, (state, sliding))
         return self.norm(x)

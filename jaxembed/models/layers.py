@@ -9,6 +9,8 @@ context (loading, tests, export) never triggers Flax's eager sharding.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -147,7 +149,23 @@ def activation(name: str):
         ) from None
 
 
-# --- stacked layers (Qwen3, Gemma3) -----------------------------------------------------------
+# --- running layers: remat, stacked layers (scan) --------------------------------------------
+
+
+def merged_call(graphdef, state, *args):
+    """``nnx.merge(graphdef, state)(*args)``: a module as a pure function of its state, which
+    `jax.checkpoint` and `jax.lax.scan` need."""
+    return nnx.merge(graphdef, state)(*args)
+
+
+def call_layer(layer: nnx.Module, *args, remat: bool = False):
+    """``layer(*args)``; with ``remat`` only the layer's inputs are kept for the backward pass
+    and the rest is recomputed. A plain `jax.checkpoint` over the layer's state (not
+    ``nnx.remat``) composes with the `jax.vmap` the train step wraps around the model."""
+    if not remat:
+        return layer(*args)
+    graphdef, state = nnx.split(layer)
+    return jax.checkpoint(functools.partial(merged_call, graphdef))(state, *args)
 
 
 def stacked_layers(make_layer, num_layers: int, rngs: nnx.Rngs) -> nnx.Module:
@@ -167,6 +185,43 @@ def stacked_layers(make_layer, num_layers: int, rngs: nnx.Rngs) -> nnx.Module:
         if isinstance(var, nnx.Param):
             var.set_metadata("axes", ("layers", *var.get_metadata("axes")))
     return layers
+
+
+# --- decoder blocks shared by Qwen3 and Gemma3 ------------------------------------------------
+
+
+class GatedMLP(nnx.Module):
+    """``down_proj(act(gate_proj(x)) * up_proj(x))``, Llama-style, with HF's names."""
+
+    def __init__(self, hidden: int, intermediate: int, act: str, *, dtype, rngs: nnx.Rngs):
+        kw = dict(use_bias=False, dtype=dtype, rngs=rngs)
+        self.gate_proj = Linear(hidden, intermediate, axes=("embed", "mlp"), **kw)
+        self.up_proj = Linear(hidden, intermediate, axes=("embed", "mlp"), **kw)
+        self.down_proj = Linear(intermediate, hidden, axes=("mlp", "embed"), **kw)
+        self.act = activation(act)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+def grouped_query_attention(q, k, v, bias, scale: float, softcap: float | None = None):
+    """``softmax(q k^T * scale + bias) v`` for grouped-query heads, as ``(batch, length,
+    heads * head_dim)``.
+
+    ``q`` is (batch, length, heads, head_dim), ``k`` and ``v`` (batch, length, kv_heads,
+    head_dim); query head n = kv * g + j reads key/value head kv (HF's ``repeat_kv``
+    order), without materialising repeated keys. Scores are fp32; ``softcap`` (Gemma)
+    squashes them with ``tanh`` before the bias; ``bias`` is (batch, length, length).
+    """
+    b, l, nq, d = q.shape
+    nkv = k.shape[2]
+    q = q.reshape(b, l, nkv, nq // nkv, d)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+    scores = scores * scale
+    if softcap:
+        scores = jnp.tanh(scores / softcap) * softcap
+    probs = jax.nn.softmax(scores + bias[:, None, None], axis=-1).astype(v.dtype)
+    return jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, l, nq * d)
 
 
 # --- rotary position embeddings (Qwen3, ModernBERT) ----------------------------------------

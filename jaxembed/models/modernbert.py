@@ -34,6 +34,7 @@ from jaxembed.models.layers import (
     Linear,
     activation,
     apply_rotary,
+    call_layer,
     dropout,
     rotary,
     same_segment,
@@ -171,10 +172,6 @@ class ModernBertLayer(nnx.Module):
         return x + self.mlp(self.mlp_norm(x), r_mlp)
 
 
-def _apply_layer(graphdef, state, x, rope, bias, rng):
-    return nnx.merge(graphdef, state)(x, rope, bias, rng)
-
-
 class ModernBertModel(nnx.Module):
     """The encoder stack; returns the final-norm hidden states (batch, length, hidden)."""
 
@@ -244,10 +241,5 @@ class ModernBertModel(nnx.Module):
             True: rotary(positions, cfg.head_dim, cfg.local_rope_theta, self.dtype),
         }
         for layer, r in zip(self.layers, split_rng(r_layers, len(self.layers)), strict=True):
-            if self.remat:
-                graphdef, state = nnx.split(layer)
-                step = jax.checkpoint(functools.partial(_apply_layer, graphdef))
-                x = step(state, x, rope, bias, r)
-            else:
-                x = layer(x, rope, bias, r)
+            x = call_layer(layer, x, rope, bias, r, remat=self.remat)
         return self.final_norm(x)

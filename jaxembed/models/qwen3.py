@@ -27,9 +27,12 @@ from flax import nnx
 
 from jaxembed.models.layers import (
     Embed,
+    GatedMLP,
     Linear,
     activation,
     apply_rotary,
+    grouped_query_attention,
+    merged_call,
     param,
     rotary,
     same_segment,
@@ -110,48 +113,25 @@ class Qwen3Attention(nnx.Module):
 
     def __call__(self, x, cos, sin, bias):
         b, l, _ = x.shape
-        g = self.num_heads // self.num_kv_heads
         q = self.q_norm(self.q_proj(x).reshape(b, l, self.num_heads, self.head_dim))
         k = self.k_norm(self.k_proj(x).reshape(b, l, self.num_kv_heads, self.head_dim))
         v = self.v_proj(x).reshape(b, l, self.num_kv_heads, self.head_dim)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        # Grouped-query attention without materialising repeated keys: query head
-        # n = kv * g + j uses key/value head kv (HF's repeat_kv order).
-        q = q.reshape(b, l, self.num_kv_heads, g, self.head_dim)
-        scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
-        scores = scores * self.head_dim**-0.5 + bias[:, None, None]
-        probs = jax.nn.softmax(scores, axis=-1).astype(x.dtype)
-        out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
-        return self.o_proj(out.reshape(b, l, self.num_heads * self.head_dim))
-
-
-class Qwen3MLP(nnx.Module):
-    def __init__(self, cfg: Qwen3Config, *, dtype, rngs: nnx.Rngs):
-        h, m = cfg.hidden_size, cfg.intermediate_size
-        kw = dict(use_bias=False, dtype=dtype, rngs=rngs)
-        self.gate_proj = Linear(h, m, axes=("embed", "mlp"), **kw)
-        self.up_proj = Linear(h, m, axes=("embed", "mlp"), **kw)
-        self.down_proj = Linear(m, h, axes=("mlp", "embed"), **kw)
-        self.act = activation(cfg.hidden_act)
-
-    def __call__(self, x):
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        return self.o_proj(grouped_query_attention(q, k, v, bias, self.head_dim**-0.5))
 
 
 class Qwen3DecoderLayer(nnx.Module):
     def __init__(self, cfg: Qwen3Config, *, dtype, rngs: nnx.Rngs):
         self.self_attn = Qwen3Attention(cfg, dtype=dtype, rngs=rngs)
-        self.mlp = Qwen3MLP(cfg, dtype=dtype, rngs=rngs)
+        self.mlp = GatedMLP(
+            cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act, dtype=dtype, rngs=rngs
+        )
         self.input_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype)
 
     def __call__(self, x, cos, sin, bias):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, bias)
         return x + self.mlp(self.post_attention_layernorm(x))
-
-
-def _apply_layer(graphdef, x, layer_state, cos, sin, bias):
-    return nnx.merge(graphdef, layer_state)(x, cos, sin, bias)
 
 
 class Qwen3Model(nnx.Module):
@@ -217,17 +197,17 @@ class Qwen3Model(nnx.Module):
         bias = jnp.where(allowed, 0.0, jnp.finfo(jnp.float32).min)
 
         graphdef, state = nnx.split(self.layers)
-        layer = functools.partial(_apply_layer, graphdef)
+        layer = functools.partial(merged_call, graphdef)
         if self.remat:
             # Keep only each layer's input for the backward pass and recompute the rest.
             layer = jax.checkpoint(layer)
         if self.scan:
 
             def body(h, layer_state):
-                return layer(h, layer_state, cos, sin, bias), None
+                return layer(layer_state, h, cos, sin, bias), None
 
             x, _ = jax.lax.scan(body, x, state)
         else:
             for i in range(cfg.num_hidden_layers):
-                x = layer(x, jax.tree.map(lambda a, i=i: a[i], state), cos, sin, bias)
+                x = layer(jax.tree.map(lambda a, i=i: a[i], state), x, cos, sin, bias)
         return self.norm(x)
