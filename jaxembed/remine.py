@@ -89,19 +89,18 @@ def last_remine_step(step: int, every: int) -> int:
     return (step // every) * every
 
 
-def candidate_texts(settings: Settings, sources, retrieval_sources: list[int]) -> list[str]:
+def candidate_texts(settings: Settings, records: dict[int, list[dict]]) -> list[str]:
     """The corpus (files, else the retrieval datasets' distinct positives), then every
     positive not in it: each positive has an embedding, and other rows' are candidates."""
     texts: list[str] = []
     for path in settings.corpus:
         texts += retrieval.read_corpus(path)[0]
     seen = set(texts)
-    for d in retrieval_sources:
-        for i in range(len(sources[d])):
-            p = sources[d][i]["positive"]
-            if p not in seen:
-                seen.add(p)
-                texts.append(p)
+    for rows in records.values():
+        for r in rows:
+            if r["positive"] not in seen:
+                seen.add(r["positive"])
+                texts.append(r["positive"])
     return texts
 
 
@@ -110,18 +109,21 @@ def remine(encoder, builder, settings: Settings, step: int, batch_size: int, log
     t0 = time.perf_counter()
     cfg = builder.cfg
     sources = builder.sources
-    chosen = [d for d, s in enumerate(sources) if s.task == "retrieval"]
-    texts = candidate_texts(settings, sources, chosen)
+    # Each retrieval dataset's records, read once for the candidates and the queries.
+    records = {
+        d: [s[i] for i in range(len(s))] for d, s in enumerate(sources) if s.task == "retrieval"
+    }
+    texts = candidate_texts(settings, records)
     index = {t: j for j, t in enumerate(texts)}
     encoder.max_length = cfg.max_passage_length
     docs = encoder.encode(texts, batch_size=batch_size, prompt=cfg.passage_prefix)
     hashes = np.asarray([text_hash(t) for t in texts], np.int64)
     negatives, n_queries = {}, 0
-    for d in chosen:
-        records = [sources[d][i] for i in range(len(sources[d]))]
-        negatives[d] = _mine_source(encoder, builder, records, docs, hashes, index, settings,
-                                    batch_size)  # fmt: skip
-        n_queries += len(records)
+    for d, rows in records.items():
+        negatives[d] = _mine_source(
+            encoder, builder, rows, docs, hashes, index, settings, batch_size
+        )
+        n_queries += len(rows)
     log.print(
         f"re-mined negatives at step {step}: {n_queries:,} queries against {len(texts):,} "
         f"passages in {time.perf_counter() - t0:.1f}s (training paused meanwhile)"
