@@ -101,11 +101,9 @@ def test_export_round_trips_every_tensor(tmp_path):
 
 
 def test_bidirectional_train_step_on_a_2x4_fsdp_mesh_equals_one_device():
-    import jax
     from flax import nnx
-    from test_train_step import make_config, random_batch, step_batch
+    from test_train_step import assert_grads_close, one_device_and_mesh
 
-    from jaxembed import sharding, train, train_state
     from jaxembed.models.gemma3 import Gemma3Config, Gemma3Model
 
     tiny = Gemma3Config(
@@ -121,22 +119,11 @@ def test_bidirectional_train_step_on_a_2x4_fsdp_mesh_equals_one_device():
         use_bidirectional_attention=True,
         layer_types=("sliding_attention", "full_attention"),
     )
-    results = []
-    for shape in ((1, 1), (2, 4)):
-        mesh = sharding.make_mesh(*shape, devices=jax.devices()[: int(np.prod(shape))])
-        c = make_config()
-        tx, _ = train_state.make_optimizer(c.optim, c.train.steps)
-        model = Gemma3Model(tiny, rngs=nnx.Rngs(0))
-        graphdef, state, _ = train_state.create_state(model, c, mesh, tx)
-        fn = jax.jit(train.make_loss_and_grads(graphdef, c, "retrieval", "mean", mesh))
-        batch = sharding.shard_batch(step_batch(random_batch()), mesh)
-        loss, grads, _ = fn(state.params, batch, None)
-        results.append((float(loss), jax.tree.map(np.asarray, grads)))
+    results = one_device_and_mesh(lambda: Gemma3Model(tiny, rngs=nnx.Rngs(0)))
     assert abs(results[0][0] - results[1][0]) <= 1e-5
     # 1e-5 of each gradient's scale (at least 1): Gemma's sqrt(hidden) embedding scale makes
     # some gradients O(1), where fp32 summation order alone moves the last digits.
-    for a, b in zip(jax.tree.leaves(results[1][1]), jax.tree.leaves(results[0][1]), strict=True):
-        assert np.abs(a - b).max() <= 1e-5 * max(1.0, np.abs(b).max())
+    assert_grads_close(results[1][1], results[0][1], atol=1e-5, scaled=True)
 
 
 def test_an_embeddinggemma_style_folder_encodes_trains_and_exports(tmp_path):

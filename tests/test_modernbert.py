@@ -150,11 +150,9 @@ def test_train_step_on_a_2x4_fsdp_mesh_equals_one_device():
     Dropout off: released ModernBERT configs have none, and the per-row dropout replay is
     tested across meshes on BERT (test_train_step); with it on, this compile takes minutes.
     """
-    import jax
     from flax import nnx
-    from test_train_step import assert_grads_close, make_config, random_batch, step_batch
+    from test_train_step import assert_grads_close, one_device_and_mesh
 
-    from jaxembed import sharding, train, train_state
     from jaxembed.models.modernbert import ModernBertConfig, ModernBertModel
 
     layer_types = ("full_attention", "sliding_attention")  # one of each: compiles stay short
@@ -169,17 +167,7 @@ def test_train_step_on_a_2x4_fsdp_mesh_equals_one_device():
         local_attention=4,
         pad_token_id=0,
     )
-    results = []
-    for shape in ((1, 1), (2, 4)):
-        mesh = sharding.make_mesh(*shape, devices=jax.devices()[: int(np.prod(shape))])
-        c = make_config()
-        tx, _ = train_state.make_optimizer(c.optim, c.train.steps)
-        model = ModernBertModel(tiny, rngs=nnx.Rngs(0))
-        graphdef, state, _ = train_state.create_state(model, c, mesh, tx)
-        fn = jax.jit(train.make_loss_and_grads(graphdef, c, "retrieval", "mean", mesh))
-        batch = sharding.shard_batch(step_batch(random_batch()), mesh)
-        loss, grads, _ = fn(state.params, batch, None)
-        results.append((float(loss), jax.tree.map(np.asarray, grads)))
+    results = one_device_and_mesh(lambda: ModernBertModel(tiny, rngs=nnx.Rngs(0)))
     assert abs(results[0][0] - results[1][0]) <= 1e-5
     assert_grads_close(results[1][1], results[0][1], atol=1e-5)
 

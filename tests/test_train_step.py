@@ -153,11 +153,31 @@ def loss_and_grads_on(
     return float(loss), jax.tree.map(np.asarray, grads)
 
 
-def assert_grads_close(a, b, atol):
+def assert_grads_close(a, b, atol, scaled=False):
+    """Every gradient of ``a`` within ``atol`` of ``b``'s; with ``scaled``, within ``atol``
+    of each gradient's scale (its largest magnitude, at least 1), where O(1) and larger
+    gradients move in their last fp32 digits with the summation order alone."""
     for (path, x), y in zip(
         jax.tree_util.tree_flatten_with_path(a)[0], jax.tree.leaves(b), strict=True
     ):
-        np.testing.assert_allclose(x, y, atol=atol, rtol=0, err_msg=jax.tree_util.keystr(path))
+        tol = atol * max(1.0, float(np.abs(y).max())) if scaled else atol
+        np.testing.assert_allclose(x, y, atol=tol, rtol=0, err_msg=jax.tree_util.keystr(path))
+
+
+def one_device_and_mesh(make_model, shape=(2, 4)):
+    """``[(loss, grads)]`` of ``make_model()``'s step on one device, then on ``shape``
+    (the default config, dropout off: a backbone's sharding check, not dropout's)."""
+    results = []
+    for s in ((1, 1), shape):
+        mesh = sharding.make_mesh(*s, devices=jax.devices()[: int(np.prod(s))])
+        c = make_config()
+        tx, _ = train_state.make_optimizer(c.optim, c.train.steps)
+        graphdef, state, _ = train_state.create_state(make_model(), c, mesh, tx)
+        fn = jax.jit(train.make_loss_and_grads(graphdef, c, "retrieval", "mean", mesh))
+        batch = sharding.shard_batch(step_batch(random_batch()), mesh)
+        loss, grads, _ = fn(state.params, batch, None)
+        results.append((float(loss), jax.tree.map(np.asarray, grads)))
+    return results
 
 
 # Pure data parallel (8x1) and pure FSDP (1x8) are also compared end to end, loss by loss,
@@ -277,13 +297,7 @@ def test_distillation_is_the_same_packed_on_a_mesh_with_gradcache_and_matryoshka
         results.append((float(loss), jax.tree.map(np.asarray, grads)))
     assert abs(results[0][0] - results[1][0]) <= 1e-5
     # Logits of cos / 0.05 make gradients of ~30: 1e-5 of each tensor's scale (fp32 sums).
-    for (path, x), y in zip(
-        jax.tree_util.tree_flatten_with_path(results[1][1])[0],
-        jax.tree.leaves(results[0][1]),
-        strict=True,
-    ):
-        atol = 1e-5 * max(1.0, float(np.abs(y).max()))
-        np.testing.assert_allclose(x, y, atol=atol, rtol=0, err_msg=jax.tree_util.keystr(path))
+    assert_grads_close(results[1][1], results[0][1], atol=1e-5, scaled=True)
     # The distillation terms are in the loss: dropping them changes it.
     c.loss.kl_weight.retrieval = c.loss.margin_mse_weight.retrieval = 0.0
     fn = jax.jit(train.make_loss_and_grads(graphdef, c, "retrieval", "mean", mesh))
