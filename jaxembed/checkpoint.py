@@ -183,36 +183,71 @@ def restore_params(workdir: str | os.PathLike, step: int, name: str, item):
 
 
 class CheckpointDamaged(ValueError):
-    """Every checkpoint of a run fails to restore; the message names the directory."""
+    """A checkpoint step cannot be restored; the message names the step and what to do."""
 
 
-def restore_or_init(mngr: ocp.CheckpointManager, init: Callable[[], object], abstract_state):
+DAMAGED_DIR = "damaged_checkpoints"  # where ``fallback`` moves steps that cannot be restored
+
+
+def restore_or_init(
+    mngr: ocp.CheckpointManager, init: Callable[[], object], abstract_state, fallback=False
+):
     """The latest checkpoint if the run has one, else ``init()``.
 
     Returns ``(state, data, step)``: ``data`` is the saved data position (None when
     initialised). A workdir with a checkpoint always resumes: the initialisation (e.g.
-    loading HF weights) is not even run then. A damaged latest step (a killed save, a
-    corrupted file) is reported in one line and the previous step is restored instead.
+    loading HF weights) is not even run then. When the latest step cannot be restored (a
+    corrupted file, a bad copy), the newest intact one is looked for and the run stops with
+    one line naming both, unless ``fallback``: then the damaged steps are moved to
+    ``WORKDIR/damaged_checkpoints`` (kept, not deleted) and the run resumes from the intact
+    step, retraining the steps after it.
     """
     steps = sorted(mngr.all_steps(), reverse=True)
     if not steps:
         return init(), None, 0
+    damaged, first = [], ""
     for step in steps:
         try:
             state, _, data = restore(mngr, step, abstract_state, with_data=True)
-        except Exception as e:  # any damage (a killed save, a bad file): try an older step
-            first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
-            if step == steps[-1]:
-                raise CheckpointDamaged(
-                    f"{mngr.directory}: no checkpoint can be restored (tried steps {steps}); "
-                    f"the last error: {first}"
-                ) from None
+        except Exception as e:  # any damage (a bad file, a partial copy): try an older step
+            damaged.append(step)
+            first = first or (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+            continue
+        if damaged and not fallback:
+            raise CheckpointDamaged(
+                f"{mngr.directory}: checkpoint step {damaged[0]} cannot be restored ({first}); "
+                f"step {step} is intact: rerun with --config.ckpt.fallback=true to resume from "
+                f"it (the damaged steps {damaged} are moved to {DAMAGED_DIR}/)"
+            )
+        if damaged:
+            _move_aside(mngr, damaged)
             if jax.process_index() == 0:
                 print(
-                    f"warning: checkpoint step {step} is damaged ({first}); "
-                    "falling back to the previous one",
+                    f"warning: checkpoint steps {damaged} cannot be restored ({first}); moved "
+                    f"to {DAMAGED_DIR}/, resuming from step {step}",
                     flush=True,
                 )
-            continue
         return state, data, step
-    raise AssertionError("unreachable")
+    raise CheckpointDamaged(
+        f"{mngr.directory}: no checkpoint can be restored (tried steps {steps}); the newest "
+        f"error: {first}; use a new --workdir (this one's files are left as they are)"
+    )
+
+
+def _move_aside(mngr: ocp.CheckpointManager, steps: list[int]) -> None:
+    """Moves damaged steps out of the checkpoint directory, so the run can save them anew
+    (Orbax never saves a step at or below its latest), keeping the files for inspection."""
+    from jaxembed import distributed
+
+    directory = Path(mngr.directory)
+    aside = directory.parent / DAMAGED_DIR
+    if jax.process_index() == 0:
+        aside.mkdir(exist_ok=True)
+        for step in steps:
+            target = aside / str(step)
+            n = 1
+            while target.exists():  # damaged twice at the same step: keep both
+                target, n = aside / f"{step}.{n}", n + 1
+            (directory / str(step)).rename(target)
+    distributed.barrier("checkpoint_move_aside")
+    mngr.reload()

@@ -83,6 +83,8 @@ def default_config() -> ml_collections.ConfigDict:
     # spent, training ends after the current step (checkpoint, eval after) even if the
     # schedule has steps left; rerunning the same command resumes and continues.
     c.train.time_limit_minutes = 0.0
+    # Resume even when the config changes the model or the data of the run (train.RESUME_KEYS)
+    c.train.allow_config_change = False
     # Hard negatives re-mined with the live parameters every remine_every steps (0: never),
     # for the retrieval datasets (`jaxembed.remine`): against remine_corpus (corpus files as
     # jaxembed.mine reads them; (): the distinct positives), the best remine_top_k minus
@@ -131,6 +133,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.ckpt.keep = 3
     c.ckpt.keep_best = 0  # also keep this many best by eval.best_metric
     c.ckpt.async_save = True
+    # Resume from the newest intact step when the latest cannot be restored (the damaged
+    # steps are moved to WORKDIR/damaged_checkpoints); False: stop and say so
+    c.ckpt.fallback = False
 
     c.eval = ml_collections.ConfigDict()
     c.eval.every = 0  # steps between evaluations; 0 = only before and after training

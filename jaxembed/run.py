@@ -27,7 +27,7 @@ from flax import nnx
 
 from jaxembed import checkpoint as ckpt_lib
 from jaxembed import hf, sharding
-from jaxembed.files import atomic_dir
+from jaxembed.files import atomic_dir, atomic_write_text
 from jaxembed.hf.io import ModelFolderError
 from jaxembed.hf.sentence_transformers import STConfig, load_head, read_st_config
 from jaxembed.models import lora
@@ -441,6 +441,19 @@ class RunLog:
             from tensorboardX import SummaryWriter
 
             self.tb = SummaryWriter(str(workdir / "tensorboard"))
+
+    def forget_after(self, step: int) -> None:
+        """Drops the records a resumed run will log again: those after its checkpoint
+        ``step`` (all of them when it starts from scratch), so no step appears twice."""
+        if not self.enabled or self.jsonl.tell() == 0:
+            return
+        self.jsonl.close()
+        path = Path(self.jsonl.name)
+        lines = path.read_text().splitlines(keepends=True)
+        kept = [x for x in lines if step and x.strip() and json.loads(x)["step"] <= step]
+        if len(kept) < len(lines):
+            atomic_write_text(path, "".join(kept))
+        self.jsonl = open(path, "a")  # noqa: SIM115
 
     def print(self, *args):
         if self.enabled:

@@ -368,10 +368,11 @@ def main(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
         return create_state(source, config, mesh, tx, head)[1]
 
     state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(abstract))
-    state, data_pos, start = checkpoint.restore_or_init(mngr, init, abstract)
+    state, data_pos, start = checkpoint.restore_or_init(mngr, init, abstract, config.ckpt.fallback)
     del model
     if start:
-        check_resumable(checkpoint.restore_meta(workdir, start)[1], config, workdir)
+        check_resumable(checkpoint.restore_meta(workdir, start)[1], config, workdir, log)
+    log.forget_after(start)
     log.print("resumed from step" if start else "initialised from", start or config.model.path)
     shapes = nnx.state(abstract_model)
     table = sharding.describe(shapes, sharding.state_shardings(shapes, mesh))
@@ -501,21 +502,28 @@ RESUME_KEYS = (
 )
 
 
-def check_resumable(saved_meta: dict, config, workdir: Path) -> None:
-    """Refuses to resume with a config that changes the model or the data of the run."""
+def check_resumable(saved_meta: dict, config, workdir: Path, log) -> None:
+    """Refuses to resume with a config that changes the model or the data of the run,
+    naming every changed key, unless ``train.allow_config_change`` (then it warns)."""
     saved = saved_meta.get("config", {})
     saved = json.loads(saved) if isinstance(saved, str) else saved
     current = json.loads(config.to_json_best_effort())
+    changed = []
     for key in RESUME_KEYS:
         group, name = key.split(".")
         if group not in saved or name not in saved[group]:
             continue  # a checkpoint written before the key existed
         was, now = saved[group][name], current[group][name]
         if json.dumps(was, sort_keys=True) != json.dumps(now, sort_keys=True):
-            raise ValueError(
-                f"{workdir} holds a run with config.{key}={was!r}, not {now!r}: resuming "
-                "would silently change the run; use a new --workdir (or the old value)"
-            )
+            changed.append(f"config.{key}={was!r} -> {now!r}")
+    if changed and config.train.allow_config_change:
+        log.print(f"warning: resuming {workdir} with changed {'; '.join(changed)}")
+    elif changed:
+        raise ValueError(
+            f"{workdir} holds a run with other settings ({'; '.join(changed)}): resuming "
+            "would silently change the run; use a new --workdir, the old values, or "
+            "--config.train.allow_config_change=true"
+        )
 
 
 def run_step(step_fn, state, batch: dict, task: str, frozen, compiled: set, log):

@@ -20,7 +20,11 @@ NO_DECAY = ("bias", "scale")  # LayerNorm / RMSNorm scales and every bias
 
 
 def make_schedule(optim: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
-    """Linear warmup from 0 to ``lr``, then cosine / linear decay to ``min_lr``, or constant."""
+    """Linear warmup to ``lr``, then cosine / linear decay to ``min_lr``, or constant.
+
+    Indexed by the optimizer's count (0 at step 1) but evaluated one step on, so step 1
+    trains at ``lr / warmup_steps`` rather than 0 and the last step at ``min_lr``.
+    """
     warmup = optax.linear_schedule(0.0, optim.lr, max(optim.warmup_steps, 1))
     decay_steps = max(total_steps - optim.warmup_steps, 1)
     if optim.schedule == "cosine":
@@ -29,9 +33,9 @@ def make_schedule(optim: ml_collections.ConfigDict, total_steps: int) -> optax.S
         after = optax.linear_schedule(optim.lr, optim.min_lr, decay_steps)
     else:
         after = optax.constant_schedule(optim.lr)
-    if optim.warmup_steps == 0:
-        return after
-    return optax.join_schedules([warmup, after], [optim.warmup_steps])
+    if optim.warmup_steps:
+        after = optax.join_schedules([warmup, after], [optim.warmup_steps])
+    return lambda count: after(count + 1)
 
 
 def decay_mask(params) -> dict:

@@ -1,5 +1,5 @@
-"""`python -m jaxembed.train`: smoke run, exact resume after SIGKILL, validation (SIGTERM:
-test_multihost, where one host of two is signalled)."""
+"""`python -m jaxembed.train`: smoke run, exact resume after SIGKILLs at random points,
+validation (SIGTERM: test_multihost, where one host of two is signalled)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import json
 import signal
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 from helpers import save_tiny_with_tokenizer
@@ -40,21 +41,49 @@ def test_smoke_run_logs_evaluates_and_checkpoints(straight_run):
     assert not (tmp_path / "model" / "model.safetensors").exists()
 
 
-def test_resume_after_sigkill_reproduces_losses(train_setup, straight_run, tmp_path):
-    steps = STEPS
-    reference = read_losses(straight_run[0])
+def saved_state(workdir: Path, step: int):
+    import orbax.checkpoint as ocp
 
-    killed = tmp_path / "killed"
-    cfg_file = write_config(train_setup, tmp_path / "cfg.py", steps)
-    proc = run_cli(cfg_file, killed)
-    wait_for_step(killed, 4, proc)  # the step-3 checkpoint is complete (synchronous saves)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert checkpoint.latest_step(killed) == 3
-    train.main(tiny_config(train_setup, steps=steps), killed)
-    resumed = read_losses(killed)
-    for step in range(1, steps + 1):
-        assert abs(resumed[step] - reference[step]) <= 1e-6, (step, resumed[step], reference[step])
+    path = (workdir / checkpoint.CKPT_DIR / str(step) / "state").absolute()
+    return ocp.StandardCheckpointer().restore(path)
+
+
+def test_sigkill_at_random_points_resumes_exactly(train_setup, straight_run, tmp_path):
+    """kill -9 at three random moments of a run that saves (asynchronously) every step,
+    some of them during a save: no complete checkpoint is lost, and the resumed run ends
+    with the same per-step losses and the same final state as an uninterrupted run."""
+    import random
+    import time
+
+    rng = random.Random(1234)
+    workdir = tmp_path / "killed"
+    every_step = {"ckpt__every": 1, "ckpt__async_save": True}
+    cfg = write_config(train_setup, tmp_path / "cfg.py", STEPS, **every_step)
+    last_saved = 0
+    for target in sorted(rng.sample(range(1, STEPS), 3)):
+        if target <= last_saved:
+            continue
+        proc = run_cli(cfg, workdir)
+        wait_for_step(workdir, target, proc)
+        time.sleep(rng.uniform(0.0, 0.5))  # often mid-save: saves start right after a step
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        saved = checkpoint.latest_step(workdir) or 0  # None: killed before the first save
+        assert saved >= last_saved, (target, saved, last_saved)
+        last_saved = saved
+    train.main(tiny_config(train_setup, steps=STEPS, ckpt__every=1), workdir)
+    want, got = read_losses(straight_run[0]), read_losses(workdir)
+    assert sorted(got) == list(range(1, STEPS + 1))
+    for step in got:
+        assert abs(got[step] - want[step]) <= 1e-6, (step, got[step], want[step])
+    final, reference = saved_state(workdir, STEPS), saved_state(straight_run[0], STEPS)
+    assert int(final["step"]) == STEPS
+    for (path, x), y in zip(
+        jax.tree_util.tree_leaves_with_path(final["params"]),
+        jax.tree.leaves(reference["params"]),
+        strict=True,
+    ):
+        np.testing.assert_allclose(x, y, atol=1e-6, err_msg=jax.tree_util.keystr(path))
 
 
 def test_time_limit_ends_training_and_a_rerun_continues_exactly(
@@ -141,30 +170,45 @@ def test_retrofit_recipe_runs_on_a_tiny_xlmr(train_setup, tmp_path):
     assert results["step"] == 2 and np.isfinite(results["last"]["loss"])
 
 
-def test_damaged_latest_checkpoint_falls_back_and_changed_configs_are_refused(
+def test_damaged_checkpoint_and_changed_configs_stop_unless_asked(
     train_setup, straight_run, tmp_path, capsys
 ):
     import shutil
 
     workdir = tmp_path / "run"
-    shutil.copytree(straight_run[0], workdir, ignore=shutil.ignore_patterns("metrics.jsonl"))
+    shutil.copytree(straight_run[0], workdir)
     # The latest step's array data damaged on disk (as a failing disk or a bad copy would).
     damaged = [p for p in (workdir / "checkpoints" / "6" / "state").rglob("*") if p.is_file()]
     for p in damaged:
         p.write_bytes(b"\0" * 16)
-    # Resuming with another batch size or other data would silently change the run.
-    for key, value in (("train__global_batch", 16), ("data__max_passage_length", 32)):
-        with pytest.raises(
-            ValueError, match=rf"holds a run with config\.{key.replace('__', '.')}="
-        ):
-            train.main(tiny_config(train_setup, steps=STEPS, **{key: value}), workdir)
-    results = train.main(tiny_config(train_setup, steps=STEPS), workdir)
+    with pytest.raises(checkpoint.CheckpointDamaged) as e:
+        train.main(tiny_config(train_setup, steps=STEPS), workdir)
+    assert "step 6 cannot be restored" in str(e.value) and "step 3 is intact" in str(e.value)
+    assert "--config.ckpt.fallback=true" in str(e.value) and "\n" not in str(e.value)
+    assert checkpoint.all_steps(workdir) == [3, 6]  # nothing moved or lost by refusing
+    # Resuming with another batch size and other lengths would silently change the run:
+    # every changed key is named.
+    changed = {"train__global_batch": 16, "data__max_passage_length": 32, "ckpt__fallback": True}
+    with pytest.raises(ValueError, match="holds a run with other settings") as e:
+        train.main(tiny_config(train_setup, steps=STEPS, **changed), workdir)
+    assert "config.train.global_batch=8 -> 16" in str(e.value)
+    assert "config.data.max_passage_length=16 -> 32" in str(e.value)
+    results = train.main(tiny_config(train_setup, steps=STEPS, ckpt__fallback=True), workdir)
     out = capsys.readouterr().out
-    assert "warning: checkpoint step 6 is damaged" in out and "resumed from step 3" in out
-    assert results["step"] == STEPS
+    assert "checkpoint steps [6] cannot be restored" in out and "resumed from step 3" in out
+    assert (workdir / checkpoint.DAMAGED_DIR / "6").is_dir()  # kept for inspection
+    assert results["step"] == STEPS and checkpoint.all_steps(workdir) == [3, 6]
     want = read_losses(straight_run[0])
-    for step, loss in read_losses(workdir).items():
+    got = read_losses(workdir)  # steps 4-6 logged once: the first run's records were dropped
+    assert sorted(got) == list(range(1, STEPS + 1))
+    for step, loss in got.items():
         assert abs(loss - want[step]) < 1e-6, step
+    # Asked for, a change is a warning (here a longer schedule: not a resume key).
+    allowed = tiny_config(
+        train_setup, steps=STEPS + 1, data__max_passage_length=32, train__allow_config_change=True
+    )
+    assert train.main(allowed, workdir)["step"] == STEPS + 1
+    assert "warning: resuming" in capsys.readouterr().out
 
 
 def test_empty_data_and_unused_negatives_are_reported(train_setup, tmp_path):

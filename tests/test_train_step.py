@@ -333,15 +333,18 @@ def test_schedule_and_decay_mask():
     c = config_lib.default_config()
     c.optim.lr, c.optim.min_lr, c.optim.warmup_steps = 1e-3, 1e-5, 10
     sched = train_state.make_schedule(c.optim, 110)
-    assert float(sched(0)) == 0.0
-    np.testing.assert_allclose(float(sched(5)), 5e-4, rtol=1e-6)
-    np.testing.assert_allclose(float(sched(10)), 1e-3, rtol=1e-6)
-    np.testing.assert_allclose(float(sched(60)), (1e-3 + 1e-5) / 2, rtol=1e-5)
-    np.testing.assert_allclose(float(sched(110)), 1e-5, rtol=1e-5)
+    # Indexed by the optimizer count: count 0 is step 1, which must not train at lr 0.
+    np.testing.assert_allclose(float(sched(0)), 1e-4, rtol=1e-6)
+    np.testing.assert_allclose(float(sched(4)), 5e-4, rtol=1e-6)
+    np.testing.assert_allclose(float(sched(9)), 1e-3, rtol=1e-6)
+    np.testing.assert_allclose(float(sched(59)), (1e-3 + 1e-5) / 2, rtol=1e-5)
+    np.testing.assert_allclose(float(sched(109)), 1e-5, rtol=1e-5)
     c.optim.schedule = "linear"
     np.testing.assert_allclose(
-        float(train_state.make_schedule(c.optim, 110)(60)), (1e-3 + 1e-5) / 2, rtol=1e-5
+        float(train_state.make_schedule(c.optim, 110)(59)), (1e-3 + 1e-5) / 2, rtol=1e-5
     )
+    c.optim.warmup_steps = 0
+    assert float(train_state.make_schedule(c.optim, 110)(0)) > 0.99e-3
     params = {"model": nnx.to_pure_dict(nnx.state(tiny_model())), "log_temperature": jnp.float32(0)}
     mask = train_state.decay_mask(params)
     layer = mask["model"]["encoder"]["layer"][0]

@@ -51,6 +51,7 @@ def read_losses(workdir):
     for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines():
         rec = json.loads(line)
         if "loss" in rec:
+            assert rec["step"] not in out, f"step {rec['step']} logged twice"
             out[rec["step"]] = rec["loss"]
     return out
 
