@@ -15,7 +15,16 @@ from pathlib import Path
 
 import ml_collections
 
-from jaxembed.choices import DTYPES, LOSS_STYLES, SCHEDULES, TASKS
+from jaxembed.choices import DTYPES, LOSS_STYLES, MIXING, NEGATIVES, SCHEDULES, TASKS
+
+# The fields that take one of a closed set of names (`validate` checks them, --help lists them).
+CHOICES = {
+    "model.dtype": DTYPES,
+    "loss.style": LOSS_STYLES,
+    "optim.schedule": SCHEDULES,
+    "data.mixing": MIXING,
+    "data.negatives": NEGATIVES,
+}
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -171,9 +180,8 @@ def _positive(c, key: str, allow_zero: bool = False) -> None:
 
 def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """Checks the values `default_config` defines; returns the config."""
-    _choice(c, "model.dtype", DTYPES)
-    _choice(c, "loss.style", LOSS_STYLES)
-    _choice(c, "optim.schedule", SCHEDULES)
+    for key, allowed in CHOICES.items():
+        _choice(c, key, allowed)
     for key in ("loss.temperature", "optim.lr", "train.steps", "train.global_batch"):
         _positive(c, key)
     for key in ("optim.weight_decay", "optim.warmup_steps", "optim.min_lr", "optim.clip_norm"):
@@ -212,7 +220,7 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         raise ValueError(
             f"config.optim.min_lr={c.optim.min_lr} exceeds config.optim.lr={c.optim.lr}"
         )
-    # data.mixing, negatives, group_size, query_noise: `PipelineConfig` checks them.
+    # data.group_size, query_noise: `PipelineConfig` checks them.
     for group in ("infonce_weight", "kl_weight", "margin_mse_weight"):
         for task, weight in c.loss[group].items():
             if task not in TASKS:
@@ -341,12 +349,40 @@ def _parse(text: str, current, key: str):
 
 
 def describe(config: ml_collections.ConfigDict, prefix: str = "config") -> list[str]:
-    """One ``key = value`` line per field, nested groups flattened (for ``--help``)."""
+    """One ``key = value`` line per field, nested groups flattened, each with its allowed
+    values and the comment it has in `default_config` (for ``--help``)."""
+    notes = _field_comments()
     lines = []
     for name, value in config.items():
+        key = f"{prefix}.{name}"
         if isinstance(value, ml_collections.ConfigDict) and len(value):
-            lines += describe(value, f"{prefix}.{name}")
-        else:
-            shown = dict(value) if isinstance(value, ml_collections.ConfigDict) else value
-            lines.append(f"{prefix}.{name} = {shown!r}")
+            group_note = notes.get(key.removeprefix("config."))
+            lines += [f"{key}.*  # {group_note}"] if group_note else []
+            lines += describe(value, key)
+            continue
+        shown = dict(value) if isinstance(value, ml_collections.ConfigDict) else value
+        short = key.removeprefix("config.")
+        note = [f"one of {list(CHOICES[short])}"] if short in CHOICES else []
+        note += [notes[short]] if short in notes else []
+        lines.append(f"{key} = {shown!r}" + (f"  # {'; '.join(note)}" if note else ""))
     return lines
+
+
+def _field_comments() -> dict[str, str]:
+    """``{"model.dtype": "compute dtype; ..."}``: each field's comment in `default_config`
+    (trailing, else the comment block just above it), so a default and its explanation
+    are written once."""
+    import inspect
+    import re
+
+    notes, block = {}, []
+    for line in inspect.getsource(default_config).splitlines():
+        line = line.strip()
+        if line.startswith("#"):
+            block.append(line.lstrip("# "))
+            continue
+        field = re.match(r"c\.(\w+\.\w+) = ([^#]*)(?:#\s*(.+))?$", line)
+        if field and (field[3] or block):
+            notes[field[1]] = field[3] or " ".join(block)
+        block = []
+    return notes

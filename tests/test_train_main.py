@@ -137,6 +137,17 @@ def test_config_validation_names_key_and_values(train_setup):
         config_lib.validate(c)
 
 
+def test_help_lists_every_field_with_default_choices_and_comment():
+    lines = config_lib.describe(config_lib.default_config())
+    keys = {line.split(" = ")[0] for line in lines if " = " in line}
+    assert len(keys) == len([x for x in lines if " = " in x])  # each field once
+    assert "config.train.allow_config_change" in keys and "config.ckpt.fallback" in keys
+    shown = "\n".join(lines)
+    assert "config.data.negatives = 'mined'  # one of ['mined', 'random']" in shown
+    assert "config.model.dtype = 'float32'  # one of ['float32', 'bfloat16']; compute dtype" in shown
+    assert "config.model.lora.*  # LoRA (rank > 0)" in shown
+
+
 def test_recipe_configs_validate_and_name_their_eval_sets(train_setup):
     import ml_collections
 
