@@ -144,7 +144,7 @@ def test_help_lists_every_field_with_default_choices_and_comment():
     assert "config.train.allow_config_change" in keys and "config.ckpt.fallback" in keys
     shown = "\n".join(lines)
     assert "config.data.negatives = 'mined'  # one of ['mined', 'random']" in shown
-    assert "config.model.dtype = 'float32'  # one of ['float32', 'bfloat16']; compute dtype" in shown
+    assert "config.model.dtype = 'float32'  # one of ['float32', 'bfloat16']; compute" in shown
     assert "config.model.lora.*  # LoRA (rank > 0)" in shown
 
 
