@@ -221,9 +221,12 @@ def mine(
         encoder, queries.texts, queries.prompts, cache / "queries", key, desc="queries", **enc_kw
     )
 
+    top_k = min(rules.top_k, len(pool.texts))
+    if top_k < rules.top_k:
+        log.warning("--top-k %d exceeds the %d candidates: capped at %d", rules.top_k, top_k, top_k)
     t0 = time.perf_counter()
     candidates = retrieval.nearest_non_positives(
-        q_shards, d_shards, pool.hashes, queries.positive_hashes, rules.top_k,
+        q_shards, d_shards, pool.hashes, queries.positive_hashes, top_k,
         block=block, query_block=query_block,
     )  # fmt: skip
     search_s = time.perf_counter() - t0

@@ -432,3 +432,12 @@ def test_help_describes_the_rules(capsys):
     text = capsys.readouterr().out
     for opt in ("--top-k", "--skip-top", "--max-score", "--relative-margin", "--too-few"):
         assert opt in text
+
+
+def test_top_k_above_the_pool_is_capped_and_said(word_data, tmp_path, caplog):
+    with caplog.at_level("WARNING", logger="jaxembed.mine"):
+        run_words(word_data, tmp_path / "capped.jsonl", top_k=1000)
+    assert "--top-k 1000 exceeds the 22 candidates: capped at 22" in caplog.text
+    # The same rows as an uncapped search over the whole pool gives.
+    run_words(word_data, tmp_path / "all.jsonl", top_k=22)
+    assert read_jsonl(tmp_path / "capped.jsonl") == read_jsonl(tmp_path / "all.jsonl")
