@@ -448,3 +448,10 @@ def test_cli(tmp_path, capsys):
     with pytest.raises(SystemExit) as info:
         debian.main(["--out", str(tmp_path / "o"), "--lists", str(tmp_path / "nowhere")])
     assert info.value.code == 2 and "Translation-en" in capsys.readouterr().err
+
+
+def test_build_says_each_stage_on_stderr(tmp_path, capsys):
+    debian.build(tmp_path / "out", FIXTURE, langs=LANGS, max_per_task=5, max_eval=2)
+    err = capsys.readouterr().err
+    stages = ["reading the Packages", "building the training files", "building the dev", "test"]
+    assert all(s in err for s in stages), err

@@ -845,13 +845,20 @@ def build(
       max_eval: queries per evaluation set.
       max_corpus: documents per evaluation corpus (relevant ones always kept).
       seed: seeds every sampling decision; same inputs and seed give the same files.
-      verbose: print the count tables.
+      verbose: say each stage on stderr as it starts, then print the count tables.
     """
     t0 = time.time()
+
+    def stage(what: str) -> None:  # each step takes seconds to minutes: say which one runs
+        if verbose:
+            print(f"[{time.time() - t0:5.0f}s] {what}", file=sys.stderr, flush=True)
+
     out_dir = Path(out_dir)
     langs = _check_langs(langs)
     if lists_dir is None:
+        stage(f"fetching the package lists (apt-get update, {len(langs)} languages) ...")
         lists_dir = fetch_lists(out_dir / "lists", langs[1:])
+    stage(f"reading the Packages and Translation files of {lists_dir} ...")
     packages, missing = load_packages(lists_dir, langs)
     if missing:
         print(f"warning: no Translation-{{{','.join(missing)}}} in {lists_dir}", file=sys.stderr)
@@ -875,11 +882,13 @@ def build(
         "dev": {},
         "test": {},
     }
+    stage(f"{len(packages):,} packages; building the training files ...")
     tasks, stats["withheld_train_descriptions"] = build_train(packages, langs, max_per_task, seed)
     for dataset, (rows, counts) in tasks.items():
         n = _write_records(out_dir / "train" / f"{dataset}.jsonl", rows)
         stats["train"][dataset] = {"task": TRAIN_TASKS[dataset][0], "rows": n, "by_lang": counts}
     for split in ("dev", "test"):
+        stage(f"building the {split} evaluation sets ...")
         for s in build_eval(packages, split, langs, max_eval, max_corpus, seed):
             _write_eval(out_dir, split, s)
             stats[split][s.name] = {
