@@ -18,8 +18,11 @@ when complete), so a run killed at any moment resumes from the last complete che
 from __future__ import annotations
 
 import contextlib
+import errno
+import logging
 import os
 import shutil
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -112,6 +115,48 @@ def check_space(mngr: ocp.CheckpointManager, needed: int, step: int) -> None:
             f"{directory}: {free / 1e6:,.0f} MB free, but checkpointing step {step} needs about "
             f"{needed / 1e6:,.0f} MB ({kept}); free some space and rerun to resume"
         )
+
+
+NO_SPACE = "No space left on device"
+
+
+class _NoSpaceLogs(logging.Filter):
+    """Drops Orbax's logs of a save that ran out of disk (each background thread logs it
+    with its traceback): the same error reaches the training thread (`saves_reported`)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        return NO_SPACE not in record.getMessage() and NO_SPACE not in str(error or "")
+
+
+@contextlib.contextmanager
+def saves_reported(mngr: ocp.CheckpointManager):
+    """Around the training loop: a disk that fills while a checkpoint is being written ends
+    in one line naming the directory and the intact step, not pages of thread tracebacks
+    (`check_space` catches the common case before a save starts)."""
+    quiet, absl_logger = _NoSpaceLogs(), logging.getLogger("absl")
+    default_hook = sys.unraisablehook
+
+    def unraisable(u):  # TensorStore's callbacks into the failed save's closed event loop
+        if not (isinstance(u.exc_value, RuntimeError) and "loop is closed" in str(u.exc_value)):
+            default_hook(u)
+
+    absl_logger.addFilter(quiet)
+    sys.unraisablehook = unraisable
+    try:
+        yield
+    except Exception as e:
+        if NO_SPACE not in str(e) and getattr(e, "errno", None) != errno.ENOSPC:
+            raise
+        last = mngr.latest_step()
+        kept = f"the last complete checkpoint, step {last}, is intact" if last else "none kept"
+        raise OSError(
+            f"{mngr.directory}: no space left on device while writing a checkpoint ({kept}); "
+            "free some space and rerun to resume"
+        ) from None
+    finally:
+        absl_logger.removeFilter(quiet)
+        sys.unraisablehook = default_hook
 
 
 def save(

@@ -425,7 +425,7 @@ def main(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
     step, last = start, {}
     compiled: set[tuple] = set()  # (task, row shapes) the step has been compiled for
     time_limit = 60 * config.train.time_limit_minutes or float("inf")
-    with stop_signals() as signals:
+    with stop_signals() as signals, checkpoint.saves_reported(mngr):
         try:
             while step < config.train.steps:
                 request = PREEMPTED if signals else NO_STOP
