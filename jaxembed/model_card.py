@@ -115,10 +115,10 @@ def _prompts(meta: dict, st: STConfig) -> list[str]:
             if single_instruction(meta) is not None
             else "the query prefix that training queries without an instruction carried."
         ),
-        "- `document` / `passage` (the same text): for documents, the passage prefix of "
-        "training (`encode_document` picks `document`).",
+        "- `document`: for documents (`encode_document` and MTEB pick it), the passage "
+        "prefix of training.",
     ]
-    if any(k not in ("query", "document", "passage") for k in st.prompts):
+    if any(k not in ("query", "document") for k in st.prompts):
         out.append(
             "- the other prompts are the instructions that training datasets carried, one per "
             f"dataset (named by it): use one for queries of that kind of task. Template: "

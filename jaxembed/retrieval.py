@@ -390,7 +390,7 @@ class Evaluator:
         # ``prompts``: those the exported folder will carry (`jaxembed.run.trained_prompts`,
         # e.g. F2LLM's one instruction), so the numbers logged here are what
         # `jaxembed.evaluate` gives on the checkpoint.
-        self.query_prompt, self.passage_prompt = prompts["query"], prompts["passage"]
+        self.query_prompt, self.passage_prompt = prompts["query"], prompts["document"]
         self.q_len, self.p_len = config.data.max_query_length, config.data.max_passage_length
 
     @staticmethod

@@ -340,12 +340,12 @@ def trained_prompts(meta: dict) -> dict[str, str]:
         for name, found in instructed.items():
             for k, instruction in enumerate(found):
                 key = name if len(found) == 1 else f"{name}_{k}"
-                if key in ("query", "document", "passage"):
+                if key in ("query", "document"):
                     key += "_instruction"
                 prompts[key] = instruction_prompt(template, instruction)
-    # sentence-transformers >= 5 encodes documents with "document" (encode_document), MTEB
-    # and E5-style code name them "passage": both carry the passage prefix.
-    prompts["document"] = prompts["passage"] = meta.get("passage_prefix", "")
+    # "document": what sentence-transformers >= 5 encodes documents with (encode_document)
+    # and MTEB's prompt type; a "passage" prompt too would make MTEB warn on every load.
+    prompts["document"] = meta.get("passage_prefix", "")
     return prompts
 
 

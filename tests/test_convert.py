@@ -226,13 +226,11 @@ EXPECTED_PROMPTS = {
     "bert": {
         "query": f"Instruct: {INSTRUCTION}\nQuery: ",
         "document": "passage: ",
-        "passage": "passage: ",
     },
     "xlm-roberta": {
         "query": "query: ",
         "retr": f"Instruct: {INSTRUCTION}\nQuery: ",
         "document": "passage: ",
-        "passage": "passage: ",
     },
 }
 
@@ -382,7 +380,7 @@ def meta(datasets, template="Instruct: {instruction}\nQuery: {query}"):
 
 
 def test_prompts_follow_the_training_data():
-    docs = {"document": "p: ", "passage": "p: "}
+    docs = {"document": "p: "}
     assert run_lib.trained_prompts(meta({"a": [], "b": []})) == {"query": "q: ", **docs}
     assert run_lib.trained_prompts(meta({"a": ["X"], "b": ["X"]})) == {
         "query": "Instruct: X\nQuery: ",
