@@ -107,7 +107,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.train.remine_num_negatives = 16
 
     c.data = ml_collections.ConfigDict()
-    c.data.train = ()  # JSONL / Parquet files, directories of them, or prepared TFDS dirs
+    # JSONL / Parquet files, directories of them, HF datasets or prepared TFDS folders, or
+    # hf://OWNER/NAME[/CONFIG][:SPLIT] (a dataset in the local hub cache)
+    c.data.train = ()
     c.data.skip_bad = False  # skip (and count) malformed records instead of stopping
     # Renames of your columns to the record fields, e.g. {"question": "query", "answer":
     # "positive"}; sentence-transformers' anchor / positive / negative(_N) need none.

@@ -408,3 +408,52 @@ def test_hugging_face_datasets_folders(tmp_path):
         }  # fmt: skip
     clone = pickle.loads(pickle.dumps(sources[0]))
     assert clone[0]["query"] == "q0"
+
+
+def _hub_cache(root, repo, files):
+    """A hub cache as ``huggingface-cli download`` leaves it: snapshot files are symlinks
+    into ``blobs``, ``refs/main`` names the snapshot."""
+    base = root / f"datasets--{repo.replace('/', '--')}"
+    (base / "refs").mkdir(parents=True)
+    (base / "refs" / "main").write_text("abc123")
+    for k, (rel, rows) in enumerate(files.items()):
+        blob = base / "blobs" / f"blob{k}"
+        blob.parent.mkdir(exist_ok=True)
+        if rel.endswith(".parquet"):
+            pq.write_table(pa.table(rows), blob)
+        else:
+            keys = list(rows)
+            write_jsonl(blob, [dict(zip(keys, v, strict=True)) for v in zip(*rows.values())])
+        link = base / "snapshots" / "abc123" / rel
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(blob)
+
+
+def test_hub_cache_datasets_by_name(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    triplets = {"anchor": ["q0", "q1"], "positive": ["p0", "p1"], "negative": ["n0", "n1"]}
+    pairs = {"anchor": ["a"], "positive": ["b"]}
+    _hub_cache(tmp_path, "me/triplets", {
+        "data/train-00000-of-00002.parquet": triplets,
+        "data/train-00001-of-00002.parquet": triplets,
+        "data/test-00000-of-00001.parquet": pairs,
+        "README.md.jsonl.txt": {},
+    })  # fmt: skip
+    sources = readers.open_sources(["hf://me/triplets"])
+    assert [len(s) for s in sources] == [2, 2] and {s.name for s in sources} == {"triplets"}
+    assert sources[0][1] == {"query": "q1", "positive": "p1", "negatives": ["n1"],
+                             "task": "retrieval", "dataset": "triplets"}  # fmt: skip
+    assert [len(s) for s in readers.open_sources("hf://me/triplets:test")] == [1]
+    _hub_cache(tmp_path, "me/nli", {"pair/train.jsonl": pairs, "triplet/train.jsonl": triplets})
+    with pytest.raises(ValueError, match=r"several configs \['pair', 'triplet'\]; name one"):
+        readers.open_sources("hf://me/nli")
+    (one,) = readers.open_sources("hf://me/nli/triplet", dataset="nli")
+    assert len(one) == 2 and one.name == "nli"
+    with pytest.raises(ValueError, match=r"hf://me/nli:dev: no 'dev' split in .*found \["):
+        readers.open_sources("hf://me/nli:dev")
+    with pytest.raises(FileNotFoundError, match=r"hf://me/none: not in the local hub cache"):
+        readers.open_sources("hf://me/none")
+    with pytest.raises(ValueError, match=r"expected hf://OWNER/NAME\[/CONFIG\]\[:SPLIT\]"):
+        readers.open_sources("hf://justname")

@@ -587,10 +587,80 @@ def expand(paths: str | os.PathLike | Iterable[str | os.PathLike]) -> list[Path]
 def open_sources(
     paths: str | os.PathLike | Iterable[str | os.PathLike], **kw: Any
 ) -> list[RecordSource]:
-    """`open_source` on every file and TFDS directory of ``paths`` (see `expand`).
+    """`open_source` on every file and TFDS directory of ``paths`` (see `expand`), and on
+    the split's files of each ``hf://OWNER/NAME[/CONFIG][:SPLIT]`` (`hub_files`), whose
+    records are of a dataset named NAME unless ``dataset`` says otherwise.
 
     Args:
-      paths: files, TFDS directories, or directories of them.
+      paths: files, TFDS directories, directories of them, or hub dataset names.
       **kw: ``task``, ``dataset``, ``skip_bad``, ``columns``, as for `open_source`.
     """
-    return [open_source(path, **kw) for path in expand(paths)]
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    sources = []
+    for spec in paths:
+        if str(spec).startswith(HUB_PREFIX):
+            name, files = hub_files(str(spec))
+            named = {**kw, "dataset": kw.get("dataset") or name}
+            sources += [open_source(path, **named) for path in files]
+        else:
+            sources += [open_source(path, **kw) for path in expand(spec)]
+    return sources
+
+
+HUB_PREFIX = "hf://"
+
+
+def hub_files(spec: str) -> tuple[str, list[Path]]:
+    """``(NAME, files)``: the record files of a dataset in the local Hugging Face hub cache
+    (``HF_HUB_CACHE``, where ``huggingface-cli download`` and ``load_dataset`` put them),
+    read offline, for ``hf://OWNER/NAME[/CONFIG][:SPLIT]`` (split ``train`` by default).
+
+    A file belongs to the split when a folder of its path or its name's first part is the
+    split (``data/train-00000-of-00002.parquet``, ``train/part.jsonl``, ``train.jsonl``),
+    as the hub's own data-file conventions have it; with several configs, name one.
+    """
+    from huggingface_hub import constants
+
+    body, _, split = spec.removeprefix(HUB_PREFIX).partition(":")
+    parts = body.strip("/").split("/")
+    if len(parts) not in (2, 3) or not all(parts):
+        raise ValueError(f"{spec}: expected {HUB_PREFIX}OWNER/NAME[/CONFIG][:SPLIT]")
+    owner, name, config = parts[0], parts[1], parts[2] if len(parts) == 3 else None
+    split = split or "train"
+    repo = Path(constants.HF_HUB_CACHE) / f"datasets--{owner}--{name}"
+    snapshot = _hub_snapshot(repo, spec)
+    found = sorted(
+        f.relative_to(snapshot)
+        for f in snapshot.rglob("*")
+        if f.name.endswith(RECORD_SUFFIXES) and f.is_file()
+    )
+    if config is not None:
+        found = [f for f in found if f.parts[0] == config]
+    pattern = re.compile(rf"^{re.escape(split)}([-_.]|$)")
+    files = [f for f in found if any(pattern.match(part) for part in f.parts)]
+    configs = sorted({f.parts[0] for f in files if len(f.parts) > 1} - {"data", split})
+    if not files:
+        shown = [str(f) for f in found[:8]] or "no record files"
+        raise ValueError(f"{spec}: no '{split}' split in {snapshot}; found {shown}")
+    if config is None and len(configs) > 1:
+        raise ValueError(f"{spec}: several configs {configs}; name one: {HUB_PREFIX}{body}/CONFIG")
+    return name, [snapshot / f for f in files]
+
+
+def _hub_snapshot(repo: Path, spec: str) -> Path:
+    """The snapshot of the repo's ``main`` revision (else its only one)."""
+    ref = repo / "refs" / "main"
+    if ref.is_file():
+        snapshot = repo / "snapshots" / ref.read_text().strip()
+        if snapshot.is_dir():
+            return snapshot
+    snapshots = sorted((repo / "snapshots").glob("*")) if repo.is_dir() else []
+    if len(snapshots) == 1:
+        return snapshots[0]
+    if not snapshots:
+        raise FileNotFoundError(
+            f"{spec}: not in the local hub cache ({repo} does not exist); download it first "
+            "(huggingface-cli download --repo-type dataset OWNER/NAME) or set HF_HUB_CACHE"
+        )
+    raise ValueError(f"{spec}: several snapshots in {repo} and no refs/main to choose one")
