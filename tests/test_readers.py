@@ -422,8 +422,9 @@ def _hub_cache(root, repo, files):
         if rel.endswith(".parquet"):
             pq.write_table(pa.table(rows), blob)
         else:
-            keys = list(rows)
-            write_jsonl(blob, [dict(zip(keys, v, strict=True)) for v in zip(*rows.values())])
+            columns = list(rows.values())
+            n = len(columns[0]) if columns else 0
+            write_jsonl(blob, [{k: v[i] for k, v in rows.items()} for i in range(n)])
         link = base / "snapshots" / "abc123" / rel
         link.parent.mkdir(parents=True, exist_ok=True)
         link.symlink_to(blob)
