@@ -262,7 +262,7 @@ def restore_or_init(
             raise CheckpointDamaged(
                 f"{mngr.directory}: checkpoint step {damaged[0]} cannot be restored ({first}); "
                 f"step {step} is intact: rerun with --config.ckpt.fallback=true to resume from "
-                f"it (the damaged steps {damaged} are moved to {DAMAGED_DIR}/)"
+                f"it (which moves the damaged steps {damaged} to {DAMAGED_DIR}/)"
             )
         if damaged:
             _move_aside(mngr, damaged)

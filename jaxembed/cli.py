@@ -23,8 +23,9 @@ from jaxembed import distributed
 USAGE_ERROR = 2
 # What bad input raises: ValueError (and its subclasses: record, config, eval-data and
 # model-folder errors), OSError (missing or unreadable files, FileExistsError), KeyError for
-# a missing field. Each carries a message that names what is wrong.
-INPUT_ERRORS = (ValueError, OSError, KeyError)
+# a missing field; and FloatingPointError, a training run's non-finite loss (most often a
+# learning rate too high for the data). Each carries a message that names what is wrong.
+INPUT_ERRORS = (ValueError, OSError, KeyError, FloatingPointError)
 
 
 def parser(

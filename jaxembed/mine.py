@@ -792,7 +792,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
 
 def _main(args: argparse.Namespace) -> dict:
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr, force=True)
     hf_offline()  # no model hub here: never try to reach it
     # Every flag but --no-progress and the shared ones (`jaxembed.cli`) is named after the
     # `mine` argument it sets, so a flag cannot be left unpassed.

@@ -335,6 +335,7 @@ def main(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
     # --- the step, then the state: restored, else initialised from the model folder -----------
     adapters = run.lora_spec(config)
     abstract_model = run.abstract_model(model_dir, config.model.dtype, config.model.remat, adapters)
+    check_lengths(config, abstract_model.config.max_tokens, config.model.path)
     # The Dense layers after pooling, if any.
     abstract_head = run.abstract_head(model_dir, abstract_model.config.hidden_size)
     graphdef = nnx.graphdef(abstract_model)
@@ -693,6 +694,16 @@ def agree_on_batch(
     }
     batch = packing.pack(batch, plans, lengths, rows, offsets)
     return batch, int(hosts[:, 4].sum()), int(hosts[:, 5].max())
+
+
+def check_lengths(config, limit: int, model: str) -> None:
+    """Texts longer than the model's position table would read past it (NaN embeddings)."""
+    for key in ("max_query_length", "max_passage_length"):
+        if config.data[key] > limit:
+            raise ValueError(
+                f"config.data.{key}={config.data[key]} exceeds the {limit} tokens {model} "
+                f"takes; set --config.data.{key}={limit} or less"
+            )
 
 
 def check_finite(metrics: dict, step: int) -> None:

@@ -135,6 +135,9 @@ def test_config_validation_names_key_and_values(train_setup):
         c = tiny_config(train_setup)
         c.data.num_negatives.ranking = 3
         config_lib.validate(c)
+    # Longer texts than the position table would embed as NaN: refused at start.
+    with pytest.raises(ValueError, match=r"config\.data\.max_passage_length=128 exceeds the 64"):
+        train.check_lengths(tiny_config(train_setup, data__max_passage_length=128), 64, "m")
 
 
 def test_help_lists_every_field_with_default_choices_and_comment():
