@@ -31,6 +31,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging as absl_logging
 
+from jaxembed import distributed
+
 CKPT_DIR = "checkpoints"
 
 
@@ -282,8 +284,6 @@ def restore_or_init(
 def _move_aside(mngr: ocp.CheckpointManager, steps: list[int]) -> None:
     """Moves damaged steps out of the checkpoint directory, so the run can save them anew
     (Orbax never saves a step at or below its latest), keeping the files for inspection."""
-    from jaxembed import distributed
-
     directory = Path(mngr.directory)
     aside = directory.parent / DAMAGED_DIR
     if jax.process_index() == 0:

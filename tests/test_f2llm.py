@@ -56,7 +56,7 @@ def test_lora_variant_trains_the_stacked_adapters_with_fsdp(tmp_path):
     c.data.query_buckets, c.data.passage_buckets = (32,), (32,)
     c.data.num_negatives.retrieval = 2
     c.train.steps, c.train.global_batch = 8, 16
-    c.optim.lr, c.optim.warmup_steps, c.optim.min_lr = 1e-2, 1, 1e-2
+    c.optim.lr, c.optim.warmup_steps, c.optim.min_lr = 3e-3, 3, 3e-3
     c.ckpt.every, c.ckpt.async_save, c.log.every = 8, False, 1
     train.main(c, tmp_path / "run")
     recs = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -82,7 +82,7 @@ def run(tmp_path_factory):
     c.data.query_buckets, c.data.passage_buckets = (32,), (32,)
     c.data.num_negatives.retrieval = 2
     c.train.steps, c.train.global_batch = 12, 16  # 2 batches per epoch: 6 epochs
-    c.optim.lr, c.optim.warmup_steps, c.optim.min_lr = 3e-3, 1, 3e-3
+    c.optim.lr, c.optim.warmup_steps, c.optim.min_lr = 3e-3, 3, 3e-3
     c.ckpt.every, c.ckpt.async_save, c.log.every = 12, False, 1
     workdir = base / "run"
     return workdir, c, train.main(c, workdir)
@@ -162,7 +162,7 @@ def test_exported_folder_embeds_like_jaxembed_in_sentence_transformers(run, tmp_
     ours = jaxembed.load(workdir)
     texts = ["network tool number 3", "A package about music: utility 5 with documentation."]
     texts.append(" ".join(["graphics editor"] * 40))  # truncated: EOS after truncation
-    for name in ("query", "passage"):
+    for name in ("query", "document"):
         want = st_model.encode(texts, prompt_name=name, normalize_embeddings=True)
         got = ours.encode(texts, prompt_name=name)
         err = float(np.abs(got - want).max())
