@@ -10,6 +10,8 @@ from __future__ import annotations
 TASKS = ("retrieval", "classification", "clustering")
 # Retrieval loss styles: "joint" (one softmax over in-batch and hard negatives) or F2LLM's.
 LOSS_STYLES = ("joint", "f2llm")
+# Attention implementations (`jaxembed.models.attention`): "auto" picks per platform.
+ATTENTION = ("auto", "xla", "cudnn", "splash")
 # Compute dtypes; parameters always stay float32.
 DTYPES = ("float32", "bfloat16")
 SCHEDULES = ("cosine", "linear", "constant")

@@ -15,11 +15,12 @@ from pathlib import Path
 
 import ml_collections
 
-from jaxembed.choices import DTYPES, LOSS_STYLES, MIXING, NEGATIVES, SCHEDULES, TASKS
+from jaxembed.choices import ATTENTION, DTYPES, LOSS_STYLES, MIXING, NEGATIVES, SCHEDULES, TASKS
 
 # The fields that take one of a closed set of names (`validate` checks them, --help lists them).
 CHOICES = {
     "model.dtype": DTYPES,
+    "model.attention": ATTENTION,
     "loss.style": LOSS_STYLES,
     "optim.schedule": SCHEDULES,
     "data.mixing": MIXING,
@@ -34,6 +35,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.model.path = ""  # local HF / sentence-transformers folder
     c.model.dtype = "float32"  # compute dtype; parameters are always float32
     c.model.remat = False  # recompute each layer in the backward pass (less memory)
+    # xla everywhere; cudnn (GPU) and splash (TPU) fused kernels; auto: the platform's best
+    c.model.attention = "auto"
     c.model.pooling = ""  # "" = the folder's pooling (sentence-transformers), else mean
     # LoRA (rank > 0): low-rank adapters on the linear layers named in targets (HF module
     # names, matched as PEFT's target_modules: "query", "q_proj", "self_attn.o_proj"); only

@@ -184,10 +184,15 @@ def with_adapters(model: nnx.Module, spec: lora.LoRASpec | None, seed: int = 0) 
 
 
 def abstract_model(
-    model_dir: Path, dtype: str = "float32", remat: bool = False, adapters=None
+    model_dir: Path,
+    dtype: str = "float32",
+    remat: bool = False,
+    adapters=None,
+    attention: str = "auto",
 ) -> nnx.Module:
     """The backbone's shape (no arrays) from a run's model folder and its family table,
-    with the LoRA adapters of ``adapters`` (a `lora.LoRASpec`) if given."""
+    with the LoRA adapters of ``adapters`` (a `lora.LoRASpec`) if given, running
+    ``attention`` (`jaxembed.models.attention`)."""
     hf_cfg = hf.read_config(model_dir)
     fam = hf.family(hf_cfg["model_type"])
     info = json.loads((model_dir / "jaxembed.json").read_text())
@@ -195,6 +200,7 @@ def abstract_model(
 
     def build():
         model = fam.build(cfg, dtype=jnp.dtype(dtype), remat=remat, rngs=nnx.Rngs(0))
+        model.attention = attention
         return with_adapters(model, adapters)
 
     return nnx.eval_shape(build)

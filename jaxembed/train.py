@@ -54,6 +54,7 @@ from jaxembed import config as config_lib
 from jaxembed.config import validate
 from jaxembed.data import pipeline, readers
 from jaxembed.hf.sentence_transformers import load_head, read_st_config
+from jaxembed.models import attention as attention_lib
 from jaxembed.models import lora
 from jaxembed.models.pooling import pool_segments
 from jaxembed.packing import MAX_SEGMENTS
@@ -334,8 +335,13 @@ def main(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
 
     # --- the step, then the state: restored, else initialised from the model folder -----------
     adapters = run.lora_spec(config)
-    abstract_model = run.abstract_model(model_dir, config.model.dtype, config.model.remat, adapters)
+    abstract_model = run.abstract_model(
+        model_dir, config.model.dtype, config.model.remat, adapters, config.model.attention
+    )
     check_lengths(config, abstract_model.config.max_tokens, config.model.path)
+    longest = max(config.data.max_query_length, config.data.max_passage_length)
+    dropout = config.train.dropout and attention_lib.probs_dropout(abstract_model.config)
+    log.print(attention_lib.describe(config.model.attention, longest, dropout))
     # The Dense layers after pooling, if any.
     abstract_head = run.abstract_head(model_dir, abstract_model.config.hidden_size)
     graphdef = nnx.graphdef(abstract_model)

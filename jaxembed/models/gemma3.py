@@ -28,17 +28,16 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxembed.models.attention import Mask, attention
 from jaxembed.models.layers import (
     Embed,
     GatedMLP,
     Linear,
     activation,
     apply_rotary,
-    grouped_query_attention,
     merged_call,
     param,
     rotary,
-    same_segment,
     segment_positions,
     stacked_layers,
 )
@@ -128,14 +127,22 @@ class Gemma3Attention(nnx.Module):
         self.scaling = cfg.query_pre_attn_scalar**-0.5
         self.softcap = cfg.attn_logit_softcapping
 
-    def __call__(self, x, cos, sin, bias):
+    def __call__(self, x, cos, sin, masks, is_sliding):
         b, l, _ = x.shape
         q = self.q_norm(self.q_proj(x).reshape(b, l, self.num_heads, self.head_dim))
         k = self.k_norm(self.k_proj(x).reshape(b, l, self.num_kv_heads, self.head_dim))
         v = self.v_proj(x).reshape(b, l, self.num_kv_heads, self.head_dim)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        out = grouped_query_attention(q, k, v, bias, self.scaling, self.softcap)
-        return self.o_proj(out)
+
+        def attend(mask):
+            return lambda q, k, v: attention(
+                q, k, v, mask, scale=self.scaling, softcap=self.softcap
+            )
+
+        # The layers are scanned, so whether this one slides is a traced value: both masks
+        # are compiled, one runs.
+        full, local = masks
+        return self.o_proj(jax.lax.cond(is_sliding, attend(local), attend(full), q, k, v))
 
 
 class Gemma3DecoderLayer(nnx.Module):
@@ -150,9 +157,9 @@ class Gemma3DecoderLayer(nnx.Module):
         self.pre_feedforward_layernorm = norm()
         self.post_feedforward_layernorm = norm()
 
-    def __call__(self, x, cos, sin, bias):
+    def __call__(self, x, cos, sin, masks, is_sliding):
         x = x + self.post_attention_layernorm(
-            self.self_attn(self.input_layernorm(x), cos, sin, bias)
+            self.self_attn(self.input_layernorm(x), cos, sin, masks, is_sliding)
         )
         return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
 
@@ -179,23 +186,18 @@ class Gemma3Model(nnx.Module):
         self.norm = GemmaRMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype)
         self.dtype = dtype
         self.remat = remat
+        self.attention = "auto"  # `jaxembed.models.attention`: set by model.attention
 
-    def _masks(self, attention_mask, segment_ids, l):
-        """Additive biases (batch, length, length) of the global and the local layers."""
+    def _masks(self, attention_mask, segment_ids) -> tuple[Mask, Mask]:
+        """The masks of the global and the local layers."""
         cfg = self.config
-        q, k = jnp.arange(l)[:, None], jnp.arange(l)[None, :]
-        if cfg.use_bidirectional_attention:
-            order = jnp.ones((l, l), bool)
-            window = jnp.abs(q - k) < cfg.sliding_window // 2 + 1
-        else:
-            order = k <= q
-            window = q - k < cfg.sliding_window
-        if segment_ids is None:
-            allowed = (attention_mask[:, None, :] > 0) & order[None]
-        else:  # within a text, row distance is position distance
-            allowed = same_segment(segment_ids) & order[None]
-        floor = jnp.finfo(jnp.float32).min
-        return jnp.where(allowed, 0.0, floor), jnp.where(allowed & window[None], 0.0, floor)
+        causal = not cfg.use_bidirectional_attention
+        full = Mask.of(attention_mask, segment_ids, causal=causal, impl=self.attention)
+        # Within a text, row distance is position distance: the window needs no positions.
+        if causal:
+            return full, full.local((cfg.sliding_window - 1, 0))
+        half = cfg.sliding_window // 2
+        return full, full.local((half, half))
 
     def __call__(
         self,
@@ -221,7 +223,7 @@ class Gemma3Model(nnx.Module):
         l = input_ids.shape[1]
         x = self.embed_tokens(input_ids) * jnp.asarray(cfg.hidden_size**0.5, self.dtype)
         positions = jnp.arange(l)[None] if segment_ids is None else segment_positions(segment_ids)
-        full, local = self._masks(attention_mask, segment_ids, l)
+        masks = self._masks(attention_mask, segment_ids)
         rope_full = rotary(
             positions / cfg.global_rope_factor, cfg.head_dim, cfg.global_rope_theta, self.dtype
         )
@@ -237,7 +239,7 @@ class Gemma3Model(nnx.Module):
             layer_state, is_sliding = xs
             pick = functools.partial(jnp.where, is_sliding)
             cos, sin = pick(rope_local[0], rope_full[0]), pick(rope_local[1], rope_full[1])
-            return layer(layer_state, h, cos, sin, pick(local, full)), None
+            return layer(layer_state, h, cos, sin, masks, is_sliding), None
 
         x, _ = jax.lax.scan(body, x, (state, sliding))
         return self.norm(x)

@@ -204,26 +204,6 @@ class GatedMLP(nnx.Module):
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
 
 
-def grouped_query_attention(q, k, v, bias, scale: float, softcap: float | None = None):
-    """``softmax(q k^T * scale + bias) v`` for grouped-query heads, as ``(batch, length,
-    heads * head_dim)``.
-
-    ``q`` is (batch, length, heads, head_dim), ``k`` and ``v`` (batch, length, kv_heads,
-    head_dim); query head n = kv * g + j reads key/value head kv (HF's ``repeat_kv``
-    order), without materialising repeated keys. Scores are fp32; ``softcap`` (Gemma)
-    squashes them with ``tanh`` before the bias; ``bias`` is (batch, length, length).
-    """
-    b, l, nq, d = q.shape
-    nkv = k.shape[2]
-    q = q.reshape(b, l, nkv, nq // nkv, d)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
-    scores = scores * scale
-    if softcap:
-        scores = jnp.tanh(scores / softcap) * softcap
-    probs = jax.nn.softmax(scores + bias[:, None, None], axis=-1).astype(v.dtype)
-    return jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, l, nq * d)
-
-
 # --- rotary position embeddings (Qwen3, ModernBERT) ----------------------------------------
 
 
@@ -255,8 +235,3 @@ def segment_positions(segment_ids: jax.Array) -> jax.Array:
     prev = jnp.pad(segment_ids, ((0, 0), (1, 0)), constant_values=-1)[:, :-1]
     first = jax.lax.cummax(jnp.where(segment_ids != prev, idx, 0), axis=1)
     return idx - first
-
-
-def same_segment(segment_ids: jax.Array) -> jax.Array:
-    """(batch, query, key) bool: the key is a real token of the query's segment."""
-    return (segment_ids[:, :, None] == segment_ids[:, None, :]) & (segment_ids[:, None, :] > 0)

@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxembed.models.attention import Mask, attention
 from jaxembed.models.layers import (
     Embed,
     LayerNorm,
@@ -37,7 +38,6 @@ from jaxembed.models.layers import (
     call_layer,
     dropout,
     rotary,
-    same_segment,
     segment_positions,
 )
 from jaxembed.seeds import split_rng, to_seed
@@ -125,17 +125,16 @@ class ModernBertAttention(nnx.Module):
         self.num_heads, self.head_dim = cfg.num_attention_heads, cfg.head_dim
         self.dropout_rate = cfg.attention_dropout
 
-    def __call__(self, x, cos, sin, bias, rng):
+    def __call__(self, x, cos, sin, mask, rng):
         b, l, _ = x.shape
         r_probs, r_out = split_rng(rng, 2)
         qkv = self.Wqkv(x).reshape(b, l, 3, self.num_heads, self.head_dim)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        scores = jnp.einsum("bthd,bshd->bhts", q, k, preferred_element_type=jnp.float32)
-        scores = scores * self.head_dim**-0.5 + bias
-        probs = dropout(jax.nn.softmax(scores, axis=-1), self.dropout_rate, r_probs)
-        out = jnp.einsum("bhts,bshd->bthd", probs.astype(x.dtype), v)
-        return dropout(self.Wo(out.reshape(b, l, -1)), self.dropout_rate, r_out)
+        out = attention(
+            q, k, v, mask, scale=self.head_dim**-0.5, dropout_rate=self.dropout_rate, rng=r_probs
+        )
+        return dropout(self.Wo(out), self.dropout_rate, r_out)
 
 
 class ModernBertMLP(nnx.Module):
@@ -164,11 +163,11 @@ class ModernBertLayer(nnx.Module):
         self.mlp = ModernBertMLP(cfg, dtype=dtype, rngs=rngs)
         self.sliding = cfg.layer_types[index] == "sliding_attention"
 
-    def __call__(self, x, rope, bias, rng):
+    def __call__(self, x, rope, masks, rng):
         r_attn, r_mlp = split_rng(rng, 2)
         cos, sin = rope[self.sliding]
         h = x if self.attn_norm is None else self.attn_norm(x)
-        x = x + self.attn(h, cos, sin, bias[self.sliding], r_attn)
+        x = x + self.attn(h, cos, sin, masks[self.sliding], r_attn)
         return x + self.mlp(self.mlp_norm(x), r_mlp)
 
 
@@ -194,6 +193,7 @@ class ModernBertModel(nnx.Module):
         )
         self.dtype = dtype
         self.remat = remat
+        self.attention = "auto"  # `jaxembed.models.attention`: set by model.attention
 
     def __call__(
         self,
@@ -222,24 +222,15 @@ class ModernBertModel(nnx.Module):
         l = input_ids.shape[1]
         r_emb, r_layers = split_rng(to_seed(dropout_seed), 2)
         x = self.embeddings(input_ids, r_emb)
-        if segment_ids is None:
-            positions = jnp.arange(l)[None]
-            allowed = (attention_mask[:, None, :] > 0) & jnp.ones((1, l, 1), bool)
-        else:
-            positions = segment_positions(segment_ids)
-            allowed = same_segment(segment_ids)
+        positions = jnp.arange(l)[None] if segment_ids is None else segment_positions(segment_ids)
+        mask = Mask.of(attention_mask, segment_ids, impl=self.attention)
         # Within a text, row distance is position distance: the window needs no positions.
-        idx = jnp.arange(l)
-        window = jnp.abs(idx[:, None] - idx[None, :]) <= cfg.local_attention // 2
-        floor = jnp.finfo(jnp.float32).min  # HF's fill: fully padded rows stay finite
-        bias = {
-            False: jnp.where(allowed, 0.0, floor)[:, None],
-            True: jnp.where(allowed & window[None], 0.0, floor)[:, None],
-        }
+        half = cfg.local_attention // 2
+        masks = {False: mask, True: mask.local((half, half))}
         rope = {
             False: rotary(positions, cfg.head_dim, cfg.global_rope_theta, self.dtype),
             True: rotary(positions, cfg.head_dim, cfg.local_rope_theta, self.dtype),
         }
         for layer, r in zip(self.layers, split_rng(r_layers, len(self.layers)), strict=True):
-            x = call_layer(layer, x, rope, bias, r, remat=self.remat)
+            x = call_layer(layer, x, rope, masks, r, remat=self.remat)
         return self.final_norm(x)

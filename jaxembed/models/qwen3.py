@@ -25,17 +25,16 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxembed.models.attention import Mask, attention
 from jaxembed.models.layers import (
     Embed,
     GatedMLP,
     Linear,
     activation,
     apply_rotary,
-    grouped_query_attention,
     merged_call,
     param,
     rotary,
-    same_segment,
     segment_positions,
     stacked_layers,
 )
@@ -111,13 +110,13 @@ class Qwen3Attention(nnx.Module):
         self.k_norm = RMSNorm(d, eps=cfg.rms_norm_eps, dtype=dtype, axes=(None,))
         self.num_heads, self.num_kv_heads, self.head_dim = nq, nkv, d
 
-    def __call__(self, x, cos, sin, bias):
+    def __call__(self, x, cos, sin, mask):
         b, l, _ = x.shape
         q = self.q_norm(self.q_proj(x).reshape(b, l, self.num_heads, self.head_dim))
         k = self.k_norm(self.k_proj(x).reshape(b, l, self.num_kv_heads, self.head_dim))
         v = self.v_proj(x).reshape(b, l, self.num_kv_heads, self.head_dim)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        return self.o_proj(grouped_query_attention(q, k, v, bias, self.head_dim**-0.5))
+        return self.o_proj(attention(q, k, v, mask, scale=self.head_dim**-0.5))
 
 
 class Qwen3DecoderLayer(nnx.Module):
@@ -129,8 +128,8 @@ class Qwen3DecoderLayer(nnx.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, dtype=dtype)
 
-    def __call__(self, x, cos, sin, bias):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, bias)
+    def __call__(self, x, cos, sin, mask):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -158,6 +157,7 @@ class Qwen3Model(nnx.Module):
         self.dtype = dtype
         self.remat = remat
         self.scan = scan
+        self.attention = "auto"  # `jaxembed.models.attention`: set by model.attention
 
     def __call__(
         self,
@@ -185,16 +185,9 @@ class Qwen3Model(nnx.Module):
         l = input_ids.shape[1]
         x = self.embed_tokens(input_ids)
         cfg = self.config
-        causal = jnp.tril(jnp.ones((l, l), bool))
-        if segment_ids is None:
-            positions = jnp.arange(l)[None]
-            allowed = causal[None] & (attention_mask[:, None, :] > 0)
-        else:
-            positions = segment_positions(segment_ids)
-            allowed = causal[None] & same_segment(segment_ids)
+        positions = jnp.arange(l)[None] if segment_ids is None else segment_positions(segment_ids)
         cos, sin = rotary(positions, cfg.head_dim, cfg.rope_theta, self.dtype)
-        # The most negative float (as HF) keeps a fully padded row finite instead of NaN.
-        bias = jnp.where(allowed, 0.0, jnp.finfo(jnp.float32).min)
+        mask = Mask.of(attention_mask, segment_ids, causal=True, impl=self.attention)
 
         graphdef, state = nnx.split(self.layers)
         layer = functools.partial(merged_call, graphdef)
@@ -204,10 +197,10 @@ class Qwen3Model(nnx.Module):
         if self.scan:
 
             def body(h, layer_state):
-                return layer(layer_state, h, cos, sin, bias), None
+                return layer(layer_state, h, cos, sin, mask), None
 
             x, _ = jax.lax.scan(body, x, state)
         else:
             for i in range(cfg.num_hidden_layers):
-                x = layer(jax.tree.map(lambda a, i=i: a[i], state), x, cos, sin, bias)
+                x = layer(jax.tree.map(lambda a, i=i: a[i], state), x, cos, sin, mask)
         return self.norm(x)
