@@ -100,19 +100,20 @@ def test_implementations_equal_the_reference(impl, case, monkeypatch):
 
 
 def test_auto_picks_per_platform_and_says_what_it_leaves_out():
-    assert attn.resolve("auto", 512, "cpu") == "xla"
-    assert attn.resolve("auto", 512, "gpu") == "cudnn"
-    assert attn.resolve("auto", 512, "tpu") == "splash"
-    assert attn.resolve("auto", 500, "tpu") == "xla"  # splash needs multiples of 128
-    assert attn.resolve("xla", 512, "gpu") == "xla"
+    assert attn.resolve("auto", 512, "bfloat16", "cpu") == "xla"
+    assert attn.resolve("auto", 512, "bfloat16", "gpu") == "cudnn"
+    assert attn.resolve("auto", 512, "float32", "gpu") == "xla"  # cuDNN: half precision only
+    assert attn.resolve("auto", 512, "float32", "tpu") == "splash"
+    assert attn.resolve("auto", 500, "float32", "tpu") == "xla"  # splash: multiples of 128
+    assert attn.resolve("xla", 512, "bfloat16", "gpu") == "xla"
     with pytest.raises(ValueError, match=r"model.attention='flash' is not allowed"):
         attn.resolve("flash", 512)
-    line = attn.describe("auto", 512, dropout_rate=0.1, platform="gpu")
+    line = attn.describe("auto", 512, dropout_rate=0.1, dtype="bfloat16", platform="gpu")
     assert line == (
         "attention: cudnn (auto on gpu); the fused kernel applies no attention dropout "
         "(the model's 0.1)"
     )
-    assert attn.describe("auto", 512, 0.1, "cpu") == "attention: xla (auto on cpu)"
+    assert attn.describe("auto", 512, 0.1, "bfloat16", "cpu") == "attention: xla (auto on cpu)"
 
 
 # --- every backbone, through its own masks ------------------------------------------------

@@ -14,8 +14,9 @@ turns that description into what the chosen implementation takes:
 - ``splash``: the Pallas splash-attention kernel for TPU: segment ids, causal and local
   masks natively, grouped-query heads as multi-query kernels per key/value head; lengths
   must be multiples of 128. On other platforms it runs in Pallas interpret mode (tests).
-- ``auto``: ``xla`` on CPU, ``cudnn`` on GPU (JAX itself falls back to XLA for shapes cuDNN
-  does not take), ``splash`` on TPU when the length is a multiple of 128, else ``xla``.
+- ``auto``: ``xla`` on CPU, ``cudnn`` on GPU in bf16 / fp16 (JAX itself falls back to its
+  XLA attention for shapes cuDNN does not take) unless the model soft-caps its logits,
+  ``splash`` on TPU when the length is a multiple of 128, else ``xla``.
 
 The fused kernels apply no dropout to the attention probabilities (the other dropouts of
 a layer are unchanged) and ``cudnn`` no soft-capping; `describe` says so at start.
@@ -81,14 +82,15 @@ class Mask:
         return ok
 
 
-def resolve(impl: str, length: int, platform: str | None = None) -> str:
-    """The implementation ``impl`` runs as for rows of ``length`` tokens on ``platform``."""
+def resolve(impl: str, length: int, dtype="float32", platform: str | None = None) -> str:
+    """The implementation ``impl`` runs as for rows of ``length`` tokens computed in
+    ``dtype`` on ``platform`` (default: JAX's default backend)."""
     check(impl, ATTENTION, "model.attention")
     if impl != "auto":
         return impl
     platform = platform or jax.default_backend()
-    if platform == "gpu":
-        return "cudnn"
+    if platform == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
+        return "cudnn"  # cuDNN's flash attention takes half precision only
     if platform == "tpu" and length % 128 == 0:
         return "splash"
     return "xla"
@@ -101,10 +103,12 @@ def probs_dropout(config) -> float:
     return float(rate if rate is not None else getattr(config, "attention_dropout", 0.0))
 
 
-def describe(impl: str, length: int, dropout_rate: float = 0.0, platform=None) -> str:
+def describe(
+    impl: str, length: int, dropout_rate: float = 0.0, dtype="float32", platform=None
+) -> str:
     """One line for the start of a run: what runs, and what a fused kernel leaves out."""
     platform = platform or jax.default_backend()
-    chosen = resolve(impl, length, platform)
+    chosen = resolve(impl, length, dtype, platform)
     line = f"attention: {chosen}" + (f" (auto on {platform})" if impl == "auto" else "")
     if chosen != "xla" and dropout_rate:
         line += f"; the fused kernel applies no attention dropout (the model's {dropout_rate})"
@@ -130,11 +134,16 @@ def attention(
     order). ``softcap`` (Gemma) squashes the scores with ``tanh``; ``dropout_rate`` and
     ``rng`` drop attention probabilities (``xla`` only).
     """
-    impl = resolve(mask.impl, q.shape[1])
+    impl = resolve(mask.impl, q.shape[1], q.dtype)
+    if impl == "cudnn" and softcap and mask.impl == "auto":
+        impl = "xla"  # the soft-cap needs the scores: auto keeps such a model on xla
     if impl == "cudnn":
         if softcap:
             raise ValueError("model.attention=cudnn: cuDNN attention takes no logit soft-cap")
-        return _dot_product_attention(q, k, v, mask, scale, CUDNN_IMPLEMENTATION)
+        # Asked for by name, cuDNN or an error; chosen by auto, JAX falls back to its own
+        # XLA attention for shapes cuDNN does not take (head sizes, lengths).
+        implementation = CUDNN_IMPLEMENTATION if mask.impl == "cudnn" else None
+        return _dot_product_attention(q, k, v, mask, scale, implementation)
     if impl == "splash":
         return _splash(q, k, v, mask, scale, softcap)
     return _xla(q, k, v, mask, scale, softcap, dropout_rate, rng)
