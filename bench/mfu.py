@@ -83,8 +83,9 @@ def text_lengths(rng, count: int, length: int, packed: bool) -> list[int]:
     return list(rng.integers(32, length + 1, count)) if packed else [length] * count
 
 
-def train_case(model, family: str, args, length: int, batch: int, packed: bool, impl: str):
-    """(seconds per step, real FLOPs, computed FLOPs, tokens, temporary bytes) of one step."""
+def train_case(make, family: str, args, length: int, batch: int, packed: bool, impl: str):
+    """(seconds per step, real FLOPs, computed FLOPs, tokens, temporary bytes) of one step
+    of a fresh ``make()`` model (the step donates, so each case builds its own)."""
     import jax
 
     from jaxembed import config as config_lib
@@ -100,6 +101,7 @@ def train_case(model, family: str, args, length: int, batch: int, packed: bool, 
     c.optim.warmup_steps = 0
     c = config_lib.validate(c)
     mesh = sharding.make_mesh()
+    model = make()
     model.attention = impl
     tx, schedule = train_state.make_optimizer(c.optim, c.train.steps)
     graphdef, state, sh = train_state.create_state(model, c, mesh, tx)
@@ -130,7 +132,7 @@ def train_case(model, family: str, args, length: int, batch: int, packed: bool, 
     return seconds, real, computed, sum(texts), memory.temp_size_in_bytes
 
 
-def encode_case(model, args, length: int, batch: int, impl: str):
+def encode_case(make, args, length: int, batch: int, impl: str):
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -138,6 +140,7 @@ def encode_case(model, args, length: int, batch: int, impl: str):
     from jaxembed import sharding
     from jaxembed.models.pooling import pool
 
+    model = make()
     model.attention = impl
     graphdef, params = nnx.split(model)
     mesh = sharding.make_mesh()
@@ -191,8 +194,13 @@ def main() -> None:
     dtype = jnp.dtype(args.dtype)
     bert_cfg = BertConfig(**(SMALL["bert"] if args.small else XLMR_BASE))
     qwen_cfg = Qwen3Config(**(SMALL["qwen3"] if args.small else QWEN3_06B))
-    xlmr = BertModel(bert_cfg, dtype=dtype, rngs=nnx.Rngs(0))
-    qwen = Qwen3Model(qwen_cfg, dtype=dtype, remat=True, rngs=nnx.Rngs(0))
+
+    def xlmr():
+        return BertModel(bert_cfg, dtype=dtype, rngs=nnx.Rngs(0))
+
+    def qwen():
+        return Qwen3Model(qwen_cfg, dtype=dtype, remat=True, rngs=nnx.Rngs(0))
+
     L, LL = args.length, args.long_length
     cases = [
         (f"XLM-R-base train, {L} full rows", lambda i: train_case(
