@@ -72,8 +72,13 @@ def run(impl, q, k, v, mask, segments, causal, window, monkeypatch):
     return f
 
 
-@pytest.mark.parametrize("case", list(CASES))
-@pytest.mark.parametrize("impl", ["xla", "cudnn", "splash"])
+# Splash sees padding as segment ids, as "packing" does with the same full mask (interpret
+# mode is the slow part of this file).
+SKIP = ("splash", "padding")
+PAIRS = [(i, c) for i in ("xla", "cudnn", "splash") for c in CASES if (i, c) != SKIP]
+
+
+@pytest.mark.parametrize(("impl", "case"), PAIRS)
 def test_implementations_equal_the_reference(impl, case, monkeypatch):
     c = CASES[case]
     q, k, v, mask, segments = inputs(c["packed"])
@@ -161,6 +166,8 @@ def test_every_backbone_runs_each_implementation_like_xla(impl, monkeypatch):
     for name, model in tiny_models().items():
         if impl == "cudnn" and "softcap" in name:
             continue  # cuDNN takes no soft-cap: auto runs such a model with xla
+        if impl == "splash" and name in ("qwen3 (causal)", "embeddinggemma (window)"):
+            continue  # their masks (causal; local) are tested above, GQA by gemma3's
 
         graphdef = nnx.graphdef(model)
 
