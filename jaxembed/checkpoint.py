@@ -241,21 +241,21 @@ def restore_or_init(
 ):
     """The latest checkpoint if the run has one, else ``init()``.
 
-    Returns ``(state, data, step)``: ``data`` is the saved data position (None when
-    initialised). A workdir with a checkpoint always resumes: the initialisation (e.g.
-    loading HF weights) is not even run then. When the latest step cannot be restored (a
-    corrupted file, a bad copy), the newest intact one is looked for and the run stops with
-    one line naming both, unless ``fallback``: then the damaged steps are moved to
-    ``WORKDIR/damaged_checkpoints`` (kept, not deleted) and the run resumes from the intact
-    step, retraining the steps after it.
+    Returns ``(state, data, meta, step)``: ``data`` is the saved data position and ``meta``
+    the run's meta item (both None when initialised). A workdir with a checkpoint always
+    resumes: the initialisation (e.g. loading HF weights) is not even run then. When the
+    latest step cannot be restored (a corrupted file, a bad copy), the newest intact one is
+    looked for and the run stops with one line naming both, unless ``fallback``: then the
+    damaged steps are moved to ``WORKDIR/damaged_checkpoints`` (kept, not deleted) and the
+    run resumes from the intact step, retraining the steps after it.
     """
     steps = sorted(mngr.all_steps(), reverse=True)
     if not steps:
-        return init(), None, 0
+        return init(), None, None, 0
     damaged, first = [], ""
     for step in steps:
         try:
-            state, _, data = restore(mngr, step, abstract_state, with_data=True)
+            state, meta, data = restore(mngr, step, abstract_state, with_data=True)
         except Exception as e:  # any damage (a bad file, a partial copy): try an older step
             damaged.append(step)
             first = first or (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
@@ -274,7 +274,7 @@ def restore_or_init(
                     f"to {DAMAGED_DIR}/, resuming from step {step}",
                     flush=True,
                 )
-        return state, data, step
+        return state, data, meta, step
     raise CheckpointDamaged(
         f"{mngr.directory}: no checkpoint can be restored (tried steps {steps}); the newest "
         f"error: {first}; use a new --workdir (this one's files are left as they are)"

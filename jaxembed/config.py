@@ -353,17 +353,19 @@ def _parse(text: str, current, key: str):
     raise ValueError(f"--config.{key}: cannot set a {type(current).__name__} from the command line")
 
 
-def describe(config: ml_collections.ConfigDict, prefix: str = "config") -> list[str]:
+def describe(
+    config: ml_collections.ConfigDict, prefix: str = "config", notes: dict | None = None
+) -> list[str]:
     """One ``key = value`` line per field, nested groups flattened, each with its allowed
     values and the comment it has in `default_config` (for ``--help``)."""
-    notes = _field_comments()
+    notes = _field_comments() if notes is None else notes
     lines = []
     for name, value in config.items():
         key = f"{prefix}.{name}"
         if isinstance(value, ml_collections.ConfigDict) and len(value):
             group_note = notes.get(key.removeprefix("config."))
             lines += [f"{key}.*  # {group_note}"] if group_note else []
-            lines += describe(value, key)
+            lines += describe(value, key, notes)
             continue
         shown = dict(value) if isinstance(value, ml_collections.ConfigDict) else value
         short = key.removeprefix("config.")

@@ -375,10 +375,12 @@ def main(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
         return create_state(source, config, mesh, tx, head)[1]
 
     state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(abstract))
-    state, data_pos, start = checkpoint.restore_or_init(mngr, init, abstract, config.ckpt.fallback)
+    state, data_pos, saved_meta, start = checkpoint.restore_or_init(
+        mngr, init, abstract, config.ckpt.fallback
+    )
     del model
     if start:
-        check_resumable(checkpoint.restore_meta(workdir, start)[1], config, workdir, log)
+        check_resumable(saved_meta, config, workdir, log)
     log.forget_after(start)
     log.print("resumed from step" if start else "initialised from", start or config.model.path)
     shapes = nnx.state(abstract_model)
