@@ -340,8 +340,14 @@ def main(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
     )
     check_lengths(config, abstract_model.config.max_tokens, config.model.path)
     longest = max(config.data.max_query_length, config.data.max_passage_length)
-    dropout = config.train.dropout and attention_lib.probs_dropout(abstract_model.config)
-    log.print(attention_lib.describe(config.model.attention, longest, dropout, config.model.dtype))
+    model_cfg = abstract_model.config
+    dropout = config.train.dropout and attention_lib.probs_dropout(model_cfg)
+    softcap = getattr(model_cfg, "attn_logit_softcapping", None)  # Gemma's; auto then: xla
+    log.print(
+        attention_lib.describe(
+            config.model.attention, longest, dropout, config.model.dtype, softcap=softcap
+        )
+    )
     # The Dense layers after pooling, if any.
     abstract_head = run.abstract_head(model_dir, abstract_model.config.hidden_size)
     graphdef = nnx.graphdef(abstract_model)

@@ -63,8 +63,8 @@ def real_queries(mask, segments):
     return (segments > 0) if segments is not None else (mask > 0)
 
 
-def run(impl, q, k, v, mask, segments, causal, window, monkeypatch):
-    monkeypatch.setattr(attn, "CUDNN_IMPLEMENTATION", "xla")  # JAX's own path on CPU
+def attention_fn(impl, mask, segments, causal, window):
+    """``(q, k, v) -> attention`` through ``impl`` with the mask of these inputs."""
 
     def f(q, k, v):
         m = attn.Mask.of(jnp.asarray(mask), segments, causal=causal, impl=impl)
@@ -82,9 +82,10 @@ PAIRS = [(i, c) for i in ("xla", "cudnn", "splash") for c in CASES if (i, c) != 
 
 @pytest.mark.parametrize(("impl", "case"), PAIRS)
 def test_implementations_equal_the_reference(impl, case, monkeypatch):
+    monkeypatch.setattr(attn, "CUDNN_IMPLEMENTATION", "xla")  # JAX's own path on CPU
     c = CASES[case]
     q, k, v, mask, segments = inputs(c["packed"])
-    f = run(impl, q, k, v, mask, segments, c["causal"], c["window"], monkeypatch)
+    f = attention_fn(impl, mask, segments, c["causal"], c["window"])
     real = real_queries(mask, segments)
     want = reference(q, k, v, mask, segments, c["causal"], c["window"], D**-0.5)
     got = np.asarray(jax.jit(f)(q, k, v))
@@ -99,7 +100,7 @@ def test_implementations_equal_the_reference(impl, case, monkeypatch):
 
     grads = jax.jit(jax.grad(loss(f), argnums=(0, 1, 2)))(q, k, v)
     if impl != "xla":
-        ref_f = run("xla", q, k, v, mask, segments, c["causal"], c["window"], monkeypatch)
+        ref_f = attention_fn("xla", mask, segments, c["causal"], c["window"])
         ref = jax.jit(jax.grad(loss(ref_f), argnums=(0, 1, 2)))(q, k, v)
         for name, g, r in zip("qkv", grads, ref, strict=True):
             np.testing.assert_allclose(g, r, atol=1e-5, err_msg=name)
@@ -113,6 +114,7 @@ def test_auto_picks_per_platform_and_says_what_it_leaves_out():
     assert attn.resolve("auto", 512, "float32", "tpu") == "splash"
     assert attn.resolve("auto", 500, "float32", "tpu") == "xla"  # splash: multiples of 128
     assert attn.resolve("xla", 512, "bfloat16", "gpu") == "xla"
+    assert attn.resolve("auto", 512, "bfloat16", "gpu", softcap=30.0) == "xla"  # needs scores
     with pytest.raises(ValueError, match=r"model.attention='flash' is not allowed"):
         attn.resolve("flash", 512)
     line = attn.describe("auto", 512, dropout_rate=0.1, dtype="bfloat16", platform="gpu")

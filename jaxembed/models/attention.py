@@ -67,11 +67,15 @@ class Mask:
     def local(self, window: tuple[int, int]) -> Mask:
         return self.replace(window=window)
 
+    def same_segment(self) -> jax.Array:
+        """Boolean (batch, L, L): the key belongs to the query's segment."""
+        return self.q_segments[:, :, None] == self.kv_segments[:, None, :]
+
     def allowed(self) -> jax.Array:
         """Boolean (batch, L or 1, L): the dense form, broadcastable over the queries."""
         if not (self.packed or self.causal or self.window):  # padding only: keys decide
             return self.kv_segments[:, None, :] == jnp.max(self.q_segments, 1)[:, None, None]
-        ok = self.q_segments[:, :, None] == self.kv_segments[:, None, :]
+        ok = self.same_segment()
         i = jnp.arange(self.q_segments.shape[1])
         d = i[:, None] - i[None, :]  # query index - key index
         if self.causal:
@@ -82,15 +86,19 @@ class Mask:
         return ok
 
 
-def resolve(impl: str, length: int, dtype="float32", platform: str | None = None) -> str:
+def resolve(
+    impl: str, length: int, dtype="float32", platform: str | None = None, softcap=None
+) -> str:
     """The implementation ``impl`` runs as for rows of ``length`` tokens computed in
-    ``dtype`` on ``platform`` (default: JAX's default backend)."""
+    ``dtype`` on ``platform`` (default: JAX's default backend), for a model that soft-caps
+    its logits at ``softcap`` (None: it does not)."""
     check(impl, ATTENTION, "model.attention")
     if impl != "auto":
         return impl
     platform = platform or jax.default_backend()
-    if platform == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
-        return "cudnn"  # cuDNN's flash attention takes half precision only
+    half = jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+    if platform == "gpu" and half and not softcap:
+        return "cudnn"  # cuDNN's flash attention: half precision only, no soft-cap
     if platform == "tpu" and length % 128 == 0:
         return "splash"
     return "xla"
@@ -104,11 +112,16 @@ def probs_dropout(config) -> float:
 
 
 def describe(
-    impl: str, length: int, dropout_rate: float = 0.0, dtype="float32", platform=None
+    impl: str,
+    length: int,
+    dropout_rate: float = 0.0,
+    dtype="float32",
+    platform=None,
+    softcap=None,
 ) -> str:
     """One line for the start of a run: what runs, and what a fused kernel leaves out."""
     platform = platform or jax.default_backend()
-    chosen = resolve(impl, length, dtype, platform)
+    chosen = resolve(impl, length, dtype, platform, softcap)
     line = f"attention: {chosen}" + (f" (auto on {platform})" if impl == "auto" else "")
     if chosen != "xla" and dropout_rate:
         line += f"; the fused kernel applies no attention dropout (the model's {dropout_rate})"
@@ -134,9 +147,7 @@ def attention(
     order). ``softcap`` (Gemma) squashes the scores with ``tanh``; ``dropout_rate`` and
     ``rng`` drop attention probabilities (``xla`` only).
     """
-    impl = resolve(mask.impl, q.shape[1], q.dtype)
-    if impl == "cudnn" and softcap and mask.impl == "auto":
-        impl = "xla"  # the soft-cap needs the scores: auto keeps such a model on xla
+    impl = resolve(mask.impl, q.shape[1], q.dtype, softcap=softcap)
     if impl == "cudnn":
         if softcap:
             raise ValueError("model.attention=cudnn: cuDNN attention takes no logit soft-cap")
@@ -178,7 +189,7 @@ def _dot_product_attention(q, k, v, mask: Mask, scale, implementation):
     if mask.window is not None:
         kw["local_window_size"] = mask.window
     if mask.packed:
-        kw["mask"] = (mask.q_segments[:, :, None] == mask.kv_segments[:, None, :])[:, None]
+        kw["mask"] = mask.same_segment()[:, None]
     else:  # right-padded rows: the kernel's key lengths (at least 1: finite filler rows)
         kw["key_value_seq_lengths"] = jnp.maximum(jnp.sum(mask.kv_segments > 0, axis=1), 1)
     out = jax.nn.dot_product_attention(q, k, v, **kw)
