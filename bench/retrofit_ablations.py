@@ -17,6 +17,9 @@ bench/retrofit.py: mean nDCG@10 over the dev zero-shot languages
 - ``diversity``: at equal examples, one trained language (German) vs all six, and
   cross-lingual retrieval alone vs + monolingual retrieval + Section classification +
   clustering (F2LLM's per-task losses, one dataset per batch).
+- ``cyrillic``: the fraction of training queries rewritten in Cyrillic letters
+  (``data.cyrillic_queries``; cross-lingual pairs, no hard negatives): does reading borrowed
+  words in Cyrillic carry over to Russian and Ukrainian, which are never trained on?
 
 Results accumulate in OUT/results.json (cell and seed); the table gives the mean over seeds
 and, with two or more, the spread (max - min).
@@ -41,6 +44,7 @@ STUDIES = {
     "scale": ("2500", "5000", "10000", "20000", "40000"),
     "negatives": ("0", "1", "3", "7", "random"),
     "diversity": ("xling-de", "xling-all", "tasks-de", "tasks-all"),
+    "cyrillic": ("0", "0.25", "0.5"),
 }
 DEBIAN = ROOT / "data" / "debian"
 GERMAN = ROOT / "data" / "debian-de"  # the same builder, German as the only trained language
@@ -70,6 +74,12 @@ def cell_data(study: str, cell: str, out: Path, examples: int) -> tuple[list[Pat
         src = DEBIAN / "train" / "debian-xling.jsonl"
         return [take_rows(src, int(cell), data / f"xling-{cell}.jsonl")], [
             "--config.data.num_negatives.retrieval=0"
+        ]
+    if study == "cyrillic":
+        src = DEBIAN / "train" / "debian-xling.jsonl"
+        return [take_rows(src, examples, data / f"xling-{examples}.jsonl")], [
+            "--config.data.num_negatives.retrieval=0",
+            f"--config.data.cyrillic_queries={cell}",
         ]
     if study == "negatives":
         mined = mined_pairs(out, examples)

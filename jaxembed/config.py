@@ -132,6 +132,10 @@ def default_config() -> ml_collections.ConfigDict:
     # Fraction of each training query's tokens replaced by random vocabulary tokens, so the
     # model learns to match queries it can only partly read (languages it never saw)
     c.data.query_noise = 0.0
+    # Fraction of training queries rewritten letter by letter in Cyrillic (words shared with
+    # the positive, names and acronyms stay Latin), so a Latin-script model learns to read
+    # borrowed words in Cyrillic-script languages it never trains on (jaxembed.data.script)
+    c.data.cyrillic_queries = 0.0
     c.data.max_query_length = 64
     c.data.max_passage_length = 256
     c.data.query_buckets = ()  # padded lengths; () = a quarter, half and all of the maximum
@@ -225,7 +229,7 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         raise ValueError(
             f"config.optim.min_lr={c.optim.min_lr} exceeds config.optim.lr={c.optim.lr}"
         )
-    # data.group_size, query_noise: `PipelineConfig` checks them.
+    # data.group_size, query_noise, cyrillic_queries: `PipelineConfig` checks them.
     for group in ("infonce_weight", "kl_weight", "margin_mse_weight"):
         for task, weight in c.loss[group].items():
             if task not in TASKS:

@@ -203,6 +203,31 @@ def test_query_noise_replaces_a_fraction_of_query_tokens(single_host):
         PipelineConfig(global_batch=8, query_noise=1.0)
 
 
+def test_cyrillic_queries_rewrite_a_fraction_of_queries_keeping_the_positives_words(single_host):
+    half = builder(cfg=PipelineConfig(**{**CFG.__dict__, "cyrillic_queries": 0.5}))
+    every = builder(cfg=PipelineConfig(**{**CFG.__dict__, "cyrillic_queries": 1.0}))
+    tok = half.tokenizer
+    changed = rows = 0
+    for step in range(STEPS):
+        clean, mixed, all_rewritten = single_host[step], half(step), every(step)
+        assert mixed["pos"] == clean["pos"] and mixed["neg"] == clean["neg"]  # queries only
+        for c, m, a in zip(clean["query"], mixed["query"], all_rewritten["query"], strict=True):
+            assert m in (c, a)  # a row is either left alone or rewritten, never half
+            changed += m != c
+            rows += 1
+        text = tok.decode(all_rewritten["query"][0], skip_special_tokens=True)
+        # "<dataset> question i": the dataset name is a word of the positive and stays Latin;
+        # the instruction template of "alpha" stays English
+        assert "квестион" in text.replace(" ", ""), text
+        assert clean["dataset"] in text
+        if clean["dataset"] == "alpha":
+            assert text.startswith("instruct : find the answer query :"), text
+    assert 0.35 < changed / rows < 0.65, changed / rows
+    assert half(3)["query"] == builder(cfg=half.cfg)(3)["query"]  # the same coins every time
+    with pytest.raises(ValueError, match=r"config\.data\.cyrillic_queries=1\.5 must lie in"):
+        PipelineConfig(global_batch=8, cyrillic_queries=1.5)
+
+
 def test_resume_is_exact_across_epochs_and_datasets(single_host):
     ds = pipeline.make_dataset(builder())
     it = pipeline.make_iterator(ds)

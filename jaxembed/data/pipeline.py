@@ -38,6 +38,7 @@ import numpy as np
 
 from jaxembed.choices import MIXING, NEGATIVES, check
 from jaxembed.config import default_config
+from jaxembed.data.script import to_cyrillic, words
 from jaxembed.packing import bucket, fill, pack_rows
 from jaxembed.tokenizer import load_tokenizer
 
@@ -68,6 +69,7 @@ class PipelineConfig:
     negatives: str = _DATA.negatives
     group_size: int = _DATA.group_size  # > 0: batches of rows linked by mined negatives
     query_noise: float = _DATA.query_noise
+    cyrillic_queries: float = _DATA.cyrillic_queries
     max_query_length: int = _DATA.max_query_length
     max_passage_length: int = _DATA.max_passage_length
     query_buckets: tuple[int, ...] = ()  # () = default_buckets(max_query_length)
@@ -89,6 +91,7 @@ class PipelineConfig:
             negatives=d.negatives,
             group_size=d.group_size,
             query_noise=d.query_noise,
+            cyrillic_queries=d.cyrillic_queries,
             max_query_length=d.max_query_length,
             max_passage_length=d.max_passage_length,
             query_buckets=tuple(d.query_buckets),
@@ -108,6 +111,10 @@ class PipelineConfig:
             )
         if not 0.0 <= self.query_noise < 1.0:
             raise ValueError(f"config.data.query_noise={self.query_noise} must lie in [0, 1)")
+        if not 0.0 <= self.cyrillic_queries <= 1.0:
+            raise ValueError(
+                f"config.data.cyrillic_queries={self.cyrillic_queries} must lie in [0, 1]"
+            )
         if self.global_batch < 1:
             raise ValueError(f"global batch {self.global_batch} must be >= 1")
         for name in ("query_buckets", "passage_buckets"):
@@ -280,13 +287,20 @@ class BatchBuilder:
         g = self.cfg.global_batch
         return self._perms[key][j * g : (j + 1) * g]
 
-    def query_text(self, record: dict) -> str:
-        """The query as the model reads it: instruction template, else the query prefix."""
+    def query_text(self, record: dict, cyrillic: bool = False) -> str:
+        """The query as the model reads it: instruction template, else the query prefix.
+
+        ``cyrillic``: the query (not the instruction) rewritten in Cyrillic letters, the
+        positive's words kept in Latin (``config.data.cyrillic_queries``).
+        """
+        query = record["query"]
+        if cyrillic:
+            query = to_cyrillic(query, keep=words(record["positive"]))
         if record.get("instruction"):
             return self.cfg.instruction_template.format(
-                instruction=record["instruction"], query=record["query"]
+                instruction=record["instruction"], query=query
             )
-        return self.cfg.query_prefix + record["query"]
+        return self.cfg.query_prefix + query
 
     def _tokenize(self, texts: list[str], max_length: int) -> list[list[int]]:
         if not texts:
@@ -350,7 +364,15 @@ class BatchBuilder:
                 teacher[r, 1 : 1 + len(picked)] = [scores[1 + t] for t in picked]
             negatives.append(chosen)
             valid[r, : len(chosen)] = True
-        q_ids = self._tokenize([self.query_text(r) for r in records], cfg.max_query_length)
+        # Which queries are rewritten in Cyrillic: a coin per (seed, dataset, epoch, row).
+        cyrillic = [
+            bool(np.random.default_rng([cfg.seed, 7, d, epoch, int(i)]).random() < p)
+            if (p := cfg.cyrillic_queries)
+            else False
+            for i in rows
+        ]
+        texts = [self.query_text(r, c) for r, c in zip(records, cyrillic, strict=True)]
+        q_ids = self._tokenize(texts, cfg.max_query_length)
         if cfg.query_noise:
             q_ids = [
                 self._noised(x, [cfg.seed, 6, d, epoch, int(i)])
