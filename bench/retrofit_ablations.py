@@ -44,7 +44,7 @@ STUDIES = {
     "scale": ("2500", "5000", "10000", "20000", "40000"),
     "negatives": ("0", "1", "3", "7", "random"),
     "diversity": ("xling-de", "xling-all", "tasks-de", "tasks-all"),
-    "cyrillic": ("0", "0.25", "0.5"),
+    "cyrillic": ("0", "0.25", "0.5", "1"),
 }
 DEBIAN = ROOT / "data" / "debian"
 GERMAN = ROOT / "data" / "debian-de"  # the same builder, German as the only trained language
