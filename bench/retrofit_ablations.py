@@ -137,7 +137,7 @@ def run_cell(study, cell, seed, args) -> dict:
         *overrides,
     ]
     t0 = time.perf_counter()
-    run_logged(cmd, workdir.with_suffix(".log"))
+    run_logged(cmd, workdir.parent / f"{workdir.name}.log")  # cell names hold dots
     seconds = time.perf_counter() - t0
     return {
         "seconds": seconds,

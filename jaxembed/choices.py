@@ -20,6 +20,9 @@ MIXING = ("remaining", "temperature")
 # Where a row's negatives come from: its stored (mined) pool, or, as the control that shows
 # what mining adds, other rows' positives drawn uniformly from the same dataset.
 NEGATIVES = ("mined", "random")
+# Row counts of a packed tower (`jaxembed.data.pipeline.Packing.rows`): "few" distinct ones
+# (fewer compiles, some empty rows) or the "exact" next multiple of the granule.
+PACKING_SHAPES = ("few", "exact")
 
 
 def check(value, allowed: tuple, name: str):

@@ -651,7 +651,8 @@ def make_packing(config, mesh) -> pipeline.Packing:
     ``train.packing`` a row holds several texts and a tower's global row count is a multiple
     of ``train.packing_rows`` (0: a sixteenth of the global batch); without, one text per
     row and as many rows as texts. Either way the count is rounded up to what the mesh, the
-    process count and the GradCache chunk divide.
+    process count and the GradCache chunk divide; packed, ``train.packing_shapes="few"``
+    rounds it further to a few counts per tower (one compile each).
     """
     hosts = jax.process_count()
     divide = math.lcm(
@@ -665,8 +666,9 @@ def make_packing(config, mesh) -> pipeline.Packing:
         granule = -(-granule // divide) * divide
     data = pipeline.PipelineConfig.from_config(config)
     segments = min(texts_per_row(config), data.max_query_length, data.max_passage_length)
+    few = config.train.packing and config.train.packing_shapes == "few"
     return pipeline.Packing(
-        data.buckets("query"), data.buckets("passage"), granule // hosts, segments
+        data.buckets("query"), data.buckets("passage"), granule // hosts, segments, few
     )
 
 

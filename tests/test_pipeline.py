@@ -228,6 +228,19 @@ def test_cyrillic_queries_rewrite_a_fraction_of_queries_keeping_the_positives_wo
         PipelineConfig(global_batch=8, cyrillic_queries=1.5)
 
 
+def test_few_shapes_round_row_counts_to_two_significant_binary_digits():
+    exact = pipeline.Packing((16,), (16,), granule=2, num_segments=4)
+    few = pipeline.Packing((16,), (16,), granule=2, num_segments=4, few_shapes=True)
+    ladder = {2 * m for m in (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128)}
+    for needed in range(1, 200):
+        rows = few.rows(needed)
+        assert rows in ladder and rows >= exact.rows(needed) >= needed, needed
+        assert rows == min(r for r in ladder if r >= needed), needed  # the next one, no further
+    # Row counts of 18..28 needed (a packed tower of 32 texts) meet 2 shapes, not 6.
+    assert {few.rows(n) for n in range(18, 29)} == {24, 32}
+    assert len({exact.rows(n) for n in range(18, 29)}) == 6
+
+
 def test_resume_is_exact_across_epochs_and_datasets(single_host):
     ds = pipeline.make_dataset(builder())
     it = pipeline.make_iterator(ds)

@@ -151,6 +151,19 @@ def test_help_lists_every_field_with_default_choices_and_comment():
     assert "config.model.lora.*  # LoRA (rank > 0)" in shown
 
 
+def test_packing_shapes_round_row_counts_only_when_packed(train_setup):
+    from jaxembed import sharding
+
+    mesh = sharding.make_mesh()  # 8 devices: the granule is a multiple of 8
+    packed = train.make_packing(tiny_config(train_setup, train__packing=True), mesh)
+    assert packed.few_shapes and packed.granule == 8 and packed.rows(33) == 48
+    exact = tiny_config(train_setup, train__packing=True, train__packing_shapes="exact")
+    assert not train.make_packing(exact, mesh).few_shapes
+    assert not train.make_packing(tiny_config(train_setup), mesh).few_shapes  # one text a row
+    with pytest.raises(ValueError, match=r"config\.train\.packing_shapes='some' is not allowed"):
+        config_lib.validate(tiny_config(train_setup, train__packing_shapes="some"))
+
+
 def test_recipe_configs_validate_and_name_their_eval_sets(train_setup):
     import ml_collections
 
