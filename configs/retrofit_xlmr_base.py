@@ -14,9 +14,11 @@ scripts/retrofit_debian.sh does for all-MiniLM-L6-v2):
 The recipe choices measured on all-MiniLM-L6-v2 (configs/retrofit_debian.py, bench/
 RESULTS.md "Retrofit" and "Retrofit ablations", dev packages) carry over: cross-lingual
 retrieval pairs only, mined negatives used as in-batch candidates by grouping linked rows
-into batches (data.group_size 16), symmetric InfoNCE with false-negative masking. A larger,
-multilingual model may gain more from explicit hard negatives than MiniLM did at equal CPU
-time: raise data.num_negatives.retrieval to try.
+into batches (data.group_size 16), symmetric InfoNCE with false-negative masking. Not the
+Cyrillic rewrite of queries (data.cyrillic_queries): it teaches an English vocabulary to
+read Cyrillic, which XLM-R's already does. A larger, multilingual model may gain more from
+explicit hard negatives than MiniLM did at equal CPU time: raise
+data.num_negatives.retrieval to try.
 
 Where the settings come from (../shared/research/seeds.md):
 - Tu, Zhou, Yavuz, "Retrofitting Small Multilingual Models for Retrieval" (2025): hard
