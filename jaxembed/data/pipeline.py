@@ -365,10 +365,9 @@ class BatchBuilder:
             negatives.append(chosen)
             valid[r, : len(chosen)] = True
         # Which queries are rewritten in Cyrillic: a coin per (seed, dataset, epoch, row).
+        p = cfg.cyrillic_queries
         cyrillic = [
-            bool(np.random.default_rng([cfg.seed, 7, d, epoch, int(i)]).random() < p)
-            if (p := cfg.cyrillic_queries)
-            else False
+            p > 0 and np.random.default_rng([cfg.seed, 7, d, epoch, int(i)]).random() < p
             for i in rows
         ]
         texts = [self.query_text(r, c) for r, c in zip(records, cyrillic, strict=True)]
