@@ -98,9 +98,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.train.gradcache = False
     c.train.gradcache_chunk = 16  # rows per GradCache chunk (a multiple of data parallelism)
     # Several texts per row of data.max_*_length tokens (attention and pooling per text):
-    # no padding to compute. Rows per tower come in multiples of packing_rows (0: batch / 16).
+    # no padding to compute.
     c.train.packing = False
-    c.train.packing_rows = 0
+    c.train.packing_rows = 0  # the granule: rows per tower come in its multiples (0: batch / 16)
     # "few": each tower's row count rounded up further, to 1, 2, 3, 4, 6, 8, 12, 16, 24, ...
     # granules, so a run meets a few shapes (one compile each) instead of one per granule:
     # ~15% more (empty) rows per step on average. "exact": the next multiple of the granule (long
