@@ -103,8 +103,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.train.packing_rows = 0  # the granule: rows per tower come in its multiples (0: batch / 16)
     # "few": each tower's row count rounded up further, to 1, 2, 3, 4, 6, 8, 12, 16, 24, ...
     # granules, so a run meets a few shapes (one compile each) instead of one per granule:
-    # ~15% more (empty) rows per step on average. "exact": the next multiple of the granule (long
-    # runs, where compiles are paid once and every step's rows count).
+    # ~15% more (empty) rows per step on average. "exact": the next multiple of the
+    # granule (long runs, where compiles are paid once and every step's rows count).
     c.train.packing_shapes = "few"
     # Wall-clock budget of one invocation, start-up and compiles included (0 = none): when
     # spent, training ends after the current step (checkpoint, eval after) even if the
