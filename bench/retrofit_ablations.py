@@ -5,7 +5,7 @@
 
 Every cell trains all-MiniLM-L6-v2 with ``configs/retrofit_debian.py`` (its learning rate,
 loss and packing; batches drawn uniformly, ``data.group_size=0``, and queries left in their
-own script, ``data.cyrillic_queries=0``, except in the study of that) for the same number
+own script, ``data.cyrillic_queries=0``, except in the studies of scripts) for the same number
 of steps of the same global batch, changing one thing, and is scored like
 bench/retrofit.py: mean nDCG@10 over the dev zero-shot languages
 (``dev/xling-{cs,ja,ko,pl,ru,uk,zh_CN}``) and the trained ones. Studies:
@@ -21,6 +21,9 @@ bench/retrofit.py: mean nDCG@10 over the dev zero-shot languages
 - ``cyrillic``: the fraction of training queries rewritten in Cyrillic letters
   (``data.cyrillic_queries``; cross-lingual pairs, no hard negatives): does reading borrowed
   words in Cyrillic carry over to Russian and Ukrainian, which are never trained on?
+- ``scripts``: queries rewritten in Cyrillic, katakana and Hangul (cell ``C-K-H``: the
+  three fractions, ``data.{cyrillic,katakana,hangul}_queries``): do Japanese and Korean
+  gain as Russian and Ukrainian did?
 
 Results accumulate in OUT/results.json (cell and seed); the table gives the mean over seeds
 and, with two or more, the spread (max - min).
@@ -48,6 +51,7 @@ STUDIES = {
     "negatives": ("0", "1", "3", "7", "random"),
     "diversity": ("xling-de", "xling-all", "tasks-de", "tasks-all"),
     "cyrillic": ("0", "0.25", "0.5", "1"),
+    "scripts": ("0.5-0-0", "0.3-0.1-0.1", "0.2-0.15-0.15", "0.4-0.2-0.2"),
 }
 DEBIAN = ROOT / "data" / "debian"
 GERMAN = ROOT / "data" / "debian-de"  # the same builder, German as the only trained language
@@ -84,6 +88,13 @@ def cell_data(study: str, cell: str, out: Path, examples: int) -> tuple[list[Pat
             "--config.data.num_negatives.retrieval=0",
             f"--config.data.cyrillic_queries={cell}",
         ]
+    if study == "scripts":  # "C-K-H": the fractions rewritten in Cyrillic, katakana, Hangul
+        src = DEBIAN / "train" / "debian-xling.jsonl"
+        fractions = dict(zip(("cyrillic", "katakana", "hangul"), cell.split("-"), strict=True))
+        return [take_rows(src, examples, data / f"xling-{examples}.jsonl")], [
+            "--config.data.num_negatives.retrieval=0",
+            *(f"--config.data.{s}_queries={p}" for s, p in fractions.items()),
+        ]
     if study == "negatives":
         mined = mined_pairs(out, examples)
         if cell == "random":
@@ -119,7 +130,7 @@ def run_cell(study, cell, seed, args) -> dict:
     # put hard negatives into every cell, the "0 negatives" one included.
     overrides = ["--config.data.group_size=0", *overrides]
     # The recipe's Cyrillic-rewritten queries only where they are the thing measured.
-    if study != "cyrillic":
+    if study not in ("cyrillic", "scripts"):
         overrides.append("--config.data.cyrillic_queries=0")
     workdir = args.out / study / f"{cell}-seed{seed}"
     workdir.parent.mkdir(parents=True, exist_ok=True)

@@ -151,6 +151,11 @@ def default_config() -> ml_collections.ConfigDict:
     # the positive, names and acronyms stay Latin), so a Latin-script model learns to read
     # borrowed words in Cyrillic-script languages it never trains on (jaxembed.data.script)
     c.data.cyrillic_queries = 0.0
+    # Fractions rewritten the same way in katakana and in Hangul, the scripts Japanese and
+    # Korean spell borrowed words in (ライブラリ, 라이브러리: "library"); the three fractions
+    # are disjoint (one coin per query) and sum to at most 1
+    c.data.katakana_queries = 0.0
+    c.data.hangul_queries = 0.0
     c.data.max_query_length = 64
     c.data.max_passage_length = 256
     c.data.query_buckets = ()  # padded lengths; () = a quarter, half and all of the maximum
@@ -244,7 +249,7 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         raise ValueError(
             f"config.optim.min_lr={c.optim.min_lr} exceeds config.optim.lr={c.optim.lr}"
         )
-    # data.group_size, query_noise, cyrillic_queries: `PipelineConfig` checks them.
+    # data.group_size, query_noise, the *_queries fractions: `PipelineConfig` checks them.
     for group in ("infonce_weight", "kl_weight", "margin_mse_weight"):
         for task, weight in c.loss[group].items():
             if task not in TASKS:

@@ -38,7 +38,7 @@ import numpy as np
 
 from jaxembed.choices import MIXING, NEGATIVES, check
 from jaxembed.config import default_config
-from jaxembed.data.script import to_cyrillic, words
+from jaxembed.data.script import SCRIPTS, words
 from jaxembed.packing import bucket, fill, pack_rows
 from jaxembed.tokenizer import load_tokenizer
 
@@ -70,6 +70,8 @@ class PipelineConfig:
     group_size: int = _DATA.group_size  # > 0: batches of rows linked by mined negatives
     query_noise: float = _DATA.query_noise
     cyrillic_queries: float = _DATA.cyrillic_queries
+    katakana_queries: float = _DATA.katakana_queries
+    hangul_queries: float = _DATA.hangul_queries
     max_query_length: int = _DATA.max_query_length
     max_passage_length: int = _DATA.max_passage_length
     query_buckets: tuple[int, ...] = ()  # () = default_buckets(max_query_length)
@@ -92,6 +94,8 @@ class PipelineConfig:
             group_size=d.group_size,
             query_noise=d.query_noise,
             cyrillic_queries=d.cyrillic_queries,
+            katakana_queries=d.katakana_queries,
+            hangul_queries=d.hangul_queries,
             max_query_length=d.max_query_length,
             max_passage_length=d.max_passage_length,
             query_buckets=tuple(d.query_buckets),
@@ -111,9 +115,14 @@ class PipelineConfig:
             )
         if not 0.0 <= self.query_noise < 1.0:
             raise ValueError(f"config.data.query_noise={self.query_noise} must lie in [0, 1)")
-        if not 0.0 <= self.cyrillic_queries <= 1.0:
+        for script in SCRIPTS:
+            p = getattr(self, f"{script}_queries")
+            if not 0.0 <= p <= 1.0:
+                raise ValueError(f"config.data.{script}_queries={p} must lie in [0, 1]")
+        if sum(self.script_fractions()) > 1.0 + 1e-9:
             raise ValueError(
-                f"config.data.cyrillic_queries={self.cyrillic_queries} must lie in [0, 1]"
+                "config.data.cyrillic_queries + katakana_queries + hangul_queries="
+                f"{sum(self.script_fractions()):g} must be at most 1 (one script per query)"
             )
         if self.global_batch < 1:
             raise ValueError(f"global batch {self.global_batch} must be >= 1")
@@ -121,6 +130,10 @@ class PipelineConfig:
             limit = self.max_query_length if name == "query_buckets" else self.max_passage_length
             if any(b > limit or b < 1 for b in getattr(self, name)):
                 raise ValueError(f"config.data.{name}={getattr(self, name)} must lie in 1..{limit}")
+
+    def script_fractions(self) -> tuple[float, ...]:
+        """The fraction of queries rewritten in each of `SCRIPTS`, in its order."""
+        return tuple(getattr(self, f"{script}_queries") for script in SCRIPTS)
 
     def negatives_for(self, task: str) -> int:
         return dict(self.num_negatives)[task]
@@ -287,15 +300,15 @@ class BatchBuilder:
         g = self.cfg.global_batch
         return self._perms[key][j * g : (j + 1) * g]
 
-    def query_text(self, record: dict, cyrillic: bool = False) -> str:
+    def query_text(self, record: dict, script: str = "") -> str:
         """The query as the model reads it: instruction template, else the query prefix.
 
-        ``cyrillic``: the query (not the instruction) rewritten in Cyrillic letters, the
-        positive's words kept in Latin (``config.data.cyrillic_queries``).
+        ``script`` (one of `SCRIPTS`): the query (not the instruction) rewritten in that
+        script, the positive's words kept in Latin (``config.data.<script>_queries``).
         """
         query = record["query"]
-        if cyrillic:
-            query = to_cyrillic(query, keep=words(record["positive"]))
+        if script:
+            query = SCRIPTS[script](query, keep=words(record["positive"]))
         if record.get("instruction"):
             return self.cfg.instruction_template.format(
                 instruction=record["instruction"], query=query
@@ -321,6 +334,12 @@ class BatchBuilder:
             if len(out) == k:
                 break
         return out
+
+    @staticmethod
+    def _script(edges: np.ndarray, rng: np.random.Generator) -> str:
+        """The script a query is rewritten in ("" for none), given the stacked fractions."""
+        k = int(np.searchsorted(edges, rng.random(), side="right"))
+        return list(SCRIPTS)[k] if k < len(SCRIPTS) else ""
 
     def _noised(self, ids: list[int], seed: list[int]) -> list[int]:
         """``ids`` with a ``query_noise`` fraction of its non-special tokens made random."""
@@ -364,13 +383,16 @@ class BatchBuilder:
                 teacher[r, 1 : 1 + len(picked)] = [scores[1 + t] for t in picked]
             negatives.append(chosen)
             valid[r, : len(chosen)] = True
-        # Which queries are rewritten in Cyrillic: a coin per (seed, dataset, epoch, row).
-        p = cfg.cyrillic_queries
-        cyrillic = [
-            p > 0 and np.random.default_rng([cfg.seed, 7, d, epoch, int(i)]).random() < p
+        # Which queries are rewritten, and in which script: one coin per (seed, dataset,
+        # epoch, row) against the fractions stacked in `SCRIPTS` order.
+        edges = np.cumsum(cfg.script_fractions())
+        scripts = [
+            self._script(edges, np.random.default_rng([cfg.seed, 7, d, epoch, int(i)]))
+            if edges[-1] > 0
+            else ""
             for i in rows
         ]
-        texts = [self.query_text(r, c) for r, c in zip(records, cyrillic, strict=True)]
+        texts = [self.query_text(r, s) for r, s in zip(records, scripts, strict=True)]
         q_ids = self._tokenize(texts, cfg.max_query_length)
         if cfg.query_noise:
             q_ids = [

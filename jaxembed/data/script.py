@@ -1,4 +1,4 @@
-"""Latin-script text rewritten in Cyrillic letters: a training augmentation for unseen scripts.
+"""Latin-script text rewritten in Cyrillic, katakana or Hangul: augmentations for unseen scripts.
 
 A model whose vocabulary is English-centric (all-MiniLM-L6-v2's uncased WordPiece) reads
 Cyrillic as single letters, and nothing in a Latin-script training set teaches it what
@@ -99,3 +99,191 @@ def to_cyrillic(text: str, keep: frozenset[str] | set[str] = frozenset()) -> str
 def words(text: str) -> frozenset[str]:
     """The lower-case words of ``text`` (what `to_cyrillic`'s ``keep`` takes)."""
     return frozenset(w.lower() for w in _WORD.findall(text))
+
+
+# Katakana and Hangul: Japanese and Korean write borrowed words by sound (ライブラリ and
+# 라이브러리 are "library", サーバー and 서버 "server", プログラム and 프로그램 "program"). Both
+# rewrites read a Latin word as a string of sounds (`_sounds`) and spell those the way
+# each script spells loanwords: consonant + vowel as one kana or one Hangul block, a
+# consonant with no vowel after it as its own syllable (ク, 크) or, in Korean, as the
+# block's final consonant (프로그람). English-style "er"/"ar"/"or" before a consonant or at
+# the end become a long vowel (サーバー, 서버). Approximate on purpose: what matters is that
+# the model sees the scripts' spellings of words whose meaning it already knows.
+
+_SOUND_LETTERS = {
+    "č": "ch", "ć": "ch", "š": "sh", "ś": "sh", "ž": "j", "ź": "j", "ż": "j", "đ": "j",
+    "ř": "rj", "ł": "l", "ñ": "ny", "ç": "s", "ß": "ss", "ä": "e", "ö": "o", "ü": "u",
+    "ø": "o", "å": "o", "æ": "e", "œ": "e",
+}  # fmt: skip
+# Letter groups that are one consonant sound, longest first ("qu" and "x" are two sounds).
+_CONSONANT_GROUPS = (
+    ("tsch", ("ch",)), ("sch", ("sh",)), ("sh", ("sh",)), ("ch", ("ch",)), ("ph", ("f",)),
+    ("th", ("s",)), ("ck", ("k",)), ("ts", ("ts",)), ("tz", ("ts",)), ("qu", ("k", "w")),
+    ("x", ("k", "s")),
+)  # fmt: skip
+_VOWELS = "aeiou"
+_STOPS = {"k", "t", "p", "s", "ch", "sh", "ts", "d", "g", "b"}  # doubled: a short pause (ッ)
+
+
+def _sounds(word: str) -> list[tuple[str, str]]:
+    """A lower-case Latin word as sounds: ("C", consonant) and ("V", vowel) in order.
+
+    Vowels are a, e, i, o, u, plus "a:", "o:", "u:", "i:" (long) and "er" (the vowel of
+    English "server"). Doubled consonants come once, after a ("Q", "") pause when they stop.
+    """
+    w = "".join(_SOUND_LETTERS.get(ch) or _base(ch) for ch in word)
+    out: list[tuple[str, str]] = []
+    i = 0
+    while i < len(w):
+        ch, rest = w[i], w[i + 1 :]
+        vowel_next = rest[:1] in tuple(_VOWELS + "y") and rest[:1] != ""
+        group = next((g for g in _CONSONANT_GROUPS if w.startswith(g[0], i)), None)
+        if group:
+            out += [("C", c) for c in group[1]]
+            i += len(group[0])
+        elif ch in _VOWELS or (ch == "y" and not (rest[:1] in tuple(_VOWELS) and rest)):
+            v = "i" if ch == "y" else ch
+            nxt = w[i + 1 : i + 2]
+            after = w[i + 2 : i + 3]
+            if nxt == v and v in "eo":  # ee, oo: long i, long u
+                out.append(("V", "i:" if v == "e" else "u:"))
+                i += 2
+            elif nxt == "r" and (after == "" or after not in _VOWELS + "y"):
+                out.append(("V", {"a": "a:", "o": "o:"}.get(v, "er")))
+                i += 2
+            else:
+                out.append(("V", v))
+                i += 1
+        elif ch == "c":
+            out.append(("C", "s" if rest[:1] in ("e", "i", "y") else "k"))
+            i += 1
+        elif ch == "n" and rest[:1] == "g" and rest[1:2] not in tuple(_VOWELS):
+            out.append(("C", "ng"))
+            i += 2
+        elif ch == "h" and out and out[-1][0] == "V" and not vowel_next:
+            i += 1  # a lengthening h (German "ohne"): no sound of its own
+        elif ch.isalpha() and "a" <= ch <= "z":
+            if rest[:1] == ch:  # doubled consonant
+                if ch in _STOPS and out and out[-1][0] == "V":
+                    out.append(("Q", ""))
+                i += 1
+                continue
+            out.append(("C", "r" if ch == "l" else ch))
+            i += 1
+        else:
+            out.append(("O", ch))  # not a Latin letter: passes through
+            i += 1
+    return out
+
+
+_KANA_VOWEL = {"a": 0, "i": 1, "u": 2, "e": 3, "o": 4, "a:": 0, "i:": 1, "u:": 2, "o:": 4, "er": 0}
+_KANA = {
+    "": "ア イ ウ エ オ", "k": "カ キ ク ケ コ", "g": "ガ ギ グ ゲ ゴ", "s": "サ シ ス セ ソ",
+    "z": "ザ ジ ズ ゼ ゾ", "t": "タ ティ トゥ テ ト", "d": "ダ ディ ドゥ デ ド",
+    "n": "ナ ニ ヌ ネ ノ",
+    "h": "ハ ヒ フ ヘ ホ", "b": "バ ビ ブ ベ ボ", "p": "パ ピ プ ペ ポ", "m": "マ ミ ム メ モ",
+    "y": "ヤ イ ユ イェ ヨ", "r": "ラ リ ル レ ロ", "w": "ワ ウィ ウ ウェ ウォ",
+    "f": "ファ フィ フ フェ フォ", "v": "ヴァ ヴィ ヴ ヴェ ヴォ", "j": "ジャ ジ ジュ ジェ ジョ",
+    "sh": "シャ シ シュ シェ ショ", "ch": "チャ チ チュ チェ チョ", "ts": "ツァ ツィ ツ ツェ ツォ",
+}  # fmt: skip
+_KANA = {c: row.split() for c, row in _KANA.items()}
+# A consonant with no vowel after it: the "u" column, but o after t and d, i after ch and j.
+_KANA_ALONE = {"t": "ト", "d": "ド", "ch": "チ", "j": "ジ", "n": "ン", "ng": "ング"}
+
+
+def _kana(sounds: list[tuple[str, str]]) -> str:
+    out, i = [], 0
+    while i < len(sounds):
+        kind, s = sounds[i]
+        nxt = sounds[i + 1] if i + 1 < len(sounds) else ("", "")
+        if kind == "C" and nxt[0] == "V" and s in _KANA:
+            out.append(_KANA[s][_KANA_VOWEL[nxt[1]]] + ("ー" if nxt[1][-1:] in ":r" else ""))
+            i += 2
+            continue
+        if kind == "C":
+            out.append(_KANA_ALONE.get(s) or _KANA.get(s, _KANA["r"])[2])
+        elif kind == "V":
+            out.append(_KANA[""][_KANA_VOWEL[s]] + ("ー" if s[-1:] in ":r" else ""))
+        elif kind == "Q":
+            out.append("ッ")
+        else:
+            out.append(s)
+        i += 1
+    return "".join(out)
+
+
+# Hangul blocks: 0xAC00 + (initial * 21 + vowel) * 28 + final.
+_INITIAL = {
+    "g": 0, "k": 15, "n": 2, "d": 3, "t": 16, "r": 5, "m": 6, "b": 7, "v": 7, "p": 17,
+    "f": 17, "s": 9, "sh": 9, "z": 12, "j": 12, "ch": 14, "ts": 14, "h": 18, "": 11, "w": 11,
+    "y": 11, "ng": 11,
+}  # fmt: skip
+_MEDIAL = {"a": 0, "a:": 0, "e": 5, "i": 20, "i:": 20, "o": 8, "o:": 8, "u": 13, "u:": 13,
+           "er": 4}  # fmt: skip
+_GLIDE = {  # after w, y and sh the vowel takes the glide: 와, 야, 샤
+    "w": {"a": 9, "e": 15, "i": 16, "o": 14, "er": 14},
+    "y": {"a": 2, "e": 7, "o": 12, "u": 17, "er": 6},
+    "sh": {"a": 2, "e": 7, "o": 12, "u": 17, "er": 6},
+}
+_FINAL = {"k": 1, "n": 4, "r": 8, "m": 16, "p": 17, "t": 19, "ng": 21}
+_ALONE_VOWEL = {"j": 20, "ch": 20, "sh": 20}  # 지, 치, 시; every other lone consonant: 으
+
+
+def _hangul(sounds: list[tuple[str, str]]) -> str:
+    blocks: list[list[int] | str] = []  # [initial, vowel, final] or a character passed through
+    i = 0
+    while i < len(sounds):
+        kind, s = sounds[i]
+        nxt = sounds[i + 1] if i + 1 < len(sounds) else ("", "")
+        prev = sounds[i - 1] if i else ("", "")
+        if kind == "C" and nxt[0] == "V":
+            v = nxt[1]
+            vowel = _GLIDE.get(s, {}).get(v.rstrip(":"), _MEDIAL[v])
+            blocks.append([_INITIAL.get(s, 11), vowel, 0])
+            i += 2
+            continue
+        if kind == "C":
+            last = blocks[-1] if blocks else None
+            if prev[0] == "V" and isinstance(last, list) and not last[2] and s in _FINAL:
+                last[2] = _FINAL[s]  # 프로그람: the m closes the block before it
+            else:
+                blocks.append([_INITIAL.get(s, 11), _ALONE_VOWEL.get(s, 18), 0])
+        elif kind == "V":
+            blocks.append([11, _MEDIAL[s], 0])
+        elif kind == "O":
+            blocks.append(s)
+        i += 1  # a pause ("Q") has no letter in Hangul
+    return "".join(
+        b if isinstance(b, str) else chr(0xAC00 + (b[0] * 21 + b[1]) * 28 + b[2]) for b in blocks
+    )
+
+
+def _rewrite_words(text: str, spell, keep) -> str:
+    def rewrite(m: re.Match) -> str:
+        word = m.group(0)
+        return word if keeps_latin(word, keep) else spell(_sounds(word.lower()))
+
+    return _WORD.sub(rewrite, text)
+
+
+def to_katakana(text: str, keep: frozenset[str] | set[str] = frozenset()) -> str:
+    """``text`` with its Latin words (those `keeps_latin` does not protect) in katakana.
+
+    Japanese does not space its words: the space between two rewritten words goes.
+    ``to_katakana("server program")`` is ``"サーヴァープログラム"``.
+    """
+    out = _rewrite_words(text, _kana, keep)
+    return re.sub(r"(?<=[\u30a0-\u30ff]) (?=[\u30a0-\u30ff])", "", out)
+
+
+def to_hangul(text: str, keep: frozenset[str] | set[str] = frozenset()) -> str:
+    """``text`` with its Latin words (those `keeps_latin` does not protect) in Hangul.
+
+    ``to_hangul("server program")`` is ``"서버 프로그람"``.
+    """
+    return _rewrite_words(text, _hangul, keep)
+
+
+# The rewrites the pipeline offers, in the order its coin stacks their fractions
+# (``config.data.<name>_queries``).
+SCRIPTS = {"cyrillic": to_cyrillic, "katakana": to_katakana, "hangul": to_hangul}
