@@ -220,12 +220,15 @@ _INITIAL = {
 }  # fmt: skip
 _MEDIAL = {"a": 0, "a:": 0, "e": 5, "i": 20, "i:": 20, "o": 8, "o:": 8, "u": 13, "u:": 13,
            "er": 4}  # fmt: skip
-_GLIDE = {  # after w, y and sh the vowel takes the glide: 와, 야, 샤
-    "w": {"a": 9, "e": 15, "i": 16, "o": 14, "er": 14},
-    "y": {"a": 2, "e": 7, "o": 12, "u": 17, "er": 6},
-    "sh": {"a": 2, "e": 7, "o": 12, "u": 17, "er": 6},
+# Only letters all-MiniLM-L6-v2's vocabulary holds (WordPiece reads a word with one unknown
+# letter as a single [UNK]): its jamo lack the vowels ya, ye, we, wi, and the finals other
+# than ㄱ ㄴ ㄹ ㅁ ㅂ ㅇ. After w, y and sh the vowel takes the glide where one exists (와, 쇼).
+_GLIDE = {
+    "w": {"a": 9, "o": 14, "er": 14},
+    "y": {"o": 12, "u": 17, "er": 6},
+    "sh": {"o": 12, "u": 17, "er": 6},
 }
-_FINAL = {"k": 1, "n": 4, "r": 8, "m": 16, "p": 17, "t": 19, "ng": 21}
+_FINAL = {"k": 1, "n": 4, "r": 8, "m": 16, "p": 17, "ng": 21}
 _ALONE_VOWEL = {"j": 20, "ch": 20, "sh": 20}  # 지, 치, 시; every other lone consonant: 으
 
 
@@ -269,11 +272,12 @@ def _rewrite_words(text: str, spell, keep) -> str:
 def to_katakana(text: str, keep: frozenset[str] | set[str] = frozenset()) -> str:
     """``text`` with its Latin words (those `keeps_latin` does not protect) in katakana.
 
-    Japanese does not space its words: the space between two rewritten words goes.
-    ``to_katakana("server program")`` is ``"サーヴァープログラム"``.
+    Words keep their spaces: WordPiece reads a run of kana with one letter outside the
+    vocabulary as a single [UNK], so a run per word loses less. Small ォ and ゥ (フォ, トゥ),
+    which the vocabulary lacks, come out large. ``to_katakana("server program")`` is
+    ``"サーヴァー プログラム"``.
     """
-    out = _rewrite_words(text, _kana, keep)
-    return re.sub(r"(?<=[\u30a0-\u30ff]) (?=[\u30a0-\u30ff])", "", out)
+    return _rewrite_words(text, _kana, keep).replace("ォ", "オ").replace("ゥ", "ウ")
 
 
 def to_hangul(text: str, keep: frozenset[str] | set[str] = frozenset()) -> str:
