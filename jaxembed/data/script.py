@@ -125,54 +125,52 @@ _VOWELS = "aeiou"
 _STOPS = {"k", "t", "p", "s", "ch", "sh", "ts", "d", "g", "b"}  # doubled: a short pause (ッ)
 
 
+def _vowel(ch: str) -> bool:
+    return ch != "" and ch in "aeiouy"
+
+
 def _sounds(word: str) -> list[tuple[str, str]]:
     """A lower-case Latin word as sounds: ("C", consonant) and ("V", vowel) in order.
 
     Vowels are a, e, i, o, u, plus "a:", "o:", "u:", "i:" (long) and "er" (the vowel of
-    English "server"). Doubled consonants come once, after a ("Q", "") pause when they stop.
+    English "server"); y is a vowel unless one follows it. Doubled consonants come once,
+    after a ("Q", "") pause when they stop. Other characters come as ("O", character).
     """
     w = "".join(_SOUND_LETTERS.get(ch) or _base(ch) for ch in word)
     out: list[tuple[str, str]] = []
     i = 0
     while i < len(w):
-        ch, rest = w[i], w[i + 1 :]
-        vowel_next = rest[:1] in tuple(_VOWELS + "y") and rest[:1] != ""
-        group = next((g for g in _CONSONANT_GROUPS if w.startswith(g[0], i)), None)
-        if group:
+        ch, nxt, after = w[i], w[i + 1 : i + 2], w[i + 2 : i + 3]
+        step = 1
+        if group := next((g for g in _CONSONANT_GROUPS if w.startswith(g[0], i)), None):
             out += [("C", c) for c in group[1]]
-            i += len(group[0])
-        elif ch in _VOWELS or (ch == "y" and not (rest[:1] in tuple(_VOWELS) and rest)):
+            step = len(group[0])
+        elif ch in _VOWELS or (ch == "y" and not _vowel(nxt)):
             v = "i" if ch == "y" else ch
-            nxt = w[i + 1 : i + 2]
-            after = w[i + 2 : i + 3]
             if nxt == v and v in "eo":  # ee, oo: long i, long u
                 out.append(("V", "i:" if v == "e" else "u:"))
-                i += 2
-            elif nxt == "r" and (after == "" or after not in _VOWELS + "y"):
+                step = 2
+            elif nxt == "r" and not _vowel(after):  # English "-er", "-ar", "-or": long
                 out.append(("V", {"a": "a:", "o": "o:"}.get(v, "er")))
-                i += 2
+                step = 2
             else:
                 out.append(("V", v))
-                i += 1
         elif ch == "c":
-            out.append(("C", "s" if rest[:1] in ("e", "i", "y") else "k"))
-            i += 1
-        elif ch == "n" and rest[:1] == "g" and rest[1:2] not in tuple(_VOWELS):
+            out.append(("C", "s" if nxt in ("e", "i", "y") else "k"))
+        elif ch == "n" and nxt == "g" and not _vowel(after):
             out.append(("C", "ng"))
-            i += 2
-        elif ch == "h" and out and out[-1][0] == "V" and not vowel_next:
-            i += 1  # a lengthening h (German "ohne"): no sound of its own
-        elif ch.isalpha() and "a" <= ch <= "z":
-            if rest[:1] == ch:  # doubled consonant
+            step = 2
+        elif ch == "h" and out and out[-1][0] == "V" and not _vowel(nxt):
+            pass  # a lengthening h (German "ohne"): no sound of its own
+        elif "a" <= ch <= "z":
+            if nxt == ch:  # a doubled consonant sounds once, after a pause if it stops
                 if ch in _STOPS and out and out[-1][0] == "V":
                     out.append(("Q", ""))
-                i += 1
-                continue
-            out.append(("C", "r" if ch == "l" else ch))
-            i += 1
+            else:
+                out.append(("C", "r" if ch == "l" else ch))
         else:
-            out.append(("O", ch))  # not a Latin letter: passes through
-            i += 1
+            out.append(("O", ch))
+        i += step
     return out
 
 
