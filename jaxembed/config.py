@@ -151,10 +151,11 @@ def default_config() -> ml_collections.ConfigDict:
     # the positive, names and acronyms stay Latin), so a Latin-script model learns to read
     # borrowed words in Cyrillic-script languages it never trains on (jaxembed.data.script)
     c.data.cyrillic_queries = 0.0
-    # Fractions rewritten the same way in katakana and in Hangul, the scripts Japanese and
-    # Korean spell borrowed words in (ライブラリ, 라이브러리: "library"); the three fractions
-    # are disjoint (one coin per query) and sum to at most 1
+    # Fraction rewritten the same way in katakana, the script Japanese spells borrowed words
+    # in (ライブラリ: "library"); disjoint from the Cyrillic and Hangul fractions (one coin
+    # per query), the three summing to at most 1
     c.data.katakana_queries = 0.0
+    # Fraction rewritten the same way in Hangul, Korean's script for borrowed words (라이브러리)
     c.data.hangul_queries = 0.0
     c.data.max_query_length = 64
     c.data.max_passage_length = 256
