@@ -132,7 +132,8 @@ def run_cell(study, cell, seed, args) -> dict:
     # The recipe's Cyrillic-rewritten queries only where they are the thing measured.
     if study not in ("cyrillic", "scripts"):
         overrides.append("--config.data.cyrillic_queries=0")
-    workdir = args.out / study / f"{cell}-seed{seed}"
+    # The shape in the name: a cell run at another steps x batch must not resume this one.
+    workdir = args.out / study / f"{cell}-seed{seed}-{args.steps}x{args.batch}"
     workdir.parent.mkdir(parents=True, exist_ok=True)
     cmd = [
         sys.executable,
