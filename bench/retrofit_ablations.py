@@ -50,7 +50,7 @@ STUDIES = {
     "scale": ("2500", "5000", "10000", "20000", "40000"),
     "negatives": ("0", "1", "3", "7", "random"),
     "diversity": ("xling-de", "xling-all", "tasks-de", "tasks-all"),
-    "cyrillic": ("0", "0.25", "0.5", "1"),
+    "cyrillic": ("0", "0.25", "0.5", "0.75", "1"),
     "scripts": ("0.5-0-0", "0.3-0.1-0.1", "0.2-0.15-0.15", "0.4-0.2-0.2"),
 }
 DEBIAN = ROOT / "data" / "debian"
