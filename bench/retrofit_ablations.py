@@ -82,15 +82,11 @@ def cell_data(study: str, cell: str, out: Path, examples: int) -> tuple[list[Pat
         return [take_rows(src, int(cell), data / f"xling-{cell}.jsonl")], [
             "--config.data.num_negatives.retrieval=0"
         ]
-    if study == "cyrillic":
+    if study in ("cyrillic", "scripts"):
+        # cyrillic's cell: the Cyrillic fraction; scripts' "C-K-H": Cyrillic, katakana, Hangul
+        names = ("cyrillic",) if study == "cyrillic" else ("cyrillic", "katakana", "hangul")
+        fractions = dict(zip(names, cell.split("-"), strict=True))
         src = DEBIAN / "train" / "debian-xling.jsonl"
-        return [take_rows(src, examples, data / f"xling-{examples}.jsonl")], [
-            "--config.data.num_negatives.retrieval=0",
-            f"--config.data.cyrillic_queries={cell}",
-        ]
-    if study == "scripts":  # "C-K-H": the fractions rewritten in Cyrillic, katakana, Hangul
-        src = DEBIAN / "train" / "debian-xling.jsonl"
-        fractions = dict(zip(("cyrillic", "katakana", "hangul"), cell.split("-"), strict=True))
         return [take_rows(src, examples, data / f"xling-{examples}.jsonl")], [
             "--config.data.num_negatives.retrieval=0",
             *(f"--config.data.{s}_queries={p}" for s, p in fractions.items()),

@@ -79,21 +79,28 @@ def keeps_latin(word: str, keep: frozenset[str] | set[str] = frozenset()) -> boo
     )
 
 
+def _rewrite_words(text: str, spell, keep) -> str:
+    """``text`` with ``spell(word)`` for every word that `keeps_latin` does not protect."""
+
+    def rewrite(m: re.Match) -> str:
+        word = m.group(0)
+        return word if keeps_latin(word, keep) else spell(word)
+
+    return _WORD.sub(rewrite, text)
+
+
+def _cyrillic_word(word: str) -> str:
+    out = _letters(word.lower())
+    return out[:1].upper() + out[1:] if word[:1].isupper() else out
+
+
 def to_cyrillic(text: str, keep: frozenset[str] | set[str] = frozenset()) -> str:
     """``text`` with every Latin word that `keeps_latin` does not protect in Cyrillic letters.
 
     ``keep`` holds lower-case words. Case of the first letter, punctuation and spacing are
     kept; ``to_cyrillic("Bibliothek für Audiodateien")`` is ``"Библиотек фюр Аудиодатеиен"``.
     """
-
-    def rewrite(m: re.Match) -> str:
-        word = m.group(0)
-        if keeps_latin(word, keep):
-            return word
-        out = _letters(word.lower())
-        return out[:1].upper() + out[1:] if word[:1].isupper() else out
-
-    return _WORD.sub(rewrite, text)
+    return _rewrite_words(text, _cyrillic_word, keep)
 
 
 def words(text: str) -> frozenset[str]:
@@ -177,13 +184,15 @@ def _sounds(word: str) -> list[tuple[str, str]]:
 _KANA_VOWEL = {"a": 0, "i": 1, "u": 2, "e": 3, "o": 4, "a:": 0, "i:": 1, "u:": 2, "o:": 4, "er": 0}
 _KANA = {
     "": "ア イ ウ エ オ", "k": "カ キ ク ケ コ", "g": "ガ ギ グ ゲ ゴ", "s": "サ シ ス セ ソ",
-    "z": "ザ ジ ズ ゼ ゾ", "t": "タ ティ トゥ テ ト", "d": "ダ ディ ドゥ デ ド",
+    "z": "ザ ジ ズ ゼ ゾ", "t": "タ ティ トウ テ ト", "d": "ダ ディ ドウ デ ド",
     "n": "ナ ニ ヌ ネ ノ",
     "h": "ハ ヒ フ ヘ ホ", "b": "バ ビ ブ ベ ボ", "p": "パ ピ プ ペ ポ", "m": "マ ミ ム メ モ",
-    "y": "ヤ イ ユ イェ ヨ", "r": "ラ リ ル レ ロ", "w": "ワ ウィ ウ ウェ ウォ",
-    "f": "ファ フィ フ フェ フォ", "v": "ヴァ ヴィ ヴ ヴェ ヴォ", "j": "ジャ ジ ジュ ジェ ジョ",
-    "sh": "シャ シ シュ シェ ショ", "ch": "チャ チ チュ チェ チョ", "ts": "ツァ ツィ ツ ツェ ツォ",
+    "y": "ヤ イ ユ イェ ヨ", "r": "ラ リ ル レ ロ", "w": "ワ ウィ ウ ウェ ウオ",
+    "f": "ファ フィ フ フェ フオ", "v": "ヴァ ヴィ ヴ ヴェ ヴオ", "j": "ジャ ジ ジュ ジェ ジョ",
+    "sh": "シャ シ シュ シェ ショ", "ch": "チャ チ チュ チェ チョ", "ts": "ツァ ツィ ツ ツェ ツオ",
 }  # fmt: skip
+# Large オ and ウ where Japanese writes small ones (フォ, トゥ, ツォ): the vocabulary lacks
+# the small forms, and WordPiece reads a word with one letter it lacks as a single [UNK].
 _KANA = {c: row.split() for c, row in _KANA.items()}
 # A consonant with no vowel after it: the "u" column, but o after t and d, i after ch and j.
 _KANA_ALONE = {"t": "ト", "d": "ド", "ch": "チ", "j": "ジ", "n": "ン", "ng": "ング"}
@@ -259,23 +268,14 @@ def _hangul(sounds: list[tuple[str, str]]) -> str:
     )
 
 
-def _rewrite_words(text: str, spell, keep) -> str:
-    def rewrite(m: re.Match) -> str:
-        word = m.group(0)
-        return word if keeps_latin(word, keep) else spell(_sounds(word.lower()))
-
-    return _WORD.sub(rewrite, text)
-
-
 def to_katakana(text: str, keep: frozenset[str] | set[str] = frozenset()) -> str:
     """``text`` with its Latin words (those `keeps_latin` does not protect) in katakana.
 
     Words keep their spaces: WordPiece reads a run of kana with one letter outside the
-    vocabulary as a single [UNK], so a run per word loses less. Small ォ and ゥ (フォ, トゥ),
-    which the vocabulary lacks, come out large. ``to_katakana("server program")`` is
-    ``"サーヴァー プログラム"``.
+    vocabulary as a single [UNK], so a run per word loses less.
+    ``to_katakana("server program")`` is ``"サーヴァー プログラム"``.
     """
-    return _rewrite_words(text, _kana, keep).replace("ォ", "オ").replace("ゥ", "ウ")
+    return _rewrite_words(text, lambda word: _kana(_sounds(word.lower())), keep)
 
 
 def to_hangul(text: str, keep: frozenset[str] | set[str] = frozenset()) -> str:
@@ -283,7 +283,7 @@ def to_hangul(text: str, keep: frozenset[str] | set[str] = frozenset()) -> str:
 
     ``to_hangul("server program")`` is ``"서버 프로그람"``.
     """
-    return _rewrite_words(text, _hangul, keep)
+    return _rewrite_words(text, lambda word: _hangul(_sounds(word.lower())), keep)
 
 
 # The rewrites the pipeline offers, in the order its coin stacks their fractions
