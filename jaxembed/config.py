@@ -152,14 +152,11 @@ def default_config() -> ml_collections.ConfigDict:
     # borrowed words in Cyrillic-script languages it never trains on (jaxembed.data.script)
     c.data.cyrillic_queries = 0.0
     # Fraction rewritten the same way in katakana, the script Japanese spells borrowed words
-    # in (ライブラリ: "library"); disjoint from the other scripts' fractions (one coin per
-    # query), the four summing to at most 1
+    # in (ライブラリ: "library"); disjoint from the Cyrillic and Hangul fractions (one coin
+    # per query), the three summing to at most 1
     c.data.katakana_queries = 0.0
     # Fraction rewritten the same way in Hangul, Korean's script for borrowed words (라이브러리)
     c.data.hangul_queries = 0.0
-    # Fraction with those words replaced by random Han characters, which an English
-    # vocabulary reads as [UNK] as it reads Chinese: the model learns to match on the names
-    c.data.han_queries = 0.0
     c.data.max_query_length = 64
     c.data.max_passage_length = 256
     c.data.query_buckets = ()  # padded lengths; () = a quarter, half and all of the maximum

@@ -72,7 +72,6 @@ class PipelineConfig:
     cyrillic_queries: float = _DATA.cyrillic_queries
     katakana_queries: float = _DATA.katakana_queries
     hangul_queries: float = _DATA.hangul_queries
-    han_queries: float = _DATA.han_queries
     max_query_length: int = _DATA.max_query_length
     max_passage_length: int = _DATA.max_passage_length
     query_buckets: tuple[int, ...] = ()  # () = default_buckets(max_query_length)
@@ -97,7 +96,6 @@ class PipelineConfig:
             cyrillic_queries=d.cyrillic_queries,
             katakana_queries=d.katakana_queries,
             hangul_queries=d.hangul_queries,
-            han_queries=d.han_queries,
             max_query_length=d.max_query_length,
             max_passage_length=d.max_passage_length,
             query_buckets=tuple(d.query_buckets),
@@ -123,9 +121,8 @@ class PipelineConfig:
                 raise ValueError(f"config.data.{script}_queries={p} must lie in [0, 1]")
         if sum(self.script_fractions()) > 1.0 + 1e-9:
             raise ValueError(
-                "config.data."
-                + " + ".join(f"{s}_queries" for s in SCRIPTS)
-                + f"={sum(self.script_fractions()):g} must be at most 1 (one script per query)"
+                "config.data.cyrillic_queries + katakana_queries + hangul_queries="
+                f"{sum(self.script_fractions()):g} must be at most 1 (one script per query)"
             )
         if self.global_batch < 1:
             raise ValueError(f"global batch {self.global_batch} must be >= 1")

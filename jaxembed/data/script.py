@@ -1,4 +1,4 @@
-"""Latin-script text rewritten in Cyrillic, katakana, Hangul or Han: augmenting unseen scripts.
+"""Latin-script text rewritten in Cyrillic, katakana or Hangul: augmentations for unseen scripts.
 
 A model whose vocabulary is English-centric (all-MiniLM-L6-v2's uncased WordPiece) reads
 Cyrillic as single letters, and nothing in a Latin-script training set teaches it what
@@ -19,10 +19,8 @@ names shared with the English description, which Russian queries write in Latin 
 
 from __future__ import annotations
 
-import random
 import re
 import unicodedata
-import zlib
 
 # Letters with their own sound, looked up before accents are stripped.
 _LETTERS = {
@@ -288,25 +286,6 @@ def to_hangul(text: str, keep: frozenset[str] | set[str] = frozenset()) -> str:
     return _rewrite_words(text, lambda word: _hangul(_sounds(word.lower())), keep)
 
 
-# Han: Chinese is written in characters the English vocabulary almost never holds (244 of
-# the 20,992 unified ideographs), so a Chinese query reads as [UNK]s around the names it
-# keeps in Latin letters ("GCC，GNU 编译器套装" -> gcc, gnu, [UNK] x 4). No spelling carries
-# over; what a rewrite can teach is to match on those names and not on the unknowns.
-_HAN = (0x4E00, 0x9FFF)  # the CJK unified ideographs block
-
-
-def to_han(text: str, keep: frozenset[str] | set[str] = frozenset()) -> str:
-    """``text`` with its Latin words (those `keeps_latin` does not protect) as Han characters.
-
-    Each word becomes 1 + len // 4 characters drawn uniformly from the ideographs block (no
-    meaning: what an English vocabulary sees of a Chinese word), the same for the same text.
-    """
-    rng = random.Random(zlib.crc32(text.encode()))
-    return _rewrite_words(
-        text, lambda word: "".join(chr(rng.randint(*_HAN)) for _ in range(1 + len(word) // 4)), keep
-    )
-
-
 # The rewrites the pipeline offers, in the order its coin stacks their fractions
 # (``config.data.<name>_queries``).
-SCRIPTS = {"cyrillic": to_cyrillic, "katakana": to_katakana, "hangul": to_hangul, "han": to_han}
+SCRIPTS = {"cyrillic": to_cyrillic, "katakana": to_katakana, "hangul": to_hangul}
