@@ -1,7 +1,7 @@
 """Retrofit all-MiniLM-L6-v2 on Debian data: sentence-transformers vs jaxembed at equal wall time.
 
     .venv/bin/python bench/retrofit.py [--data data/debian] [--pairs 20000] [--out runs/retrofit]
-        [--recipes base,st,jax-st,jax-best] [--fresh]
+        [--recipes base,st,jax-st,jax-best] [--seed 0] [--fresh]
 
 Recipes (each trains from all-MiniLM-L6-v2, on this machine, one after another):
 
@@ -164,7 +164,7 @@ def last_metrics(workdir: Path) -> dict:
     return [json.loads(x) for x in lines if '"loss"' in x][-1]
 
 
-def run_jax_st(pairs_file: Path, n_pairs: int, out: Path) -> dict:
+def run_jax_st(pairs_file: Path, n_pairs: int, out: Path, seed: int) -> dict:
     """(b): configs/retrofit_debian.py:st on (a)'s pairs, one epoch, through the CLI."""
     steps = n_pairs // BATCH
     workdir = out / "run"
@@ -177,6 +177,7 @@ def run_jax_st(pairs_file: Path, n_pairs: int, out: Path) -> dict:
         f"--config.data.train=('{pairs_file}',)",
         f"--config.train.steps={steps}",
         f"--config.optim.warmup_steps={math.ceil(WARMUP * steps)}",  # as the HF Trainer
+        f"--config.train.seed={seed}",
     ]
     seconds = run_logged(cmd, out / "train.log")
     m = last_metrics(workdir)
@@ -189,7 +190,7 @@ def run_jax_st(pairs_file: Path, n_pairs: int, out: Path) -> dict:
     }
 
 
-def run_jax_best(out: Path, budget_s: float, jax_st: dict) -> dict:
+def run_jax_best(out: Path, budget_s: float, jax_st: dict, seed: int) -> dict:
     """(c): scripts/retrofit_debian.sh's pairs -> mine -> train, all inside ``budget_s``."""
     from retrofit_debian import get_config
 
@@ -206,6 +207,7 @@ def run_jax_best(out: Path, budget_s: float, jax_st: dict) -> dict:
     env = {
         **os.environ,
         "PY": sys.executable,
+        "SEED": str(seed),
         "ROWS": str(rows),
         "STEPS": str(steps),
         # The script's training invocation gets what is left of the budget after mining.
@@ -265,7 +267,7 @@ def main() -> None:
     p.add_argument("--pairs", type=int, default=20000, help="(a)'s and (b)'s training pairs")
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "retrofit")
     p.add_argument("--recipes", default=",".join(RECIPES), help=f"subset of {','.join(RECIPES)}")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="every recipe's training seed")
     p.add_argument("--fresh", action="store_true", help="rerun recipes that have results")
     args = p.parse_args()
     chosen = [r.strip() for r in args.recipes.split(",") if r.strip()]
@@ -279,7 +281,9 @@ def main() -> None:
         raise SystemExit(
             f"{results_file} holds results for --pairs {results['pairs']}; use --fresh"
         )
-    results["pairs"] = args.pairs
+    if results.get("seed", args.seed) != args.seed:
+        raise SystemExit(f"{results_file} holds results for --seed {results['seed']}; use --fresh")
+    results["pairs"], results["seed"] = args.pairs, args.seed
 
     def save():
         results_file.write_text(json.dumps(results, indent=1) + "\n")
@@ -298,11 +302,11 @@ def main() -> None:
         elif key == "st":
             r = run_st(pairs, out, args.seed)
         elif key == "jax-st":
-            r = run_jax_st(pairs_file, args.pairs, out)
+            r = run_jax_st(pairs_file, args.pairs, out, args.seed)
         else:
             if "st" not in results or "jax-st" not in results:
                 raise SystemExit("jax-best needs the st and jax-st results (its budget and speed)")
-            r = run_jax_best(out, results["st"]["seconds"], results["jax-st"])
+            r = run_jax_best(out, results["st"]["seconds"], results["jax-st"], args.seed)
         r["eval"] = evaluate(r["model"], args.data)
         results[key] = r
         save()

@@ -10,6 +10,7 @@
 #   STEPS=...         training steps (default: one epoch of ROWS at batch 64)
 #   TIME_LIMIT=0      minutes for the training invocation (0: none); see train.time_limit_minutes
 #   TRAIN_DATA=OUT/mined.jsonl   what the train stage reads (OUT/pairs.jsonl: no mining)
+#   SEED=0            train.seed (batch order, dropout, which queries are rewritten)
 #   STAGES="data pairs mine train convert evaluate"   the stages to run, in this order
 #   DATA=data/debian  the Debian data folder (built by the data stage if missing)
 #   PY=.venv/bin/python
@@ -20,6 +21,7 @@ OUT=${1:-runs/retrofit-debian}
 ROWS=${ROWS:-12000}
 STEPS=${STEPS:-$((ROWS / 64))}
 TIME_LIMIT=${TIME_LIMIT:-0}
+SEED=${SEED:-0}
 STAGES=${STAGES:-data pairs mine train convert evaluate}
 PY=${PY:-.venv/bin/python}
 TRAIN_DATA=${TRAIN_DATA:-$OUT/mined.jsonl}
@@ -64,7 +66,7 @@ EOF
       "$PY" -m jaxembed.train --config configs/retrofit_debian.py --workdir "$OUT/run" \
         --config.data.train="('$TRAIN_DATA',)" --config.train.steps="$STEPS" \
         --config.optim.warmup_steps=$(((STEPS + 5) / 10)) \
-        --config.train.time_limit_minutes="$TIME_LIMIT"
+        --config.train.time_limit_minutes="$TIME_LIMIT" --config.train.seed="$SEED"
       ;;
     convert)
       "$PY" -m jaxembed.convert --checkpoint "$OUT/run" --out "$OUT/model" --overwrite
