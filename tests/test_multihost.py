@@ -75,19 +75,29 @@ def test_checkpoint_from_two_hosts_resumes_on_one_host_and_another_mesh(
     assert_losses_match(read_losses(workdir), read_losses(straight_run[0]), range(4, STEPS + 1))
 
 
-def test_one_host_checkpoint_resumes_packed_on_two_hosts_like_unpacked(
+def test_one_host_checkpoint_resumes_packed_and_remining_on_two_hosts_like_one_host(
     train_setup, straight_run, tmp_path
 ):
     """A one-process checkpoint resumes on 2 processes x 4 devices, another mesh (data=2 x
-    fsdp=4), with train.packing and GradCache: each host packs its own rows and the slots
-    address global rows. Losses equal an unpacked one-process resume from the same
-    checkpoint (dropout off in both: packed dropout masks are drawn per packed row)."""
-    runs = {name: tmp_path / name for name in ("unpacked", "packed")}
+    fsdp=4), with train.packing, GradCache and negatives re-mined with the live parameters
+    at every step: each host packs its own rows (the slots address global rows) and encodes
+    its share of the corpus, and all receive every embedding and select the same pools. The
+    losses and pools equal an unpacked one-process resume from the same checkpoint (dropout
+    off in both: packed dropout masks are drawn per packed row)."""
+    runs = {name: tmp_path / name for name in ("one", "two")}
     for workdir in runs.values():
         shutil.copytree(straight_run[0], workdir)
         shutil.rmtree(workdir / "checkpoints" / "6")
-    common = dict(train__dropout=False, eval__data=())
-    train.main(tiny_config(train_setup, steps=STEPS, **common), runs["unpacked"])
+    common = dict(
+        train__dropout=False,
+        train__remine_every=1,
+        train__remine_num_negatives=3,
+        train__remine_top_k=8,
+        train__remine_relative_margin=-1.0,
+        train__allow_config_change=True,  # re-mining added to a run that had none
+        eval__data=(),
+    )
+    train.main(tiny_config(train_setup, steps=STEPS, **common), runs["one"])
     cfg = write_config(
         train_setup,
         tmp_path / "cfg.py",
@@ -99,12 +109,16 @@ def test_one_host_checkpoint_resumes_packed_on_two_hosts_like_unpacked(
         train__gradcache_chunk=8,
         **common,
     )
-    rc, out = launch_local(2, train_args(cfg, runs["packed"]))
+    rc, out = launch_local(2, train_args(cfg, runs["two"]))
     assert rc == 0, out
     assert "[0] resumed from step 3" in out
+    assert "[0] re-mined negatives at step 3: 48 queries" in out
     steps = range(4, STEPS + 1)
-    assert_losses_match(read_losses(runs["packed"]), read_losses(runs["unpacked"]), steps)
-    assert checkpoint.latest_step(runs["packed"]) == STEPS
+    assert_losses_match(read_losses(runs["two"]), read_losses(runs["one"]), steps)
+    assert checkpoint.latest_step(runs["two"]) == STEPS
+    for step in (3, 5):
+        pools = [np.load(runs[n] / "remine" / f"{step}.npz", allow_pickle=True) for n in runs]
+        np.testing.assert_array_equal(pools[1]["source_0"], pools[0]["source_0"])
 
 
 HEARTBEAT = 5  # seconds; the bound on how long a survivor may run on
@@ -234,27 +248,3 @@ def test_agreement_checks_and_a_python_error_on_one_host(tmp_path):
     assert "RuntimeError: host 1 fails" in outs[1]
     assert "process 1 of 2 failed" in outs[1]
     assert elapsed < HEARTBEAT + 45, elapsed
-
-
-def test_remining_on_two_hosts_equals_one_host(train_setup, tmp_path):
-    """Negatives re-mined with the live parameters (after step 1): each host encodes its
-    share of the corpus, all receive every embedding and select the same pool, so the
-    losses of 2 processes x 4 devices equal one process's."""
-    remine = dict(
-        train__remine_every=1,
-        train__remine_num_negatives=3,
-        train__remine_top_k=8,
-        train__remine_relative_margin=-1.0,
-        eval__data=(),
-        ckpt__every=2,
-    )
-    one = tmp_path / "one"
-    train.main(tiny_config(train_setup, steps=2, **remine), one)
-    cfg = write_config(train_setup, tmp_path / "cfg.py", 2, **remine)
-    rc, out = launch_local(2, train_args(cfg, tmp_path / "two"))
-    assert rc == 0, out
-    assert "[0] re-mined negatives at step 1: 48 queries" in out
-    assert_losses_match(read_losses(tmp_path / "two"), read_losses(one), range(1, 3))
-    two_pool = np.load(tmp_path / "two" / "remine" / "1.npz", allow_pickle=True)["source_0"]
-    one_pool = np.load(one / "remine" / "1.npz", allow_pickle=True)["source_0"]
-    np.testing.assert_array_equal(two_pool, one_pool)
