@@ -228,6 +228,7 @@ def run_jax_best(out: Path, budget_s: float, jax_st: dict, seed: int) -> dict:
         "rows": rows,
         "steps": done,
         "planned_steps": steps,
+        "train_args": os.environ.get("TRAIN_ARGS", ""),  # a variant's flags (retrofit_debian.sh)
         "examples": done * BATCH,
         "model": str(out / "run"),
     }

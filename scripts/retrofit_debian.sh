@@ -11,6 +11,7 @@
 #   TIME_LIMIT=0      minutes for the training invocation (0: none); see train.time_limit_minutes
 #   TRAIN_DATA=OUT/mined.jsonl   what the train stage reads (OUT/pairs.jsonl: no mining)
 #   SEED=0            train.seed (batch order, dropout, which queries are rewritten)
+#   TRAIN_ARGS=""     more jaxembed.train flags, e.g. "--config.optim.lr=5e-5" (a variant)
 #   STAGES="data pairs mine train convert evaluate"   the stages to run, in this order
 #   DATA=data/debian  the Debian data folder (built by the data stage if missing)
 #   PY=.venv/bin/python
@@ -66,7 +67,8 @@ EOF
       "$PY" -m jaxembed.train --config configs/retrofit_debian.py --workdir "$OUT/run" \
         --config.data.train="('$TRAIN_DATA',)" --config.train.steps="$STEPS" \
         --config.optim.warmup_steps=$(((STEPS + 5) / 10)) \
-        --config.train.time_limit_minutes="$TIME_LIMIT" --config.train.seed="$SEED"
+        --config.train.time_limit_minutes="$TIME_LIMIT" --config.train.seed="$SEED" \
+        ${TRAIN_ARGS:-}
       ;;
     convert)
       "$PY" -m jaxembed.convert --checkpoint "$OUT/run" --out "$OUT/model" --overwrite
