@@ -408,6 +408,17 @@ def test_hugging_face_datasets_folders(tmp_path):
         }  # fmt: skip
     clone = pickle.loads(pickle.dumps(sources[0]))
     assert clone[0]["query"] == "q0"
+    # A damaged or empty state file: one line naming it.
+    state = tmp_path / "all" / "triplets" / "state.json"
+    state.write_text(state.read_text()[:-5])
+    with pytest.raises(RecordError, match=r"triplets/state\.json: not a datasets state file"):
+        open_sources(tmp_path / "all" / "triplets")
+    state.write_text('{"_data_files": []}')
+    with pytest.raises(RecordError, match=r"state\.json: lists no Arrow files"):
+        open_sources(tmp_path / "all" / "triplets")
+    (tmp_path / "all" / "dict" / "dataset_dict.json").write_text("{}")
+    with pytest.raises(RecordError, match=r"dict/dataset_dict\.json: not a datasets dict file"):
+        open_sources(tmp_path / "all" / "dict")
 
 
 def _hub_cache(root, repo, files):

@@ -359,24 +359,20 @@ class HfDatasetSource(ParquetSource):
     the schema's names, sentence-transformers' or F2LLM's, or ``data.columns`` renames."""
 
     def __init__(self, path: Path, task=None, dataset=None, skip_bad=False, columns=None):
-        self._folder = _hf_split(path)
+        self._arrow_files = _arrow_files(_hf_split(path))
         super().__init__(path, task, dataset or path.name, skip_bad, columns)
-
-    def _arrow_files(self) -> list[Path]:
-        state = json.loads((self._folder / "state.json").read_text())
-        return [self._folder / f["filename"] for f in state.get("_data_files", [])]
 
     def _schema_names(self) -> list[str]:
         import pyarrow as pa
 
-        with pa.memory_map(str(self._arrow_files()[0])) as f:
+        with pa.memory_map(str(self._arrow_files[0])) as f:
             return pa.ipc.open_stream(f).schema.names
 
     def _read_table(self):
         import pyarrow as pa
 
         tables = []
-        for file in self._arrow_files():
+        for file in self._arrow_files:
             with pa.memory_map(str(file)) as f:
                 tables.append(pa.ipc.open_stream(f).read_all().select(self._columns))
         return pa.concat_tables(tables)
@@ -386,12 +382,28 @@ def _hf_split(path: Path) -> Path:
     """The folder holding ``state.json``: ``path``, or a DatasetDict's ``train`` split."""
     if (path / "state.json").is_file():
         return path
-    splits = json.loads((path / "dataset_dict.json").read_text()).get("splits", [])
+    dict_file = path / "dataset_dict.json"
+    try:
+        splits = json.loads(dict_file.read_text())["splits"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise RecordError(f"{dict_file}: not a datasets dict file ({e!r})") from None
     if "train" in splits:
         return path / "train"
     if len(splits) == 1:
         return path / splits[0]
     raise RecordError(f"{path}: a DatasetDict with no 'train' split and several others: {splits}")
+
+
+def _arrow_files(folder: Path) -> list[Path]:
+    """The Arrow files a ``save_to_disk`` folder's ``state.json`` lists, in order."""
+    state_file = folder / "state.json"
+    try:
+        files = [folder / f["filename"] for f in json.loads(state_file.read_text())["_data_files"]]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise RecordError(f"{state_file}: not a datasets state file ({e!r})") from None
+    if not files:
+        raise RecordError(f"{state_file}: lists no Arrow files (_data_files is empty)")
+    return files
 
 
 def is_hf_dataset_dir(path: str | os.PathLike) -> bool:
