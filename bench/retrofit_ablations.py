@@ -53,6 +53,8 @@ STUDIES = {
     "cyrillic": ("0", "0.25", "0.5", "0.75", "1"),
     "scripts": ("0.5-0-0", "0.3-0.1-0.1", "0.2-0.15-0.15", "0.4-0.2-0.2"),
 }
+# The studies of scripts: the fractions a cell's "-"-separated numbers set, in order.
+SCRIPT_STUDIES = {"cyrillic": ("cyrillic",), "scripts": ("cyrillic", "katakana", "hangul")}
 DEBIAN = ROOT / "data" / "debian"
 GERMAN = ROOT / "data" / "debian-de"  # the same builder, German as the only trained language
 
@@ -82,10 +84,8 @@ def cell_data(study: str, cell: str, out: Path, examples: int) -> tuple[list[Pat
         return [take_rows(src, int(cell), data / f"xling-{cell}.jsonl")], [
             "--config.data.num_negatives.retrieval=0"
         ]
-    if study in ("cyrillic", "scripts"):
-        # cyrillic's cell: the Cyrillic fraction; scripts' "C-K-H": Cyrillic, katakana, Hangul
-        names = ("cyrillic",) if study == "cyrillic" else ("cyrillic", "katakana", "hangul")
-        fractions = dict(zip(names, cell.split("-"), strict=True))
+    if study in SCRIPT_STUDIES:
+        fractions = dict(zip(SCRIPT_STUDIES[study], cell.split("-"), strict=True))
         src = DEBIAN / "train" / "debian-xling.jsonl"
         return [take_rows(src, examples, data / f"xling-{examples}.jsonl")], [
             "--config.data.num_negatives.retrieval=0",
@@ -126,7 +126,7 @@ def run_cell(study, cell, seed, args) -> dict:
     # put hard negatives into every cell, the "0 negatives" one included.
     overrides = ["--config.data.group_size=0", *overrides]
     # The recipe's Cyrillic-rewritten queries only where they are the thing measured.
-    if study not in ("cyrillic", "scripts"):
+    if study not in SCRIPT_STUDIES:
         overrides.append("--config.data.cyrillic_queries=0")
     # The shape in the name: a cell run at another steps x batch must not resume this one.
     workdir = args.out / study / f"{cell}-seed{seed}-{args.steps}x{args.batch}"
