@@ -2,8 +2,11 @@
 
 import os
 
+# The flags the suite is started with reach the processes tests start (helpers.xla_flags):
+# `XLA_FLAGS=--xla_cpu_prefer_vector_width=512 pytest` runs everything in that summation order.
+os.environ.setdefault("JAXEMBED_SUITE_XLA_FLAGS", os.environ.get("XLA_FLAGS", ""))
 os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    os.environ["JAXEMBED_SUITE_XLA_FLAGS"] + " --xla_force_host_platform_device_count=8"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

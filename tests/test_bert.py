@@ -12,7 +12,7 @@ import pytest
 import torch
 import transformers
 from flax import nnx
-from helpers import random_batch, save_tiny_hf
+from helpers import assert_close, random_batch, save_tiny_hf
 
 from jaxembed import hf
 from jaxembed.hf.io import read_weights, write_safetensors
@@ -44,18 +44,15 @@ def test_hidden_states_match_transformers(tiny):
     ids, mask = random_batch(model.config.vocab_size, model.config.pad_token_id, [12, 7, 3])
     ours = np.asarray(model(jnp.asarray(ids), jnp.asarray(mask)))
     ref = torch_hidden(torch_model, ids, mask)
-    err = np.abs(ours - ref).max()
-    print(f"{model_type}: hidden-state max-abs diff {err:.2e}")
-    assert err <= 1e-5
+    print(f"{model_type}: hidden-state max-abs diff {np.abs(ours - ref).max():.2e}")
+    assert_close(ours, ref)
     # Pooled embeddings over the real tokens only.
     m = mask[..., None].astype(np.float32)
     ref_mean = (ref * m).sum(1) / m.sum(1)
-    np.testing.assert_allclose(np.asarray(pool(ours, mask, "mean")), ref_mean, atol=1e-5, rtol=0)
-    np.testing.assert_allclose(np.asarray(pool(ours, mask, "cls")), ref[:, 0], atol=1e-5, rtol=0)
+    assert_close(np.asarray(pool(ours, mask, "mean")), ref_mean)
+    assert_close(np.asarray(pool(ours, mask, "cls")), ref[:, 0])
     last = mask.sum(1) - 1
-    np.testing.assert_allclose(
-        np.asarray(pool(ours, mask, "lasttoken")), ref[np.arange(3), last], atol=1e-5, rtol=0
-    )
+    assert_close(np.asarray(pool(ours, mask, "lasttoken")), ref[np.arange(3), last])
 
 
 def test_export_round_trips_every_tensor(tiny, tmp_path):
@@ -119,11 +116,8 @@ def test_pytorch_bin_loads_without_torch_unpickling(tiny, tmp_path):
         np.testing.assert_array_equal(b[key], value, err_msg=key)
     model = hf.load_model(tmp_path)
     ids, mask = random_batch(model.config.vocab_size, model.config.pad_token_id, [6])
-    np.testing.assert_allclose(
-        np.asarray(model(jnp.asarray(ids), jnp.asarray(mask))),
-        torch_hidden(torch_model, ids, mask),
-        atol=1e-5,
-        rtol=0,
+    assert_close(
+        np.asarray(model(jnp.asarray(ids), jnp.asarray(mask))), torch_hidden(torch_model, ids, mask)
     )
 
 

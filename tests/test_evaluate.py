@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import save_tiny_with_tokenizer, write_jsonl
+from helpers import assert_close, save_tiny_with_tokenizer, write_jsonl
 
 from jaxembed import evaluate as ev
 from jaxembed import retrieval
@@ -382,4 +382,4 @@ def test_mesh_encoding_equals_single_device(trained):
     single = plain.encode(texts, batch_size=4)
     sharded = retrieval.on_mesh(jaxembed.load(trained[0]))
     assert sharded._mesh.size == jax.local_device_count() == 8
-    np.testing.assert_allclose(sharded.encode(texts, batch_size=4), single, atol=1e-5)
+    assert_close(sharded.encode(texts, batch_size=4), single)

@@ -12,7 +12,7 @@ import shutil
 
 import numpy as np
 import pytest
-from helpers import save_tiny_with_tokenizer, toy_records, write_jsonl
+from helpers import assert_close, save_tiny_with_tokenizer, toy_records, write_jsonl
 
 import jaxembed
 from jaxembed import convert, train
@@ -72,9 +72,9 @@ def test_reads_the_modules_and_encodes_as_sentence_transformers(folder):
     ours = jaxembed.load(folder)
     assert ours.dim == 24
     ref = SentenceTransformer(str(folder), device="cpu").encode(TEXTS, normalize_embeddings=True)
-    np.testing.assert_allclose(ours.encode(TEXTS), ref, atol=1e-5, rtol=0)
+    assert_close(ours.encode(TEXTS), ref)
     packed = jaxembed.load(folder, packing=True).encode(TEXTS, batch_size=2)
-    np.testing.assert_allclose(packed, ref, atol=1e-5, rtol=0)
+    assert_close(packed, ref)
 
 
 def test_written_back_in_the_same_layout(folder, tmp_path):
@@ -139,7 +139,7 @@ def test_trained_with_the_backbone_and_exported(folder, tmp_path):
     ours = jaxembed.load(workdir)
     assert ours.dim == 24
     ref = SentenceTransformer(str(out), device="cpu").encode(TEXTS)
-    np.testing.assert_allclose(ours.encode(TEXTS), ref, atol=1e-5, rtol=0)
+    assert_close(ours.encode(TEXTS), ref)
     assert (
         "Dense 32->48 (tanh, residual), Normalize, Dense 48->24" in (out / "README.md").read_text()
     )

@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from helpers import ROOT, launch_local, subprocess_env
+from helpers import ROOT, launch_local, subprocess_env, xla_flags
 
 
 def test_local_launcher_stops_everyone_when_one_fails():
@@ -66,7 +66,7 @@ def test_slurm_script_joins_the_tasks_by_auto_detection(tmp_path):
         SLURM_NTASKS="2",
         SLURM_SUBMIT_DIR=str(ROOT),
         JAX_PLATFORMS="cpu",
-        XLA_FLAGS="--xla_force_host_platform_device_count=2",
+        XLA_FLAGS=xla_flags(2),
     )
     proc = subprocess.run(
         ["bash", str(ROOT / "launch" / "gpu_slurm.sbatch"), sys.executable, "-c", JOIN],

@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 import pytest
-from helpers import save_tiny_with_tokenizer
+from helpers import assert_close, save_tiny_with_tokenizer
 
 import jaxembed
 from jaxembed import merge, run
@@ -41,7 +41,7 @@ def test_weighted_average_of_two_folders(folders, tmp_path):
     from sentence_transformers import SentenceTransformer
 
     ref = SentenceTransformer(str(out), device="cpu").encode(TEXTS, normalize_embeddings=True)
-    np.testing.assert_allclose(jaxembed.load(out).encode(TEXTS), ref, atol=1e-5)
+    assert_close(jaxembed.load(out).encode(TEXTS), ref)
 
 
 def test_slerp_and_parameter_groups(folders, tmp_path):

@@ -10,7 +10,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from helpers import launch_local, save_tiny_with_tokenizer, toy_records, write_jsonl
+from helpers import assert_close, launch_local, save_tiny_with_tokenizer, toy_records, write_jsonl
 
 import jaxembed
 from jaxembed import embedding_cache, retrieval
@@ -47,7 +47,7 @@ def test_search_over_shards_equals_numpy_brute_force(integer):
         s, i = retrieval.search_shards(q, shards, k, block=16, query_block=8)
         ref_s, ref_i = brute_force(q, d, min(k, len(d)))
         np.testing.assert_array_equal(i[:, : ref_i.shape[1]], ref_i)
-        np.testing.assert_allclose(s[:, : ref_s.shape[1]], ref_s, rtol=1e-5, atol=1e-5)
+        assert_close(s[:, : ref_s.shape[1]], ref_s)
         assert (i[:, len(d) :] == -1).all() and np.isneginf(s[:, len(d) :]).all()
 
 
@@ -350,7 +350,7 @@ def test_eight_devices_equal_one_device(tiny, one_device_run, tmp_path, capsys):
     assert min(stats["candidates"].values()) > 0  # every rule took part (130 kept)
     for ra, rb in zip(a, b, strict=True):
         assert ra["negatives"] == rb["negatives"]
-        np.testing.assert_allclose(ra["scores"], rb["scores"], atol=1e-5)
+        assert_close(ra["scores"], rb["scores"])
     # The query with two positives: neither is a negative of either record.
     both = {a[3]["positive"], a[40]["positive"]}
     assert not both & set(a[3]["negatives"]) and not both & set(a[40]["negatives"])
@@ -378,7 +378,7 @@ def test_two_hosts_equal_one_device(tiny, one_device_run, tmp_path):
     assert len(a) == len(b) == 41
     for ra, rb in zip(a, b, strict=True):
         assert ra["negatives"] == rb["negatives"]
-        np.testing.assert_allclose(ra["scores"], rb["scores"], atol=1e-5)
+        assert_close(ra["scores"], rb["scores"])
     assert (
         len(list(Path(f"{out}.cache").rglob("shard_*.npy")))
         == stats["cache"]["corpus"]["shards"] + stats["cache"]["queries"]["shards"]

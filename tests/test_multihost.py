@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import launch_local, subprocess_env
+from helpers import assert_close, launch_local, subprocess_env, xla_flags
 from trainrun import ROOT, STEPS, read_losses, tiny_config, write_config
 
 from jaxembed import checkpoint, train
@@ -28,8 +28,7 @@ def train_args(config: Path, workdir: Path) -> list[str]:
 
 
 def assert_losses_match(got: dict, ref: dict, steps) -> None:
-    for s in steps:
-        assert abs(got[s] - ref[s]) <= 1e-5 * max(1.0, abs(ref[s])), (s, got[s], ref[s])
+    assert_close({s: got[s] for s in steps}, {s: ref[s] for s in steps}, what="loss at step ")
 
 
 @pytest.fixture(scope="module")
@@ -134,7 +133,7 @@ def start_hosts(args: list[str], n: int = 2, **extra) -> list[subprocess.Popen]:
         port = s.getsockname()[1]
     common = subprocess_env(
         JAX_PLATFORMS="cpu",
-        XLA_FLAGS="--xla_force_host_platform_device_count=4",
+        XLA_FLAGS=xla_flags(4),
         JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
         JAX_NUM_PROCESSES=str(n),
         JAXEMBED_HEARTBEAT_TIMEOUT=str(HEARTBEAT),

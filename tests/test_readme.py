@@ -10,6 +10,7 @@ import shlex
 from pathlib import Path
 
 import pytest
+from helpers import assert_close
 
 from jaxembed import cli
 from jaxembed import config as config_lib
@@ -76,7 +77,6 @@ def test_train_on_your_data_runs_as_the_readme_says(tmp_path):
     import subprocess
     import sys
 
-    import numpy as np
     from helpers import save_tiny_with_tokenizer
     from sentence_transformers import SentenceTransformer
 
@@ -107,4 +107,4 @@ def test_train_on_your_data_runs_as_the_readme_says(tmp_path):
     st = SentenceTransformer(str(tmp_path / "exported"), device="cpu", local_files_only=True)
     texts = ["how do I use tool 3?", "Tool 3 does job 3."]
     ours = jaxembed.load(tmp_path / "run").encode(texts)
-    np.testing.assert_allclose(st.encode(texts), ours, atol=1e-5)
+    assert_close(st.encode(texts), ours)

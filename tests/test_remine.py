@@ -6,6 +6,7 @@ import shutil
 
 import numpy as np
 import pytest
+from helpers import assert_close
 from trainrun import read_losses, tiny_config
 
 from jaxembed import config as config_lib
@@ -56,8 +57,7 @@ def test_a_resumed_run_sees_the_same_negatives_and_losses(remined_run, train_set
         train.main(remine_config(train_setup), run)
         got = read_losses(run)
         assert sorted(got) == list(range(resume_at + 1, 7))
-        for s, loss in got.items():
-            assert abs(loss - want[s]) < 1e-6, (resume_at, s, loss, want[s])
+        assert_close(got, {s: want[s] for s in got}, tol=1e-6, what=f"from {resume_at}: step ")
         np.testing.assert_array_equal(
             remine.Pool.load(run, 4).negatives[0], remine.Pool.load(remined_run, 4).negatives[0]
         )

@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 import pytest
-from helpers import TINY, minilm_path, toy_records, write_jsonl
+from helpers import TINY, assert_close, minilm_path, toy_records, write_jsonl
 from trainrun import tiny_config
 
 import jaxembed
@@ -66,7 +66,7 @@ def test_cross_encoder_scores_equal_transformers(model_type, tmp_path):
         want = ref_model(**enc).logits[:, 0].numpy()
     got = score.CrossEncoderScorer(str(folder), max_length=48, batch_size=2)(PAIRS)
     print(f"{model_type} cross-encoder vs transformers: max-abs {np.abs(got - want).max():.2e}")
-    np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+    assert_close(got, want)
 
 
 def test_scores_written_and_distilled_from(train_setup, tmp_path):
@@ -83,7 +83,7 @@ def test_scores_written_and_distilled_from(train_setup, tmp_path):
     enc = jaxembed.load(model)
     q = enc.encode([records[5]["query"]])[0]
     p = enc.encode([records[5]["positive"], *records[5]["negatives"]])
-    np.testing.assert_allclose(rows[5]["scores"], p @ q, atol=1e-5)
+    assert_close(rows[5]["scores"], p @ q)
 
     cross = save_cross_encoder("bert", tmp_path / "ce")
     out_ce = tmp_path / "scored-ce.jsonl"

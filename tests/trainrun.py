@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from helpers import save_tiny_with_tokenizer, toy_records, write_jsonl, write_toy_beir
+from helpers import save_tiny_with_tokenizer, toy_records, write_jsonl, write_toy_beir, xla_flags
 
 from jaxembed import config as config_lib
 
@@ -59,7 +59,7 @@ def read_losses(workdir):
 def run_cli(config_path: Path, workdir: Path, **popen):
     env = {
         **os.environ,
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+        "XLA_FLAGS": xla_flags(8),
         "JAX_PLATFORMS": "cpu",
     }
     return subprocess.Popen(
