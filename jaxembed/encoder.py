@@ -66,7 +66,9 @@ class Encoder:
         def embed(params, ids, segment_ids, pool_ids):
             """(rows, segments, dim) unit vectors of a batch of rows (`jaxembed.packing`)."""
             model = nnx.merge(graphdef, params["model"])
-            h = model(ids, segment_ids > 0, segment_ids=segment_ids)
+            # One text per row is a padded batch: key lengths, not a mask, for fused kernels.
+            packed = segment_ids if self.segments > 1 else None
+            h = model(ids, segment_ids > 0, segment_ids=packed)
             segments = min(self.segments, ids.shape[1])
             pooled = pool_segments(h, pool_ids, segment_ids, self.pooling, segments)
             if "head" in params:

@@ -69,12 +69,17 @@ def make_mesh(
             f"{len(devices)} devices"
         )
     shape = tuple(sizes[a] for a in MESH_AXES)
-    if len(devices) == len(jax.devices()) and devices == list(jax.devices()):
-        # create_device_mesh orders devices so neighbouring mesh coordinates are fast links.
-        dev_array = mesh_utils.create_device_mesh(shape, devices)
-    else:
-        dev_array = np.asarray(devices).reshape(shape)
-    return Mesh(dev_array, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+    whole = len(devices) == len(jax.devices()) and devices == list(jax.devices())
+    grid = device_grid(shape, devices) if whole else np.asarray(devices).reshape(shape)
+    return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def device_grid(shape: tuple[int, ...], devices: Sequence) -> np.ndarray:
+    """``devices`` (a whole platform's) as an array of ``shape``, ordered so that neighbouring
+    mesh coordinates are fast links (`mesh_utils.create_device_mesh`: on a TPU slice a
+    physical ring, which interleaves the hosts along the data axis, see `local_rows`).
+    Splitting a physical axis is allowed: a v5e-16 has no 2 x 8 layout otherwise."""
+    return mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
 
 
 def data_parallel_size(mesh: Mesh) -> int:
@@ -149,21 +154,33 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
-def local_rows(mesh: Mesh, rows: int) -> slice:
-    """The global rows of a batch-sharded ``rows``-row array that this process holds.
+def local_rows(mesh: Mesh, rows: int) -> np.ndarray:
+    """The global row of each of this process's rows of a batch-sharded ``rows``-row array,
+    in the order `jax.make_array_from_process_local_data` places a
+    host's local rows: its blocks of the batch in increasing global order.
 
-    `jax.make_array_from_process_local_data` places each host's local rows there; packed
-    batches need it to address their rows globally. Raises if they are not one block.
+    A host's blocks need not be contiguous: on a TPU slice the mesh follows the physical
+    ring, and a v4-32's data axis holds processes 0, 1, 2, 3, 0, 1, ... Packed batches
+    address their rows globally (slots), so each host needs this map.
     """
-    index = batch_sharding(mesh, 1).addressable_devices_indices_map((rows,))
-    spans = sorted({(i[0].start or 0, i[0].stop or rows) for i in index.values()})
-    start, stop = spans[0][0], spans[-1][1]
-    if sum(b - a for a, b in spans) != stop - start:
-        raise ValueError(
-            f"process {jax.process_index()} holds rows {spans} of the batch, not one block; "
-            "order the mesh's devices by process"
-        )
-    return slice(start, stop)
+    return rows_of_process(mesh.devices, jax.process_index(), rows)
+
+
+def rows_of_process(grid: np.ndarray, process: int, rows: int) -> np.ndarray:
+    """`local_rows` on a (data, fsdp, tensor) array of devices (anything with a
+    ``process_index``): batch block b = data index * fsdp + fsdp index holds rows
+    b * rows / (data * fsdp) onwards; a block on several of a host's devices (over
+    ``tensor``) counts once."""
+    data, fsdp, tensor = grid.shape
+    blocks = data * fsdp
+    if rows % blocks:
+        raise ValueError(f"{rows} rows do not split over {blocks} data-parallel devices")
+    owners = np.vectorize(lambda d: d.process_index, otypes=[np.int64])(
+        grid.reshape(blocks, tensor)
+    )
+    mine = np.flatnonzero((owners == process).any(axis=1))
+    per = rows // blocks
+    return (mine[:, None] * per + np.arange(per)[None, :]).reshape(-1)
 
 
 def shard_batch(batch: dict, mesh: Mesh) -> dict:

@@ -51,6 +51,7 @@ from flax import nnx
 from jaxembed import checkpoint, distributed, gradcache, hf, losses, remine, run, sharding
 from jaxembed import cli as jaxembed_cli
 from jaxembed import config as config_lib
+from jaxembed import dry_run as dry_runs
 from jaxembed.config import validate
 from jaxembed.data import pipeline, readers
 from jaxembed.hf.sentence_transformers import load_head, read_st_config
@@ -76,24 +77,18 @@ def make_encode(graphdef, pooling: str, segments: int) -> Callable:
     """``encode(model_params, ids, seg, pool_seg, seeds) -> (rows, segments, hidden)``, fp32.
 
     Rows of texts (`jaxembed.packing`): every text is pooled on its own, as if alone in its
-    row. With per-row dropout seeds the backbone is vmapped over rows, so each row's masks
-    depend only on its own seed: identical whatever the chunking or the mesh. ``segments``
-    is the most texts a row holds (1: one per row).
+    row. ``seeds`` (one per row, or None: no dropout) make each row's dropout masks depend
+    only on its own seed (`jaxembed.models.layers.dropout`): identical whatever the chunking
+    or the mesh. ``segments`` is the most texts a row holds (1: one per row).
     """
 
-    def forward(model_params, ids, seg, seed=None):
-        model = nnx.merge(graphdef, model_params)
-        if seed is not None:
-            lora.seed_dropout(model, seed)  # LoRA adapters' dropout, if any
-        return model(ids, seg > 0, segment_ids=seg, dropout_seed=seed)
-
     def encode(model_params, ids, seg, pool_seg, seeds):
-        if seeds is None:
-            hidden = forward(model_params, ids, seg)
-        else:
-            hidden = jax.vmap(lambda i, g, s: forward(model_params, i[None], g[None], s)[0])(
-                ids, seg, seeds
-            )
+        model = nnx.merge(graphdef, model_params)
+        if seeds is not None:
+            lora.seed_dropout(model, seeds)  # LoRA adapters' dropout, if any
+        # One text per row is a padded batch: key lengths, not a mask, for fused kernels.
+        packed = seg if segments > 1 else None
+        hidden = model(ids, seg > 0, segment_ids=packed, dropout_seed=seeds)
         return pool_segments(hidden, pool_seg, seg, pooling, min(segments, ids.shape[1]))
 
     return encode
@@ -339,15 +334,12 @@ def main(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
         model_dir, config.model.dtype, config.model.remat, adapters, config.model.attention
     )
     check_lengths(config, abstract_model.config.max_tokens, config.model.path)
-    longest = max(config.data.max_query_length, config.data.max_passage_length)
     model_cfg = abstract_model.config
     dropout = config.train.dropout and attention_lib.probs_dropout(model_cfg)
-    softcap = getattr(model_cfg, "attn_logit_softcapping", None)  # Gemma's; auto then: xla
-    log.print(
-        attention_lib.describe(
-            config.model.attention, longest, dropout, config.model.dtype, softcap=softcap
-        )
-    )
+    buckets = pipeline.PipelineConfig.from_config(config)
+    lengths = (*buckets.buckets("query"), *buckets.buckets("passage"))
+    packed = texts_per_row(config) > 1
+    log.print(attention_lib.describe_model(abstract_model, lengths, packed, dropout))
     # The Dense layers after pooling, if any.
     abstract_head = run.abstract_head(model_dir, abstract_model.config.hidden_size)
     graphdef = nnx.graphdef(abstract_model)
@@ -705,10 +697,11 @@ def agree_on_batch(
     most = dict(zip(towers, hosts[:, 6:].max(0).tolist(), strict=True))
     rows = {t: packing.rows(most[t]) for t in plans}
     count = jax.process_count()
-    offsets = {
-        t: sharding.local_rows(mesh, r * count).start if count > 1 else 0 for t, r in rows.items()
+    global_rows = {
+        t: sharding.local_rows(mesh, r * count) if count > 1 else np.arange(r)
+        for t, r in rows.items()
     }
-    batch = packing.pack(batch, plans, lengths, rows, offsets)
+    batch = packing.pack(batch, plans, lengths, rows, global_rows)
     return batch, int(hosts[:, 4].sum()), int(hosts[:, 5].max())
 
 
@@ -729,6 +722,53 @@ def check_finite(metrics: dict, step: int) -> None:
                 f"non-finite {key} ({metrics[key]}) at step {step}; "
                 "the last good checkpoint is kept"
             )
+
+
+def dry_run(config, target: str) -> list[str]:
+    """``--dry-run PLATFORM:N`` (`jaxembed.dry_run`): the run's train step, at its longest and
+    shortest buckets, and its encoder, lowered for N devices of PLATFORM on this host's CPU
+    devices, from the model's config.json alone; the report's lines."""
+    platform, count = dry_runs.parse_target(target)
+    devices = dry_runs.use_host_devices(count)
+    config = validate(config)
+    model, head = dry_runs.abstract_model(config)
+    mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices)
+    pooling = config.model.pooling or read_st_config(Path(config.model.path)).pooling or "mean"
+    dp = sharding.data_parallel_size(mesh)
+    impl = config.model.attention
+
+    def step_on(mesh, c):  # (jitted step, abstract state, abstract frozen base or None)
+        tx, schedule = make_optimizer(c.optim, c.train.steps)
+        state, sh = abstract_state(model, c, mesh, tx, head)
+        head_def = None if head is None else nnx.graphdef(head)
+        step = TrainStep(nnx.graphdef(model), c, mesh, tx, schedule, sh, pooling, head_def)
+        return step.jitted("retrieval"), state, dry_runs.frozen(model, mesh)
+
+    step, state, frozen = step_on(mesh, config)
+    lines = dry_runs.header(platform, count, mesh, config.train.global_batch, state, frozen)
+    data = pipeline.PipelineConfig.from_config(config)
+    query, passage = data.buckets("query"), data.buckets("passage")
+    for lq, lp in dict.fromkeys([(max(query), max(passage)), (min(query), min(passage))]):
+        arrays = make_packing(config, mesh).pack_local(dry_runs.host_batch(config, lq, lp))
+        what = "train step (rows x tokens: " + dry_runs.rows(arrays) + ")"
+        lines += dry_runs.lower(
+            step, (state, dry_runs.on(arrays, mesh), frozen), platform, what, impl
+        )
+        if platform == "gpu" and dp > 1:  # XLA partitions cuDNN calls only when it compiles
+            one = config.copy_and_resolve_references()
+            one.train.global_batch //= dp
+            one.train.gradcache_chunk = max(1, one.train.gradcache_chunk // dp)
+            args = step_on(sharding.make_mesh(1, 1, 1, devices[:1]), validate(one))
+            share = dry_runs.on(arrays, None, dp)
+            lines += dry_runs.lower(
+                *args[:1], (args[1], share, args[2]), platform, "  on one device", impl
+            )
+    encode = jax.jit(make_encode(nnx.graphdef(model), pooling, texts_per_row(config)))
+    rows = -(-config.eval.batch_size // dp) * dp
+    ids = dry_runs.on({"ids": np.zeros((rows, max(passage)), np.int32)}, mesh)["ids"]
+    params = dry_runs.abstract(nnx.to_pure_dict(nnx.state(model)), sharding.replicated(mesh))
+    what = f"encoder ({rows} rows x {max(passage)} tokens)"
+    return lines + dry_runs.lower(encode, (params, ids, ids, ids, None), platform, what, impl)
 
 
 def cli(argv=None) -> dict:
@@ -755,12 +795,23 @@ def cli(argv=None) -> dict:
         help="run directory: checkpoints, logs, the model's files",
     )
 
+    p.add_argument(
+        "--dry-run",
+        metavar="PLATFORM:N",
+        help="lower the train step and the encoder for N devices of PLATFORM (tpu, gpu, cpu) "
+        "on this host, from the model's config.json alone (no weights or data), print what "
+        "each would run, and exit; nothing is written",
+    )
+
     def run_training(args) -> dict:
         # Orbax and Grain log every save and prefetch at INFO; the run's own lines suffice.
         absl_logging.set_verbosity(absl_logging.WARNING)
         config = config_lib.load(args.config)
         for key, text in config_lib.parse_overrides(args.extra):
             config_lib.override(config, key, text)
+        if args.dry_run:
+            print("\n".join(dry_run(config, args.dry_run)), flush=True)
+            return {}
         results = main(config, args.workdir)
         if "before" in results and "after" in results and jax.process_index() == 0:
             _print_before_after(results, config.eval.groups)

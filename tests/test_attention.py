@@ -5,11 +5,13 @@ a plain NumPy reference for padding, packing, causal and windowed masks, gradien
 from __future__ import annotations
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import assert_close
 
 from jaxembed.models import attention as attn
 
@@ -75,9 +77,10 @@ def attention_fn(impl, mask, segments, causal, window):
 
 
 # Splash sees padding as segment ids, as "packing" does with the same full mask (interpret
-# mode is the slow part of this file).
-SKIP = ("splash", "padding")
-PAIRS = [(i, c) for i in ("xla", "cudnn", "splash") for c in CASES if (i, c) != SKIP]
+# mode is the slow part of this file). cuDNN has no two-sided window: it refuses it
+# (`test_auto_picks_per_target_and_says_why`).
+SKIP = (("splash", "padding"), ("cudnn", "packed window"))
+PAIRS = [(i, c) for i in ("xla", "cudnn", "splash") for c in CASES if (i, c) not in SKIP]
 
 
 @pytest.mark.parametrize(("impl", "case"), PAIRS)
@@ -89,7 +92,7 @@ def test_implementations_equal_the_reference(impl, case, monkeypatch):
     real = real_queries(mask, segments)
     want = reference(q, k, v, mask, segments, c["causal"], c["window"], D**-0.5)
     got = np.asarray(jax.jit(f)(q, k, v))
-    np.testing.assert_allclose(got[real], want[real], atol=1e-5)
+    assert_close(got[real], want[real])
     assert np.isfinite(got).all()  # padding queries too: they must not poison gradients
 
     # Gradients of a weighted sum over the real queries, against the xla path's.
@@ -103,26 +106,99 @@ def test_implementations_equal_the_reference(impl, case, monkeypatch):
         ref_f = attention_fn("xla", mask, segments, c["causal"], c["window"])
         ref = jax.jit(jax.grad(loss(ref_f), argnums=(0, 1, 2)))(q, k, v)
         for name, g, r in zip("qkv", grads, ref, strict=True):
-            np.testing.assert_allclose(g, r, atol=1e-5, err_msg=name)
+            assert_close(g, r, what=name)
     assert all(np.isfinite(np.asarray(g)).all() for g in grads)
 
 
-def test_auto_picks_per_platform_and_says_what_it_leaves_out():
-    assert attn.resolve("auto", 512, "bfloat16", "cpu") == "xla"
-    assert attn.resolve("auto", 512, "bfloat16", "gpu") == "cudnn"
-    assert attn.resolve("auto", 512, "float32", "gpu") == "xla"  # cuDNN: half precision only
-    assert attn.resolve("auto", 512, "float32", "tpu") == "splash"
-    assert attn.resolve("auto", 500, "float32", "tpu") == "xla"  # splash: multiples of 128
-    assert attn.resolve("xla", 512, "bfloat16", "gpu") == "xla"
-    assert attn.resolve("auto", 512, "bfloat16", "gpu", softcap=30.0) == "xla"  # needs scores
+def test_auto_picks_per_target_and_says_why():
+    """`auto` asks for the platform's fused kernel by name where it takes the call, else XLA
+    with the reason; a kernel asked for by name that cannot take the call is an error."""
+    padded = attn.Mask.of(jnp.ones((1, 512)))
+    two_sided = padded.local((64, 64))
+    causal_window = attn.Mask.of(jnp.ones((1, 512)), causal=True).local((63, 63))
+    with attn.lowering_for("cpu"):
+        assert attn.resolve("auto", padded, 64, 512, "bfloat16") == ("xla", "")
+    with attn.lowering_for("gpu"):  # an H100's limits (head sizes up to 256)
+        assert attn.resolve("auto", padded, 64, 512, "bfloat16") == ("cudnn", "")
+        assert attn.resolve("auto", padded, 256, 512, "bfloat16") == ("cudnn", "")
+        assert attn.resolve("auto", causal_window, 64, 512, "bfloat16") == ("cudnn", "")
+        refused = [  # (mask, head size, length, dtype, soft-cap): why
+            ((padded, 64, 512, "float32", None), "it computes in bf16 / fp16 only, not float32"),
+            ((padded, 64, 512, "bfloat16", 30.0), "it takes no logit soft-cap"),
+            (
+                (padded, 12, 512, "bfloat16", None),
+                "head size 12: it takes multiples of 8 up to 256",
+            ),
+            ((padded, 64, 511, "bfloat16", None), "odd length 511: its backward pass takes even"),
+            (
+                (two_sided, 64, 512, "bfloat16", None),
+                "two-sided window (64, 64): it has left windows",
+            ),
+        ]
+        for args, why in refused:
+            chosen, reason = attn.resolve("auto", *args)
+            assert chosen == "xla" and reason.startswith(f"cuDNN: {why}"), reason
+            with pytest.raises(ValueError, match=re.escape(f"cannot take this attention ({why}")):
+                attn.resolve("cudnn", *args)
+        assert attn.resolve("xla", padded, 64, 512, "bfloat16") == ("xla", "")
+    with attn.lowering_for("gpu", (8, 0)):  # an A100: head sizes up to 128
+        assert attn.resolve("auto", padded, 256, 512, "bfloat16")[0] == "xla"
+    with attn.lowering_for("tpu"):
+        assert attn.resolve("auto", padded, 64, 512, "float32") == ("splash", "")
+        assert attn.resolve("auto", padded, 64, 500, "float32") == (
+            "xla",
+            "splash: length 500 is not a multiple of 128",
+        )
+        assert attn.resolve("splash", padded, 64, 500, "float32") == ("splash", "")  # padded
     with pytest.raises(ValueError, match=r"model.attention='flash' is not allowed"):
-        attn.resolve("flash", 512)
-    line = attn.describe("auto", 512, dropout_rate=0.1, dtype="bfloat16", platform="gpu")
-    assert line == (
-        "attention: cudnn (auto on gpu); the fused kernel applies no attention dropout "
-        "(the model's 0.1)"
-    )
-    assert attn.describe("auto", 512, 0.1, "bfloat16", "cpu") == "attention: xla (auto on cpu)"
+        attn.resolve("flash", padded, 64, 512, "float32")
+    with attn.lowering_for("gpu"):
+        calls = [("cudnn", "")] * 4 + [
+            ("xla", "cuDNN: two-sided window (64, 64): it has left windows only")
+        ] * 8
+        assert attn.describe("auto", calls, dropout_rate=0.1) == (
+            "attention: cudnn in 4 of 12 calls; xla (cuDNN: two-sided window (64, 64): it has "
+            "left windows only) in 8 of 12 calls (auto on gpu); the fused kernel applies no "
+            "attention dropout (the model's 0.1)"
+        )  # fmt: skip
+    with attn.lowering_for("cpu"):
+        assert attn.describe("auto", [("xla", "")] * 3, 0.1) == "attention: xla (auto on cpu)"
+
+
+def test_splash_pads_rows_shorter_than_its_blocks():
+    """Asked for by name, splash takes rows of 64 tokens (padded to 128, cut after)."""
+    rng = np.random.default_rng(5)
+    q, k, v = (rng.normal(size=(2, 64, n, D)).astype(np.float32) for n in (NQ, NKV, NKV))
+    seg = np.zeros((2, 64), np.int32)
+    seg[0, :30], seg[0, 30:60], seg[1, :64] = 1, 2, 1
+    want = attention_fn("xla", np.ones((2, 64)), seg, False, None)(q, k, v)
+    got = attention_fn("splash", np.ones((2, 64)), seg, False, None)(q, k, v)
+    assert_close(np.asarray(got)[seg > 0], np.asarray(want)[seg > 0])
+
+
+def test_splash_runs_per_device_on_a_mesh_like_one_device():
+    """Inputs sharded over a (data 2, fsdp 2, tensor 2) mesh: splash runs under shard_map
+    (rows over data x fsdp, key/value heads over tensor) and equals the unsharded call,
+    values and gradients; 3 rows are padded to the data-parallel size 4."""
+    from jaxembed import sharding
+
+    mesh = sharding.make_mesh(2, 2, 2)
+    q, k, v, _, _ = inputs(True)
+    segments = np.concatenate([SEGMENTS, SEGMENTS])
+    q, k, v = (np.concatenate([x, x]) for x in (q, k, v))
+    for rows in (4, 3):
+        f = attention_fn("splash", np.ones((rows, L)), segments[:rows], False, None)
+        real = jnp.asarray(segments[:rows] > 0)[..., None]
+        grad = jax.jit(
+            jax.value_and_grad(
+                lambda q, k, v, f=f, real=real: jnp.sum(f(q, k, v) * real), (0, 1, 2)
+            )
+        )
+        want = grad(q[:rows], k[:rows], v[:rows])
+        spec = jax.sharding.PartitionSpec(("data", "fsdp") if rows == 4 else None, None, "tensor")
+        shard = jax.sharding.NamedSharding(mesh, spec)
+        got = grad(*(jax.device_put(x[:rows], shard) for x in (q, k, v)))
+        assert_close(got, want)
 
 
 # --- every backbone, through its own masks ------------------------------------------------
@@ -155,12 +231,13 @@ def tiny_model(name: str):
 
 # Which fused paths each backbone is checked with: between them every mask (padding,
 # causal, windows both ways), GQA and the soft-cap meet both kernels' code paths once.
+# "auto on gpu": cuDNN where it takes a layer, XLA for the two-sided windows it has not.
 BACKBONE_CASES = {
     "bert": ("cudnn", "splash"),
     "qwen3 (causal)": ("cudnn",),
-    "modernbert (window)": ("splash",),
+    "modernbert (window)": ("splash", "auto on gpu"),
     "gemma3 (causal window, softcap)": ("splash",),  # cuDNN takes no soft-cap
-    "embeddinggemma (window)": ("cudnn",),
+    "embeddinggemma (window)": ("auto on gpu",),
 }
 
 
@@ -179,8 +256,9 @@ def test_every_backbone_runs_the_fused_paths_like_xla(name, monkeypatch):
 
     def hidden(params, impl):
         m = nnx.merge(graphdef, params)
-        m.attention = impl
-        return m(jnp.asarray(ids), jnp.asarray(real), segment_ids=jnp.asarray(SEGMENTS))
+        m.attention, _, platform = impl.partition(" on ")
+        with attn.lowering_for(platform or "cpu"):
+            return m(jnp.asarray(ids), jnp.asarray(real), segment_ids=jnp.asarray(SEGMENTS))
 
     @functools.partial(jax.jit, static_argnums=1)
     def hidden_and_grads(params, impl):  # one compile per implementation
@@ -197,16 +275,9 @@ def test_every_backbone_runs_the_fused_paths_like_xla(name, monkeypatch):
     scale = max(float(np.abs(g).max()) for g in jax.tree.leaves(g_want))
     for impl in BACKBONE_CASES[name]:
         got, g_got = hidden_and_grads(params, impl)
-        np.testing.assert_allclose(np.asarray(got)[real], np.asarray(want)[real], atol=1e-5)
+        assert_close(np.asarray(got)[real], np.asarray(want)[real])
         for (path, a), b in zip(
             jax.tree_util.tree_leaves_with_path(g_got), jax.tree.leaves(g_want), strict=True
         ):
             where = f"{impl} {jax.tree_util.keystr(path)} (scale {scale:.3g})"
             np.testing.assert_allclose(a, b, atol=1e-5 * scale, rtol=0, err_msg=where)
-
-
-def test_cudnn_refuses_a_soft_cap():
-    q = jnp.zeros((1, 128, 2, 8))
-    mask = attn.Mask.of(jnp.ones((1, 128)), impl="cudnn")
-    with pytest.raises(ValueError, match="cuDNN attention takes no logit soft-cap"):
-        attn.attention(q, q, q, mask, scale=1.0, softcap=30.0)

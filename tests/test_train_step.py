@@ -247,7 +247,7 @@ def test_packed_batch_gives_the_same_loss_and_grads():
     rows = {t: packing.rows(len(p)) for t, p in plans.items()}
     assert all(r % 8 == 0 for r in rows.values())
     assert len(plans["query"]) < B and len(plans["neg"]) < B * K - 1  # texts share rows
-    packed = packing.pack(host, plans, lengths, rows, dict.fromkeys(rows, 0))
+    packed = packing.pack(host, plans, lengths, rows, {t: np.arange(r) for t, r in rows.items()})
     real = sum(len(t) for name in ("query", "pos", "neg") for t in host[name])
     assert sum(int((packed[f"{t}_seg"] > 0).sum()) for t in rows) == real
     results = []

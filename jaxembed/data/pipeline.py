@@ -508,12 +508,13 @@ class Packing:
         plans: dict,
         lengths: dict[str, int],
         rows: dict[str, int],
-        offsets: dict[str, int],
+        global_rows: dict[str, np.ndarray],
     ) -> dict:
         """The step's arrays (`STEP_KEYS`): every tower packed into ``rows[t]`` rows.
 
-        ``offsets[t]`` is the global index of this host's first row of tower ``t``, so that
-        slots address the global (sharded) matrix of segment embeddings.
+        ``global_rows[t][r]`` is the global index of this host's row ``r`` of tower ``t``
+        (`jaxembed.sharding.local_rows`), so that slots address the global (sharded) matrix
+        of segment embeddings.
         """
         out = {k: batch[k] for k in ("neg_valid", "pos_hash", "neg_hash")}
         b, k = batch["neg_valid"].shape
@@ -525,8 +526,9 @@ class Packing:
                 batch[name], plan, rows[name], length, int(batch["pad_id"])
             )
             slot = np.zeros((len(batch[name]), 2), np.int32)
-            slot[:, 0] = offsets[name]
-            slot[where[:, 0]] = where[:, 1:] + [offsets[name], 0]
+            slot[:, 0] = global_rows[name][0]
+            slot[where[:, 0], 0] = global_rows[name][where[:, 1]]
+            slot[where[:, 0], 1] = where[:, 2]
             out[f"{name}_ids"], out[f"{name}_seg"] = ids, seg
             if name == "query":
                 out["query_pool"] = pooled
@@ -540,7 +542,7 @@ class Packing:
         lengths = self.lengths(batch)
         plans = self.plan(batch, lengths)
         rows = {t: self.rows(len(p)) for t, p in plans.items()}
-        return self.pack(batch, plans, lengths, rows, dict.fromkeys(rows, 0))
+        return self.pack(batch, plans, lengths, rows, {t: np.arange(r) for t, r in rows.items()})
 
 
 def make_dataset(builder: BatchBuilder, start_step: int = 0) -> grain.MapDataset:

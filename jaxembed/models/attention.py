@@ -8,31 +8,42 @@ turns that description into what the chosen implementation takes:
 - ``xla``: einsums and a softmax over the (batch, heads, L, L) scores, the mask as an fp32
   additive bias. Runs everywhere, applies attention-probability dropout and logit
   soft-capping; what CPU runs and what the tests compare the kernels with.
-- ``cudnn``: `jax.nn.dot_product_attention` (cuDNN flash attention on NVIDIA GPUs):
-  padding as per-row key lengths, causal and window as the kernel's own flags, packed rows
-  as a boolean (batch, 1, L, L) mask (the kernel never materialises the scores).
+- ``cudnn``: `jax.nn.dot_product_attention` asked for cuDNN's flash attention by name
+  (NVIDIA GPUs, bf16 / fp16): padding as per-row key lengths, causal and left windows as
+  the kernel's own flags, packed rows as a boolean (batch, 1, L, L) mask (never the
+  (batch, heads, L, L) scores). What it cannot take (`cudnn_refuses`: two-sided windows,
+  soft-capping, fp32, head sizes) is an error when asked for by name.
 - ``splash``: the Pallas splash-attention kernel for TPU: segment ids, causal and local
-  masks natively, grouped-query heads as multi-query kernels per key/value head; lengths
-  must be multiples of 128. On other platforms it runs in Pallas interpret mode (tests).
-- ``auto``: ``xla`` on CPU, ``cudnn`` on GPU in bf16 / fp16 (JAX itself falls back to its
-  XLA attention for shapes cuDNN does not take) unless the model soft-caps its logits,
-  ``splash`` on TPU when the length is a multiple of 128, else ``xla``.
+  masks natively, grouped-query heads as multi-query kernels per key/value head, run per
+  device under `jax.shard_map` (a Mosaic kernel cannot be partitioned automatically);
+  rows are padded to a multiple of 128 tokens. Off TPU it runs in Pallas interpret mode
+  (tests).
+- ``auto``: per call, the fused kernel of the platform the step is lowered for (`target`)
+  where it takes the call, else ``xla``: cuDNN on GPU unless `cudnn_refuses`, splash on
+  TPU for lengths that are multiples of 128. `recording` collects what each call chose
+  and why, which the start of a run and ``--dry-run`` print.
 
 The fused kernels apply no dropout to the attention probabilities (the other dropouts of
-a layer are unchanged) and ``cudnn`` no soft-capping; `describe` says so at start.
+a layer are unchanged); `describe` says so at start.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import dataclasses
+import math
+
 import jax
 import jax.numpy as jnp
-from flax import struct
+from flax import nnx, struct
+from jax.sharding import PartitionSpec as P
 
 from jaxembed.choices import ATTENTION, check
 from jaxembed.models.layers import dropout
 
 # What `attention` calls jax.nn.dot_product_attention with for "cudnn"; the tests set it
-# to "xla" to run the same call on CPU.
+# to "xla" to run the same call on CPU (in fp32, which cuDNN itself refuses).
 CUDNN_IMPLEMENTATION = "cudnn"
 
 
@@ -86,22 +97,110 @@ class Mask:
         return ok
 
 
-def resolve(
-    impl: str, length: int, dtype="float32", platform: str | None = None, softcap=None
-) -> str:
-    """The implementation ``impl`` runs as for rows of ``length`` tokens computed in
-    ``dtype`` on ``platform`` (default: JAX's default backend), for a model that soft-caps
-    its logits at ``softcap`` (None: it does not)."""
-    check(impl, ATTENTION, "model.attention")
-    if impl != "auto":
-        return impl
-    platform = platform or jax.default_backend()
+# --- which implementation runs ---------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """What the attention is lowered for: a platform ("cpu", "gpu", "tpu") and, on NVIDIA
+    GPUs, the compute capability (cuDNN's limits depend on it)."""
+
+    platform: str
+    compute_capability: tuple[int, int] | None = None
+
+
+_TARGET: contextvars.ContextVar[Target | None] = contextvars.ContextVar("target", default=None)
+_CHOSEN: contextvars.ContextVar[list | None] = contextvars.ContextVar("chosen", default=None)
+
+
+def target() -> Target:
+    """The target `lowering_for` sets, else this process's default backend."""
+    if (t := _TARGET.get()) is not None:
+        return t
+    platform = jax.default_backend()
+    cc = None
+    if platform == "gpu":
+        cc_text = getattr(jax.devices()[0], "compute_capability", None)
+        cc = tuple(int(x) for x in cc_text.split(".")[:2]) if cc_text else None
+    return Target(platform, cc)
+
+
+@contextlib.contextmanager
+def lowering_for(platform: str, compute_capability: tuple[int, int] | None = None):
+    """Traces inside choose kernels for ``platform`` (a dry run on a host without it): `auto`
+    resolves for it, splash is built for the chip rather than interpreted. Hopper (9, 0) is
+    assumed for a GPU whose capability is not given."""
+    if platform == "gpu" and compute_capability is None:
+        compute_capability = (9, 0)
+    token = _TARGET.set(Target(platform, compute_capability))
+    try:
+        yield
+    finally:
+        _TARGET.reset(token)
+
+
+@contextlib.contextmanager
+def recording():
+    """Collects, for every attention call traced inside, ``(implementation, why not fused)``
+    (why is "" when nothing was left out): what `describe` and the dry run report."""
+    calls: list[tuple[str, str]] = []
+    token = _CHOSEN.set(calls)
+    try:
+        yield calls
+    finally:
+        _CHOSEN.reset(token)
+
+
+def cudnn_refuses(mask: Mask, head_dim: int, length: int, dtype, softcap=None) -> str | None:
+    """Why cuDNN's fused attention, as `jax.nn.dot_product_attention` calls it (jax 0.10.2),
+    cannot take a call; None when it can. The conditions are JAX's own checks
+    (jax/_src/cudnn/fused_attention_stablehlo.py `check_layout`, `check_is_flash_attention`;
+    jax/_src/nn/functions.py for windows)."""
+    # The tests' stand-in (JAX's XLA implementation of the same call) computes in fp32 too.
     half = jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
-    if platform == "gpu" and half and not softcap:
-        return "cudnn"  # cuDNN's flash attention: half precision only, no soft-cap
-    if platform == "tpu" and length % 128 == 0:
-        return "splash"
-    return "xla"
+    if not half and CUDNN_IMPLEMENTATION == "cudnn":
+        return f"it computes in bf16 / fp16 only, not {jnp.dtype(dtype).name} (model.dtype)"
+    if softcap:
+        return "it takes no logit soft-cap"
+    cc = target().compute_capability or (0, 0)
+    limit = 256 if cc >= (9, 0) else 128
+    if head_dim % 8 or head_dim > limit:
+        return f"head size {head_dim}: it takes multiples of 8 up to {limit} on this GPU"
+    if length % 2:
+        return f"odd length {length}: its backward pass takes even lengths"
+    if mask.window is not None and mask.window[1] and not mask.causal:
+        return f"two-sided window {mask.window}: it has left windows only"
+    return None
+
+
+def resolve(
+    impl: str, mask: Mask, head_dim: int, length: int, dtype, softcap=None
+) -> tuple[str, str]:
+    """``(implementation, why)``: what ``impl`` runs for one attention call on the `target`,
+    and, when ``auto`` leaves the platform's fused kernel out, why ("" otherwise).
+
+    ``auto``: cuDNN on a GPU where it takes the call, splash on a TPU for lengths that are
+    multiples of 128, else XLA. Asked for by name, a kernel that cannot take the call is an
+    error naming why, not a silent fallback."""
+    check(impl, ATTENTION, "model.attention")
+    platform = target().platform
+    if impl == "cudnn":
+        if why := cudnn_refuses(mask, head_dim, length, dtype, softcap):
+            raise ValueError(
+                f"model.attention=cudnn: cuDNN cannot take this attention ({why}); "
+                "model.attention=auto runs XLA where it cannot"
+            )
+        return impl, ""
+    if impl != "auto":
+        return impl, ""
+    if platform == "gpu":
+        why = cudnn_refuses(mask, head_dim, length, dtype, softcap)
+        return ("xla", f"cuDNN: {why}") if why else ("cudnn", "")
+    if platform == "tpu":
+        if length % 128:
+            return "xla", f"splash: length {length} is not a multiple of 128"
+        return "splash", ""
+    return "xla", ""
 
 
 def probs_dropout(config) -> float:
@@ -111,21 +210,38 @@ def probs_dropout(config) -> float:
     return float(rate if rate is not None else getattr(config, "attention_dropout", 0.0))
 
 
-def describe(
-    impl: str,
-    length: int,
-    dropout_rate: float = 0.0,
-    dtype="float32",
-    platform=None,
-    softcap=None,
-) -> str:
-    """One line for the start of a run: what runs, and what a fused kernel leaves out."""
-    platform = platform or jax.default_backend()
-    chosen = resolve(impl, length, dtype, platform, softcap)
-    line = f"attention: {chosen}" + (f" (auto on {platform})" if impl == "auto" else "")
-    if chosen != "xla" and dropout_rate:
+def describe(impl: str, calls: list[tuple[str, str]], dropout_rate: float = 0.0) -> str:
+    """One line for the start of a run from the calls `recording` collected: what runs, in
+    how many of them, why a fused kernel was left out, what a fused kernel leaves out."""
+    platform = target().platform
+    counts: dict[tuple[str, str], int] = {}
+    for call in calls:
+        counts[call] = counts.get(call, 0) + 1
+    parts = [
+        f"{chosen}"
+        + (f" ({why})" if why else "")
+        + (f" in {n} of {len(calls)} calls" if len(counts) > 1 else "")
+        for (chosen, why), n in sorted(counts.items())
+    ]
+    line = "attention: " + "; ".join(parts) + (f" (auto on {platform})" if impl == "auto" else "")
+    if any(chosen != "xla" for chosen, _ in counts) and dropout_rate:
         line += f"; the fused kernel applies no attention dropout (the model's {dropout_rate})"
     return line
+
+
+def describe_model(model, lengths, packed: bool, dropout_rate: float = 0.0) -> str:
+    """`describe` for ``model`` (concrete or abstract) on rows of each of ``lengths`` tokens,
+    packed or one text per row: the calls are traced (`jax.eval_shape`), nothing runs."""
+    graphdef, state = nnx.split(model)
+
+    def forward(state, ids):
+        segments = ids if packed else None
+        return nnx.merge(graphdef, state)(ids, ids > 0, segment_ids=segments)
+
+    with recording() as calls:
+        for length in sorted(set(lengths)):
+            jax.eval_shape(forward, state, jax.ShapeDtypeStruct((2, length), jnp.int32))
+    return describe(model.attention, calls, dropout_rate)
 
 
 def attention(
@@ -147,14 +263,11 @@ def attention(
     order). ``softcap`` (Gemma) squashes the scores with ``tanh``; ``dropout_rate`` and
     ``rng`` drop attention probabilities (``xla`` only).
     """
-    impl = resolve(mask.impl, q.shape[1], q.dtype, softcap=softcap)
+    impl, why = resolve(mask.impl, mask, q.shape[3], q.shape[1], q.dtype, softcap)
+    if (calls := _CHOSEN.get()) is not None:
+        calls.append((impl, why))
     if impl == "cudnn":
-        if softcap:
-            raise ValueError("model.attention=cudnn: cuDNN attention takes no logit soft-cap")
-        # Asked for by name, cuDNN or an error; chosen by auto, JAX falls back to its own
-        # XLA attention for shapes cuDNN does not take (head sizes, lengths).
-        implementation = CUDNN_IMPLEMENTATION if mask.impl == "cudnn" else None
-        return _dot_product_attention(q, k, v, mask, scale, implementation)
+        return _dot_product_attention(q, k, v, mask, scale)
     if impl == "splash":
         return _splash(q, k, v, mask, scale, softcap)
     return _xla(q, k, v, mask, scale, softcap, dropout_rate, rng)
@@ -183,15 +296,26 @@ def _xla(q, k, v, mask, scale, softcap, dropout_rate, rng):
     return out.transpose(0, 3, 1, 2, 4).reshape(b, l, nq * d)
 
 
-def _dot_product_attention(q, k, v, mask: Mask, scale, implementation):
+def _dot_product_attention(q, k, v, mask: Mask, scale):
+    """cuDNN through JAX's public entry, asked for by name (``implementation=None`` is JAX's
+    XLA attention in jax 0.10.2). Padded rows pass key lengths (and query lengths: JAX's
+    batching of its default would not trace); packed rows a boolean (batch, 1, L, L) mask,
+    which JAX turns into an additive bias per layer (its gradient is computed and dropped):
+    B x L x L bf16 per layer, a twelfth of XLA's fp32 scores for 12 heads. JAX's private
+    packed-segment route (THD layout) was measured and left out: it needs Hopper, cuDNN >=
+    9.6, a static segment count, and its softmax statistics (B x segments x heads x L fp32)
+    outweigh the bias at our 64 segments per row (bench/RESULTS.md, "First contact")."""
     b, l, nq, d = q.shape
-    kw = dict(scale=scale, is_causal=mask.causal, implementation=implementation)
+    kw = dict(scale=scale, is_causal=mask.causal, implementation=CUDNN_IMPLEMENTATION)
     if mask.window is not None:
-        kw["local_window_size"] = mask.window
+        # Causal, the right side is empty anyway; JAX refuses it beside key lengths.
+        kw["local_window_size"] = (mask.window[0], 0 if mask.causal else mask.window[1])
     if mask.packed:
         kw["mask"] = mask.same_segment()[:, None]
     else:  # right-padded rows: the kernel's key lengths (at least 1: finite filler rows)
-        kw["key_value_seq_lengths"] = jnp.maximum(jnp.sum(mask.kv_segments > 0, axis=1), 1)
+        lengths = jnp.maximum(jnp.sum(mask.kv_segments > 0, axis=1), 1).astype(jnp.int32)
+        kw["key_value_seq_lengths"] = lengths
+        kw["query_seq_lengths"] = jnp.full_like(lengths, l)
     out = jax.nn.dot_product_attention(q, k, v, **kw)
     return out.reshape(b, l, nq * d)
 
@@ -204,22 +328,74 @@ def _splash(q, k, v, mask: Mask, scale, softcap):
     b, l, nq, d = q.shape
     nkv = k.shape[2]
     g = nq // nkv
-    if l % 128:
-        raise ValueError(f"model.attention=splash needs lengths that are multiples of 128, not {l}")
-    kernel = _splash_kernel(l, g, mask.causal, mask.window, softcap, jax.default_backend())
+    # The kernel's blocks are multiples of 128 tokens: shorter rows (queries of 64, asked for
+    # splash by name; `auto` leaves them to XLA) get keys and queries of padding (segment 0),
+    # which no real token sees, cut off after.
+    pad = -l % 128
+    segments = [mask.q_segments, mask.kv_segments]
+    if pad:
+        q, k, v = (jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))) for x in (q, k, v))
+        segments = [jnp.pad(x, ((0, 0), (0, pad))) for x in segments]
+    kernel = _splash_kernel(l + pad, g, mask.causal, mask.window, softcap, target())
     # (batch, kv heads, group, L, d) queries; each kv head is a multi-query kernel call.
-    q = (q * jnp.asarray(scale, q.dtype)).reshape(b, l, nkv, g, d).transpose(0, 2, 3, 1, 4)
+    q = (q * jnp.asarray(scale, q.dtype)).reshape(b, l + pad, nkv, g, d).transpose(0, 2, 3, 1, 4)
     k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
 
-    def one_row(q, k, v, q_seg, kv_seg):
-        ids = splash.SegmentIds(q=q_seg, kv=kv_seg)
-        return jax.vmap(lambda q, k, v: kernel(q, k, v, segment_ids=ids))(q, k, v)
+    def rows(q, k, v, q_seg, kv_seg):
+        def one_row(q, k, v, q_seg, kv_seg):
+            ids = splash.SegmentIds(q=q_seg, kv=kv_seg)
+            return jax.vmap(lambda q, k, v: kernel(q, k, v, segment_ids=ids))(q, k, v)
 
-    out = jax.vmap(one_row)(q, k, v, mask.q_segments, mask.kv_segments)  # b, kv, g, L, d
-    return out.transpose(0, 3, 1, 2, 4).reshape(b, l, nq * d)
+        return jax.vmap(one_row)(q, k, v, q_seg, kv_seg)
+
+    out = per_device(rows, q, k, v, *segments)  # b, kv, g, L + pad, d
+    return out[:, :, :, :l].transpose(0, 3, 1, 2, 4).reshape(b, l, nq * d)
 
 
-def _splash_kernel(l: int, heads: int, causal: bool, window, softcap, platform: str):
+def per_device(rows, q, k, v, q_seg, kv_seg):
+    """``rows(q, k, v, q_seg, kv_seg)`` run on each device's share of the mesh the inputs
+    live on: rows over the data-parallel axes, key/value heads over ``tensor`` when it
+    divides them, the rest replicated.
+
+    A Mosaic (Pallas TPU) kernel cannot be partitioned by GSPMD: lowered in a jit over more
+    than one device it raises unless every mesh axis is manual (jax/_src/tpu_custom_call.py),
+    so the kernel calls go inside a `jax.shard_map` over all of them. The mesh is the one the
+    step is traced under (`jax.set_mesh`), else the one the inputs' shardings carry; none, or
+    one device: a direct call. A batch the data-parallel size does not divide (an encoder's
+    last batch) gets rows of padding (segment 0, which sees itself: finite), dropped after.
+    ``q`` is (batch, kv heads, group, L, d), ``k`` / ``v`` (batch, kv heads, L, d).
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        meshes = (getattr(jax.typeof(x).sharding, "mesh", None) for x in (q, k, v))
+        mesh = next((m for m in meshes if m is not None and not m.empty), mesh)
+    free = [] if mesh.empty else [a for a in mesh.axis_names if a not in mesh.manual_axes]
+    if math.prod(mesh.shape[a] for a in free) <= 1:
+        return rows(q, k, v, q_seg, kv_seg)
+    batch_axes = tuple(a for a in ("data", "fsdp") if a in free and mesh.shape[a] > 1)
+    dp = math.prod(mesh.shape[a] for a in batch_axes)
+    b = q.shape[0]
+    pad = -b % dp
+    if pad:
+        q, k, v, q_seg, kv_seg = (
+            jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1)) for x in (q, k, v, q_seg, kv_seg)
+        )
+    tensor = mesh.shape["tensor"] if "tensor" in free else 1
+    heads = "tensor" if tensor > 1 and k.shape[1] % tensor == 0 else None
+    batch = (batch_axes if len(batch_axes) > 1 else batch_axes[0]) if batch_axes else None
+    qkv, seg = P(batch, heads), P(batch)
+    out = jax.shard_map(
+        rows,
+        mesh=mesh,
+        in_specs=(qkv, qkv, qkv, seg, seg),
+        out_specs=qkv,
+        axis_names=set(free),
+        check_vma=False,  # the kernel's outputs carry no varying-axes type
+    )(q, k, v, q_seg, kv_seg)
+    return out[:b] if pad else out
+
+
+def _splash_kernel(l: int, heads: int, causal: bool, window, softcap, target: Target):
     from jax.experimental.pallas.ops.tpu.splash_attention import (
         splash_attention_kernel as splash,
     )
@@ -244,5 +420,5 @@ def _splash_kernel(l: int, heads: int, causal: bool, window, softcap, platform: 
         masks.MultiHeadMask([base] * heads),
         block_sizes=splash.BlockSizes(**sizes),
         attn_logits_soft_cap=softcap,
-        interpret=platform != "tpu",
+        interpret=target.platform != "tpu",
     )

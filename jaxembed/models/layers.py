@@ -10,6 +10,7 @@ context (loading, tests, export) never triggers Flax's eager sharding.
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -118,10 +119,17 @@ def dropout(x: jax.Array, rate: float, seed: jax.Array | None) -> jax.Array:
 
     An explicit seed (instead of a stateful ``nnx.Rngs`` stream) makes the randomness a pure
     function of its inputs, which GradCache needs to replay dropout exactly in its second pass.
+    ``seed`` is one scalar, or one seed per row (shape ``x.shape[:1]``, the train step's): a
+    row's mask is then a function of its own seed and of the element's index within the row
+    only, so it is the same however the rows are chunked or sharded, without running the
+    backbone under a per-row `jax.vmap` (which fused attention kernels cannot batch).
     """
     if seed is None or rate == 0.0:
         return x
-    idx = jax.lax.iota(jnp.uint32, x.size).reshape(x.shape)
+    lead = seed.ndim  # 0: one seed for all of x; 1: one per row
+    within = x.shape[lead:]
+    idx = jax.lax.iota(jnp.uint32, math.prod(within)).reshape(within)
+    seed = seed.reshape(seed.shape + (1,) * len(within))
     bits = mix32(mix32(idx ^ seed) ^ fold_seed(seed, 0x5EED))
     keep = bits >= jnp.uint32(min(int(rate * 2**32), 2**32 - 1))
     return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
@@ -161,7 +169,7 @@ def merged_call(graphdef, state, *args):
 def call_layer(layer: nnx.Module, *args, remat: bool = False):
     """``layer(*args)``; with ``remat`` only the layer's inputs are kept for the backward pass
     and the rest is recomputed. A plain `jax.checkpoint` over the layer's state (not
-    ``nnx.remat``) composes with the `jax.vmap` the train step wraps around the model."""
+    ``nnx.remat``) composes with the JAX transformations around the model (GradCache's vjp)."""
     if not remat:
         return layer(*args)
     graphdef, state = nnx.split(layer)

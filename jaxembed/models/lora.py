@@ -105,6 +105,8 @@ def seed_dropout(model: nnx.Module, seed: jax.Array) -> None:
 
     Called on a model merged inside the traced step: each adapter (and, stacked, each
     layer) draws its own masks; the same seed gives the same masks in GradCache's passes.
+    ``seed`` is a scalar or one seed per row (`jaxembed.models.layers.dropout`); a stacked
+    adapter's seeds get the layer dimension first, which the scan slices.
     """
     for k, lora in enumerate(adapters(model)):
         if lora.rate == 0.0:
@@ -112,7 +114,8 @@ def seed_dropout(model: nnx.Module, seed: jax.Array) -> None:
         s = fold_seed(seed, 0x10A0 + k)
         lead = lora.a.shape[:-2]
         if lead:
-            s = fold_seed(s, jnp.arange(math.prod(lead), dtype=jnp.uint32)).reshape(lead)
+            layer = jnp.arange(math.prod(lead), dtype=jnp.uint32).reshape(-1, *[1] * s.ndim)
+            s = fold_seed(s[None], layer).reshape(*lead, *s.shape)
         lora.seed = DropoutSeed(s)
 
 
