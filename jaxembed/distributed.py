@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import itertools
 import os
+import re
 import secrets
 import sys
 import traceback
@@ -33,6 +35,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
+from jax._src import distributed as jax_distributed
 
 ENV_COORDINATOR = "JAX_COORDINATOR_ADDRESS"
 ENV_NUM_PROCESSES = "JAX_NUM_PROCESSES"
@@ -134,9 +137,52 @@ def initialize(
         coordinator,
         num_processes=num_processes,
         process_id=process_id,
+        local_device_ids=slurm_local_devices(),
         heartbeat_timeout_seconds=heartbeat_timeout,
     )
     return jax.process_count()
+
+
+def slurm_local_devices() -> list[int] | None:
+    """The GPUs of this node a SLURM task drives, where JAX's own choice would be wrong.
+
+    JAX gives a SLURM task the one device of its local rank (``SLURM_LOCALID``): right for
+    one task per GPU, but one task per node would drive 1 of its 8 GPUs. With fewer tasks
+    than visible GPUs on the node, each task takes an equal share. None (JAX decides): not
+    SLURM, ``JAX_LOCAL_DEVICE_IDS`` set, or as many tasks as GPUs.
+    """
+    env = os.environ
+    if "SLURM_JOB_ID" not in env or env.get("JAX_LOCAL_DEVICE_IDS"):
+        return None
+    visible = env.get("CUDA_VISIBLE_DEVICES", "")
+    gpus = len(visible.split(",")) if visible else _env_int("SLURM_GPUS_ON_NODE")
+    tasks = _tasks_on_this_node()
+    if not gpus or not tasks or tasks >= gpus:
+        return None
+    if gpus % tasks:
+        raise ValueError(
+            f"SLURM: {tasks} tasks on this node cannot share its {gpus} GPUs evenly; "
+            "start one task per GPU (--ntasks-per-node=GPUS) or one per node"
+        )
+    share = gpus // tasks
+    rank = _env_int("SLURM_LOCALID") or 0
+    return list(range(rank * share, (rank + 1) * share))
+
+
+def _tasks_on_this_node() -> int | None:
+    """This node's task count from ``SLURM_STEP_TASKS_PER_NODE`` (the step's; else the
+    job's ``SLURM_TASKS_PER_NODE``), written like ``8(x2),4``: counts per node in order."""
+    text = os.environ.get("SLURM_STEP_TASKS_PER_NODE") or os.environ.get("SLURM_TASKS_PER_NODE")
+    if not text:
+        return None
+    counts = []
+    for part in text.split(","):
+        m = re.fullmatch(r"(\d+)(?:\(x(\d+)\))?", part.strip())
+        if m is None:
+            raise ValueError(f"SLURM_TASKS_PER_NODE={text!r}: not SLURM's count(xN),... form")
+        counts += [int(m.group(1))] * int(m.group(2) or 1)
+    node = _env_int("SLURM_NODEID") or 0
+    return counts[node] if node < len(counts) else None
 
 
 def run(fn: Callable[[], object]):
@@ -166,14 +212,39 @@ def run(fn: Callable[[], object]):
 # --- agreement between hosts ----------------------------------------------------------------
 
 
+# Every process calls `gather` in the same order, so the n-th call is the same exchange
+# everywhere: its keys and barrier are named by n.
+_EXCHANGES = itertools.count()
+GATHER_TIMEOUT_MS = 60 * 60 * 1000  # a dead process stops everyone sooner (heartbeats)
+
+
 def gather(values) -> np.ndarray:
-    """Every process's ``values`` (same shape and dtype everywhere), stacked: (processes, ...)."""
+    """Every process's ``values`` (same shape and dtype everywhere), stacked: (processes, ...).
+
+    Exchanged through JAX's coordination service (a key-value store on process 0, over the
+    network), not a device collective: a collective queues behind the step the devices are
+    running, so a host agreeing on the next batch would wait for the current step and could
+    not pack and transfer the next one meanwhile.
+    """
     values = np.asarray(values)
     if jax.process_count() == 1:
         return values[None]
-    from jax.experimental import multihost_utils
-
-    return np.asarray(multihost_utils.process_allgather(values))
+    client = jax_distributed.global_state.client
+    n, me = next(_EXCHANGES), jax.process_index()
+    prefix = f"jaxembed/gather/{n}/"
+    client.key_value_set_bytes(f"{prefix}{me}", values.tobytes())
+    try:
+        client.wait_at_barrier(f"jaxembed/gather/{n}", GATHER_TIMEOUT_MS)
+    except Exception as e:  # the service's own error, whose first line names the barrier
+        raise RuntimeError(
+            f"process {me}: the other processes did not reach exchange {n} within "
+            f"{GATHER_TIMEOUT_MS // 60000} minutes ({str(e).splitlines()[0]})"
+        ) from None
+    got = dict(client.key_value_dir_get_bytes(prefix))
+    if n:  # all have read exchange n - 1 before reaching this barrier: its key can go
+        client.key_value_delete(f"jaxembed/gather/{n - 1}/{me}")
+    stacked = [got[f"{prefix}{p}"] for p in range(jax.process_count())]
+    return np.stack([np.frombuffer(b, values.dtype).reshape(values.shape) for b in stacked])
 
 
 def fingerprint(value: str) -> int:
@@ -202,11 +273,11 @@ def check_same(what: str, description: str) -> None:
 
 
 def barrier(name: str) -> None:
-    """Waits until every process reaches the barrier ``name``."""
+    """Waits until every process reaches the barrier ``name`` (the coordination service's,
+    like `gather`: nothing queues on the devices)."""
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices(name)
+        client = jax_distributed.global_state.client
+        client.wait_at_barrier(f"jaxembed/barrier/{next(_EXCHANGES)}/{name}", GATHER_TIMEOUT_MS)
 
 
 def check_shared_dir(path: str | os.PathLike) -> None:

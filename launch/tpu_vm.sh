@@ -11,9 +11,11 @@
 #       python -m jaxembed.train --config configs/retrofit_xlmr_base.py \
 #       --workdir ~/bucket/runs/xlmr
 #
-# Steps: (1) create the TPU VM unless one of that name exists (--spot: preemptible capacity);
-# (2) copy this checkout (tracked files) to ~/jaxembed on every worker and install it with
-# jax[tpu] into ~/jaxembed/.venv (--no-install skips this); (3) start CMD on --worker=all,
+# Steps: (1) create the TPU VM unless one of that name exists (--spot: preemptible capacity),
+# with the runtime image of its generation; (2) copy this checkout (tracked files) to
+# ~/jaxembed on every worker and install it with jax[tpu] into ~/jaxembed/.venv, a Python
+# 3.11 made by uv (the images ship 3.10; jax, flax, orbax and grain need >= 3.11; uv is
+# installed in ~/.local/bin if missing; --no-install skips this); (3) start CMD on --worker=all,
 # detached (it survives a dropped connection), in that venv; (4) stream every worker's log
 # (also appended to logs/tpu_vm-NAME.log here; JAXEMBED_LOG_DIR moves it) until CMD ends
 # on all workers, and exit with the largest exit status. JAX finds the other workers itself (jaxembed.distributed
@@ -21,13 +23,14 @@
 # checkpoint and exits; the same command resumes it. A second Ctrl-C leaves CMD running
 # (--attach follows it again). --delete deletes the VM when CMD has ended.
 #
-# Options: --name NAME and --zone ZONE (required); --type (default v4-8); --version
-# (default tpu-ubuntu2204-base); --project; --spot; --mount BUCKET; --no-install;
-# --attach (only stream the running command's logs); --delete.
+# Options: --name NAME and --zone ZONE (required); --type (default v4-8); --version (default:
+# the image of the type's generation: tpu-ubuntu2204-base for v4, v2-alpha-tpuv5-lite for
+# v5litepod, v2-alpha-tpuv5 for v5p, v2-alpha-tpuv6e for v6e); --project; --spot; --mount
+# BUCKET; --no-install; --attach (only stream the running command's logs); --delete.
 set -euo pipefail
 
-usage() { sed -n '2,26p' "$0" | sed 's/^# \{0,1\}//'; }
-name="" zone="" type="v4-8" version="tpu-ubuntu2204-base" project="" spot="" mount=""
+usage() { sed -n '2,29p' "$0" | sed 's/^# \{0,1\}//'; }
+name="" zone="" type="v4-8" version="" project="" spot="" mount=""
 install=1 attach="" delete=""
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -49,6 +52,17 @@ done
 if [ -z "$name" ] || [ -z "$zone" ] || { [ $# -eq 0 ] && [ -z "$attach" ]; }; then
   usage >&2
   exit 2
+fi
+if [ -z "$version" ]; then
+  # The runtime image per generation (cloud.google.com/tpu/docs/runtimes): v4's image is
+  # for v4 and older; v5e, v5p and v6e have their own.
+  case "$type" in
+    v2-* | v3-* | v4-*) version=tpu-ubuntu2204-base ;;
+    v5litepod-* | v5e-*) version=v2-alpha-tpuv5-lite ;;
+    v5p-*) version=v2-alpha-tpuv5 ;;
+    v6e-*) version=v2-alpha-tpuv6e ;;
+    *) echo "tpu_vm.sh: no default runtime image for --type $type; pass --version" >&2; exit 2 ;;
+  esac
 fi
 command -v gcloud >/dev/null || {
   echo "tpu_vm.sh: gcloud not found; install the Google Cloud CLI" >&2
@@ -81,9 +95,13 @@ if [ -n "$install" ]; then
   trap 'rm -f "$tarball"' EXIT
   git ls-files -z | tar --null -czf "$tarball" -T -
   "${tpu[@]}" scp "$tarball" "$name:jaxembed.tar.gz" "${where[@]}" --worker=all
+  # Python 3.11 from uv (the images' own is 3.10): a venv of an older Python is replaced.
+  uv="~/.local/bin/uv"
   on_all "mkdir -p $remote && tar -xzf ~/jaxembed.tar.gz -C $remote && cd $remote && \
-    { test -x .venv/bin/python || python3 -m venv .venv; } && \
-    .venv/bin/pip install -q -e . 'jax[tpu]'"
+    { test -x $uv || curl -LsSf https://astral.sh/uv/install.sh | sh; } && \
+    { .venv/bin/python -c 'import sys; assert sys.version_info >= (3, 11)' 2>/dev/null || \
+      { rm -rf .venv && $uv venv -q --seed --python 3.11 .venv; }; } && \
+    $uv pip install -q --python .venv/bin/python -e . 'jax[tpu]'"
 fi
 
 if [ -n "$mount" ]; then

@@ -4,6 +4,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
+"$PY" -c 'import sys; assert sys.version_info >= (3, 11)' 2>/dev/null || {
+  echo "setup.sh: $PY is $("$PY" --version 2>&1 | head -1); jax, flax, orbax and grain need Python >= 3.11 (set PYTHON=python3.11)" >&2
+  exit 2
+}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 
 pip_install() {

@@ -12,7 +12,10 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from helpers import ROOT, launch_local, subprocess_env, xla_flags
+
+from jaxembed import distributed
 
 
 def test_local_launcher_stops_everyone_when_one_fails():
@@ -90,6 +93,45 @@ def test_slurm_script_joins_the_tasks_by_auto_detection(tmp_path):
     assert proc.returncode == 2 and "not inside a SLURM job" in proc.stderr
 
 
+@pytest.mark.parametrize(
+    ("env", "want"),
+    [
+        # One task per node: JAX alone would drive GPU SLURM_LOCALID = 0 only.
+        (
+            {"SLURM_TASKS_PER_NODE": "1(x2)", "CUDA_VISIBLE_DEVICES": "0,1,2,3,4,5,6,7"},
+            list(range(8)),
+        ),
+        (
+            {"SLURM_STEP_TASKS_PER_NODE": "2,2", "SLURM_GPUS_ON_NODE": "8", "SLURM_LOCALID": "1"},
+            [4, 5, 6, 7],
+        ),
+        ({"SLURM_TASKS_PER_NODE": "8(x2)", "SLURM_GPUS_ON_NODE": "8", "SLURM_LOCALID": "3"}, None),
+        (
+            {"SLURM_TASKS_PER_NODE": "4,1", "SLURM_NODEID": "1", "SLURM_GPUS_ON_NODE": "4"},
+            [0, 1, 2, 3],
+        ),
+        (
+            {"SLURM_TASKS_PER_NODE": "1", "SLURM_GPUS_ON_NODE": "8", "JAX_LOCAL_DEVICE_IDS": "0"},
+            None,
+        ),
+        ({"SLURM_TASKS_PER_NODE": "1"}, None),  # no GPUs: CPU tasks
+    ],
+)
+def test_each_slurm_task_drives_its_share_of_the_nodes_gpus(env, want, monkeypatch):
+    for key in [k for k in os.environ if k.startswith(("SLURM_", "CUDA_", "JAX_LOCAL"))]:
+        monkeypatch.delenv(key)
+    monkeypatch.setenv("SLURM_JOB_ID", "1")
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    assert distributed.slurm_local_devices() == want
+    for key in env:
+        monkeypatch.delenv(key)
+    monkeypatch.setenv("SLURM_TASKS_PER_NODE", "3")
+    monkeypatch.setenv("SLURM_GPUS_ON_NODE", "8")
+    with pytest.raises(ValueError, match="3 tasks on this node cannot share its 8 GPUs evenly"):
+        distributed.slurm_local_devices()
+
+
 FAKE_GCLOUD = """#!/usr/bin/env bash
 # gcloud compute tpus tpu-vm ... on one machine: one worker whose home is $FAKE_HOME.
 echo "gcloud $*" >> "$FAKE_LOG"
@@ -115,8 +157,10 @@ def fake_tpu(tmp_path: Path) -> dict:
     (bin_dir / "gcloud").write_text(FAKE_GCLOUD)
     (venv / "activate").write_text(f"export PATH={venv}:$PATH\n")
     (venv / "python").symlink_to(sys.executable)
-    (venv / "pip").write_text('#!/bin/sh\necho "pip $*"\n')  # no network: installing is a no-op
-    for f in (bin_dir / "gcloud", venv / "pip"):
+    uv = home / ".local" / "bin" / "uv"
+    uv.parent.mkdir(parents=True)
+    uv.write_text('#!/bin/sh\necho "uv $*" >> "$FAKE_LOG"\n')  # no network: a no-op
+    for f in (bin_dir / "gcloud", uv):
         f.chmod(0o755)
     return subprocess_env(
         PATH=f"{bin_dir}:{os.environ['PATH']}",
@@ -140,7 +184,11 @@ def test_tpu_script_creates_installs_runs_and_reports_the_status(tmp_path):
     assert "ended with status 3" in proc.stdout
     calls = (tmp_path / "calls.log").read_text()
     assert "tpu-vm create t --zone z --accelerator-type v4-8" in calls
-    assert "--worker=all" in calls and "pip install -q -e . 'jax[tpu]'" in calls
+    assert "--version tpu-ubuntu2204-base" in calls  # v4's image
+    # The venv's Python (this one, >= 3.11) is kept; jaxembed installed into it by uv.
+    uv_calls = [line for line in calls.splitlines() if line.startswith("uv ")]
+    assert uv_calls == ["uv pip install -q --python .venv/bin/python -e . jax[tpu]"], calls
+    assert "--worker=all" in calls
     assert (tmp_path / "home" / "jaxembed" / "jaxembed" / "train.py").exists()  # copied
     # The VM exists now: reused, nothing installed with --no-install; --delete at the end.
     proc = subprocess.run(
@@ -153,6 +201,32 @@ def test_tpu_script_creates_installs_runs_and_reports_the_status(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "reusing TPU VM t" in proc.stdout and "] again" in proc.stdout
     assert not (tmp_path / "home" / ".created").exists()
+
+
+def test_tpu_script_picks_each_generations_image_and_python_3_11(tmp_path):
+    """v5e, v5p and v6e have their own runtime images (v4's is the default); the images'
+    Python 3.10 venv is replaced by a 3.11 one from uv; an unknown type needs --version."""
+    env = fake_tpu(tmp_path)
+    old = tmp_path / "home" / "jaxembed" / ".venv" / "bin" / "python"
+    old.unlink()
+    old.write_text("#!/bin/sh\nexit 1\n")  # a Python 3.10: the version check fails
+    old.chmod(0o755)
+    images = {
+        "v5litepod-16": "v2-alpha-tpuv5-lite",
+        "v5p-32": "v2-alpha-tpuv5",
+        "v6e-8": "v2-alpha-tpuv6e",
+    }
+    for accelerator, image in images.items():
+        (tmp_path / "home" / ".created").unlink(missing_ok=True)
+        args = ("--type", accelerator, "--", "true")
+        proc = subprocess.run(tpu_vm(*args), cwd=ROOT, env=env, capture_output=True, text=True)
+        calls = (tmp_path / "calls.log").read_text()
+        assert f"--accelerator-type {accelerator} --version {image}" in calls, proc.stderr
+    assert "uv venv -q --seed --python 3.11 .venv" in calls.splitlines()
+    args = ("--type", "v9-8", "--", "true")
+    proc = subprocess.run(tpu_vm(*args), cwd=ROOT, env=env, capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "no default runtime image for --type v9-8; pass --version" in proc.stderr
 
 
 # A shell cannot trap a signal that was ignored when it started: start the script as a

@@ -247,3 +247,35 @@ def test_agreement_checks_and_a_python_error_on_one_host(tmp_path):
     assert "RuntimeError: host 1 fails" in outs[1]
     assert "process 1 of 2 failed" in outs[1]
     assert elapsed < HEARTBEAT + 45, elapsed
+
+
+AGREE_WHILE_A_STEP_RUNS = textwrap.dedent(
+    """
+    import jax, jax.numpy as jnp, numpy as np
+    from jaxembed import distributed
+
+    distributed.initialize()
+    x = jnp.full((800, 800), 1e-3)
+    slow = jax.jit(lambda x: jax.lax.fori_loop(0, 60, lambda i, y: jnp.tanh(y @ x), x))
+    slow(x).block_until_ready()  # compiled
+    running = slow(x)  # dispatched: the devices are busy for a second or more
+    with jax.transfer_guard("disallow_explicit"):  # no array goes to or from a device
+        hosts = distributed.gather(np.int64(jax.process_index()))
+        distributed.barrier("agreed")
+    print("hosts", hosts.tolist(), "step still running:", not running.is_ready(), flush=True)
+    """
+)
+
+
+def test_hosts_agree_without_the_devices():
+    """Agreement between hosts (the next batch's shapes, stop requests, checks) goes through
+    the coordination service, with no device work or transfer: on a GPU a device collective
+    (process_allgather, what this used) queues behind the step the devices are running, so
+    a host could not pack and transfer the next batch meanwhile. It returns while the step
+    dispatched before it still runs (on CPU a collective would not wait either: the
+    transfer guard is what tells the two apart here)."""
+    procs = start_hosts(["-c", AGREE_WHILE_A_STEP_RUNS])
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    for out in outs:
+        assert "hosts [0, 1] step still running: True" in out, out
