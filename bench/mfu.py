@@ -12,11 +12,12 @@ master weights (and fp32 softmax, logits and loss), on all local devices, data p
 - Qwen3-0.6B train step at ``--long-length`` 1024 with remat (causal, grouped-query heads);
 - XLM-R-base encoding (forward + mean pooling) at ``--length``.
 
-Each case runs with ``model.attention=auto`` (cuDNN on GPU, splash on TPU, XLA on CPU) and
-``=xla``, side by side. Printed per case: seconds per step, tokens/s, model TFLOP/s (real:
-each text's own tokens and attention; for full rows real = computed), MFU against the
-matmul peak measured here in bf16 and against the vendor's dense bf16 peak (known devices,
-or ``--peak-tflops``), and the step's temporary memory from XLA's compiled-memory analysis.
+Each case runs with the platform's fused attention asked for by name (``cudnn`` on GPU,
+``splash`` on TPU; CPU has none) and with ``xla``, side by side. Printed per case: seconds
+per step, tokens/s, model TFLOP/s (real: each text's own tokens and attention; for full
+rows real = computed), MFU against the matmul peak measured here in bf16 and against the
+vendor's dense bf16 peak (the device kind's data sheet, named in the first line, or
+``--peak-tflops``), and the step's temporary memory from XLA's compiled-memory analysis.
 Forward FLOPs: 2 per layer weight per token, plus attention's 4·n·heads·head_dim per token
 per layer for a text of n tokens (half when causal); training = 3x forward.
 """
@@ -44,11 +45,28 @@ SMALL = {  # --small: the same code paths at CPU sizes
     "qwen3": dict(QWEN3_06B, vocab_size=8000, hidden_size=256, intermediate_size=768,
                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=64),
 }  # fmt: skip
-# Dense bf16 peak per device, TFLOP/s (vendor data sheets), by jax device_kind prefix.
+# Dense bf16 peak per device, TFLOP/s (vendor data sheets: NVIDIA's figures with sparsity
+# halved; Google Cloud's TPU pages), by jax's device_kind exactly: an H100 PCIe (756) or
+# NVL (835) is not an SXM (989), and a v5p reports "TPU v5" (older JAX "TPU v5p").
 VENDOR_PEAK = {
-    "NVIDIA H100": 989.0, "NVIDIA H200": 989.0, "NVIDIA A100": 312.0,
-    "TPU v5p": 459.0, "TPU v5 lite": 197.0, "TPU v6 lite": 918.0, "TPU v4": 275.0,
+    "NVIDIA H100 80GB HBM3": 989.0, "NVIDIA H100 PCIe": 756.0, "NVIDIA H100 NVL": 835.0,
+    "NVIDIA H200": 989.0, "NVIDIA H200 NVL": 835.0,
+    "NVIDIA A100-SXM4-40GB": 312.0, "NVIDIA A100-SXM4-80GB": 312.0,
+    "NVIDIA A100-PCIE-40GB": 312.0, "NVIDIA A100 80GB PCIe": 312.0,
+    "NVIDIA L4": 121.0, "NVIDIA L40S": 362.0, "NVIDIA B200": 2250.0,
+    "TPU v4": 275.0, "TPU v5 lite": 197.0, "TPU v5e": 197.0, "TPU v5": 459.0,
+    "TPU v5p": 459.0, "TPU v6 lite": 918.0, "TPU v6e": 918.0,
 }  # fmt: skip
+FUSED = {"gpu": "cudnn", "tpu": "splash"}  # each platform's fused attention, by name
+
+
+def vendor_peak(kind: str, given: float = 0.0) -> tuple[float, str]:
+    """(dense bf16 TFLOP/s per device, where the figure comes from) for a device_kind."""
+    if given:
+        return given, "--peak-tflops"
+    if kind in VENDOR_PEAK:
+        return VENDOR_PEAK[kind], f"data sheet of {kind!r}"
+    return 0.0, f"unknown device kind {kind!r}: pass --peak-tflops"
 
 
 def timed(fn, steps: int) -> float:
@@ -178,7 +196,6 @@ def main() -> None:
     import jax.numpy as jnp
     from flax import nnx
 
-    from jaxembed.models import attention as attention_lib
     from jaxembed.models.bert import BertConfig, BertModel
     from jaxembed.models.qwen3 import Qwen3Config, Qwen3Model
 
@@ -187,10 +204,10 @@ def main() -> None:
         args.encode_batch, args.steps = 8, 2
     n_dev = jax.device_count()
     kind = jax.devices()[0].device_kind
-    vendor = args.peak_tflops or next((v for k, v in VENDOR_PEAK.items() if kind.startswith(k)), 0)
+    vendor, source = vendor_peak(kind, args.peak_tflops)
     peak = matmul_peak(2048 if args.small else 8192, dtype=args.dtype)
     print(f"{n_dev} x {kind}, {args.dtype}; measured matmul peak {peak / 1e12:.1f} TFLOP/s "
-          f"per device; vendor peak {vendor or '?'} TFLOP/s")  # fmt: skip
+          f"per device; vendor peak {vendor or '?'} TFLOP/s ({source})")  # fmt: skip
     dtype = jnp.dtype(args.dtype)
     bert_cfg = BertConfig(**(SMALL["bert"] if args.small else XLMR_BASE))
     qwen_cfg = Qwen3Config(**(SMALL["qwen3"] if args.small else QWEN3_06B))
@@ -212,7 +229,7 @@ def main() -> None:
         (f"XLM-R-base encode, {L}", lambda i: encode_case(
             xlmr, args, L, args.encode_batch * n_dev, i)),
     ]  # fmt: skip
-    fused = attention_lib.resolve("auto", L, args.dtype)
+    fused = FUSED.get(jax.default_backend(), "xla")
     head = ("| case | attention | s/step | tokens/s | TFLOP/s real (computed) | "
             "MFU measured peak | MFU vendor peak | temp memory |")  # fmt: skip
     print(f"\n{head}\n|---|---|---:|---:|---:|---:|---:|---:|")

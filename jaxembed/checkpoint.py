@@ -32,6 +32,7 @@ import orbax.checkpoint as ocp
 from absl import logging as absl_logging
 
 from jaxembed import distributed
+from jaxembed.files import mount_type
 
 CKPT_DIR = "checkpoints"
 
@@ -61,6 +62,12 @@ def manager(
         options.best_fn = lambda metrics: metrics.get(best_metric, float("-inf"))
         options.best_mode = "max"
         options.keep_checkpoints_without_metrics = True
+    if "gcsfuse" in mount_type(workdir):
+        # A bucket mounted by gcsfuse renames a folder by copying every object (and refuses
+        # to, by default): a step is written in place and committed by a marker file.
+        options.atomicity_options = ocp.options.AtomicityOptions(
+            mode=ocp.options.AtomicityMode.COMMIT_FILE
+        )
     return ocp.CheckpointManager(
         Path(workdir).absolute() / CKPT_DIR,
         item_names=("state", "data", "meta"),

@@ -215,14 +215,14 @@ def rows(arrays: dict) -> str:
     return ", ".join(f"{t} {r}x{n}" for t, (r, n) in towers)
 
 
-def header(platform: str, count: int, mesh, global_batch: int, state, frozen) -> list[str]:
+def header(platform: str, count: int, mesh, config, state, frozen) -> list[str]:
     """The report's first lines: the mesh, rows per device, state bytes per device."""
-    dp = sharding.data_parallel_size(mesh)
     gib = per_device_bytes(state) / 2**30
+    chunk = config.train.gradcache_chunk if config.train.gradcache else 0
     base = f" (frozen base weights {per_device_bytes(frozen) / 2**30:.2f} GiB)" if frozen else ""
     return [
         f"dry run for {count} {platform.upper()} devices on this host's CPU: mesh "
-        f"{dict(mesh.shape)}, {global_batch // dp} rows of the global batch of {global_batch} "
-        "per data-parallel device",
+        f"{dict(mesh.shape)}",
+        f"  {sharding.rows_per_device(mesh, config.train.global_batch, chunk)}",
         f"  parameters and optimizer state: {gib:.2f} GiB per device{base}",
     ]

@@ -90,3 +90,38 @@ def hf_offline() -> None:
     """
     for var in HF_OFFLINE_VARS:
         os.environ.setdefault(var, "1")
+
+
+def mount_type(path: str | os.PathLike, mounts: str | None = None) -> str:
+    """The file system type of the mount holding ``path`` (``/proc/self/mounts``, or the
+    ``mounts`` text given): e.g. "fuse.gcsfuse" for a bucket mounted by gcsfuse; "" when
+    unknown (no /proc)."""
+    if mounts is None:
+        try:
+            mounts = Path("/proc/self/mounts").read_text()
+        except OSError:
+            return ""
+    where = os.path.realpath(path)
+    best, kind = "", ""
+    for line in mounts.splitlines():
+        fields = line.split()
+        if len(fields) < 3:
+            continue
+        point = fields[1].replace("\\040", " ")
+        inside = where == point or where.startswith(point.rstrip("/") + "/")
+        if inside and len(point) >= len(best):
+            best, kind = point, fields[2]
+    return kind
+
+
+def check_local_path(path: str | os.PathLike, what: str) -> None:
+    """A bucket URL is not a path here: `pathlib` would fold ``gs://b/run`` into a local
+    ``gs:/b/run`` folder and write there. One line naming what to do instead."""
+    text = os.fspath(path)
+    if "://" in text:
+        scheme = text.split("://")[0]
+        raise ValueError(
+            f"{what} {text}: {scheme}:// URLs are not read or written directly; mount the "
+            "bucket (gcsfuse: launch/tpu_vm.sh --mount BUCKET) and pass the mounted folder "
+            "(checkpoints there are committed without directory renames)"
+        )

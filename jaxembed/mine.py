@@ -791,8 +791,15 @@ def main(argv: Sequence[str] | None = None) -> dict:
     return cli.main(_parser(), _main, argv)
 
 
+def configure_logging() -> None:
+    """Our INFO lines on stderr, and others' warnings only: JAX logs at INFO that a CPU host
+    has no TPU ("Unable to initialize backend 'tpu' ... libtpu.so"), which nobody can act on."""
+    logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr, force=True)
+    logging.getLogger("jaxembed").setLevel(logging.INFO)
+
+
 def _main(args: argparse.Namespace) -> dict:
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr, force=True)
+    configure_logging()
     hf_offline()  # no model hub here: never try to reach it
     # Every flag but --no-progress and the shared ones (`jaxembed.cli`) is named after the
     # `mine` argument it sets, so a flag cannot be left unpassed.

@@ -27,7 +27,7 @@ from flax import nnx
 
 from jaxembed import checkpoint as ckpt_lib
 from jaxembed import hf, sharding
-from jaxembed.files import atomic_dir, atomic_write_text
+from jaxembed.files import atomic_dir, atomic_write_text, check_local_path
 from jaxembed.hf.io import ModelFolderError
 from jaxembed.hf.sentence_transformers import STConfig, load_head, read_st_config
 from jaxembed.models import lora
@@ -146,6 +146,7 @@ def is_checkpoint(path: str | os.PathLike) -> bool:
 def find_checkpoint(path: str | os.PathLike) -> Checkpoint:
     """The checkpoint ``path`` names: WORKDIR (its latest step), WORKDIR/STEP,
     WORKDIR/checkpoints or WORKDIR/checkpoints/STEP."""
+    check_local_path(path, "checkpoint")
     path = Path(path)
     workdir, step = _split(path)
     if not path.exists() and step is None:

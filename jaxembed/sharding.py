@@ -96,6 +96,17 @@ def check_global_batch(global_batch: int, mesh: Mesh, what: str = "global batch 
         )
 
 
+def rows_per_device(mesh: Mesh, global_batch: int, chunk: int = 0) -> str:
+    """A line for the start of a run: one data-parallel device's rows of the global batch
+    and, with GradCache, of a chunk (which bounds the device's activations)."""
+    n = data_parallel_size(mesh)
+    line = f"each data-parallel device ({n}) holds {global_batch // n} rows of the global batch"
+    line += f" of {global_batch}"
+    if chunk:
+        line += f", {chunk // n} rows of each GradCache chunk of {chunk}"
+    return line
+
+
 def _mesh_axes_for(name, rules) -> tuple[str, ...]:
     if name is None:
         return ()

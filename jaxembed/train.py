@@ -54,6 +54,7 @@ from jaxembed import config as config_lib
 from jaxembed import dry_run as dry_runs
 from jaxembed.config import validate
 from jaxembed.data import pipeline, readers
+from jaxembed.files import check_local_path
 from jaxembed.hf.sentence_transformers import load_head, read_st_config
 from jaxembed.models import attention as attention_lib
 from jaxembed.models import lora
@@ -309,6 +310,7 @@ def main(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
     """
     started = time.perf_counter()  # train.time_limit_minutes counts from here
     config = validate(config)
+    check_local_path(workdir, "--workdir")
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     distributed.check_shared_dir(workdir)
@@ -317,6 +319,8 @@ def main(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
     devices, hosts = jax.device_count(), jax.process_count()
     log.print(f"mesh {dict(mesh.shape)} over {devices} devices, {hosts} processes")
+    chunk = config.train.gradcache_chunk if config.train.gradcache else 0
+    log.print(sharding.rows_per_device(mesh, config.train.global_batch, chunk))
 
     # --- the run's model files and data -------------------------------------------------------
     model_dir = workdir / "model"
@@ -745,7 +749,7 @@ def dry_run(config, target: str) -> list[str]:
         return step.jitted("retrieval"), state, dry_runs.frozen(model, mesh)
 
     step, state, frozen = step_on(mesh, config)
-    lines = dry_runs.header(platform, count, mesh, config.train.global_batch, state, frozen)
+    lines = dry_runs.header(platform, count, mesh, config, state, frozen)
     data = pipeline.PipelineConfig.from_config(config)
     query, passage = data.buckets("query"), data.buckets("passage")
     for lq, lp in dict.fromkeys([(max(query), max(passage)), (min(query), min(passage))]):

@@ -4,7 +4,8 @@
 # Needs: the Google Cloud CLI (gcloud), logged in, with a project, the TPU API enabled and
 # quota for the accelerator type. A slice with several workers (v4-16, v5litepod-16 and up)
 # needs the workdir on storage every worker shares: --mount BUCKET mounts gs://BUCKET at
-# ~/bucket on each worker (gcsfuse); put --workdir under it.
+# ~/bucket on each worker (gcsfuse; small folders such as the run's model files may be
+# renamed, checkpoints are committed in place by a marker file); put --workdir under it.
 #
 # Example (a v4-32 slice: 4 workers x 4 chips):
 #   launch/tpu_vm.sh --name embed --zone us-central2-b --type v4-32 --mount my-bucket -- \
@@ -29,7 +30,7 @@
 # BUCKET; --no-install; --attach (only stream the running command's logs); --delete.
 set -euo pipefail
 
-usage() { sed -n '2,29p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,30p' "$0" | sed 's/^# \{0,1\}//'; }
 name="" zone="" type="v4-8" version="" project="" spot="" mount=""
 install=1 attach="" delete=""
 while [ $# -gt 0 ]; do
@@ -112,7 +113,7 @@ if [ -n "$mount" ]; then
       echo \"deb [signed-by=/usr/share/keyrings/cloud.google.asc] https://packages.cloud.google.com/apt gcsfuse-\$(lsb_release -cs) main\" | \
         sudo tee /etc/apt/sources.list.d/gcsfuse.list >/dev/null && \
       sudo apt-get update -qq && sudo apt-get install -y -qq gcsfuse; } && \
-    gcsfuse --implicit-dirs $mount ~/bucket; }; }"
+    gcsfuse --implicit-dirs --rename-dir-limit=1000 $mount ~/bucket; }; }"
 fi
 
 if [ -z "$attach" ]; then

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import logging
+import subprocess
+import sys
 from pathlib import Path
 
 import jax
@@ -441,3 +443,15 @@ def test_top_k_above_the_pool_is_capped_and_said(word_data, tmp_path, caplog):
     # The same rows as an uncapped search over the whole pool gives.
     run_words(word_data, tmp_path / "all.jsonl", top_k=22)
     assert read_jsonl(tmp_path / "capped.jsonl") == read_jsonl(tmp_path / "all.jsonl")
+
+
+def test_logs_its_own_lines_not_jaxs():
+    """mine logs its progress at INFO, not JAX's INFO lines: on a CPU host without
+    JAX_PLATFORMS, JAX logs "Unable to initialize backend 'tpu' ... libtpu.so" at INFO."""
+    probe = (
+        "import logging; from jaxembed import mine; mine.configure_logging(); "
+        "print(logging.getLogger('jaxembed.mine').isEnabledFor(logging.INFO), "
+        "logging.getLogger('jax._src.xla_bridge').isEnabledFor(logging.INFO))"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert done.stdout.split() == ["True", "False"], done.stdout + done.stderr
