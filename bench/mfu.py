@@ -4,7 +4,7 @@
     .venv/bin/python bench/mfu.py --small              # a CPU-sized smoke run (this machine)
 
 On a device image without grain / ml_collections, carry their wheels (README,
-"Measuring on a GPU"). Randomly initialised models of real shapes, bf16 compute with fp32
+"Running on GPUs and TPUs"). Randomly initialised models of real shapes, bf16 compute with fp32
 master weights (and fp32 softmax, logits and loss), on all local devices, data parallel:
 
 - XLM-R-base (278M) train step at ``--length`` 512: full-length rows, and packed rows

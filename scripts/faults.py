@@ -99,6 +99,13 @@ def cases(tmp: Path, model: Path):
         train(tmp, "r-nan", data, "--config.optim.lr=1e30", "--config.optim.warmup_steps=0"),
     )
     yield "truncated safetensors", train(tmp, "r-trunc", data, f"--config.model.path={truncated}")
+    bucket = train(tmp, "r-gs", data)
+    bucket[bucket.index("--workdir") + 1] = "gs://my-bucket/runs/x"
+    yield "a bucket URL as the workdir", bucket
+    yield (
+        "cuDNN asked for where it cannot run (dry run)",
+        train(tmp, "r-dry", data, "--dry-run", "gpu:1", "--config.model.attention=cudnn"),
+    )
     yield "rows with negatives the config drops (trains)", train(tmp, "run", data), "carries"
     yield (
         "resume with another global batch",
