@@ -61,7 +61,7 @@ def read_jsonl(path):
 
 def train_records(out):
     files = sorted((out / "train").glob("*.jsonl"))
-    assert [f.stem for f in files] == sorted(debian.TRAIN_TASKS)
+    assert sorted(f.stem for f in files) == sorted(debian.TRAIN_TASKS)
     return [(f, i, r) for f in files for i, r in enumerate(read_jsonl(f), 1)]
 
 
@@ -182,6 +182,26 @@ def test_retrieval_pairs(built, origin, packages):
     assert len({(r["query"], r["positive"]) for r in xling + mono}) == len(xling + mono)
 
 
+def test_the_same_draws_with_the_body_alone_or_a_mix(built, origin, packages):
+    """debian-xling-body: xling's rows whose English description has a body, the body as the
+    positive (no synopsis: the query's translation); debian-xling-mix: one or the other."""
+    out, _ = built
+    xling = read_jsonl(out / "train" / "debian-xling.jsonl")
+    body = read_jsonl(out / "train" / "debian-xling-body.jsonl")
+    mix = read_jsonl(out / "train" / "debian-xling-mix.jsonl")
+    pairs = {name: {(r["query"], r["positive"]) for r in rows} for name, rows in
+             (("full", xling), ("body", body), ("mix", mix))}  # fmt: skip
+    assert 0 < len(body) <= len(xling) and len(mix) == len(xling)
+    for r in body:
+        english = [packages[n].descs["en"] for n, _ in sources(r["query"], origin)]
+        assert any(
+            d.long == r["positive"] and (r["query"], d.full) in pairs["full"] for d in english
+        )
+        assert not any(r["positive"].startswith(d.short) for d in english)
+    assert pairs["mix"] <= pairs["full"] | pairs["body"]
+    assert pairs["mix"] & pairs["full"] and pairs["mix"] & pairs["body"]  # both formats
+
+
 def test_classification_rows(built, origin, packages):
     out, _ = built
     rows = read_jsonl(out / "train" / "debian-section.jsonl")
@@ -212,9 +232,10 @@ def test_clustering_rows(built, origin, packages):
             )
 
 
-def test_beir_sets(built, origin):
+def test_beir_sets(built, origin, packages):
     out, stats = built
     expected = {f"xling-{lang}" for lang in LANGS} | {f"mono-{lang}" for lang in ["en", *LANGS]}
+    expected |= {f"xling-body-{lang}" for lang in LANGS}
     for split in ("dev", "test"):
         assert {d.name for d in (out / split).iterdir()} == expected == set(stats[split])
         for folder in (out / split).iterdir():
@@ -235,10 +256,13 @@ def test_beir_sets(built, origin):
             # Only this split's packages, in the set's languages.
             for pid in doc_ids + query_ids:
                 assert debian.split_of(pid[2:]) == split
-            kind, lang = folder.name.split("-", 1)
-            doc_lang = "en" if kind == "xling" else lang
+            kind, lang = folder.name.rsplit("-", 1)
+            doc_lang = lang if kind == "mono" else "en"
             for d in corpus:
                 assert doc_lang in {lng for _, lng in sources(d["text"], origin)}
+                if kind == "xling-body":  # the body alone: no synopsis, so no translation
+                    names = [n for n, lng in sources(d["text"], origin) if lng == "en"]
+                    assert all(packages[n].descs["en"].long == d["text"] for n in names)
             for q in queries:
                 assert lang in {lng for _, lng in sources(q["text"], origin)}
             s = stats[split][folder.name]

@@ -11,10 +11,12 @@ turns into the project's training records and BEIR-style evaluation sets::
 writes
 
     DIR/train/debian-xling.jsonl     short summary in X        -> English full description
+    DIR/train/debian-xling-body.jsonl  the same draws             -> its body alone (no synopsis)
+    DIR/train/debian-xling-mix.jsonl   the same draws             -> one or the other, per row
     DIR/train/debian-mono.jsonl      short summary in X        -> long description in X
     DIR/train/debian-section.jsonl   description               -> its Section label (1 negative)
     DIR/train/debian-cluster.jsonl   description               -> same-Section description
-    DIR/{dev,test}/{xling,mono}-<lang>/{corpus,queries}.jsonl, qrels/{dev,test}.tsv
+    DIR/{dev,test}/{xling,xling-body,mono}-<lang>/{corpus,queries}.jsonl, qrels/{dev,test}.tsv
     DIR/stats.json
     DIR/lists/                       apt's index files (only when no --lists was given)
 
@@ -61,6 +63,17 @@ DEFAULT_MAX_CORPUS = 5000
 TRAIN_TASKS = {
     # dataset name -> (record task, query-side instruction)
     "debian-xling": (
+        "retrieval",
+        "Given a short package summary, retrieve the full package description",
+    ),
+    # The same draws as debian-xling, positives without the English synopsis (a translation
+    # of the query, which rewards translation matching): the body alone, rows without one
+    # left out; and per row a coin between the two.
+    "debian-xling-body": (
+        "retrieval",
+        "Given a short package summary, retrieve the full package description",
+    ),
+    "debian-xling-mix": (
         "retrieval",
         "Given a short package summary, retrieve the full package description",
     ),
@@ -659,6 +672,19 @@ def build_train(
         rng("debian-xling"),
     )
 
+    def body(lang: str, p: Package):
+        en = p.descs["en"]
+        return (p.descs[lang].short, en.long, []) if _usable(en, need_long=True) else None
+
+    def mix(lang: str, p: Package):
+        coin = random.Random(f"{seed}:debian-xling-mix:{p.name}:{lang}").random() < 0.5
+        made = body(lang, p)
+        return made if coin and made else (p.descs[lang].short, p.descs["en"].full, [])
+
+    # The same draws (the same seed): what differs is the positive's format.
+    for name, make in (("debian-xling-body", body), ("debian-xling-mix", mix)):
+        out[name] = _take(name, by_lang, make, max_per_task, rng("debian-xling"))
+
     # Monolingual: the positive is the body alone, or the query would be in it verbatim.
     by_lang = {
         lang: [p for p in train if lang in p.descs and _usable(p.descs[lang], need_long=True)]
@@ -753,7 +779,11 @@ def build_eval(
     max_corpus: int,
     seed: int,
 ) -> list[EvalSet]:
-    """Makes ``xling-<lang>`` and ``mono-<lang>`` retrieval sets from one split's packages.
+    """Makes ``xling-<lang>``, ``xling-body-<lang>`` and ``mono-<lang>`` retrieval sets from one
+    split's packages: a summary in ``lang`` -> the English description (``xling``: the
+    synopsis, a translation of the query, then the body), its body alone (``xling-body``:
+    retrieval by what the document says; packages without a body left out), or the body in
+    ``lang`` (``mono``).
 
     Reserved languages are included: these sets are where zero-shot languages get measured.
     Identical corpus texts are stored once, and identical query texts become one query that
@@ -763,11 +793,13 @@ def build_eval(
     """
     pkgs = [p for p in packages if p.split == split]
     langs = _check_langs(langs)
-    kinds = [("xling", lang) for lang in langs if lang != "en"] + [("mono", lang) for lang in langs]
+    others = [lang for lang in langs if lang != "en"]
+    kinds = [("xling", lang) for lang in others] + [("xling-body", lang) for lang in others]
+    kinds += [("mono", lang) for lang in langs]
     sets = []
     for kind, lang in kinds:
-        target = "en" if kind == "xling" else lang
-        need_long = kind == "mono"
+        target = lang if kind == "mono" else "en"
+        need_long = kind != "xling"
 
         def doc_text(p: Package, target: str = target, kind: str = kind) -> str:
             return p.descs[target].full if kind == "xling" else p.descs[target].long
@@ -908,18 +940,18 @@ def build(
 def format_stats(stats: dict) -> str:
     """The count tables: training rows per task and language, then each evaluation set."""
     langs = stats["langs"]["train"]
-    head = f"{'train':<16}{'rows':>7}" + "".join(f"{lang:>7}" for lang in langs)
+    head = f"{'train':<20}{'rows':>7}" + "".join(f"{lang:>7}" for lang in langs)
     lines = [head, "-" * len(head)]
     for dataset, s in stats["train"].items():
         cells = "".join(f"{s['by_lang'].get(lang, 0):>7}" for lang in langs)
-        lines.append(f"{dataset:<16}{s['rows']:>7}{cells}")
+        lines.append(f"{dataset:<20}{s['rows']:>7}{cells}")
     lines.append("")
-    head = f"{'eval set':<14}{'dev q':>8}{'dev docs':>10}{'test q':>8}{'test docs':>11}"
+    head = f"{'eval set':<18}{'dev q':>8}{'dev docs':>10}{'test q':>8}{'test docs':>11}"
     lines += [head, "-" * len(head)]
     for name in sorted(set(stats["dev"]) | set(stats["test"])):
         dev, test = stats["dev"].get(name, {}), stats["test"].get(name, {})
         lines.append(
-            f"{name:<14}{dev.get('queries', 0):>8}{dev.get('corpus', 0):>10}"
+            f"{name:<18}{dev.get('queries', 0):>8}{dev.get('corpus', 0):>10}"
             f"{test.get('queries', 0):>8}{test.get('corpus', 0):>11}"
         )
     p = stats["packages"]
@@ -942,8 +974,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
             f"{', '.join(sorted(RESERVED_LANGS))} appear in dev/test sets only."
         ),
         epilog=(
-            "writes OUT/train/debian-{xling,mono,section,cluster}.jsonl, "
-            "OUT/{dev,test}/{xling,mono}-<lang>/{corpus,queries}.jsonl + qrels/<split>.tsv, "
+            "writes OUT/train/debian-{xling,xling-body,xling-mix,mono,section,cluster}.jsonl, "
+            "OUT/{dev,test}/{xling,xling-body,mono}-<lang>/{corpus,queries}.jsonl + "
+            "qrels/<split>.tsv, "
             "OUT/stats.json. Example: python -m jaxembed.data.debian --out data/debian "
             "--langs de,fr,es,ja,pl --max-per-task 2000"
         ),
