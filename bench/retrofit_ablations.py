@@ -24,6 +24,12 @@ bench/retrofit.py: mean nDCG@10 over the dev zero-shot languages
 - ``scripts``: queries rewritten in Cyrillic, katakana and Hangul (cell ``C-K-H``: the
   three fractions, ``data.{cyrillic,katakana,hangul}_queries``): do Japanese and Korean
   gain as Russian and Ukrainian did?
+- ``format``: the positives of the same cross-lingual draws: the English synopsis + body
+  (``full``: the synopsis translates the query), the body alone (``body``), or a coin per
+  row (``mix``); no hard negatives.
+
+Every cell is scored on both proxies (`bench/retrofit.evaluate`): ``dev/xling-*`` (the
+translation proxy) and ``dev/xling-body-*`` (documents without the synopsis: retrieval).
 
 Results accumulate in OUT/results.json (cell and seed); the table gives the mean over seeds
 and, with two or more, the spread (max - min).
@@ -52,6 +58,7 @@ STUDIES = {
     "diversity": ("xling-de", "xling-all", "tasks-de", "tasks-all"),
     "cyrillic": ("0", "0.25", "0.5", "0.75", "1"),
     "scripts": ("0.5-0-0", "0.3-0.1-0.1", "0.2-0.15-0.15", "0.4-0.2-0.2"),
+    "format": ("full", "body", "mix"),
 }
 # The studies of scripts: the fractions a cell's "-"-separated numbers set, in order.
 SCRIPT_STUDIES = {"cyrillic": ("cyrillic",), "scripts": ("cyrillic", "katakana", "hangul")}
@@ -90,6 +97,12 @@ def cell_data(study: str, cell: str, out: Path, examples: int) -> tuple[list[Pat
         return [take_rows(src, examples, data / f"xling-{examples}.jsonl")], [
             "--config.data.num_negatives.retrieval=0",
             *(f"--config.data.{s}_queries={p}" for s, p in fractions.items()),
+        ]
+    if study == "format":  # the positives: synopsis + body, the body alone, or a coin per row
+        name = {"full": "debian-xling", "body": "debian-xling-body", "mix": "debian-xling-mix"}
+        src = DEBIAN / "train" / f"{name[cell]}.jsonl"
+        return [take_rows(src, examples, data / f"{name[cell]}-{examples}.jsonl")], [
+            "--config.data.num_negatives.retrieval=0"
         ]
     if study == "negatives":
         mined = mined_pairs(out, examples)
@@ -156,8 +169,9 @@ def run_cell(study, cell, seed, args) -> dict:
 
 def table(results: dict, study: str, shape: str) -> str:
     lines = [
-        f"| {study} | seeds | zero-shot nDCG@10 | spread | trained nDCG@10 | train time |",
-        "|---|---:|---:|---:|---:|---:|",
+        f"| {study} | seeds | zero-shot nDCG@10 | spread | trained nDCG@10 | zero-shot body "
+        "| trained body | train time |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for cell in STUDIES[study]:
         runs = [
@@ -170,9 +184,14 @@ def table(results: dict, study: str, shape: str) -> str:
         z = [r["eval"]["zero_shot"] for r in runs]
         t = [r["eval"]["trained"] for r in runs]
         spread = f"{max(z) - min(z):.4f}" if len(z) > 1 else "-"
+        body = [(r["eval"].get("zero_shot_body"), r["eval"].get("trained_body")) for r in runs]
+        zb, tb = (
+            (f"{sum(b[i] for b in body) / len(body):.4f}" if all(b[i] is not None for b in body)
+             else "-") for i in (0, 1)
+        )  # fmt: skip
         lines.append(
             f"| {cell} | {len(runs)} | {sum(z) / len(z):.4f} | {spread} | {sum(t) / len(t):.4f} "
-            f"| {sum(r['seconds'] for r in runs) / len(runs) / 60:.1f} min |"
+            f"| {zb} | {tb} | {sum(r['seconds'] for r in runs) / len(runs) / 60:.1f} min |"
         )
     return "\n".join(lines)
 
@@ -205,7 +224,11 @@ def main() -> None:
             results = {**on_disk, **results}
             atomic_write_text(results_file, json.dumps(results, indent=1) + "\n")
             e = results[key]["eval"]
-            print(f"{key}: zero-shot {e['zero_shot']:.4f} trained {e['trained']:.4f}", flush=True)
+            print(
+                f"{key}: zero-shot {e['zero_shot']:.4f} trained {e['trained']:.4f} "
+                f"body: zero-shot {e['zero_shot_body']:.4f} trained {e['trained_body']:.4f}",
+                flush=True,
+            )
     print(table(results, args.study, f"{args.steps}x{args.batch}"))
 
 
