@@ -70,7 +70,8 @@ def one_case(make, pooling, packed, impl, dropout, mesh, platform):
     import jax
 
     from jaxembed import config as config_lib
-    from jaxembed import sharding, train, train_state
+    from jaxembed import sharding
+    from jaxembed import step as step_lib
     from jaxembed.models import attention as attention_lib
 
     c = config_lib.default_config()
@@ -83,9 +84,9 @@ def one_case(make, pooling, packed, impl, dropout, mesh, platform):
     c = config_lib.validate(c)
     model = make()
     model.attention = impl
-    tx, _ = train_state.make_optimizer(c.optim, c.train.steps)
-    graphdef, state, _ = train_state.create_state(model, c, mesh, tx)
-    fn = jax.jit(train.make_loss_and_grads(graphdef, c, "retrieval", pooling, mesh))
+    step = step_lib.make_step(c, mesh, model, pooling=pooling)
+    state = step.init(model)
+    fn = step.jitted("retrieval", update=False)
     rng = np.random.default_rng(0)
     b = c.train.global_batch
     lengths = rng.integers(LENGTH // 4, LENGTH + 1, 3 * b) if packed else [LENGTH] * 3 * b
@@ -93,18 +94,17 @@ def one_case(make, pooling, packed, impl, dropout, mesh, platform):
     host = dict(query=texts[:b], pos=texts[b : 2 * b], neg=texts[2 * b :],
                 neg_valid=np.ones((b, 1), bool), pos_hash=np.arange(b, dtype=np.int32),
                 neg_hash=np.arange(b, dtype=np.int32)[:, None] + b, pad_id=np.int32(0))  # fmt: skip
-    batch = sharding.shard_batch(train.make_packing(c, mesh).pack_local(host), mesh)
-    seed = jax.random.key(1) if dropout else None
+    batch = sharding.shard_batch(step_lib.row_packing(c, mesh).pack_local(host), mesh)
     t0 = time.perf_counter()
     try:
         with attention_lib.recording() as calls:
-            compiled = fn.lower(state.params, batch, seed).compile()
+            compiled = fn.lower(state, batch, None).compile()
     except ValueError as e:  # a kernel asked for by name that cannot take the case
         return str(e).split(" (")[1].split(")")[0] if "(" in str(e) else str(e)
     compile_s = time.perf_counter() - t0
     kernel = compiled.as_text().count(KERNEL.get(platform, "\0"))
     t0 = time.perf_counter()
-    loss, grads, _ = compiled(state.params, batch, seed)
+    loss, grads, _ = compiled(state, batch, None)
     loss = float(loss)
     run_s = time.perf_counter() - t0
     flat = np.concatenate([np.ravel(np.asarray(g, np.float32)) for g in jax.tree.leaves(grads)])

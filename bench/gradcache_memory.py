@@ -26,7 +26,8 @@ def run_one(batch: int, gradcache: bool, chunk: int, steps: int) -> dict:
     from flax import nnx
 
     from jaxembed import config as config_lib
-    from jaxembed import sharding, train, train_state
+    from jaxembed import sharding
+    from jaxembed import step as step_lib
     from jaxembed.data import pipeline
     from jaxembed.models.bert import BertConfig, BertModel
 
@@ -44,9 +45,9 @@ def run_one(batch: int, gradcache: bool, chunk: int, steps: int) -> dict:
     c.train.steps = steps
     config_lib.validate(c)
     mesh = sharding.make_mesh(devices=jax.devices()[:1])
-    tx, schedule = train_state.make_optimizer(c.optim, c.train.steps)
-    graphdef, state, sh = train_state.create_state(BertModel(cfg, rngs=nnx.Rngs(0)), c, mesh, tx)
-    step = train.TrainStep(graphdef, c, mesh, tx, schedule, sh, "mean")
+    model = BertModel(cfg, rngs=nnx.Rngs(0))
+    step = step_lib.make_step(c, mesh, model)
+    state = step.init(model)
     rng = np.random.default_rng(0)
     lq, lp, k = 16, 64, 1
 

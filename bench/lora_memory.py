@@ -27,8 +27,9 @@ from flax import nnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from jaxembed import checkpoint, hf, run, sharding, train, train_state
+from jaxembed import checkpoint, hf, run, sharding, train_state
 from jaxembed import config as config_lib
+from jaxembed import step as step_lib
 from jaxembed.data import pipeline
 from jaxembed.models.lora import LoRASpec
 from jaxembed.models.qwen3 import Qwen3Config, Qwen3Model
@@ -77,11 +78,9 @@ def minilm_row(name, spec, steps: int) -> dict:
 
     c = config(steps)
     mesh = sharding.make_mesh(devices=jax.devices()[:1])
-    tx, schedule = train_state.make_optimizer(c.optim, c.train.steps)
     model = run.with_adapters(hf.load_model(minilm_path()), spec)
-    graphdef, state, sh = train_state.create_state(model, c, mesh, tx)
-    frozen = train_state.frozen_params(model, mesh)
-    step = train.TrainStep(graphdef, c, mesh, tx, schedule, sh, "mean")
+    step = step_lib.make_step(c, mesh, model)
+    state, frozen = step.init(model), step.frozen(model)
     batch = pipeline.Packing((32,), (128,), 1, 1).pack_local(host_batch(30522))
     batch = sharding.shard_batch(batch, mesh)
     times = []

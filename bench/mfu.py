@@ -107,7 +107,8 @@ def train_case(make, family: str, args, length: int, batch: int, packed: bool, i
     import jax
 
     from jaxembed import config as config_lib
-    from jaxembed import sharding, train, train_state
+    from jaxembed import sharding
+    from jaxembed import step as step_lib
 
     c = config_lib.default_config()
     c.model.dtype, c.model.remat, c.model.attention = args.dtype, family == "qwen3", impl
@@ -121,10 +122,9 @@ def train_case(make, family: str, args, length: int, batch: int, packed: bool, i
     mesh = sharding.make_mesh()
     model = make()
     model.attention = impl
-    tx, schedule = train_state.make_optimizer(c.optim, c.train.steps)
-    graphdef, state, sh = train_state.create_state(model, c, mesh, tx)
     pooling = "lasttoken" if family == "qwen3" else "mean"
-    step = train.TrainStep(graphdef, c, mesh, tx, schedule, sh, pooling)
+    step = step_lib.make_step(c, mesh, model, pooling=pooling)
+    state = step.init(model)
     rng = np.random.default_rng(0)
     vocab = model.config.vocab_size
     lengths = {t: text_lengths(rng, batch, length, packed) for t in ("query", "pos")}
@@ -132,7 +132,7 @@ def train_case(make, family: str, args, length: int, batch: int, packed: bool, i
     no_negatives = np.zeros((batch, 0), np.int32)
     host.update(neg=[], neg_valid=no_negatives.astype(bool), neg_hash=no_negatives, pad_id=0)
     host["pos_hash"] = np.arange(batch, dtype=np.int32)
-    rows = train.make_packing(c, mesh).pack_local(host)
+    rows = step_lib.row_packing(c, mesh).pack_local(host)
     batch_arrays = sharding.shard_batch(rows, mesh)
     memory = step.jitted("retrieval").lower(state, batch_arrays, None).compile().memory_analysis()
     holder = {"state": state}

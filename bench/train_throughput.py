@@ -82,8 +82,9 @@ class JaxSide:
         import jax.numpy as jnp
 
         from jaxembed import config as config_lib
-        from jaxembed import hf, sharding, train, train_state
+        from jaxembed import hf, sharding
         from jaxembed import run as run_lib
+        from jaxembed import step as step_lib
         from jaxembed.data import pipeline, readers
 
         c = config_lib.default_config()
@@ -101,16 +102,15 @@ class JaxSide:
         model_dir = run_lib.prepare_model_dir(model_path, workdir / f"model-{int(packing)}")
         model = hf.load_model(model_path, dtype=jnp.float32)
         self.cfg = model.config
-        tx, schedule = train_state.make_optimizer(c.optim, c.train.steps)
-        graphdef, self.state, sh = train_state.create_state(model, c, self.mesh, tx)
-        self.step = train.TrainStep(graphdef, c, self.mesh, tx, schedule, sh, "mean")
-        self.packing = train.make_packing(c, self.mesh)
+        self.step = step_lib.make_step(c, self.mesh, model)
+        self.state = self.step.init(model)
+        self.packing = step_lib.row_packing(c, self.mesh)
         sources = readers.open_sources(list(c.data.train))
         builder = pipeline.BatchBuilder(
             sources, str(model_dir), pipeline.PipelineConfig.from_config(c), c.train.steps
         )
         self.data = pipeline.make_iterator(pipeline.make_dataset(builder), 0, 4)
-        self.pipeline, self.train, self.sharding = pipeline, train, sharding
+        self.pipeline, self.sharding = pipeline, sharding
         # Compile every step shape the timed rounds will meet (the batches are a pure
         # function of their index: a second iterator sees the same ones), before timing.
         peek = pipeline.make_iterator(pipeline.make_dataset(builder), 0, 4)
@@ -128,7 +128,7 @@ class JaxSide:
     def prepare(self, raw: dict) -> tuple[dict, np.ndarray, int]:
         """The step's global batch, the real text lengths, and the positions it computes."""
         lengths = np.asarray([len(t) for t in raw["query"] + raw["pos"]])
-        batch = self.train.agree_on_batch(raw, self.train.NO_STOP, self.packing, self.mesh)[0]
+        batch = self.pipeline.agree(raw, self.pipeline.NO_STOP, self.packing)[0]
         ids = [v for k, v in batch.items() if k in ("query_ids", "pos_ids")]
         computed = [(x.shape[0], x.shape[1]) for x in ids]
         global_batch = self.sharding.from_process_local(batch, self.mesh)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import logging
 import os
 import shutil
@@ -303,3 +304,40 @@ def _move_aside(mngr: ocp.CheckpointManager, steps: list[int]) -> None:
             (directory / str(step)).rename(target)
     distributed.barrier("checkpoint_move_aside")
     mngr.reload()
+
+
+def changed_settings(saved_meta: dict, config: dict, keys) -> list[str]:
+    """``config.KEY=old -> new`` for each of ``keys`` ("group.name") that differs between the
+    config a checkpoint was written with (its meta) and ``config`` (a JSON-like dict); keys a
+    checkpoint predates are skipped."""
+    saved = saved_meta.get("config", {})
+    saved = json.loads(saved) if isinstance(saved, str) else saved
+    changed = []
+    for key in keys:
+        group, name = key.split(".")
+        if group not in saved or name not in saved[group]:
+            continue  # a checkpoint written before the key existed
+        was, now = saved[group][name], config[group][name]
+        if json.dumps(was, sort_keys=True) != json.dumps(now, sort_keys=True):
+            changed.append(f"config.{key}={was!r} -> {now!r}")
+    return changed
+
+
+def check_resumable(saved_meta: dict, config: dict, keys, allow: bool, workdir) -> str | None:
+    """Refuses to resume with a config that changes ``keys`` (the model or the data of the
+    run), naming every changed key, unless ``allow``: then the warning to print, else None."""
+    changed = changed_settings(saved_meta, config, keys)
+    if changed and allow:
+        return f"warning: resuming {workdir} with changed {'; '.join(changed)}"
+    if changed:
+        raise ValueError(
+            f"{workdir} holds a run with other settings ({'; '.join(changed)}): resuming "
+            "would silently change the run; use a new --workdir, the old values, or "
+            "--config.train.allow_config_change=true"
+        )
+    return None
+
+
+def tree_bytes(tree) -> int:
+    """Bytes of a tree of arrays or ShapeDtypeStructs (a state: what a checkpoint writes)."""
+    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))

@@ -192,6 +192,29 @@ def default_config() -> ml_collections.ConfigDict:
     return c
 
 
+# What a resumed run must share with the run that wrote the checkpoint: the model, and what
+# decides which rows, texts and negatives each step sees. Anything else (steps, learning
+# rate, mesh, packing, GradCache, evaluation) may change between invocations.
+RESUME_KEYS = (
+    "model.path",
+    "model.pooling",
+    "model.lora",
+    "data.train",
+    "data.num_negatives",
+    "data.negatives",
+    "data.group_size",
+    "data.mixing",
+    "data.max_query_length",
+    "data.max_passage_length",
+    "data.query_prefix",
+    "data.passage_prefix",
+    "data.instruction_template",
+    "train.global_batch",
+    "train.seed",
+    "train.remine_every",
+)
+
+
 def _choice(c, key: str, allowed) -> None:
     value = c
     for part in key.split("."):

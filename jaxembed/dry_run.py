@@ -1,5 +1,5 @@
 """``python -m jaxembed.train ... --dry-run tpu:8``: a run's step lowered for a device this host
-does not have, before anyone pays for the device (`train.dry_run` builds what is lowered).
+does not have, before anyone pays for the device.
 
 The model is built from its folder's ``config.json`` only (abstract parameters: no weights,
 tokenizer or training data are read), the train step and the encoder are traced for the
@@ -32,6 +32,8 @@ import numpy as np
 from flax import nnx
 
 from jaxembed import hf, run, sharding
+from jaxembed import step as step_lib
+from jaxembed.data import pipeline
 from jaxembed.hf.sentence_transformers import read_st_config
 from jaxembed.models import attention as attention_lib
 from jaxembed.models import lora
@@ -196,6 +198,44 @@ def frozen(model: nnx.Module, mesh) -> dict | None:
     base = lora.split(model)[1]
     shardings = nnx.to_pure_dict(sharding.state_shardings(base, mesh))
     return abstract(nnx.to_pure_dict(base), shardings)
+
+
+def dry_run(config, target: str) -> list[str]:
+    """The report of ``--dry-run PLATFORM:N`` for a validated ``config``: the run's train step,
+    at its longest and shortest buckets, and its encoder, lowered for N devices of PLATFORM on
+    this host's CPU devices, from the model's config.json alone."""
+    platform, count = parse_target(target)
+    devices = use_host_devices(count)
+    model, head = abstract_model(config)
+    mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices)
+    pooling = config.model.pooling or read_st_config(Path(config.model.path)).pooling or "mean"
+    dp, impl = sharding.data_parallel_size(mesh), config.model.attention
+    step = step_lib.make_step(config, mesh, model, head, pooling)
+    lines = header(platform, count, mesh, config, step.abstract, frozen(model, mesh))
+    data = pipeline.PipelineConfig.from_config(config)
+    query, passage = data.buckets("query"), data.buckets("passage")
+    for lq, lp in dict.fromkeys([(max(query), max(passage)), (min(query), min(passage))]):
+        arrays = step_lib.row_packing(config, mesh).pack_local(host_batch(config, lq, lp))
+        args = (step.abstract, on(arrays, mesh), frozen(model, mesh))
+        what = f"train step (rows x tokens: {rows(arrays)})"
+        lines += lower(step.jitted("retrieval"), args, platform, what, impl)
+        if platform == "gpu" and dp > 1:  # XLA partitions cuDNN calls only when it compiles
+            one = config.copy_and_resolve_references()
+            one.train.global_batch //= dp
+            one.train.gradcache_chunk = max(1, one.train.gradcache_chunk // dp)
+            mesh1 = sharding.make_mesh(1, 1, 1, devices[:1])
+            step1 = step_lib.make_step(one, mesh1, model, head, pooling)
+            args = (step1.abstract, on(arrays, None, dp), frozen(model, mesh1))
+            what = "train step on one device (its rows)"
+            lines += lower(step1.jitted("retrieval"), args, platform, what, impl)
+    encode = jax.jit(
+        step_lib.make_encode(nnx.graphdef(model), pooling, step_lib.texts_per_row(config))
+    )
+    n = -(-config.eval.batch_size // dp) * dp
+    ids = on({"ids": np.zeros((n, max(passage)), np.int32)}, mesh)["ids"]
+    params = abstract(nnx.to_pure_dict(nnx.state(model)), sharding.replicated(mesh))
+    what = f"encoder ({n} rows x {max(passage)} tokens)"
+    return lines + lower(encode, (params, ids, ids, ids, None), platform, what, impl)
 
 
 def on(arrays: dict, mesh, share: int = 1) -> dict:

@@ -417,3 +417,43 @@ def with_distillation(
         return total
 
     return loss
+
+
+# --- a run's loss -----------------------------------------------------------------------------
+
+
+def make_loss(cfg, task: str) -> Callable[..., jax.Array]:
+    """The training loss of ``task`` per a run's loss settings (``config.loss``), built once:
+    the task's InfoNCE (`task_loss`, ``cfg.style``; ``cfg.symmetric``), with KL and
+    Margin-MSE on teacher scores (`with_distillation`) where the task's weights ask for them,
+    summed over ``cfg.matryoshka_dims`` prefixes if any; false-negative masking per
+    ``cfg.false_negative_masking``.
+
+    Returns ``loss(q, p, n, *, temperature, neg_mask, pos_hash, neg_hash, teacher)``: the
+    hashes are ignored without masking, the teacher scores without distillation.
+    """
+    fn = task_loss(task, cfg.style)
+    weights = (cfg.infonce_weight[task], cfg.kl_weight[task], cfg.margin_mse_weight[task])
+    distill = weights != (1.0, 0.0, 0.0)
+    if distill:
+        fn = with_distillation(fn, *weights, cfg.teacher_temperature)
+    if cfg.matryoshka_dims:
+        fn = matryoshka(fn, cfg.matryoshka_dims, cfg.matryoshka_weights or None)
+    masking, symmetric = cfg.false_negative_masking, cfg.symmetric
+
+    def loss(q, p, n, *, temperature, neg_mask, pos_hash, neg_hash, teacher):
+        kwargs = dict(temperature=temperature, neg_mask=neg_mask, symmetric=symmetric)
+        if masking:
+            kwargs.update(pos_hash=pos_hash, neg_hash=neg_hash)
+        if distill:
+            kwargs["teacher"] = teacher
+        return fn(q, p, n, **kwargs)
+
+    return loss
+
+
+def temperature(extra: dict, cfg) -> jax.Array:
+    """The logits' temperature: learned (``extra["log_temperature"]``) or ``cfg.temperature``."""
+    if "log_temperature" in extra:
+        return jnp.exp(extra["log_temperature"])
+    return jnp.float32(cfg.temperature)

@@ -43,7 +43,8 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from jaxembed import checkpoint, cli, run, sharding, train_state
+from jaxembed import checkpoint, cli, run, sharding
+from jaxembed import step as step_lib
 from jaxembed.files import atomic_dir
 from jaxembed.model_card import merge_card
 from jaxembed.model_folder import write_model_folder
@@ -223,8 +224,7 @@ def write_run(first: Loaded, flat: dict, recipe: dict, out: Path) -> Path:
     cfg.model.lora.rank = 0  # adapters are merged in: the new run trains every weight
     model, head = with_params(first, flat)
     mesh = sharding.make_mesh(devices=jax.devices()[:1])
-    tx, _ = train_state.make_optimizer(cfg.optim, cfg.train.steps)
-    _, state, _ = train_state.create_state(model, cfg, mesh, tx, head)
+    state = step_lib.make_step(cfg, mesh, model, head).init(model, head)
     meta = dict(first.ckpt.meta, config=cfg.to_json_best_effort(), merge=recipe)
     with atomic_dir(out) as tmp:
         shutil.copytree(first.ckpt.model_dir, tmp / "model")

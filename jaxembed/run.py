@@ -27,7 +27,7 @@ from flax import nnx
 
 from jaxembed import checkpoint as ckpt_lib
 from jaxembed import hf, sharding
-from jaxembed.files import atomic_dir, atomic_write_text, check_local_path
+from jaxembed.files import atomic_dir, check_local_path
 from jaxembed.hf.io import ModelFolderError
 from jaxembed.hf.sentence_transformers import STConfig, load_head, read_st_config
 from jaxembed.models import lora
@@ -435,57 +435,3 @@ def run_meta(config, model_dir: Path, pooling: str, sources) -> dict:
         "config": config.to_json_best_effort(),
         "datasets": datasets,
     }
-
-
-class RunLog:
-    """A run's log: lines and scalars to stdout (process 0), ``metrics.jsonl``, TensorBoard."""
-
-    def __init__(self, workdir: Path, enabled: bool, tensorboard: bool):
-        self.enabled = enabled
-        self.jsonl = open(workdir / "metrics.jsonl", "a") if enabled else None  # noqa: SIM115
-        self.tb = None
-        if enabled and tensorboard:
-            from tensorboardX import SummaryWriter
-
-            self.tb = SummaryWriter(str(workdir / "tensorboard"))
-
-    def forget_after(self, step: int) -> None:
-        """Drops the records a resumed run will log again: those after its checkpoint
-        ``step`` (all of them when it starts from scratch), so no step appears twice."""
-        if not self.enabled or self.jsonl.tell() == 0:
-            return
-        self.jsonl.close()
-        path = Path(self.jsonl.name)
-        lines = path.read_text().splitlines(keepends=True)
-        kept = [x for x in lines if step and x.strip() and json.loads(x)["step"] <= step]
-        if len(kept) < len(lines):
-            atomic_write_text(path, "".join(kept))
-        self.jsonl = open(path, "a")  # noqa: SIM115
-
-    def print(self, *args):
-        if self.enabled:
-            print(*args, flush=True)
-
-    def scalars(self, step: int, values: dict) -> None:
-        if not self.enabled:
-            return
-        self.jsonl.write(json.dumps({"step": step, **values}) + "\n")
-        self.jsonl.flush()
-        if self.tb is not None:
-            for k, v in values.items():
-                # TensorBoard tag names allow no "@": "ndcg@10" becomes "ndcg_at_10".
-                self.tb.add_scalar(k.replace("@", "_at_"), v, step)
-            self.tb.flush()
-
-    def eval(self, step: int, title: str, metrics: dict) -> dict:
-        """Logs an evaluation (the mean of each metric on the line); returns ``metrics``."""
-        self.scalars(step, metrics)
-        means = [k for k in metrics if k.count("/") == 1]
-        self.print(f"{title}: " + " ".join(f"{k.split('/')[1]} {metrics[k]:.4f}" for k in means))
-        return metrics
-
-    def close(self):
-        if self.jsonl is not None:
-            self.jsonl.close()
-        if self.tb is not None:
-            self.tb.close()

@@ -143,14 +143,3 @@ def abstract_state(model: nnx.Module, config: ml_collections.ConfigDict, mesh, t
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), state, shardings
     )
     return with_sh, shardings
-
-
-def frozen_params(model: nnx.Module, mesh) -> dict | None:
-    """A LoRA model's frozen base weights (pure dict), placed in their shards; None without
-    adapters. The step reads them as an argument of their own: never donated, copied or
-    held by the optimizer."""
-    if not lora.adapters(model):
-        return None
-    _, base = lora.split(model)
-    shardings = nnx.to_pure_dict(sharding.state_shardings(base, mesh))
-    return jax.device_put(nnx.to_pure_dict(base), shardings)

@@ -20,7 +20,8 @@ from helpers import TINY_QWEN3, save_tiny_hf, save_tiny_qwen3
 from test_train_step import TINY, random_batch
 
 from jaxembed import config as config_lib
-from jaxembed import dry_run, sharding, train, train_state
+from jaxembed import dry_run, sharding, train
+from jaxembed import step as step_lib
 from jaxembed.data import pipeline
 from jaxembed.models.bert import BertModel
 
@@ -40,12 +41,10 @@ def lowered_step(shape, platform: str, attention: str, packing: bool):
     cfg = dataclasses.replace(TINY, max_position_embeddings=128)
     model = nnx.eval_shape(lambda: BertModel(cfg, dtype=jax.numpy.bfloat16, rngs=nnx.Rngs(0)))
     model.attention = attention
-    tx, schedule = train_state.make_optimizer(c.optim, c.train.steps)
-    state, sh = train_state.abstract_state(model, c, mesh, tx)
-    step = train.TrainStep(nnx.graphdef(model), c, mesh, tx, schedule, sh, "mean")
+    step = step_lib.make_step(c, mesh, model)
     packer = pipeline.Packing((128,), (128,), granule=8, num_segments=8 if packing else 1)
     batch = dry_run.on(packer.pack_local(random_batch()), mesh)
-    return dry_run.lowered(step.jitted("retrieval"), (state, batch, None), platform)
+    return dry_run.lowered(step.jitted("retrieval"), (step.abstract, batch, None), platform)
 
 
 @pytest.mark.parametrize("packing", [False, True], ids=["padded", "packed"])
@@ -211,7 +210,7 @@ def test_dry_run_reports_each_backbones_masks(kind, target, want, tmp_path):
     c.data.max_query_length = c.data.max_passage_length = 128
     c.data.query_buckets = c.data.passage_buckets = (128,)
     c.data.num_negatives.retrieval = 1
-    report = "\n".join(train.dry_run(c, target))
+    report = "\n".join(dry_run.dry_run(config_lib.validate(c), target))
     for text in want:
         assert text in report, report
     kernel = "__cudnn$fmha calls" if target.startswith("gpu") else "tpu_custom_call calls"
@@ -219,4 +218,4 @@ def test_dry_run_reports_each_backbones_masks(kind, target, want, tmp_path):
     if "xla" in "".join(want) and target.startswith("gpu"):
         c.model.attention = "cudnn"
         with pytest.raises(ValueError, match=r"cuDNN cannot take this attention \(two-sided"):
-            train.dry_run(c, target)
+            dry_run.dry_run(config_lib.validate(c), target)

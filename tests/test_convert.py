@@ -27,9 +27,10 @@ from helpers import (
 from sentence_transformers import SentenceTransformer
 
 import jaxembed
-from jaxembed import checkpoint, convert, hf, sharding, train, train_state
+from jaxembed import checkpoint, convert, hf, sharding, train
 from jaxembed import config as config_lib
 from jaxembed import run as run_lib
+from jaxembed import step as step_lib
 from jaxembed.data import readers
 from jaxembed.hf.io import read_weights
 from jaxembed.hf.sentence_transformers import read_st_config
@@ -70,8 +71,8 @@ def untrained_checkpoint(source: Path, workdir: Path, config) -> Path:
     sources = readers.open_sources(list(config.data.train))
     # Saved from one device; export restores onto all eight (Orbax reshards).
     mesh = sharding.make_mesh(devices=jax.devices()[:1])
-    tx, _ = train_state.make_optimizer(config.optim, config.train.steps)
-    _, state, _ = train_state.create_state(hf.load_model(source), config, mesh, tx)
+    model = hf.load_model(source)
+    state = step_lib.make_step(config, mesh, model).init(model)
     meta = run_lib.run_meta(config, model_dir, pooling, sources)
     mngr = checkpoint.manager(workdir, async_save=False)
     checkpoint.save(mngr, 0, state, None, meta)

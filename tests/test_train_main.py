@@ -24,6 +24,7 @@ from trainrun import (
 
 from jaxembed import checkpoint, train
 from jaxembed import config as config_lib
+from jaxembed import step as step_lib
 
 
 def test_smoke_run_logs_evaluates_and_checkpoints(straight_run):
@@ -105,7 +106,7 @@ def test_time_limit_ends_training_and_a_rerun_continues_exactly(
 
 
 def test_non_finite_loss_stops_with_the_step(train_setup, tmp_path, monkeypatch):
-    original = train.TrainStep.__call__
+    original = step_lib.Step.__call__
 
     def poisoned(self, state, batch, task="retrieval", frozen=None):
         state, metrics = original(self, state, batch, task, frozen)
@@ -113,7 +114,7 @@ def test_non_finite_loss_stops_with_the_step(train_setup, tmp_path, monkeypatch)
             metrics = {**metrics, "loss": np.float32("nan")}
         return state, metrics
 
-    monkeypatch.setattr(train.TrainStep, "__call__", poisoned)
+    monkeypatch.setattr(step_lib.Step, "__call__", poisoned)
     with pytest.raises(FloatingPointError, match=r"non-finite loss .* at step 5"):
         train.main(tiny_config(train_setup, steps=8), tmp_path)
     assert checkpoint.latest_step(tmp_path) == 3
@@ -151,11 +152,11 @@ def test_packing_shapes_round_row_counts_only_when_packed(train_setup):
     from jaxembed import sharding
 
     mesh = sharding.make_mesh()  # 8 devices: the granule is a multiple of 8
-    packed = train.make_packing(tiny_config(train_setup, train__packing=True), mesh)
+    packed = step_lib.row_packing(tiny_config(train_setup, train__packing=True), mesh)
     assert packed.few_shapes and packed.granule == 8 and packed.rows(33) == 48
     exact = tiny_config(train_setup, train__packing=True, train__packing_shapes="exact")
-    assert not train.make_packing(exact, mesh).few_shapes
-    assert not train.make_packing(tiny_config(train_setup), mesh).few_shapes  # one text a row
+    assert not step_lib.row_packing(exact, mesh).few_shapes
+    assert not step_lib.row_packing(tiny_config(train_setup), mesh).few_shapes  # one text a row
     with pytest.raises(ValueError, match=r"config\.train\.packing_shapes='some' is not allowed"):
         config_lib.validate(tiny_config(train_setup, train__packing_shapes="some"))
 

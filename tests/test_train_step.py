@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,7 +12,8 @@ from flax import nnx
 from helpers import assert_close, reference_jit
 
 from jaxembed import config as config_lib
-from jaxembed import run, sharding, train, train_state
+from jaxembed import run, sharding, train_state
+from jaxembed import step as step_lib
 from jaxembed.data import pipeline
 from jaxembed.models.bert import BertConfig, BertModel
 from jaxembed.models.head import HeadLayer, build_head
@@ -106,8 +109,7 @@ def test_logical_rules():
         sharding.logical_to_spec(("bogus",), (4,), mesh)
     # Parameters are placed in their shards and the start-up table lists them.
     c = make_config()
-    tx, _ = train_state.make_optimizer(c.optim, c.train.steps)
-    _, state, _ = train_state.create_state(tiny_model(), c, mesh, tx)
+    state = step_lib.make_step(c, mesh, tiny_model()).init(tiny_model())
     kernel = state.params["model"]["encoder"]["layer"][0]["intermediate"]["dense"]["kernel"]
     assert kernel.sharding.spec == P("fsdp", "tensor")
     assert len(kernel.addressable_shards) == 8 and kernel.addressable_shards[0].data.shape == (
@@ -135,41 +137,39 @@ def reference():
     return loss_and_grads_on(MESHES["1x1"], gradcache=False)
 
 
-def loss_and_grads_on(
-    shape, gradcache: bool, chunk: int = 8, task: str = "retrieval", head=None, adapters=None
-):
+def loss_and_grads(step: step_lib.Step, state, batch, frozen=None) -> tuple[float, dict]:
+    """`step.train_step` without the update: ``(loss, gradients)`` as NumPy; on one device
+    compiled in another summation order than on a mesh (`helpers.reference_jit`)."""
+    fn = functools.partial(step_lib.train_step, step=step, task="retrieval", update=False)
+    jit = reference_jit if step.mesh.size == 1 else jax.jit
+    loss, grads, _ = jit(fn)(state, sharding.shard_batch(batch, step.mesh), frozen)
+    return float(loss), jax.tree.map(np.asarray, grads)
+
+
+def loss_and_grads_on(shape, gradcache: bool, chunk: int = 8, head=None, adapters=None):
+    """The tiny model's loss and gradients on a ``shape`` mesh: dropout on, a learnable
+    temperature, symmetric InfoNCE."""
     devices = jax.devices()[: int(np.prod(shape))]
     mesh = sharding.make_mesh(*shape, devices=devices)
     c = make_config(gradcache=gradcache, gradcache_chunk=chunk)
     c.loss.symmetric = True
     c.loss.learnable_temperature = True
-    tx, _ = train_state.make_optimizer(c.optim, c.train.steps)
     model = run.with_adapters(tiny_model(), adapters, seed=1)
-    graphdef, state, _ = train_state.create_state(model, c, mesh, tx, head)
-    frozen = train_state.frozen_params(model, mesh)
-    head_def = None if head is None else nnx.graphdef(head)
-    jit = reference_jit if mesh.size == 1 else jax.jit
-    fn = jit(train.make_loss_and_grads(graphdef, c, task, "mean", mesh, head_def))
-    batch = sharding.shard_batch(step_batch(random_batch()), mesh)
-    loss, grads, _ = fn(state.params, batch, jax.random.key(7), frozen)
-    return float(loss), jax.tree.map(np.asarray, grads)
+    step = step_lib.make_step(c, mesh, model, head)
+    return loss_and_grads(
+        step, step.init(model, head), step_batch(random_batch()), step.frozen(model)
+    )
 
 
 def one_device_and_mesh(make_model, shape=(2, 4)):
     """``[(loss, grads)]`` of ``make_model()``'s step on one device, then on ``shape``
-    (the default config, dropout off: a backbone's sharding check, not dropout's); the one
-    device's step is compiled in another summation order (`helpers.reference_jit`)."""
+    (the default config, dropout off: a backbone's sharding check, not dropout's)."""
     results = []
     for s in ((1, 1), shape):
         mesh = sharding.make_mesh(*s, devices=jax.devices()[: int(np.prod(s))])
-        c = make_config()
-        tx, _ = train_state.make_optimizer(c.optim, c.train.steps)
-        graphdef, state, _ = train_state.create_state(make_model(), c, mesh, tx)
-        jit = reference_jit if mesh.size == 1 else jax.jit
-        fn = jit(train.make_loss_and_grads(graphdef, c, "retrieval", "mean", mesh))
-        batch = sharding.shard_batch(step_batch(random_batch()), mesh)
-        loss, grads, _ = fn(state.params, batch, None)
-        results.append((float(loss), jax.tree.map(np.asarray, grads)))
+        model = make_model()
+        step = step_lib.make_step(make_config(dropout=False), mesh, model)
+        results.append(loss_and_grads(step, step.init(model), step_batch(random_batch())))
     return results
 
 
@@ -257,12 +257,8 @@ def test_packed_batch_gives_the_same_loss_and_grads():
             gradcache=bool(chunk), gradcache_chunk=chunk or 16, dropout=False, packing=b is packed
         )
         c.loss.symmetric = True
-        tx, _ = train_state.make_optimizer(c.optim, c.train.steps)
-        graphdef, state, _ = train_state.create_state(tiny_model(), c, mesh, tx)
-        jit = reference_jit if mesh.size == 1 else jax.jit
-        fn = jit(train.make_loss_and_grads(graphdef, c, "retrieval", "mean", mesh))
-        loss, grads, _ = fn(state.params, sharding.shard_batch(b, mesh), None)
-        results.append((float(loss), jax.tree.map(np.asarray, grads)))
+        step = step_lib.make_step(c, mesh, tiny_model())
+        results.append(loss_and_grads(step, step.init(tiny_model()), b))
     assert_close(results[1], results[0])
 
 
@@ -283,19 +279,15 @@ def test_distillation_is_the_same_packed_on_a_mesh_with_gradcache_and_matryoshka
         c.loss.kl_weight.retrieval, c.loss.margin_mse_weight.retrieval = 0.5, 0.1
         c.loss.infonce_weight.retrieval, c.loss.teacher_temperature = 0.8, 2.0
         c.loss.matryoshka_dims = (32, 16)
-        tx, _ = train_state.make_optimizer(c.optim, c.train.steps)
-        graphdef, state, _ = train_state.create_state(tiny_model(), c, mesh, tx)
-        jit = reference_jit if mesh.size == 1 else jax.jit
-        fn = jit(train.make_loss_and_grads(graphdef, c, "retrieval", "mean", mesh))
-        loss, grads, _ = fn(state.params, sharding.shard_batch(b, mesh), None)
-        results.append((float(loss), jax.tree.map(np.asarray, grads)))
+        step = step_lib.make_step(c, mesh, tiny_model())
+        state = step.init(tiny_model())
+        results.append(loss_and_grads(step, state, b))
     # Logits of cos / 0.05 make gradients of ~30: 1e-5 of each tensor's scale (fp32 sums).
     assert_close(results[1], results[0])
     # The distillation terms are in the loss: dropping them changes it.
     c.loss.kl_weight.retrieval = c.loss.margin_mse_weight.retrieval = 0.0
-    fn = jax.jit(train.make_loss_and_grads(graphdef, c, "retrieval", "mean", mesh))
-    plain, _, _ = fn(state.params, sharding.shard_batch(b, mesh), None)
-    assert abs(float(plain) - results[1][0]) > 1e-3
+    plain, _ = loss_and_grads(step_lib.make_step(c, mesh, tiny_model()), state, b)
+    assert abs(plain - results[1][0]) > 1e-3
 
 
 def test_chunk_and_batch_errors():
@@ -305,9 +297,8 @@ def test_chunk_and_batch_errors():
         make_config(gradcache=True, gradcache_chunk=5)
     c = make_config()
     mesh = sharding.make_mesh(8)
-    tx, schedule = train_state.make_optimizer(c.optim, c.train.steps)
-    graphdef, state, sh = train_state.create_state(tiny_model(), c, mesh, tx)
-    step = train.TrainStep(graphdef, c, mesh, tx, schedule, sh, "mean")
+    step = step_lib.make_step(c, mesh, tiny_model())
+    state = step.init(tiny_model())
     with pytest.raises(ValueError, match=r"batch has 8 rows but config\.train\.global_batch=16"):
         step(state, step_batch(random_batch(b=8)), "retrieval")
     with pytest.raises(ValueError, match="unknown task 'ranking'"):
@@ -316,7 +307,7 @@ def test_chunk_and_batch_errors():
     with pytest.raises(
         ValueError, match="global batch size 12 is not divisible by the data-parallel size 8"
     ):
-        train.TrainStep(graphdef, c, mesh, tx, schedule, sh, "mean")
+        step_lib.make_step(c, mesh, tiny_model())
 
 
 # --- optimizer ------------------------------------------------------------------------------
@@ -384,13 +375,11 @@ def test_tiny_model_learns_pairs(lora):
     c = make_config(dropout=False)
     c.train.steps, c.optim.lr = 100, 3e-2 if lora else 3e-3
     mesh = sharding.make_mesh(2, 4)
-    tx, schedule = train_state.make_optimizer(c.optim, c.train.steps)
     spec = LoRASpec(8, 16.0, targets=("query", "key", "value", "dense")) if lora else None
     model = run.with_adapters(tiny_model(), spec)
-    graphdef, state, sh = train_state.create_state(model, c, mesh, tx)
-    frozen = train_state.frozen_params(model, mesh)
-    step = train.TrainStep(graphdef, c, mesh, tx, schedule, sh, "mean")
-    encode = jax.jit(train.make_encode(graphdef, "mean", 1))
+    step = step_lib.make_step(c, mesh, model)
+    state, frozen = step.init(model), step.frozen(model)
+    encode = jax.jit(step_lib.make_encode(step.graphdef, "mean", 1))
 
     def accuracy(params):
         """How often the right positive ranks first, for unseen draws."""

@@ -22,7 +22,7 @@ sampled from each row's stored pool per (seed, dataset, epoch, row). Each host r
 tokenizes only its own rows of the global batch: element ``s`` holds their token ids
 (``query``, ``pos``, ``neg``: lists of id lists, negative ``t`` of row ``r`` at ``r * K +
 t``), masks and hashes. Before the step the hosts agree on row lengths and counts and pack
-them (`Packing`; ``jaxembed.train.agree_on_batch``): the step sees one layout, rows of
+them (`Packing`; `agree`): the step sees one layout, rows of
 token ids with segment ids, whatever the packing.
 """
 
@@ -538,11 +538,57 @@ class Packing:
         return out
 
     def pack_local(self, batch: dict) -> dict:
-        """`pack` for one process: its own lengths and rows (what `agree_on_batch` agrees on)."""
+        """`pack` for one process: its own lengths and rows (what `agree` agrees on)."""
         lengths = self.lengths(batch)
         plans = self.plan(batch, lengths)
         rows = {t: self.rows(len(p)) for t, p in plans.items()}
         return self.pack(batch, plans, lengths, rows, {t: np.arange(r) for t, r in rows.items()})
+
+
+# Why a run stops early, as exchanged between hosts: the largest request wins, so a
+# preemption (save and exit) overrides a spent time limit (finish: eval after, save).
+NO_STOP, TIME_LIMIT, PREEMPTED = 0, 1, 2
+
+
+def agree(
+    batch: dict, stop_request: int, packing: Packing, exchange=None, global_rows=None
+) -> tuple[dict, int, int]:
+    """What every host must agree on before a step: ``(step batch, global tokens, stop)``.
+
+    Hosts exchange their batch's index and source, their row lengths (the bucket of their
+    longest text per kind) and the rows each tower needs, their real token count and their
+    stop request (``PREEMPTED``: SIGTERM on one preempted host; ``TIME_LIMIT``:
+    ``train.time_limit_minutes`` spent). All pack into the longest lengths and the most
+    rows, and all stop after the same step for the same reason, so none is left waiting in
+    a collective. ``exchange(values) -> (hosts, ...)`` stacks every host's values
+    (`jaxembed.distributed.gather`: through the coordination service, never a device
+    collective that would queue behind the running step); ``global_rows(rows)`` is this
+    host's global row of each of its rows of a tower of ``rows`` in all
+    (`jaxembed.sharding.local_rows`). Both None: one process, nothing exchanged.
+    """
+    lengths = packing.lengths(batch)
+    plans = packing.plan(batch, lengths)
+    towers = ("query", "pos", "neg")
+    need = [len(plans.get(t, ())) for t in towers]
+    local = [batch["step"], batch["source"], lengths["query"], lengths["passage"]]
+    local += [batch["num_tokens"], stop_request, *need]
+    local = np.asarray(local, np.int64)
+    hosts = local[None] if exchange is None else exchange(local)
+    if (hosts[:, :2] != hosts[0, :2]).any():
+        raise RuntimeError(
+            "hosts disagree on the global batch (index, dataset) per process: "
+            f"{hosts[:, :2].tolist()}; the input pipelines are out of step"
+        )
+    lengths = {"query": int(hosts[:, 2].max()), "passage": int(hosts[:, 3].max())}
+    most = dict(zip(towers, hosts[:, 6:].max(0).tolist(), strict=True))
+    rows = {t: packing.rows(most[t]) for t in plans}
+    count = len(hosts)
+    where = {
+        t: global_rows(r * count) if global_rows is not None else np.arange(r)
+        for t, r in rows.items()
+    }
+    batch = packing.pack(batch, plans, lengths, rows, where)
+    return batch, int(hosts[:, 4].sum()), int(hosts[:, 5].max())
 
 
 def make_dataset(builder: BatchBuilder, start_step: int = 0) -> grain.MapDataset:

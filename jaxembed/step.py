@@ -1,0 +1,262 @@
+"""The train step: encode the towers, the task's loss on the global batch, its gradients, AdamW.
+
+`make_step` builds a run's `Step` once, from its config, mesh and (abstract or loaded)
+model: the optimizer, the state's shardings, each task's loss (`losses.make_loss`) and the
+row layout (`row_packing`); ``state, metrics = step(state, batch, task)`` runs `train_step`
+jitted for the task. `train_step` is the whole step on one screen: every tower (queries,
+positives, hard negatives) is encoded by the backbone and pooled per text, each text's slot
+picks its embedding, the Dense head maps it, and the task's loss compares the (B, dim)
+queries with the positives of the whole *global* batch (sharded: in-batch negatives come
+from every device and host, gradients flow to every gathered passage) and each row's hard
+negatives. With ``train.gradcache`` the same loss is differentiated chunk by chunk
+(`jaxembed.gradcache`), with the same result.
+
+A batch is rows of token ids with segment ids (`jaxembed.packing`; packed from a host's
+texts by `jaxembed.data.pipeline.Packing`): attention and pooling stay within each text,
+and a slot per text gathers its embedding back into the (B, dim) order the loss uses.
+B rows of the global batch, K hard negatives each:
+
+    query_ids, query_seg, query_pool   (Rq, Lq) int32  ids, segment ids, pooled segments
+    pos_ids, pos_seg                   (Rp, Lp) int32
+    neg_ids, neg_seg                   (Rn, Lp) int32  (present when K > 0)
+    query_slot, pos_slot, neg_slot     (B, 2), (B, 2), (B, K, 2) int32  (global row, segment - 1)
+    neg_valid                          (B, K) bool     False for padded negatives
+    pos_hash, neg_hash                 (B,), (B, K) int32 text hashes (false negatives)
+    teacher                            (B, 1 + K) float32 teacher scores, NaN where none
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from flax import nnx
+
+from jaxembed import gradcache, losses, sharding
+from jaxembed.choices import TASKS
+from jaxembed.data import pipeline
+from jaxembed.models import lora
+from jaxembed.models.pooling import pool_segments
+from jaxembed.packing import MAX_SEGMENTS
+from jaxembed.seeds import to_seed
+from jaxembed.train_state import TrainState, abstract_state, create_state, make_optimizer
+
+
+def train_step(state: TrainState, batch: dict, frozen, *, step: Step, task: str, update=True):
+    """One optimizer step: ``(state, metrics)``; with ``update=False`` only ``(loss,
+    gradients, temperature)`` (what tests compare across meshes, packings and GradCache).
+
+    ``frozen``: a LoRA run's base weights (read, never updated; only the adapters train),
+    else None. Dropout draws one seed per row from the step's seed (`gradcache.row_seeds`),
+    so the masks are the same however the rows are chunked or sharded.
+    """
+    config = step.config
+    params, trained = state.params, "lora" if "lora" in state.params else "model"
+    extra = {name: v for name, v in params.items() if name != trained}
+    seed = None
+    if config.train.dropout:
+        seed = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    inputs = towers(batch, to_seed(seed))
+
+    def encode(p, *tower):  # (rows, segments, dim) pooled, per text
+        return step.encode(p if frozen is None else lora.join(frozen, p), *tower)
+
+    def objective(emb: dict, extra: dict) -> jax.Array:
+        slots = {t: batch[f"{t}_slot"].reshape(-1, 2) for t in emb}  # (row, segment) per text
+        emb = {t: e[slots[t][:, 0], slots[t][:, 1]] for t, e in emb.items()}
+        if step.head is not None:
+            emb = {t: nnx.merge(step.head, extra["head"])(e) for t, e in emb.items()}
+        emb = {t: step.constrain(e) for t, e in emb.items()}
+        b, k = batch["neg_valid"].shape
+        d = emb["query"].shape[-1]
+        negatives = emb["neg"].reshape(b, k, d) if k else jnp.zeros((b, 0, d), emb["query"].dtype)
+        return step.losses[task](
+            emb["query"], emb["pos"], negatives,
+            temperature=losses.temperature(extra, config.loss), neg_mask=batch["neg_valid"],
+            pos_hash=batch["pos_hash"], neg_hash=batch["neg_hash"], teacher=batch["teacher"],
+        )  # fmt: skip
+
+    if config.train.gradcache:
+        chunk = config.train.gradcache_chunk
+        loss, (g_trained, g_extra) = gradcache.value_and_grad(
+            encode, objective, params[trained], inputs, extra, chunk, step.constrain
+        )
+    else:
+
+        def full(p, extra):
+            return objective({t: encode(p, *x) for t, x in inputs.items()}, extra)
+
+        loss, (g_trained, g_extra) = jax.value_and_grad(full, (0, 1))(params[trained], extra)
+    grads = {trained: g_trained, **g_extra}
+    temperature = losses.temperature(extra, config.loss)
+    if not update:
+        return loss, grads, temperature
+    updates, opt_state = step.tx.update(grads, state.opt_state, params)
+    metrics = {
+        "loss": loss,
+        "grad_norm": optax.tree.norm(grads),
+        "param_norm": optax.tree.norm(params),
+        "lr": step.schedule(state.step),
+        "temperature": temperature,
+    }
+    params = optax.apply_updates(params, updates)
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+
+@dataclasses.dataclass(eq=False)
+class Step:
+    """A run's trainable step (`make_step` builds it): ``state, metrics = step(state, batch,
+    task, frozen)`` runs `train_step`, jitted once per task, the state donated and kept in its
+    shardings. ``batch`` arrays are global arrays sharded over the batch axes."""
+
+    config: ml_collections.ConfigDict
+    mesh: jax.sharding.Mesh
+    graphdef: nnx.GraphDef
+    head: nnx.GraphDef | None  # the Dense head's, if the model has one
+    pooling: str
+    tx: optax.GradientTransformation
+    schedule: optax.Schedule
+    abstract: TrainState  # ShapeDtypeStructs with shardings: what a checkpoint restores into
+    shardings: TrainState
+    losses: dict[str, Callable] = dataclasses.field(init=False)  # per task, built once
+    encode: Callable = dataclasses.field(init=False)  # `make_encode`'s
+    _jitted: dict = dataclasses.field(init=False, default_factory=dict)
+
+    def __post_init__(self):
+        self.losses = {task: losses.make_loss(self.config.loss, task) for task in TASKS}
+        self.encode = make_encode(self.graphdef, self.pooling, texts_per_row(self.config))
+
+    def constrain(self, x):
+        """Keeps each GradCache chunk (and every embedding) spread over the data axes."""
+        if x is None:  # the row seeds when dropout is off
+            return x
+        return jax.lax.with_sharding_constraint(x, sharding.batch_sharding(self.mesh, x.ndim))
+
+    def init(self, model: nnx.Module, head: nnx.Module | None = None) -> TrainState:
+        """The sharded train state of a loaded ``model`` (and ``head``)."""
+        return create_state(model, self.config, self.mesh, self.tx, head)[1]
+
+    def frozen(self, model: nnx.Module) -> dict | None:
+        """A LoRA model's frozen base weights (pure dict) in their shards, which the step
+        reads as an argument of their own: never donated, copied or held by the optimizer;
+        None without adapters."""
+        if not lora.adapters(model):
+            return None
+        base = lora.split(model)[1]
+        shardings = nnx.to_pure_dict(sharding.state_shardings(base, self.mesh))
+        return jax.device_put(nnx.to_pure_dict(base), shardings)
+
+    def jitted(self, task: str, update: bool = True) -> Callable:
+        """`train_step` for ``task`` jitted (built on first use)."""
+        if task not in TASKS:
+            raise ValueError(f"unknown task {task!r}; allowed: {', '.join(TASKS)}")
+        if (task, update) not in self._jitted:
+            fn = functools.partial(train_step, step=self, task=task, update=update)
+            outs = (self.shardings, sharding.replicated(self.mesh)) if update else None
+            self._jitted[task, update] = jax.jit(
+                fn, out_shardings=outs, donate_argnums=(0,) if update else ()
+            )
+        return self._jitted[task, update]
+
+    def __call__(self, state: TrainState, batch: dict, task: str = "retrieval", frozen=None):
+        b = batch["neg_valid"].shape[0]
+        if b != self.config.train.global_batch:
+            raise ValueError(
+                f"batch has {b} rows but config.train.global_batch={self.config.train.global_batch}"
+            )
+        return self.jitted(task)(state, batch, frozen)
+
+    def loss_and_grads(self, state: TrainState, batch: dict, task="retrieval", frozen=None):
+        """``(loss, gradients, temperature)`` of `train_step` without the update."""
+        return self.jitted(task, update=False)(state, batch, frozen)
+
+
+def make_step(config, mesh, model: nnx.Module, head=None, pooling: str = "mean") -> Step:
+    """The trainable step of ``model`` and its Dense ``head`` (concrete, or abstract from
+    `nnx.eval_shape`: nothing is read or placed) on ``mesh``, per ``config`` (validated):
+    AdamW with its schedule, the state's shapes and shardings, each task's loss. It checks the
+    global batch (and GradCache chunk) against the mesh."""
+    sharding.check_global_batch(config.train.global_batch, mesh)
+    if config.train.gradcache:
+        sharding.check_global_batch(config.train.gradcache_chunk, mesh, "gradcache_chunk")
+    tx, schedule = make_optimizer(config.optim, config.train.steps)
+    abstract, shardings = abstract_state(model, config, mesh, tx, head)
+    head_def = None if head is None else nnx.graphdef(head)
+    return Step(
+        config, mesh, nnx.graphdef(model), head_def, pooling, tx, schedule, abstract, shardings
+    )
+
+
+# --- the towers ------------------------------------------------------------------------------
+
+
+def texts_per_row(config) -> int:
+    """How many texts a row of the step holds: several with ``train.packing``, else one."""
+    return MAX_SEGMENTS if config.train.packing else 1
+
+
+def make_encode(graphdef, pooling: str, segments: int) -> Callable:
+    """``encode(model_params, ids, seg, pool_seg, seeds) -> (rows, segments, hidden)``, fp32.
+
+    Rows of texts (`jaxembed.packing`): every text is pooled on its own, as if alone in its
+    row. ``seeds`` (one per row, or None: no dropout) make each row's dropout masks depend
+    only on its own seed (`jaxembed.models.layers.dropout`): identical whatever the chunking
+    or the mesh. ``segments`` is the most texts a row holds (1: one per row).
+    """
+
+    def encode(model_params, ids, seg, pool_seg, seeds):
+        model = nnx.merge(graphdef, model_params)
+        if seeds is not None:
+            lora.seed_dropout(model, seeds)  # LoRA adapters' dropout, if any
+        # One text per row is a padded batch: key lengths, not a mask, for fused kernels.
+        packed = seg if segments > 1 else None
+        hidden = model(ids, seg > 0, segment_ids=packed, dropout_seed=seeds)
+        return pool_segments(hidden, pool_seg, seg, pooling, min(segments, ids.shape[1]))
+
+    return encode
+
+
+def towers(batch: dict, seed) -> dict[str, tuple]:
+    """The encoder's inputs per tower: ``(ids, segment ids, pooled segments, row seeds)``."""
+    out = {}
+    kinds = (("query", "query_pool"), ("pos", "pos_seg"), ("neg", "neg_seg"))
+    for t, (name, pool_key) in enumerate(kinds):
+        if f"{name}_ids" in batch:
+            ids = batch[f"{name}_ids"]
+            seeds = gradcache.row_seeds(seed, t, ids.shape[0])
+            out[name] = (ids, batch[f"{name}_seg"], batch[pool_key], seeds)
+    return out
+
+
+def row_packing(config, mesh) -> pipeline.Packing:
+    """How the step lays out its rows (`jaxembed.data.pipeline.Packing`).
+
+    Row lengths are the data's buckets (``data.query_buckets`` / ``passage_buckets``). With
+    ``train.packing`` a row holds several texts and a tower's global row count is a multiple
+    of ``train.packing_rows`` (0: a sixteenth of the global batch); without, one text per
+    row and as many rows as texts. Either way the count is rounded up to what the mesh, the
+    process count and the GradCache chunk divide; packed, ``train.packing_shapes="few"``
+    rounds it further to a few counts per tower (one compile each).
+    """
+    hosts = jax.process_count()
+    divide = math.lcm(
+        sharding.data_parallel_size(mesh),
+        hosts,
+        config.train.gradcache_chunk if config.train.gradcache else 1,
+    )
+    granule = divide
+    if config.train.packing:
+        granule = config.train.packing_rows or max(1, config.train.global_batch // 16)
+        granule = -(-granule // divide) * divide
+    data = pipeline.PipelineConfig.from_config(config)
+    segments = min(texts_per_row(config), data.max_query_length, data.max_passage_length)
+    few = config.train.packing and config.train.packing_shapes == "few"
+    return pipeline.Packing(
+        data.buckets("query"), data.buckets("passage"), granule // hosts, segments, few
+    )
