@@ -35,7 +35,8 @@ def make_schedule(optim: ml_collections.ConfigDict, total_steps: int) -> optax.S
         after = optax.constant_schedule(optim.lr)
     if optim.warmup_steps:
         after = optax.join_schedules([warmup, after], [optim.warmup_steps])
-    return lambda count: after(count + 1)
+    # The cosine's last value is min_lr up to fp32 rounding (-7.45e-13 for 0): never below.
+    return lambda count: jnp.maximum(after(count + 1), optim.min_lr)
 
 
 def decay_mask(params) -> dict:

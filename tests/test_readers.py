@@ -469,3 +469,21 @@ def test_hub_cache_datasets_by_name(tmp_path, monkeypatch):
         readers.open_sources("hf://me/none")
     with pytest.raises(ValueError, match=r"expected hf://OWNER/NAME\[/CONFIG\]\[:SPLIT\]"):
         readers.open_sources("hf://justname")
+
+
+def test_a_jsonl_source_closes_its_file_after_os_is_torn_down(tmp_path, monkeypatch):
+    """At interpreter exit module globals are cleared: a JsonlSource still alive then closed
+    its file through ``os``, already None ('Exception ignored in ... __del__')."""
+    import os
+
+    data = tmp_path / "pairs.jsonl"
+    data.write_text(json.dumps({"query": "q", "positive": "p"}) + "\n")
+    source = readers.JsonlSource(data)
+    assert source[0]["query"] == "q"  # the file is opened on the first read
+    fd = source._fd
+    monkeypatch.setattr(readers, "os", None)  # what teardown does to the module's globals
+    source.__del__()
+    monkeypatch.undo()
+    with pytest.raises(OSError):
+        os.fstat(fd)  # closed
+    source._fd = None  # closed once: not again when the object goes

@@ -329,6 +329,10 @@ def test_schedule_and_decay_mask():
     )
     c.optim.warmup_steps = 0
     assert float(train_state.make_schedule(c.optim, 110)(0)) > 0.99e-3
+    # The last step of a cosine to 0 is 0, not fp32's -7.45e-13 (never below min_lr).
+    c.optim.min_lr, c.optim.schedule = 0.0, "cosine"
+    last = train_state.make_schedule(c.optim, 110)(jnp.arange(100, 110))
+    assert float(last.min()) >= 0.0 and float(last[-1]) == 0.0
     params = {"model": nnx.to_pure_dict(nnx.state(tiny_model())), "log_temperature": jnp.float32(0)}
     mask = train_state.decay_mask(params)
     layer = mask["model"]["encoder"]["layer"][0]

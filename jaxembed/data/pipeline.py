@@ -29,6 +29,7 @@ token ids with segment ids, whatever the packing.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import hashlib
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -54,6 +55,20 @@ def text_hash(text: str) -> int:
 def default_buckets(max_length: int) -> tuple[int, ...]:
     """Three padded lengths per text kind: a quarter, half and all of ``max_length``."""
     return tuple(sorted({max(16, max_length // 4), max(16, max_length // 2), max_length}))
+
+
+class Stream(enum.IntEnum):
+    """The random streams of the pipeline: each draw is seeded by ``[train.seed, stream,
+    ...]`` and what it is for (dataset, epoch, row), so one stream never shifts another and a
+    batch is a pure function of its index. The numbers are the seeds: changing one changes
+    every run's batches."""
+
+    MIXING = 1  # which dataset each global step reads
+    ROW_ORDER = 2  # the order of a dataset's rows in an epoch (and its linked groups)
+    NEGATIVE_PICK = 3  # which of a row's stored (or re-mined) negatives a step uses
+    RANDOM_NEGATIVES = 4  # data.negatives="random": other rows' positives
+    QUERY_NOISE = 6  # data.query_noise: which query tokens are replaced
+    SCRIPT = 7  # the query rewrites: which script a query is rewritten in
 
 
 @dataclasses.dataclass(frozen=True)
@@ -207,13 +222,13 @@ class Schedule:
             epochs = -(-total_steps // len(per_epoch))
             choices = np.concatenate(
                 [
-                    np.random.default_rng([cfg.seed, 1, e]).permutation(per_epoch)
+                    np.random.default_rng([cfg.seed, Stream.MIXING, e]).permutation(per_epoch)
                     for e in range(epochs)
                 ]
             )[:total_steps]
         else:
             p = np.asarray(sizes, np.float64) ** (1.0 / cfg.mixing_temperature)
-            choices = np.random.default_rng([cfg.seed, 1]).choice(
+            choices = np.random.default_rng([cfg.seed, Stream.MIXING]).choice(
                 len(sizes), total_steps, p=p / p.sum()
             )
         self.choices = choices
@@ -288,7 +303,7 @@ class BatchBuilder:
     def _rows(self, d: int, epoch: int, j: int) -> np.ndarray:
         key = (d, epoch)
         if key not in self._perms:
-            rng = np.random.default_rng([self.cfg.seed, 2, d, epoch])
+            rng = np.random.default_rng([self.cfg.seed, Stream.ROW_ORDER, d, epoch])
             if self.cfg.group_size:
                 if d not in self._links:
                     self._links[d] = negative_links(self.sources[d])
@@ -367,7 +382,8 @@ class BatchBuilder:
         for r, (i, rec) in enumerate(zip(rows, records, strict=True)):
             scores = rec.get("scores")
             if cfg.negatives == "random":
-                chosen = self._random_negatives(source, rec, k, [cfg.seed, 4, d, epoch, int(i)])
+                seed = [cfg.seed, Stream.RANDOM_NEGATIVES, d, epoch, int(i)]
+                chosen = self._random_negatives(source, rec, k, seed)
                 picked = []  # drawn from other rows: the teacher never scored them
             else:
                 pool = rec["negatives"]
@@ -375,7 +391,7 @@ class BatchBuilder:
                     texts, rows_of = self.remined
                     pool = [texts[j] for j in rows_of[d][i] if j >= 0]
                     scores = None  # the teacher scored the stored negatives, not these
-                rng = np.random.default_rng([cfg.seed, 3, d, epoch, int(i)])
+                rng = np.random.default_rng([cfg.seed, Stream.NEGATIVE_PICK, d, epoch, int(i)])
                 picked = rng.permutation(len(pool))[:k].tolist() if pool else []
                 chosen = [pool[t] for t in picked]
             if scores is not None:
@@ -387,7 +403,7 @@ class BatchBuilder:
         # epoch, row) against the fractions stacked in `SCRIPTS` order.
         edges = np.cumsum(cfg.script_fractions())
         scripts = [
-            self._script(edges, np.random.default_rng([cfg.seed, 7, d, epoch, int(i)]))
+            self._script(edges, np.random.default_rng([cfg.seed, Stream.SCRIPT, d, epoch, int(i)]))
             if edges[-1] > 0
             else ""
             for i in rows
@@ -396,7 +412,7 @@ class BatchBuilder:
         q_ids = self._tokenize(texts, cfg.max_query_length)
         if cfg.query_noise:
             q_ids = [
-                self._noised(x, [cfg.seed, 6, d, epoch, int(i)])
+                self._noised(x, [cfg.seed, Stream.QUERY_NOISE, d, epoch, int(i)])
                 for x, i in zip(q_ids, rows, strict=True)
             ]
         p_ids = self._tokenize(

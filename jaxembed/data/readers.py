@@ -272,9 +272,9 @@ class JsonlSource(RecordSource):
     def _unpicklable(self) -> tuple[str, ...]:
         return ("_fd",)
 
-    def __del__(self):
+    def __del__(self, close=os.close):  # bound now: at interpreter exit `os` may be gone
         if getattr(self, "_fd", None) is not None:
-            os.close(self._fd)
+            close(self._fd)
 
 
 # --- Parquet (F2LLM layout) ------------------------------------------------------------------
