@@ -104,7 +104,12 @@ def test_bf16_compute_is_close(tiny):
     ours = model(jnp.asarray(ids), jnp.asarray(mask))
     assert ours.dtype == jnp.bfloat16
     ref = torch_hidden(torch_model, ids, mask)
-    assert np.abs(np.asarray(ours, np.float32) - ref).max() < 0.1
+    # Within bf16's precision (2^-8 of the scale) of fp32 torch on the real tokens: at most
+    # 4 such steps anywhere, 1 on average (measured: 0.8% and 0.18% of the scale).
+    real = mask > 0
+    err, scale = np.abs(np.asarray(ours, np.float32) - ref)[real], np.abs(ref[real]).max()
+    step = 2.0**-8 * scale
+    assert err.max() <= 4 * step and err.mean() <= step, (err.max() / scale, err.mean() / scale)
 
 
 def test_pytorch_bin_loads_without_torch_unpickling(tiny, tmp_path):

@@ -112,10 +112,9 @@ def random_case(seed: int, n_q: int = 12, n_d: int = 150):
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_metrics_equal_mteb_scoring_on_the_same_scores(seed):
     # Through the adapter: it imports mteb without mteb creating ~/.cache/mteb.
-    from jaxembed import mteb_adapter
+    from jaxembed import mteb_adapter  # noqa: F401
 
     scorer = importlib.import_module("mteb._evaluators.retrieval_metrics")
-    assert mteb_adapter.mteb is not None
     data, q_fn, d_fn, run = random_case(seed)
     ours = retrieval.evaluate_beir(q_fn, d_fn, None, data=data)
     # MTEB's scorer (pytrec_eval + its MRR) on the full score lists, ties included.
@@ -383,3 +382,22 @@ def test_mesh_encoding_equals_single_device(trained):
     sharded = retrieval.on_mesh(jaxembed.load(trained[0]))
     assert sharded._mesh.size == jax.local_device_count() == 8
     assert_close(sharded.encode(texts, batch_size=4), single)
+
+
+def test_importing_the_mteb_adapter_leaves_the_home_folder_alone(tmp_path):
+    """`import mteb` creates its result cache (~/.cache/mteb) as a side effect; through the
+    adapter it lands in the temp directory, and MTEB_CACHE is not left set."""
+    import os
+    import subprocess
+    import sys
+
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "MTEB_CACHE"}
+    env.update(HOME=str(home), XDG_CACHE_HOME=str(home / ".cache"), TMPDIR=str(tmp_path))
+    probe = "import os, jaxembed.mteb_adapter; print(os.environ.get('MTEB_CACHE'))"
+    done = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "None"
+    assert not (home / ".cache" / "mteb").exists()
+    assert (tmp_path / "jaxembed-mteb-cache").exists()  # where it went instead

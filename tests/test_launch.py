@@ -9,7 +9,6 @@ import random
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -19,18 +18,18 @@ from jaxembed import distributed
 
 
 def test_local_launcher_stops_everyone_when_one_fails():
-    t0 = time.time()
+    """The survivors are stopped by the launcher, not left to finish their minute."""
     rc, out = launch_local(
         3,
         [
             "-c",
             "import os, sys, time; i = int(os.environ['JAX_PROCESS_ID']); "
             "print('up', i, os.environ['JAX_NUM_PROCESSES'], flush=True); "
-            "time.sleep(0.5); sys.exit(3) if i == 1 else time.sleep(60)",
+            "time.sleep(0.5); sys.exit(3) if i == 1 else time.sleep(60); print('slept', i)",
         ],
     )
     assert rc == 3, out
-    assert time.time() - t0 < 30
+    assert "slept" not in out, out
     assert {"[0] up 0 3", "[1] up 1 3", "[2] up 2 3"} <= set(out.splitlines())
     assert "process 1 exited with status 3: stopping the other processes" in out
 

@@ -62,11 +62,35 @@ def test_command_parses(doc, module, argv, monkeypatch):
     args = parsed["args"]
     if module == "jaxembed.train":
         config = config_lib.load(str(ROOT / args.config))
-        for key, text in config_lib.parse_overrides(args.extra):
+        overrides = config_lib.parse_overrides(args.extra)
+        for key, text in overrides:
             config_lib.override(config, key, text)
         if not config.model.path:
             config.model.path = "/a/model/folder"  # recipes leave it to the command line
         config_lib.validate(config)
+        for key, text in overrides:  # the value the docs show is the value the run gets
+            value = config
+            for part in key.split("."):
+                value = value[part]
+            assert shown_value(value) == shown_value(text, like=value), (key, text, value)
+
+
+def shown_value(value, like=None):
+    """A config value as the docs would write it, for comparing a ``--config.KEY=TEXT``
+    with the value it set: tuples as lists of strings, numbers as floats, booleans."""
+    like = value if like is None else like
+    if isinstance(value, str) and not isinstance(like, str):
+        if isinstance(like, bool):
+            return value.strip().lower() in ("true", "1", "yes")
+        if isinstance(like, (int, float)):
+            return float(value)
+        text = value.strip("()[] ")
+        return [t.strip().strip("'\"") for t in text.split(",") if t.strip()]
+    if isinstance(value, (tuple, list)):
+        return [str(v) for v in value]
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    return value
 
 
 def test_train_on_your_data_runs_as_the_readme_says(tmp_path):
