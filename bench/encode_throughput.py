@@ -4,7 +4,7 @@
         [--batch-size 64] [--rounds 2]
 
 Both embed the same Debian package descriptions (the distinct positives of the *train*
-files built by ``python -m jaxembed.data.debian``: long descriptions in English and six
+files built by ``python -m examples.debian_retrofit.debian``: long descriptions in English and six
 other languages) with the real all-MiniLM-L6-v2 at its 256-token limit, float32, on the
 CPU. jaxembed runs twice: one text per row padded to bucket lengths, and with sequence
 packing (``jaxembed.load(..., packing=True)``: a row's tail holds shorter texts, attention
@@ -61,7 +61,9 @@ def main() -> None:
 
     texts = descriptions(args.data, args.docs)
     if not texts:
-        raise SystemExit(f"{args.data}: no Debian train files; run python -m jaxembed.data.debian")
+        raise SystemExit(
+            f"{args.data}: no Debian train files; run python -m examples.debian_retrofit.debian"
+        )
     path = str(get_model_path())
     st = SentenceTransformer(path, device="cpu", local_files_only=True)
     enc = jaxembed.load(path)

@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/input_throughput.py [--data data/debian/train] [--workers 0,2]
 
-Reads the Debian training files (build them with `python -m jaxembed.data.debian`),
+Reads the Debian training files (build them with `python -m examples.debian_retrofit.debian`),
 tokenises with all-MiniLM-L6-v2's tokenizer and times `--steps` batches after a warm-up,
 for each worker count. Compare with the train step's time: the input must not starve it.
 """

@@ -9,8 +9,8 @@ all-MiniLM-L6-v2 has none) against the same corpus (English descriptions from
 ``debian-xling.jsonl``, plus the positives, which both tools add) with the real
 all-MiniLM-L6-v2 and F2LLM's settings: top 100, skip 5, max score 0.8, 95% of the
 positive, 24 negatives, batch 64, 256 tokens. Only train-split files are read (the split
-rule of `jaxembed.data.debian` puts no dev or test package there). Build them with
-``python -m jaxembed.data.debian``.
+rule of `examples.debian_retrofit.debian` puts no dev or test package there). Build them with
+``python -m examples.debian_retrofit.debian``.
 
 docs/s = corpus rows encoded per second of corpus encoding; queries/s = distinct queries
 per second of everything else (query encoding, search, filtering). jaxembed runs twice in

@@ -3,7 +3,7 @@
 Run (the README's command (a) does all of it on a fresh machine):
 
     bash scripts/setup.sh
-    .venv/bin/python -m jaxembed.data.debian --out data/debian \\
+    .venv/bin/python -m examples.debian_retrofit.debian --out data/debian \\
         --langs da,it,fr,de,es,pt_BR,pl,cs,ja,ko,ru,uk,zh_CN --max-per-task 40000
     .venv/bin/python -m jaxembed.train --config configs/demo.py --workdir runs/demo
 
@@ -13,7 +13,7 @@ Spanish or Brazilian Portuguese -> its English description (train packages only)
 evaluated before and after on held-out (dev) packages: summaries in the seven languages it
 is never trained on (Czech, Japanese, Korean, Polish, Russian, Ukrainian, Chinese) -> the
 English descriptions (the zero-shot group), and in three trained languages. Loss and
-optimiser follow configs/retrofit_debian.py (symmetric InfoNCE, lr 1e-4, packing); to fit
+optimiser follow examples/debian_retrofit/config.py (symmetric InfoNCE, lr 1e-4, packing); to fit
 the demo's few minutes it mines nothing, so batches are drawn uniformly.
 """
 

@@ -2,7 +2,7 @@
 
 Run (point model.path at a local copy of the full sentence-transformers folder of
 google/embeddinggemma-300m: config.json, model.safetensors, tokenizer, modules.json,
-1_Pooling/, 2_Dense/, 3_Dense/, 4_Normalize/; data as in configs/retrofit_debian.py, or your
+1_Pooling/, 2_Dense/, 3_Dense/, 4_Normalize/; data as in examples/debian_retrofit/config.py, or your
 own pairs with mined negatives):
 
     .venv/bin/python -m jaxembed.train --config configs/embeddinggemma.py \\

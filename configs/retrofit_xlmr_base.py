@@ -1,9 +1,9 @@
 """Retrofit a ~300M multilingual encoder (XLM-R base class) for retrieval.
 
 Run (point model.path at a local XLM-R-family folder, e.g. xlm-roberta-base or
-multilingual-e5-base; build the Debian data first with `python -m jaxembed.data.debian`,
+multilingual-e5-base; build the Debian data first with `python -m examples.debian_retrofit.debian`,
 then mine the cross-lingual pairs with the base model as teacher, as
-scripts/retrofit_debian.sh does for all-MiniLM-L6-v2):
+examples/debian_retrofit/retrofit.sh does for all-MiniLM-L6-v2):
 
     .venv/bin/python -m jaxembed.mine --model /models/xlm-roberta-base \\
         --input data/debian/train/debian-xling.jsonl --out data/debian/train-mined/xling.jsonl \\
@@ -11,13 +11,13 @@ scripts/retrofit_debian.sh does for all-MiniLM-L6-v2):
     .venv/bin/python -m jaxembed.train --config configs/retrofit_xlmr_base.py \\
         --workdir runs/retrofit --config.model.path=/models/xlm-roberta-base
 
-The recipe choices measured on all-MiniLM-L6-v2 (configs/retrofit_debian.py, bench/
+The recipe choices measured on all-MiniLM-L6-v2 (examples/debian_retrofit/config.py, bench/
 RESULTS.md "Retrofit" and "Retrofit ablations", dev packages) carry over: cross-lingual
 retrieval pairs only, mined negatives used as in-batch candidates by grouping linked rows
 into batches (data.group_size 16), symmetric InfoNCE with false-negative masking. Not the
-Cyrillic rewrite of queries (data.cyrillic_queries): it teaches an English vocabulary to
-read Cyrillic, which XLM-R's already does. A larger, multilingual model may gain more from
-explicit hard negatives than MiniLM did at equal CPU time: raise
+Cyrillic rewrite of queries (the example's data.query_transform): it teaches an English
+vocabulary to read Cyrillic, which XLM-R's already does. A larger, multilingual model may
+gain more from explicit hard negatives than MiniLM did at equal CPU time: raise
 data.num_negatives.retrieval to try.
 
 Where the settings come from (../shared/research/seeds.md):

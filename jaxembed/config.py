@@ -144,19 +144,11 @@ def default_config() -> ml_collections.ConfigDict:
     # row's negative is another row's positive), so in-batch negatives are hard ones
     # without encoding extra passages; 0: rows shuffled uniformly
     c.data.group_size = 0
-    # Fraction of each training query's tokens replaced by random vocabulary tokens, so the
-    # model learns to match queries it can only partly read (languages it never saw)
-    c.data.query_noise = 0.0
-    # Fraction of training queries rewritten letter by letter in Cyrillic (words shared with
-    # the positive, names and acronyms stay Latin), so a Latin-script model learns to read
-    # borrowed words in Cyrillic-script languages it never trains on (jaxembed.data.script)
-    c.data.cyrillic_queries = 0.0
-    # Fraction rewritten the same way in katakana, the script Japanese spells borrowed words
-    # in (ライブラリ: "library"); disjoint from the Cyrillic and Hangul fractions (one coin
-    # per query), the three summing to at most 1
-    c.data.katakana_queries = 0.0
-    # Fraction rewritten the same way in Hangul, Korean's script for borrowed words (라이브러리)
-    c.data.hangul_queries = 0.0
+    # A function rewriting training queries, "MODULE:FUNCTION" (f(record, rng) -> the query
+    # text; "" = none), applied to a query_transform_rate fraction of them, drawn per row:
+    # e.g. examples.debian_retrofit.script:cyrillic (queries in Cyrillic letters)
+    c.data.query_transform = ""
+    c.data.query_transform_rate = 0.0
     c.data.max_query_length = 64
     c.data.max_passage_length = 256
     c.data.query_buckets = ()  # padded lengths; () = a quarter, half and all of the maximum
@@ -209,6 +201,8 @@ RESUME_KEYS = (
     "data.query_prefix",
     "data.passage_prefix",
     "data.instruction_template",
+    "data.query_transform",
+    "data.query_transform_rate",
     "train.global_batch",
     "train.seed",
     "train.remine_every",
@@ -273,7 +267,7 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         raise ValueError(
             f"config.optim.min_lr={c.optim.min_lr} exceeds config.optim.lr={c.optim.lr}"
         )
-    # data.group_size, query_noise, the *_queries fractions: `PipelineConfig` checks them.
+    # data.group_size and the query transform: `PipelineConfig` checks them.
     for group in ("infonce_weight", "kl_weight", "margin_mse_weight"):
         for task, weight in c.loss[group].items():
             if task not in TASKS:

@@ -5,10 +5,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-# The same data as bench/retrofit.py and scripts/retrofit_debian.sh: six trained languages,
+# The same data as the Debian example (examples/debian_retrofit): six trained languages,
 # and the seven zero-shot ones for evaluation only.
 if [ ! -f data/debian/stats.json ]; then
-  .venv/bin/python -m jaxembed.data.debian --out data/debian \
+  .venv/bin/python -m examples.debian_retrofit.debian --out data/debian \
     --langs da,it,fr,de,es,pt_BR,pl,cs,ja,ko,ru,uk,zh_CN --max-per-task 40000
 fi
 rm -rf runs/demo

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from jaxembed.data import debian
+from examples.debian_retrofit import debian
 from jaxembed.data.records import check_record
 
 FIXTURE = Path(__file__).parent / "fixtures" / "debian"

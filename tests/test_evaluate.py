@@ -220,7 +220,7 @@ def test_help_lists_the_options(capsys):
 
 @pytest.fixture(scope="module")
 def debian_data(tmp_path_factory):
-    from jaxembed.data import debian
+    from examples.debian_retrofit import debian
 
     out = tmp_path_factory.mktemp("debian")
     debian.build(

@@ -187,79 +187,46 @@ def test_negative_groups_put_rows_with_their_hard_negatives():
         PipelineConfig(global_batch=8, group_size=9)
 
 
-def test_query_noise_replaces_a_fraction_of_query_tokens(single_host):
-    cfg = PipelineConfig(**{**CFG.__dict__, "query_noise": 0.5})
-    noisy = builder(cfg=cfg)(0)
-    clean = single_host[0]
-    assert list(map(len, noisy["query"])) == list(map(len, clean["query"]))  # same lengths
-    assert noisy["pos"] == clean["pos"]  # queries only
-    noisy_ids, clean_ids = np.concatenate(noisy["query"]), np.concatenate(clean["query"])
-    special = np.isin(clean_ids, builder().tokenizer.all_special_ids)
-    np.testing.assert_array_equal(noisy_ids[special], clean_ids[special])
-    changed = (noisy_ids != clean_ids)[~special].mean()
-    assert 0.3 < changed < 0.7, changed
-    assert builder(cfg=cfg)(0)["query"] == noisy["query"]
-    with pytest.raises(ValueError, match=r"config\.data\.query_noise=1\.0 must lie in"):
-        PipelineConfig(global_batch=8, query_noise=1.0)
+def shout(record: dict, rng) -> str:
+    """A query transform for the tests: the query in capitals and a word drawn from ``rng``."""
+    return f"{record['query'].upper()} {rng.choice(['zebra', 'yak'])}"
 
 
-def test_cyrillic_queries_rewrite_a_fraction_of_queries_keeping_the_positives_words(single_host):
-    half = builder(cfg=PipelineConfig(**{**CFG.__dict__, "cyrillic_queries": 0.5}))
-    every = builder(cfg=PipelineConfig(**{**CFG.__dict__, "cyrillic_queries": 1.0}))
+def test_a_query_transform_rewrites_a_fraction_of_queries_the_same_every_time(single_host):
+    """data.query_transform (MODULE:FUNCTION) on a query_transform_rate fraction of training
+    queries, one coin per row, the function drawing from the row's own generator: the same
+    rows, the same rewrites, on every call and in every worker; passages untouched."""
+    cfg = PipelineConfig(
+        **{**CFG.__dict__, "query_transform": "test_pipeline:shout", "query_transform_rate": 0.5}
+    )
+    half = builder(cfg=cfg)
     tok = half.tokenizer
     changed = rows = 0
     for step in range(STEPS):
-        clean, mixed, all_rewritten = single_host[step], half(step), every(step)
+        clean, mixed = single_host[step], half(step)
         assert mixed["pos"] == clean["pos"] and mixed["neg"] == clean["neg"]  # queries only
-        for c, m, a in zip(clean["query"], mixed["query"], all_rewritten["query"], strict=True):
-            assert m in (c, a)  # a row is either left alone or rewritten, never half
-            changed += m != c
+        for c, m in zip(clean["query"], mixed["query"], strict=True):
+            text = tok.decode(m, skip_special_tokens=True)
+            rewritten = text.endswith((" zebra", " yak"))
+            assert rewritten == (m != c), text  # a row is rewritten whole, or left alone
+            changed += rewritten
             rows += 1
-        text = tok.decode(all_rewritten["query"][0], skip_special_tokens=True)
-        # "<dataset> question i": the dataset name is a word of the positive and stays Latin;
-        # the instruction template of "alpha" stays English
-        assert "квестион" in text.replace(" ", ""), text
-        assert clean["dataset"] in text
-        if clean["dataset"] == "alpha":
-            assert text.startswith("instruct : find the answer query :"), text
+        if clean["dataset"] == "alpha":  # the instruction template stays around the query
+            assert tok.decode(mixed["query"][0], skip_special_tokens=True).startswith(
+                "instruct : find the answer query :"
+            )
     assert 0.35 < changed / rows < 0.65, changed / rows
-    assert half(3)["query"] == builder(cfg=half.cfg)(3)["query"]  # the same coins every time
-    with pytest.raises(ValueError, match=r"config\.data\.cyrillic_queries=1\.5 must lie in"):
-        PipelineConfig(global_batch=8, cyrillic_queries=1.5)
-
-
-def test_queries_rewritten_in_three_scripts_take_one_script_each(single_host):
-    # One coin per query against the stacked fractions: Cyrillic keeps the rows it had alone.
-    mixed = builder(
-        cfg=PipelineConfig(
-            **{**CFG.__dict__, "cyrillic_queries": 0.5, "katakana_queries": 0.25}
-            | {"hangul_queries": 0.25}
+    assert half(3)["query"] == builder(cfg=cfg)(3)["query"]  # the same coins every time
+    with pytest.raises(ValueError, match=r"config\.data\.query_transform_rate=1\.5 must lie"):
+        PipelineConfig(
+            global_batch=8, query_transform="test_pipeline:shout", query_transform_rate=1.5
         )
-    )
-    cyrillic = builder(cfg=PipelineConfig(**{**CFG.__dict__, "cyrillic_queries": 0.5}))
-    scripts = {"cyrillic": 0, "katakana": 0, "hangul": 0}
-    for step in range(STEPS):
-        got, cyr, clean = mixed(step), cyrillic(step), single_host[step]
-        for m, c, plain in zip(got["query"], cyr["query"], clean["query"], strict=True):
-            text = mixed.tokenizer.decode(m, skip_special_tokens=True)
-            kinds = [
-                any("\u0400" <= ch <= "\u04ff" for ch in text),
-                any("\u30a0" <= ch <= "\u30ff" for ch in text),
-                any("\u1100" <= ch <= "\u11ff" for ch in text),  # Hangul, as jamo
-            ]
-            assert sum(kinds) <= 1, text  # one script per query (some have no word to rewrite)
-            assert kinds[0] == (c != plain), text
-            assert (m == c) == (kinds[0] or m == plain), text
-            for name, hit in zip(scripts, kinds, strict=True):
-                scripts[name] += hit
-    total = sum(scripts.values())
-    assert total > 0.8 * STEPS * len(got["query"]), scripts
-    assert 0.35 < scripts["cyrillic"] / total < 0.65, scripts
-    assert 0.1 < scripts["katakana"] / total < 0.4 and 0.1 < scripts["hangul"] / total < 0.4
-    with pytest.raises(ValueError, match=r"katakana_queries \+ hangul_queries=1\.2 must be"):
-        PipelineConfig(global_batch=8, cyrillic_queries=0.5, hangul_queries=0.7)
-    with pytest.raises(ValueError, match=r"config\.data\.katakana_queries=-0\.1 must lie in"):
-        PipelineConfig(global_batch=8, katakana_queries=-0.1)
+    with pytest.raises(ValueError, match=r"query_transform_rate=0\.5 needs config\.data\.query_tr"):
+        PipelineConfig(global_batch=8, query_transform_rate=0.5)
+    with pytest.raises(ValueError, match=r"'nowhere:shout': cannot import nowhere"):
+        PipelineConfig(global_batch=8, query_transform="nowhere:shout")
+    with pytest.raises(ValueError, match=r"'test_pipeline:nothing': expected MODULE:FUNCTION"):
+        PipelineConfig(global_batch=8, query_transform="test_pipeline:nothing")
 
 
 def test_few_shapes_round_row_counts_to_two_significant_binary_digits():

@@ -25,6 +25,7 @@ from trainrun import (
 from jaxembed import checkpoint, train
 from jaxembed import config as config_lib
 from jaxembed import step as step_lib
+from jaxembed.data import pipeline
 
 
 def test_smoke_run_logs_evaluates_and_checkpoints(straight_run):
@@ -164,11 +165,15 @@ def test_packing_shapes_round_row_counts_only_when_packed(train_setup):
 def test_recipe_configs_validate_and_name_their_eval_sets(train_setup):
     import ml_collections
 
-    names = ("demo.py", "retrofit_debian.py", "retrofit_debian.py:st", "retrofit_xlmr_base.py")
-    more = ("retrofit_mmbert.py", "f2llm_qwen3.py:0.6b", "f2llm_qwen3.py:4b")
-    more += ("f2llm_qwen3.py:0.6b-lora", "embeddinggemma.py", "embeddinggemma.py:lora")
-    for name in (*names, *more):
+    names = ("demo.py", "retrofit_xlmr_base.py", "retrofit_mmbert.py", "f2llm_qwen3.py:0.6b")
+    names += ("f2llm_qwen3.py:4b", "f2llm_qwen3.py:0.6b-lora", "embeddinggemma.py")
+    names += ("embeddinggemma.py:lora", "../examples/debian_retrofit/config.py")
+    names += ("../examples/debian_retrofit/config.py:st",)
+    for name in names:
         config_lib.validate(config_lib.load(str(ROOT / "configs" / name)))
+    recipe = config_lib.load(str(ROOT / "examples" / "debian_retrofit" / "config.py"))
+    cfg = pipeline.PipelineConfig.from_config(config_lib.validate(recipe))  # the hook imports
+    assert cfg.query_transform_rate == 0.5
     mmbert = config_lib.load(str(ROOT / "configs" / "retrofit_mmbert.py"))
     assert mmbert.data.max_passage_length == 512 and mmbert.train.global_batch == 512
     demo = config_lib.load(str(ROOT / "configs" / "demo.py"))

@@ -30,7 +30,9 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 import hashlib
+import importlib
 from collections import OrderedDict
 from collections.abc import Sequence
 
@@ -39,7 +41,6 @@ import numpy as np
 
 from jaxembed.choices import MIXING, NEGATIVES, check
 from jaxembed.config import default_config
-from jaxembed.data.script import SCRIPTS, words
 from jaxembed.packing import bucket, fill, pack_rows
 from jaxembed.tokenizer import load_tokenizer
 
@@ -67,8 +68,28 @@ class Stream(enum.IntEnum):
     ROW_ORDER = 2  # the order of a dataset's rows in an epoch (and its linked groups)
     NEGATIVE_PICK = 3  # which of a row's stored (or re-mined) negatives a step uses
     RANDOM_NEGATIVES = 4  # data.negatives="random": other rows' positives
-    QUERY_NOISE = 6  # data.query_noise: which query tokens are replaced
-    SCRIPT = 7  # the query rewrites: which script a query is rewritten in
+    QUERY_TRANSFORM = 7  # which queries data.query_transform rewrites (and its own draws)
+
+
+@functools.cache
+def query_transform(spec: str):
+    """The function ``spec`` names, ``"MODULE:FUNCTION"`` (``f(record, rng) -> query text``):
+    the general hook for rewriting training queries (`examples.debian_retrofit.script` has
+    one). Imported where batches are built, worker processes included."""
+    module, _, name = spec.partition(":")
+    try:
+        fn = getattr(importlib.import_module(module), name) if module and name else None
+    except ImportError as e:
+        raise ValueError(
+            f"config.data.query_transform={spec!r}: cannot import {module} ({e})"
+        ) from None
+    except AttributeError:
+        fn = None
+    if not callable(fn):
+        raise ValueError(
+            f"config.data.query_transform={spec!r}: expected MODULE:FUNCTION naming a function"
+        )
+    return fn
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,10 +104,8 @@ class PipelineConfig:
     num_negatives: tuple[tuple[str, int], ...] = tuple(_DATA.num_negatives.items())
     negatives: str = _DATA.negatives
     group_size: int = _DATA.group_size  # > 0: batches of rows linked by mined negatives
-    query_noise: float = _DATA.query_noise
-    cyrillic_queries: float = _DATA.cyrillic_queries
-    katakana_queries: float = _DATA.katakana_queries
-    hangul_queries: float = _DATA.hangul_queries
+    query_transform: str = _DATA.query_transform  # "MODULE:FUNCTION", "" = none
+    query_transform_rate: float = _DATA.query_transform_rate
     max_query_length: int = _DATA.max_query_length
     max_passage_length: int = _DATA.max_passage_length
     query_buckets: tuple[int, ...] = ()  # () = default_buckets(max_query_length)
@@ -107,10 +126,8 @@ class PipelineConfig:
             num_negatives=tuple(d.num_negatives.items()),
             negatives=d.negatives,
             group_size=d.group_size,
-            query_noise=d.query_noise,
-            cyrillic_queries=d.cyrillic_queries,
-            katakana_queries=d.katakana_queries,
-            hangul_queries=d.hangul_queries,
+            query_transform=d.query_transform,
+            query_transform_rate=d.query_transform_rate,
             max_query_length=d.max_query_length,
             max_passage_length=d.max_passage_length,
             query_buckets=tuple(d.query_buckets),
@@ -128,27 +145,23 @@ class PipelineConfig:
                 f"config.data.group_size={self.group_size} must lie in 0..{self.global_batch} "
                 "(the global batch)"
             )
-        if not 0.0 <= self.query_noise < 1.0:
-            raise ValueError(f"config.data.query_noise={self.query_noise} must lie in [0, 1)")
-        for script in SCRIPTS:
-            p = getattr(self, f"{script}_queries")
-            if not 0.0 <= p <= 1.0:
-                raise ValueError(f"config.data.{script}_queries={p} must lie in [0, 1]")
-        if sum(self.script_fractions()) > 1.0 + 1e-9:
+        if not 0.0 <= self.query_transform_rate <= 1.0:
             raise ValueError(
-                "config.data.cyrillic_queries + katakana_queries + hangul_queries="
-                f"{sum(self.script_fractions()):g} must be at most 1 (one script per query)"
+                f"config.data.query_transform_rate={self.query_transform_rate} must lie in [0, 1]"
             )
+        if self.query_transform_rate and not self.query_transform:
+            raise ValueError(
+                f"config.data.query_transform_rate={self.query_transform_rate} needs "
+                "config.data.query_transform (MODULE:FUNCTION)"
+            )
+        if self.query_transform:
+            query_transform(self.query_transform)  # importable, or one line saying why not
         if self.global_batch < 1:
             raise ValueError(f"global batch {self.global_batch} must be >= 1")
         for name in ("query_buckets", "passage_buckets"):
             limit = self.max_query_length if name == "query_buckets" else self.max_passage_length
             if any(b > limit or b < 1 for b in getattr(self, name)):
                 raise ValueError(f"config.data.{name}={getattr(self, name)} must lie in 1..{limit}")
-
-    def script_fractions(self) -> tuple[float, ...]:
-        """The fraction of queries rewritten in each of `SCRIPTS`, in its order."""
-        return tuple(getattr(self, f"{script}_queries") for script in SCRIPTS)
 
     def negatives_for(self, task: str) -> int:
         return dict(self.num_negatives)[task]
@@ -281,7 +294,6 @@ class BatchBuilder:
         self._tokenizer = None
         self._perms: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
         self._links: dict[int, list[np.ndarray]] = {}  # per dataset, for group_size
-        self._special = None  # the tokenizer's special token ids, for query_noise
         # Negatives re-mined during training: (texts, {source index: (rows, K) indices into
         # texts, -1 padded}); they replace those sources' stored negatives. None: stored.
         self.remined: tuple[list[str], dict[int, np.ndarray]] | None = None
@@ -291,7 +303,6 @@ class BatchBuilder:
         state["_tokenizer"] = None
         state["_perms"] = OrderedDict()
         state["_links"] = {}
-        state["_special"] = None
         return state
 
     @property
@@ -315,15 +326,15 @@ class BatchBuilder:
         g = self.cfg.global_batch
         return self._perms[key][j * g : (j + 1) * g]
 
-    def query_text(self, record: dict, script: str = "") -> str:
+    def query_text(self, record: dict, rng: np.random.Generator | None = None) -> str:
         """The query as the model reads it: instruction template, else the query prefix.
 
-        ``script`` (one of `SCRIPTS`): the query (not the instruction) rewritten in that
-        script, the positive's words kept in Latin (``config.data.<script>_queries``).
+        With ``rng`` (a training query's coin came up: ``data.query_transform_rate``), the
+        query (not the instruction) goes through ``data.query_transform`` first.
         """
         query = record["query"]
-        if script:
-            query = SCRIPTS[script](query, keep=words(record["positive"]))
+        if rng is not None:
+            query = query_transform(self.cfg.query_transform)(record, rng)
         if record.get("instruction"):
             return self.cfg.instruction_template.format(
                 instruction=record["instruction"], query=query
@@ -349,23 +360,6 @@ class BatchBuilder:
             if len(out) == k:
                 break
         return out
-
-    @staticmethod
-    def _script(edges: np.ndarray, rng: np.random.Generator) -> str:
-        """The script a query is rewritten in ("" for none), given the stacked fractions."""
-        k = int(np.searchsorted(edges, rng.random(), side="right"))
-        return list(SCRIPTS)[k] if k < len(SCRIPTS) else ""
-
-    def _noised(self, ids: list[int], seed: list[int]) -> list[int]:
-        """``ids`` with a ``query_noise`` fraction of its non-special tokens made random."""
-        tok = self.tokenizer
-        if self._special is None:
-            self._special = np.asarray(sorted(set(tok.all_special_ids)), np.int64)
-        x = np.asarray(ids, np.int64)
-        rng = np.random.default_rng(seed)
-        hit = (rng.random(len(x)) < self.cfg.query_noise) & ~np.isin(x, self._special)
-        x[hit] = rng.integers(len(tok), size=int(hit.sum()))
-        return x.tolist()
 
     def __call__(self, step: int) -> dict:
         cfg = self.cfg
@@ -399,22 +393,15 @@ class BatchBuilder:
                 teacher[r, 1 : 1 + len(picked)] = [scores[1 + t] for t in picked]
             negatives.append(chosen)
             valid[r, : len(chosen)] = True
-        # Which queries are rewritten, and in which script: one coin per (seed, dataset,
-        # epoch, row) against the fractions stacked in `SCRIPTS` order.
-        edges = np.cumsum(cfg.script_fractions())
-        scripts = [
-            self._script(edges, np.random.default_rng([cfg.seed, Stream.SCRIPT, d, epoch, int(i)]))
-            if edges[-1] > 0
-            else ""
-            for i in rows
+        # Which queries are transformed: one coin per (seed, dataset, epoch, row); the
+        # transform draws from the same generator after it.
+        rngs = [np.random.default_rng([cfg.seed, Stream.QUERY_TRANSFORM, d, epoch, int(i)])
+                for i in rows] if cfg.query_transform_rate else [None] * len(rows)  # fmt: skip
+        rngs = [
+            g if g is not None and g.random() < cfg.query_transform_rate else None for g in rngs
         ]
-        texts = [self.query_text(r, s) for r, s in zip(records, scripts, strict=True)]
+        texts = [self.query_text(r, g) for r, g in zip(records, rngs, strict=True)]
         q_ids = self._tokenize(texts, cfg.max_query_length)
-        if cfg.query_noise:
-            q_ids = [
-                self._noised(x, [cfg.seed, Stream.QUERY_NOISE, d, epoch, int(i)])
-                for x, i in zip(q_ids, rows, strict=True)
-            ]
         p_ids = self._tokenize(
             [cfg.passage_prefix + r["positive"] for r in records], cfg.max_passage_length
         )

@@ -6,7 +6,8 @@ many packages, in other languages (``Translation-de``, ``Translation-ja``, ...),
 That is real, human-translated, parallel text with a free topic label, which this module
 turns into the project's training records and BEIR-style evaluation sets::
 
-    python -m jaxembed.data.debian --out data/debian --langs de,fr,es,ja,pl --max-per-task 2000
+    python -m examples.debian_retrofit.debian --out data/debian --langs de,fr,es,ja,pl \
+        --max-per-task 2000
 
 writes
 
@@ -966,7 +967,7 @@ def format_stats(stats: dict) -> str:
 def main(argv: Sequence[str] | None = None) -> dict:
     """The command line; see ``--help``. Returns the stats that ``build`` returns."""
     parser = cli.parser(
-        "jaxembed.data.debian",
+        "examples.debian_retrofit.debian",
         (
             "Build multilingual training records (JSONL) and BEIR retrieval sets from Debian's "
             "translated package descriptions. Split by package name: md5 starting with 'f' is "
@@ -977,7 +978,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
             "writes OUT/train/debian-{xling,xling-body,xling-mix,mono,section,cluster}.jsonl, "
             "OUT/{dev,test}/{xling,xling-body,mono}-<lang>/{corpus,queries}.jsonl + "
             "qrels/<split>.tsv, "
-            "OUT/stats.json. Example: python -m jaxembed.data.debian --out data/debian "
+            "OUT/stats.json. Example: python -m examples.debian_retrofit.debian --out data/debian "
             "--langs de,fr,es,ja,pl --max-per-task 2000"
         ),
         multihost=False,

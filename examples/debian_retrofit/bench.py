@@ -1,6 +1,7 @@
 """Retrofit all-MiniLM-L6-v2 on Debian data: sentence-transformers vs jaxembed at equal wall time.
 
-    .venv/bin/python bench/retrofit.py [--data data/debian] [--pairs 20000] [--out runs/retrofit]
+    .venv/bin/python -m examples.debian_retrofit.bench [--data data/debian] [--pairs 20000]
+        [--out runs/retrofit]
         [--recipes base,st,jax-st,jax-best] [--seed 0] [--fresh]
 
 Recipes (each trains from all-MiniLM-L6-v2, on this machine, one after another):
@@ -11,10 +12,10 @@ Recipes (each trains from all-MiniLM-L6-v2, on this machine, one after another):
   description, train packages only), batch 64, max length 128, lr 5e-5, 10% warmup then
   linear decay, one epoch. Its wall time (data set built + ``trainer.train()``) is the
   budget of the jaxembed recipes.
-- ``jax-st`` (b): the same data and settings in jaxembed (``configs/retrofit_debian.py:st``),
+- ``jax-st`` (b): the same data and settings in jaxembed (``config.py:st`` here),
   one epoch: a correctness check, its scores should land within +-0.01 of (a).
-- ``jax-best`` (c): jaxembed's recipe (``configs/retrofit_debian.py``, run through
-  ``scripts/retrofit_debian.sh``'s pairs, mine and train stages): negatives mined with
+- ``jax-best`` (c): jaxembed's recipe (``config.py`` here, run through ``retrofit.sh``'s
+  pairs, mine and train stages): negatives mined with
   ``jaxembed.mine`` (the base model as teacher, NV-Retriever's positive-aware rule), used
   as the recipe says (as in-batch candidates by grouping linked rows, or as extra
   passages), then training until (a)'s wall time is spent (``train.time_limit_minutes``);
@@ -41,10 +42,15 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "configs"))
+from examples.debian_retrofit.config import (
+    TRAINED_LANGS,
+    ZERO_SHOT_LANGS,
+    get_config,
+    minilm_path,
+)
 
-from retrofit_debian import TRAINED_LANGS, ZERO_SHOT_LANGS, minilm_path  # noqa: E402
+ROOT = Path(__file__).resolve().parents[2]
+HERE = Path(__file__).resolve().parent
 
 BATCH, MAX_LEN, LR, WARMUP = 64, 128, 5e-5, 0.1
 EVAL_MAX_LEN = 256
@@ -171,14 +177,14 @@ def last_metrics(workdir: Path) -> dict:
 
 
 def run_jax_st(pairs_file: Path, n_pairs: int, out: Path, seed: int) -> dict:
-    """(b): configs/retrofit_debian.py:st on (a)'s pairs, one epoch, through the CLI."""
+    """(b): config.py:st on (a)'s pairs, one epoch, through the CLI."""
     steps = n_pairs // BATCH
     workdir = out / "run"
     cmd = [
         sys.executable,
         "-m",
         "jaxembed.train",
-        f"--config={ROOT / 'configs' / 'retrofit_debian.py'}:st",
+        f"--config={HERE / 'config.py'}:st",
         f"--workdir={workdir}",
         f"--config.data.train=('{pairs_file}',)",
         f"--config.train.steps={steps}",
@@ -197,9 +203,7 @@ def run_jax_st(pairs_file: Path, n_pairs: int, out: Path, seed: int) -> dict:
 
 
 def run_jax_best(out: Path, budget_s: float, jax_st: dict, seed: int) -> dict:
-    """(c): scripts/retrofit_debian.sh's pairs -> mine -> train, all inside ``budget_s``."""
-    from retrofit_debian import get_config
-
+    """(c): retrofit.sh's pairs -> mine -> train, all inside ``budget_s``."""
     recipe = get_config().data
     negatives = recipe.num_negatives.retrieval
     mined = negatives > 0 or recipe.group_size > 0
@@ -221,12 +225,12 @@ def run_jax_best(out: Path, budget_s: float, jax_st: dict, seed: int) -> dict:
         "TRAIN_DATA": str(out / ("mined.jsonl" if mined else "pairs.jsonl")),
     }
     t0 = time.perf_counter()
-    run_logged(["bash", "scripts/retrofit_debian.sh", str(out)], out / "prepare.log", env)
+    run_logged(["bash", str(HERE / "retrofit.sh"), str(out)], out / "prepare.log", env)
     mine_s = time.perf_counter() - t0
     left = budget_s - mine_s
     # Less the ~20 s that the final checkpoint and the process exit take after the limit.
     env |= {"STAGES": "train", "TIME_LIMIT": f"{max((left - 20) / 60, 0.1):.3f}"}
-    run_logged(["bash", "scripts/retrofit_debian.sh", str(out)], out / "train.log", env)
+    run_logged(["bash", str(HERE / "retrofit.sh"), str(out)], out / "train.log", env)
     done = int(last_metrics(out / "run")["step"])
     return {
         "seconds": time.perf_counter() - t0,
@@ -234,7 +238,7 @@ def run_jax_best(out: Path, budget_s: float, jax_st: dict, seed: int) -> dict:
         "rows": rows,
         "steps": done,
         "planned_steps": steps,
-        "train_args": os.environ.get("TRAIN_ARGS", ""),  # a variant's flags (retrofit_debian.sh)
+        "train_args": os.environ.get("TRAIN_ARGS", ""),  # a variant's flags (retrofit.sh)
         "examples": done * BATCH,
         "model": str(out / "run"),
     }

@@ -1,34 +1,32 @@
 """The retrofitting paper's ablations, reproduced with jaxembed on Debian data at equal steps.
 
-    .venv/bin/python bench/retrofit_ablations.py --study negatives [--steps 100] [--batch 64]
-        [--seeds 0,1] [--cells 0,1,random] [--out runs/ablations]
+    .venv/bin/python -m examples.debian_retrofit.ablations --study negatives [--steps 100]
+        [--batch 64] [--seeds 0,1] [--cells 0,1,random] [--out runs/ablations]
 
-Every cell trains all-MiniLM-L6-v2 with ``configs/retrofit_debian.py`` (its learning rate,
+Every cell trains all-MiniLM-L6-v2 with ``config.py`` here (its learning rate,
 loss and packing; batches drawn uniformly, ``data.group_size=0``, and queries left in their
-own script, ``data.cyrillic_queries=0``, except in the studies of scripts) for the same number
+own script, no query transform, except in the ``cyrillic`` study) for the same number
 of steps of the same global batch, changing one thing, and is scored like
-bench/retrofit.py: mean nDCG@10 over the dev zero-shot languages
+the bench: mean nDCG@10 over the dev zero-shot languages
 (``dev/xling-{cs,ja,ko,pl,ru,uk,zh_CN}``) and the trained ones. Studies:
 
 - ``scale``: the pool of cross-lingual pairs the steps draw from (2.5k .. 40k rows; a
   small pool is repeated, a large one seen in part), no hard negatives.
 - ``negatives``: 0, 1, 3 or 7 hard negatives per row, mined with the base model
-  (scripts/retrofit_debian.sh's rule), vs ``random``: one negative drawn uniformly from
+  (retrofit.sh's rule), vs ``random``: one negative drawn uniformly from
   other rows' positives (``data.negatives="random"``, the control).
 - ``diversity``: at equal examples, one trained language (German) vs all six, and
   cross-lingual retrieval alone vs + monolingual retrieval + Section classification +
   clustering (F2LLM's per-task losses, one dataset per batch).
 - ``cyrillic``: the fraction of training queries rewritten in Cyrillic letters
-  (``data.cyrillic_queries``; cross-lingual pairs, no hard negatives): does reading borrowed
+  (``data.query_transform_rate`` of ``script:cyrillic``; cross-lingual pairs, no hard
+  negatives): does reading borrowed
   words in Cyrillic carry over to Russian and Ukrainian, which are never trained on?
-- ``scripts``: queries rewritten in Cyrillic, katakana and Hangul (cell ``C-K-H``: the
-  three fractions, ``data.{cyrillic,katakana,hangul}_queries``): do Japanese and Korean
-  gain as Russian and Ukrainian did?
 - ``format``: the positives of the same cross-lingual draws: the English synopsis + body
   (``full``: the synopsis translates the query), the body alone (``body``), or a coin per
   row (``mix``); no hard negatives.
 
-Every cell is scored on both proxies (`bench/retrofit.evaluate`): ``dev/xling-*`` (the
+Every cell is scored on both proxies (`bench.evaluate`): ``dev/xling-*`` (the
 translation proxy) and ``dev/xling-body-*`` (documents without the synopsis: retrieval).
 
 Results accumulate in OUT/results.json (cell and seed); the table gives the mean over seeds
@@ -45,10 +43,10 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "bench"))
+from examples.debian_retrofit.bench import evaluate, last_metrics, run_logged, take_rows
 
-from retrofit import evaluate, last_metrics, run_logged, take_rows  # noqa: E402
+ROOT = Path(__file__).resolve().parents[2]
+HERE = Path(__file__).resolve().parent
 
 from jaxembed.files import atomic_write_text  # noqa: E402
 
@@ -57,11 +55,8 @@ STUDIES = {
     "negatives": ("0", "1", "3", "7", "random"),
     "diversity": ("xling-de", "xling-all", "tasks-de", "tasks-all"),
     "cyrillic": ("0", "0.25", "0.5", "0.75", "1"),
-    "scripts": ("0.5-0-0", "0.3-0.1-0.1", "0.2-0.15-0.15", "0.4-0.2-0.2"),
     "format": ("full", "body", "mix"),
 }
-# The studies of scripts: the fractions a cell's "-"-separated numbers set, in order.
-SCRIPT_STUDIES = {"cyrillic": ("cyrillic",), "scripts": ("cyrillic", "katakana", "hangul")}
 DEBIAN = ROOT / "data" / "debian"
 GERMAN = ROOT / "data" / "debian-de"  # the same builder, German as the only trained language
 
@@ -72,13 +67,13 @@ def mined_pairs(out: Path, rows: int) -> Path:
     if not mined.exists():
         env = {**os.environ, "PY": sys.executable, "ROWS": str(rows), "STAGES": "pairs mine"}
         mined.parent.mkdir(parents=True, exist_ok=True)
-        run_logged(["bash", "scripts/retrofit_debian.sh", str(mined.parent)], out / "mine.log", env)
+        run_logged(["bash", str(HERE / "retrofit.sh"), str(mined.parent)], out / "mine.log", env)
     return mined
 
 
 def ensure_german() -> None:
     if not (GERMAN / "stats.json").exists():
-        cmd = [sys.executable, "-m", "jaxembed.data.debian", "--out", str(GERMAN)]
+        cmd = [sys.executable, "-m", "examples.debian_retrofit.debian", "--out", str(GERMAN)]
         cmd += ["--lists", str(DEBIAN / "lists"), "--langs", "de", "--max-per-task", "40000"]
         subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
 
@@ -91,12 +86,11 @@ def cell_data(study: str, cell: str, out: Path, examples: int) -> tuple[list[Pat
         return [take_rows(src, int(cell), data / f"xling-{cell}.jsonl")], [
             "--config.data.num_negatives.retrieval=0"
         ]
-    if study in SCRIPT_STUDIES:
-        fractions = dict(zip(SCRIPT_STUDIES[study], cell.split("-"), strict=True))
+    if study == "cyrillic":
         src = DEBIAN / "train" / "debian-xling.jsonl"
         return [take_rows(src, examples, data / f"xling-{examples}.jsonl")], [
             "--config.data.num_negatives.retrieval=0",
-            *(f"--config.data.{s}_queries={p}" for s, p in fractions.items()),
+            f"--config.data.query_transform_rate={cell}",
         ]
     if study == "format":  # the positives: synopsis + body, the body alone, or a coin per row
         name = {"full": "debian-xling", "body": "debian-xling-body", "mix": "debian-xling-mix"}
@@ -139,8 +133,8 @@ def run_cell(study, cell, seed, args) -> dict:
     # put hard negatives into every cell, the "0 negatives" one included.
     overrides = ["--config.data.group_size=0", *overrides]
     # The recipe's Cyrillic-rewritten queries only where they are the thing measured.
-    if study not in SCRIPT_STUDIES:
-        overrides.append("--config.data.cyrillic_queries=0")
+    if study != "cyrillic":
+        overrides.append("--config.data.query_transform_rate=0")
     # The shape in the name: a cell run at another steps x batch must not resume this one.
     workdir = args.out / study / f"{cell}-seed{seed}-{args.steps}x{args.batch}"
     workdir.parent.mkdir(parents=True, exist_ok=True)
@@ -148,7 +142,7 @@ def run_cell(study, cell, seed, args) -> dict:
         sys.executable,
         "-m",
         "jaxembed.train",
-        f"--config={ROOT / 'configs' / 'retrofit_debian.py'}",
+        f"--config={HERE / 'config.py'}",
         f"--workdir={workdir}",
         "--config.data.train=(" + "".join(f"'{f}'," for f in files) + ")",
         f"--config.train.steps={args.steps}",

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# configs/retrofit_debian.py end to end: build the Debian data (if missing) -> take the
+# examples/debian_retrofit/config.py end to end: build the Debian data (if missing) -> take the
 # training pairs -> mine hard negatives with the base model -> train -> convert -> evaluate
 # on the dev sets (zero-shot languages and trained languages).
 #
-#   bash scripts/retrofit_debian.sh [OUT]          # default OUT: runs/retrofit-debian
+#   bash examples/debian_retrofit/retrofit.sh [OUT]   # default OUT: runs/retrofit-debian
 #
 # Environment (all optional):
 #   ROWS=12000        cross-lingual pairs taken from data/debian/train/debian-xling.jsonl
@@ -15,9 +15,9 @@
 #   STAGES="data pairs mine train convert evaluate"   the stages to run, in this order
 #   DATA=data/debian  the Debian data folder (built by the data stage if missing)
 #   PY=.venv/bin/python
-# bench/retrofit.py runs the "pairs mine train" stages of this script inside its budget.
+# bench.py runs the "pairs mine train" stages of this script inside its budget.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 OUT=${1:-runs/retrofit-debian}
 ROWS=${ROWS:-12000}
 STEPS=${STEPS:-$((ROWS / 64))}
@@ -36,7 +36,7 @@ for stage in $STAGES; do
   echo "== $stage ($(date +%T))"
   case $stage in
     data)
-      [ -f $DATA/stats.json ] || "$PY" -m jaxembed.data.debian --out $DATA \
+      [ -f $DATA/stats.json ] || "$PY" -m examples.debian_retrofit.debian --out $DATA \
         --langs da,it,fr,de,es,pt_BR,pl,cs,ja,ko,ru,uk,zh_CN --max-per-task 40000
       ;;
     pairs)
@@ -64,7 +64,7 @@ EOF
         --relative-margin 0.05 --num-negatives 10 --overwrite --no-progress
       ;;
     train)
-      "$PY" -m jaxembed.train --config configs/retrofit_debian.py --workdir "$OUT/run" \
+      "$PY" -m jaxembed.train --config examples/debian_retrofit/config.py --workdir "$OUT/run" \
         --config.data.train="('$TRAIN_DATA',)" --config.train.steps="$STEPS" \
         --config.optim.warmup_steps=$(((STEPS + 5) / 10)) \
         --config.train.time_limit_minutes="$TIME_LIMIT" --config.train.seed="$SEED" \
