@@ -10,6 +10,7 @@ the allowed values on error. These are the only defaults: the data pipeline's se
 from __future__ import annotations
 
 import ast
+import dataclasses
 import importlib.util
 from pathlib import Path
 
@@ -25,6 +26,9 @@ from jaxembed.choices import (
     SCHEDULES,
     TASKS,
 )
+from jaxembed.mining import MiningError, Rules
+
+RULES = Rules()  # the mining rules' defaults (jaxembed.mining): the `mine` group's
 
 # The fields that take one of a closed set of names (`validate` checks them, --help lists them).
 CHOICES = {
@@ -112,17 +116,21 @@ def default_config() -> ml_collections.ConfigDict:
     c.train.time_limit_minutes = 0.0
     # Resume even when the config changes the model or the data of the run (train.RESUME_KEYS)
     c.train.allow_config_change = False
-    # Hard negatives re-mined with the live parameters every remine_every steps (0: never),
-    # for the retrieval datasets (`jaxembed.remine`): against remine_corpus (corpus files as
-    # jaxembed.mine reads them; (): the distinct positives), the best remine_top_k minus
-    # the first remine_skip_top, none within remine_relative_margin of the positive's score
-    # (NV-Retriever's 95%; < 0: off), remine_num_negatives kept per row.
-    c.train.remine_every = 0
-    c.train.remine_corpus = ()
-    c.train.remine_top_k = 50
-    c.train.remine_skip_top = 0
-    c.train.remine_relative_margin = 0.05
-    c.train.remine_num_negatives = 16
+
+    # Hard-negative mining during training (jaxembed.remine): every `every` steps (0: never)
+    # the retrieval datasets' negatives are re-mined with the live parameters, against
+    # `corpus` (corpus files as jaxembed.mine reads them; (): the distinct positives), by
+    # jaxembed.mining's rules, whose defaults (F2LLM's) the rest of the group takes.
+    c.mine = ml_collections.ConfigDict()
+    c.mine.every = 0
+    c.mine.corpus = ()
+    c.mine.top_k = RULES.top_k  # candidates retrieved per query
+    c.mine.skip_top = RULES.skip_top  # best candidates skipped (likely unlabelled positives)
+    c.mine.max_score = RULES.max_score  # candidates scoring at or above dropped; None: no cap
+    # candidates within this fraction of the positive's score dropped (NV-Retriever's 0.05)
+    c.mine.relative_margin = RULES.relative_margin
+    c.mine.num_negatives = RULES.num_negatives  # negatives kept per row
+    c.mine.sampling = RULES.sampling  # "top": the best survivors; "random": a seeded sample
 
     c.data = ml_collections.ConfigDict()
     # JSONL / Parquet files, directories of them, HF datasets or prepared TFDS folders, or
@@ -205,7 +213,7 @@ RESUME_KEYS = (
     "data.query_transform_rate",
     "train.global_batch",
     "train.seed",
-    "train.remine_every",
+    "mine.every",
 )
 
 
@@ -250,17 +258,12 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
             )
         if not 0.0 <= c.model.lora.dropout < 1.0:
             raise ValueError(f"config.model.lora.dropout={c.model.lora.dropout} must be in [0, 1)")
-    _positive(c, "train.remine_every", allow_zero=True)
-    if c.train.remine_every:
-        for key in ("train.remine_top_k", "train.remine_num_negatives"):
-            _positive(c, key)
-        _positive(c, "train.remine_skip_top", allow_zero=True)
-        if c.train.remine_skip_top + c.train.remine_num_negatives > c.train.remine_top_k:
-            raise ValueError(
-                "config.train.remine_top_k must hold remine_skip_top + remine_num_negatives "
-                f"candidates ({c.train.remine_skip_top} + {c.train.remine_num_negatives} > "
-                f"{c.train.remine_top_k})"
-            )
+    _positive(c, "mine.every", allow_zero=True)
+    fields = {f.name for f in dataclasses.fields(Rules)}
+    try:
+        Rules(**{k: v for k, v in c.mine.items() if k in fields})
+    except MiningError as e:
+        raise ValueError(f"config.mine: {e}") from None
     _positive(c, "train.packing_rows", allow_zero=True)
     _positive(c, "train.time_limit_minutes", allow_zero=True)
     if c.optim.min_lr > c.optim.lr:

@@ -156,13 +156,14 @@ class Encoder:
             n -= 1
         return n
 
-    def tokenize(self, texts: list[str], prompt: str = "") -> list[list[int]]:
+    def tokenize(
+        self, texts: list[str], prompt: str = "", max_length: int | None = None
+    ) -> list[list[int]]:
         if self.st.do_lower_case:
             texts = [t.lower() for t in texts]
         texts = [prompt + t for t in texts]
-        out = self.tokenizer(
-            texts, add_special_tokens=True, truncation=True, max_length=self.max_length
-        )
+        limit = max_length or self.max_length
+        out = self.tokenizer(texts, add_special_tokens=True, truncation=True, max_length=limit)
         return out["input_ids"]
 
     def encode(
@@ -173,6 +174,7 @@ class Encoder:
         *,
         prompt: str | None = None,
         truncate_dim: int | None = None,
+        max_length: int | None = None,
     ) -> np.ndarray:
         """Embeds ``texts`` as float32 unit vectors, shape (len(texts), dim).
 
@@ -187,6 +189,8 @@ class Encoder:
           batch_size: rows per forward pass.
           prompt: literal prompt text, overriding ``prompt_name``.
           truncate_dim: keep the first ``truncate_dim`` features (Matryoshka), renormalised.
+          max_length: tokens per text for this call (default: the encoder's ``max_length``;
+            at most the model's positions), e.g. queries shorter than passages.
         """
         if isinstance(texts, str):
             raise TypeError("encode() takes a list of strings, not a single string")
@@ -194,18 +198,24 @@ class Encoder:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if truncate_dim is not None and not 0 < truncate_dim <= self.dim:
             raise ValueError(f"truncate_dim={truncate_dim} must be in 1..{self.dim}")
+        limit = max_length or self.max_length
+        if not 0 < limit <= self.model.config.max_tokens:
+            raise ValueError(f"max_length={limit} must be in 1..{self.model.config.max_tokens}")
         dim = truncate_dim or self.dim
         if len(texts) == 0:
             return np.zeros((0, dim), np.float32)
         prompt_text = self.resolve_prompt(prompt_name, prompt)
         skip = self._prompt_length(prompt_text) if prompt_text and not self.st.include_prompt else 0
-        out = self._encode_rows(self.tokenize(list(texts), prompt_text), batch_size, skip)
+        ids = self.tokenize(list(texts), prompt_text, limit)
+        out = self._encode_rows(ids, batch_size, skip, limit)
         if truncate_dim is not None:
             out = out[:, :truncate_dim]
             out /= np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
         return out
 
-    def batches(self, ids: list[list[int]], batch_size: int) -> list[tuple[list, int, int]]:
+    def batches(
+        self, ids: list[list[int]], batch_size: int, max_length: int | None = None
+    ) -> list[tuple[list, int, int]]:
         """How `encode` lays out texts (token ids): ``(rows, rows per batch, length)`` each.
 
         Rows (`jaxembed.packing.pack_rows`) come longest first, each as long as the bucket of
@@ -215,20 +225,21 @@ class Encoder:
         shapes are compiled; without packing this is the classic sorted, padded batching
         (1.13 computed per real token on Debian text).
         """
-        buckets = length_buckets(self.max_length)
-        rows = pack_rows([len(x) for x in ids], self.max_length, self.segments, buckets)
+        limit = max_length or self.max_length
+        buckets = length_buckets(limit)
+        rows = pack_rows([len(x) for x in ids], limit, self.segments, buckets)
         per_batch = batch_size if len(rows) >= batch_size else 1 << (len(rows) - 1).bit_length()
         return [
             (rows[i : i + per_batch], per_batch, bucket(len(ids[rows[i][0]]), buckets))
             for i in range(0, len(rows), per_batch)
         ]
 
-    def _encode_rows(self, ids: list[list[int]], batch_size: int, skip: int) -> np.ndarray:
+    def _encode_rows(self, ids, batch_size: int, skip: int, max_length: int) -> np.ndarray:
         out = np.zeros((len(ids), self.dim), np.float32)
         # Only jobs that take a while report, and only process 0 of a multi-host run.
         loud = len(ids) >= PROGRESS_FROM and jax.process_index() == 0
         with Progress(len(ids), "encoding", enabled=loud) as progress:
-            for rows, per_batch, length in self.batches(ids, batch_size):
+            for rows, per_batch, length in self.batches(ids, batch_size, max_length):
                 *arrays, where = fill(ids, rows, per_batch, length, self.pad_id, skip)
                 emb = np.asarray(self._forward(*arrays))
                 text, row, segment = where.T

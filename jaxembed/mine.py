@@ -38,24 +38,10 @@ query prompt (``--query-prefix`` text, else the model's ``--query-prompt`` name,
 ``query`` prompt if defined). Passages get ``--passage-prefix``, else the model's
 ``--passage-prompt``, else its ``document`` / ``passage`` / ``corpus`` prompt, if any.
 
-Selection, per record (the score is the cosine of unit vectors)
----------------------------------------------------------------
-1. Rank the pool by score for the query and drop every candidate whose `text_hash`
-   equals that of any positive of the query; keep the best ``top_k`` of the rest
-   (ties: lower pool index first; the pool holds the corpus in file order, then new
-   positives in input order).
-2. Drop the first ``skip_top`` of those (likely unlabelled positives).
-3. Drop candidates with ``score >= max_score`` (absolute cap; ``None`` disables).
-4. Drop candidates with ``score >= pos - relative_margin * |pos|``, ``pos`` being this
-   record's positive score: for ``pos >= 0`` that keeps ``score < (1 - margin) * pos``
-   (0.05 is NV-Retriever's TopK-PercPos at 95%), and it stays below the positive when
-   ``pos < 0``. ``None`` disables it.
-5. Take ``num_negatives`` of the survivors: ``top`` the best, ``random`` a sample seeded
-   by ``(seed, query, positive)`` (reproducible). Negatives are written best first.
-
-A record left with fewer than ``num_negatives`` is written with what it has
-(``too_few="keep"``) or dropped (``"drop"``); both are counted. Defaults are F2LLM's:
-top 100, skip 5, cap 0.8, 95% of the positive, 24 negatives.
+Selection: `jaxembed.mining` (the rules, steps 1-5, with their defaults: F2LLM's, top
+100, skip 5, cap 0.8, 95% of the positive, 24 negatives), shared with re-mining during
+training. A record left with fewer than ``num_negatives`` is written with what it has
+(``too_few="keep"``) or dropped (``"drop"``); both are counted.
 
 Scale
 -----
@@ -64,8 +50,8 @@ each written atomically, under a manifest keyed by the model (path and a fingerp
 its files), prompts, max length, dtype and a hash of the texts (`jaxembed.embedding_cache`):
 an interrupted run re-encodes only the missing shards, and a changed input or model
 invalidates the cache (logged). Search reads the shards memory-mapped, runs
-`retrieval.top_k` (blocked matrix products with a running top-k) against each, and merges
-the per-shard results with the same tie rule (`retrieval.search_shards`), so neither host
+`search.top_k` (blocked matrix products with a running top-k) against each, and merges
+the per-shard results with the same tie rule (`search.search_shards`), so neither host
 nor device memory has to hold the corpus embeddings. The
 pool's texts, and ``top_k`` scores and indices per query, stay in host memory.
 
@@ -91,28 +77,23 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from jaxembed import cli, retrieval, sharding
+from jaxembed import cli, mining, retrieval, search, sharding
 from jaxembed.choices import DTYPES
 from jaxembed.config import default_config
 from jaxembed.data import readers
-from jaxembed.data.pipeline import text_hash
 from jaxembed.data.records import RecordError, check_record
 from jaxembed.embedding_cache import encode_cached, encoder_key, gather
 from jaxembed.encoder import load
 from jaxembed.files import atomic_open, atomic_write_text, hf_offline, write_jsonl
+from jaxembed.mining import SAMPLING, TOO_FEW, MiningError, Rules, read_corpus
 
 log = logging.getLogger(__name__)
 
 DEFAULT_TEMPLATE = default_config().data.instruction_template
-SAMPLING = ("top", "random")
-TOO_FEW = ("keep", "drop")
+RULES = Rules()  # the defaults of every rule (`jaxembed.mining.Rules`)
 # Score histograms in the stats file: 200 bins over the cosine range.
 HIST_EDGES = np.linspace(-1.0, 1.0, 201)
 DROP_REASONS = ("skip_top", "max_score", "relative_margin", "not_sampled")
-
-
-class MiningError(ValueError):
-    """Bad input, model or settings; the message names the file, id or option."""
 
 
 # ------------------------------------------------------------------------------------------
@@ -126,14 +107,14 @@ def mine(
     *,
     corpus: str | os.PathLike | None = None,
     split: str = "train",
-    top_k: int = 100,
-    skip_top: int = 5,
-    max_score: float | None = 0.8,
-    relative_margin: float | None = 0.05,
-    num_negatives: int = 24,
-    sampling: str = "top",
-    too_few: str = "keep",
-    seed: int = 0,
+    top_k: int = RULES.top_k,
+    skip_top: int = RULES.skip_top,
+    max_score: float | None = RULES.max_score,
+    relative_margin: float | None = RULES.relative_margin,
+    num_negatives: int = RULES.num_negatives,
+    sampling: str = RULES.sampling,
+    too_few: str = RULES.too_few,
+    seed: int = RULES.seed,
     query_prompt: str | None = None,
     passage_prompt: str | None = None,
     query_prefix: str | None = None,
@@ -167,11 +148,9 @@ def mine(
         ``out + ".stats.json"``.
       corpus: candidate documents (JSONL or plain text); default: the distinct positives.
       split: the qrels split of a BEIR input.
-      top_k, skip_top, max_score, relative_margin, num_negatives, sampling: the selection
-        rules (steps 1-5 of the module docstring).
-      too_few: "keep" writes records with fewer than ``num_negatives`` negatives, "drop"
-        drops them; both are counted in the stats.
-      seed: seeds ``sampling="random"`` (with the query and positive texts).
+      top_k, skip_top, max_score, relative_margin, num_negatives, sampling, too_few, seed:
+        the rules (`jaxembed.mining.Rules`; too_few: records left with fewer than
+        ``num_negatives`` are kept or dropped, counted in the stats either way).
       query_prompt, passage_prompt: names of the model's prompts.
       query_prefix, passage_prefix: literal prompt text, overriding the names.
       instruction_template: how a record's ``instruction`` and query are joined.
@@ -189,23 +168,32 @@ def mine(
       progress: show progress bars on stderr.
     """
     t_start = time.perf_counter()
-    rules = _checked_rules(
-        batch_size, shard_size, top_k=top_k, skip_top=skip_top, max_score=max_score,
-        relative_margin=relative_margin, num_negatives=num_negatives, sampling=sampling,
-        too_few=too_few, seed=seed,
-    )  # fmt: skip
+    rules = Rules(
+        top_k=top_k,
+        skip_top=skip_top,
+        max_score=max_score,
+        relative_margin=relative_margin,
+        num_negatives=num_negatives,
+        sampling=sampling,
+        too_few=too_few,
+        seed=seed,
+    )  # fmt: skip  (checked before any input is read or model loaded: bad settings fail fast)
+    if batch_size < 1 or shard_size < 1:
+        raise MiningError(f"batch_size={batch_size} and shard_size={shard_size} must be >= 1")
     out = Path(out)
     if out.exists() and not overwrite:
         raise MiningError(f"{out} exists; pass overwrite=True (--overwrite) to replace it")
     cache = Path(cache) if cache is not None else Path(f"{out}.cache")
 
     data = _read_inputs(input, corpus, split, task, dataset)
-    pool = _candidate_pool(data, input)
+    pool = mining.candidate_pool(data.corpus, data.records)
     encoder, mesh = _load_teacher(model, dtype, max_length, packing, mesh, devices)
     q_prompt, p_prompt = _prompts(
         encoder, query_prompt, passage_prompt, query_prefix, passage_prefix
     )
-    queries = _group_queries(data.records, pool, q_prompt, instruction_template)
+    queries = mining.group_queries(
+        data.records, pool, lambda r: _model_query(r, q_prompt, instruction_template)
+    )
     log.info(
         "mining %d records (%d queries) against %d candidates (%d from the corpus) on %d device(s)",
         len(data.records), len(queries.texts), len(pool.texts), pool.n_corpus, mesh.devices.size,
@@ -225,14 +213,18 @@ def mine(
     if top_k < rules.top_k:
         log.warning("--top-k %d exceeds the %d candidates: capped at %d", rules.top_k, top_k, top_k)
     t0 = time.perf_counter()
-    candidates = retrieval.nearest_non_positives(
+    candidates = search.nearest_non_positives(
         q_shards, d_shards, pool.hashes, queries.positive_hashes, top_k,
         block=block, query_block=query_block,
     )  # fmt: skip
     search_s = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    pos_score = _positive_scores(q_shards, d_shards, shard_size, queries, pool)
+    pos_score = mining.positive_scores(
+        lambda idx: gather(q_shards, shard_size, idx),
+        lambda idx: gather(d_shards, shard_size, idx),
+        queries, pool, shard_size,
+    )  # fmt: skip
     sel = _select_negatives(data.records, queries, candidates, pos_score, pool, rules, with_scores)
     select_s = time.perf_counter() - t0
 
@@ -257,62 +249,6 @@ def mine(
     )  # fmt: skip
     _write_outputs(out, sel.rows, stats, with_scores, t_start)
     return stats
-
-
-@dataclasses.dataclass
-class _Rules:
-    """The selection settings, checked; the stats file records them in this order."""
-
-    top_k: int
-    skip_top: int
-    max_score: float | None
-    relative_margin: float | None
-    num_negatives: int
-    sampling: str
-    too_few: str
-    seed: int
-
-    def select(self, scores, valid, positive_score: float, record: dict):
-        """`select` for ``record``: random sampling is seeded by its texts, so reruns agree."""
-        rng_seed = [self.seed, text_hash(record["query"]), text_hash(record["positive"])]
-        return retrieval.select_negatives(
-            scores, valid, positive_score, skip_top=self.skip_top, max_score=self.max_score,
-            relative_margin=self.relative_margin, num_negatives=self.num_negatives,
-            sampling=self.sampling, rng_seed=rng_seed,
-        )  # fmt: skip
-
-
-def _checked_rules(batch_size: int, shard_size: int, **settings) -> _Rules:
-    """Checks everything before any input is read or model loaded: bad settings fail fast."""
-    r = _Rules(**settings)
-    if r.top_k < 1 or r.skip_top < 0 or r.num_negatives < 1:
-        raise MiningError(
-            f"need top_k >= 1, skip_top >= 0, num_negatives >= 1; got top_k={r.top_k}, "
-            f"skip_top={r.skip_top}, num_negatives={r.num_negatives}"
-        )
-    if r.skip_top + r.num_negatives > r.top_k:
-        raise MiningError(
-            f"top_k={r.top_k} leaves only {r.top_k - r.skip_top} candidates after skip_top="
-            f"{r.skip_top}, fewer than num_negatives={r.num_negatives}; raise top_k"
-        )
-    if r.sampling not in SAMPLING:
-        raise MiningError(f"sampling={r.sampling!r}; choose one of {list(SAMPLING)}")
-    if r.too_few not in TOO_FEW:
-        raise MiningError(f"too_few={r.too_few!r}; choose one of {list(TOO_FEW)}")
-    if batch_size < 1 or shard_size < 1:
-        raise MiningError(f"batch_size={batch_size} and shard_size={shard_size} must be >= 1")
-    r.max_score = _opt_float(r.max_score, "max_score")
-    r.relative_margin = _opt_float(r.relative_margin, "relative_margin")
-    return r
-
-
-def _opt_float(value: float | None, name: str) -> float | None:
-    if value is None:
-        return None
-    value = float(value)
-    if not np.isfinite(value):
-        raise MiningError(f"{name}={value} must be a finite number (or None to disable)")
-    return value
 
 
 def _load_teacher(model, dtype: str, max_length: int | None, packing: bool, mesh, devices):
@@ -386,7 +322,7 @@ def _read_pairs(input: Path, corpus, task: str, dataset: str | None) -> _Inputs:
         raise MiningError(f"{input}: no records")
     if corpus is None:
         return _Inputs(records, None)
-    texts, skipped = retrieval.read_corpus(corpus)
+    texts, skipped = read_corpus(corpus)
     return _Inputs(records, texts, skipped)
 
 
@@ -424,67 +360,6 @@ def is_beir_folder(path: str | os.PathLike) -> bool:
     return path.is_dir() and (path / "queries.jsonl").exists() and (path / "qrels").is_dir()
 
 
-@dataclasses.dataclass
-class _Pool:
-    texts: list[str]  # the corpus (first occurrences, file order), then new positives
-    n_corpus: int  # how many of them come from the corpus
-    duplicates: int  # corpus texts dropped as exact duplicates
-    positive: np.ndarray  # per record, its positive's pool index
-    hashes: np.ndarray  # `text_hash` of each text: how positives are told from negatives
-
-
-def _candidate_pool(data: _Inputs, input) -> _Pool:
-    """The corpus deduplicated by exact text, plus every positive not in it.
-
-    Every positive then has an embedding (the relative margin needs its score), and the
-    positives of other queries are candidates too, as in sentence-transformers.
-    """
-    index: dict[str, int] = {}
-    for t in data.corpus if data.corpus is not None else ():
-        index.setdefault(t, len(index))
-    n_corpus = len(index)
-    for r in data.records:
-        index.setdefault(r["positive"], len(index))
-    if not index:
-        raise MiningError(f"{input}: the corpus is empty")
-    texts = list(index)  # insertion order: the pool index order
-    return _Pool(
-        texts=texts,
-        n_corpus=n_corpus,
-        duplicates=len(data.corpus) - n_corpus if data.corpus is not None else 0,
-        positive=np.array([index[r["positive"]] for r in data.records], np.int64),
-        hashes=np.array([text_hash(t) for t in texts], np.int64),
-    )
-
-
-@dataclasses.dataclass
-class _Queries:
-    texts: list[str]  # one per distinct (prompt, text) the model reads
-    prompts: list[str]
-    of_record: np.ndarray  # per record, its query's index
-    positive_hashes: np.ndarray  # (queries, most positives) each query's, -1 padded
-
-
-def _group_queries(records: list[dict], pool: _Pool, q_prompt: str, template: str) -> _Queries:
-    """Records the model reads the same query for are one query with several positives.
-
-    Each is encoded and searched once, and none of its positives is a negative of any of
-    its records.
-    """
-    group_of: dict[tuple[str, str], int] = {}
-    of_record = np.empty(len(records), np.int64)
-    for n, r in enumerate(records):
-        of_record[n] = group_of.setdefault(_model_query(r, q_prompt, template), len(group_of))
-    positives: list[list[int]] = [[] for _ in group_of]
-    for n, g in enumerate(of_record):
-        if pool.positive[n] not in positives[g]:
-            positives[g].append(int(pool.positive[n]))
-    pos_hash = np.full((len(group_of), max(map(len, positives))), -1, np.int64)
-    for g, p in enumerate(positives):
-        pos_hash[g, : len(p)] = pool.hashes[p]  # -1 (padding) never equals a text_hash
-    return _Queries([t for _, t in group_of], [p for p, _ in group_of], of_record, pos_hash)
-
-
 def _model_query(record: dict, q_prompt: str, template: str) -> tuple[str, str]:
     """``(prompt, text)`` the model reads: an instruction replaces the prompt, as in training."""
     if not record.get("instruction"):
@@ -502,39 +377,21 @@ def _model_query(record: dict, q_prompt: str, template: str) -> tuple[str, str]:
 # Selection
 
 
-def _positive_scores(q_shards, d_shards, shard_size: int, queries: _Queries, pool: _Pool):
-    """Each record's query-positive cosine, the reference of the relative margin.
-
-    Gathered in chunks of ``shard_size`` records, so memory stays bounded.
-    """
-    n = len(pool.positive)
-    out = np.empty(n, np.float32)
-    for lo in range(0, n, shard_size):
-        sl = slice(lo, lo + shard_size)
-        q_emb = gather(q_shards, shard_size, queries.of_record[sl])
-        out[sl] = np.einsum("nd,nd->n", q_emb, gather(d_shards, shard_size, pool.positive[sl]))
-    return out
-
-
 def _select_negatives(records, queries, candidates, pos_score, pool, rules, with_scores):
-    """Steps 2-5 for every record: its output row, and the tallies of the stats file."""
-    cand_s, cand_i = candidates
+    """Steps 2-5 for every record (`jaxembed.mining.choose`): its output row, and the
+    tallies of the stats file."""
     sel = _Selected()
-    for n, r in enumerate(records):
-        g = queries.of_record[n]
-        s, i = cand_s[g], cand_i[g]
-        valid = i >= 0
-        ps = float(pos_score[n])
-        take, drops = rules.select(s, valid, ps, r)
-        sel.count_candidates(s, valid, take, drops, ps)
-        if len(take) < rules.num_negatives:
+    choices = mining.choose(records, queries, candidates, pos_score, rules)
+    for record, c in zip(records, choices, strict=True):
+        sel.count_candidates(c.candidates, c.valid, c.ranks, c.drops, c.positive_score)
+        if len(c.negatives) < rules.num_negatives:
             if rules.too_few == "drop":
                 sel.dropped += 1
                 continue
             sel.short += 1
-        sel.keep(int(g), s[take])
-        negatives = [pool.texts[int(j)] for j in i[take]]
-        sel.rows.append(_row(r, negatives, ps, s[take], with_scores))
+        sel.keep(c.query, c.scores)
+        negatives = [pool.texts[int(j)] for j in c.negatives]
+        sel.rows.append(_row(record, negatives, c.positive_score, c.scores, with_scores))
     sel.dists.flush()
     return sel
 
@@ -847,37 +704,53 @@ def _add_input_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _add_selection_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--top-k", type=int, default=100, help="candidates retrieved (default: 100)")
-    p.add_argument("--skip-top", type=int, default=5, help="best candidates skipped (default: 5)")
+    # Defaults: `jaxembed.mining.Rules` (the one place they are written).
+    r = RULES
+    p.add_argument(
+        "--top-k", type=int, default=r.top_k, help="candidates retrieved (default: %(default)s)"
+    )
+    p.add_argument(
+        "--skip-top",
+        type=int,
+        default=r.skip_top,
+        help="best candidates skipped (default: %(default)s)",
+    )
     p.add_argument(
         "--max-score",
         type=_float_or_none,
-        default=0.8,
-        help="drop candidates scoring >= this; 'none' disables (default: 0.8)",
+        default=r.max_score,
+        help="drop candidates scoring >= this; 'none' disables (default: %(default)s)",
     )
     p.add_argument(
         "--relative-margin",
         type=_float_or_none,
-        default=0.05,
+        default=r.relative_margin,
         help="drop candidates scoring >= (1 - MARGIN) x the positive's score (0.05: "
-        "NV-Retriever's 95%% rule); 'none' disables (default: 0.05)",
+        "NV-Retriever's 95%% rule); 'none' disables (default: %(default)s)",
     )
-    p.add_argument("--num-negatives", type=int, default=24, help="negatives kept (default: 24)")
+    p.add_argument(
+        "--num-negatives",
+        type=int,
+        default=r.num_negatives,
+        help="negatives kept (default: %(default)s)",
+    )
     p.add_argument(
         "--sampling",
         choices=SAMPLING,
-        default="top",
+        default=r.sampling,
         help="top: the best survivors; random: a sample seeded by --seed, query and "
-        "positive (default: top)",
+        "positive (default: %(default)s)",
     )
     p.add_argument(
         "--too-few",
         choices=TOO_FEW,
-        default="keep",
+        default=r.too_few,
         help="records left with fewer than --num-negatives: keep them with fewer, or drop "
-        "them (counted in the stats either way; default: keep)",
+        "them (counted in the stats either way; default: %(default)s)",
     )
-    p.add_argument("--seed", type=int, default=0, help="seed of --sampling random (default: 0)")
+    p.add_argument(
+        "--seed", type=int, default=r.seed, help="seed of --sampling random (default: %(default)s)"
+    )
 
 
 def _float_or_none(text: str) -> float | None:

@@ -13,6 +13,7 @@ the data pipeline (training batches) and the encoder.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 
 import numpy as np
@@ -34,6 +35,13 @@ def length_buckets(max_length: int) -> list[int]:
         buckets.append(b)
         b = -(-(b * 5 // 4) // MIN_BUCKET) * MIN_BUCKET
     return [*buckets, max_length]
+
+
+def text_hash(text: str) -> int:
+    """A stable 31-bit hash of a text (the same on every host and every run): how false
+    negatives and a query's positives are recognised, by text rather than by index."""
+    digest = hashlib.blake2b(text.encode("utf-8"), digest_size=4).digest()
+    return int.from_bytes(digest, "little") & 0x7FFFFFFF
 
 
 MAX_SEGMENTS = 64  # texts per packed row at most (a static shape of the packed program)

@@ -1,16 +1,14 @@
 """Hard negatives re-mined during training, with the live parameters, on the training mesh.
 
 Negatives mined once with a frozen teacher go stale as the student learns (ANCE re-mines
-for this reason). With ``train.remine_every=N``, every N steps `train.main` encodes the
-corpus (``train.remine_corpus``, default: the distinct positives of the retrieval
-datasets, plus every positive) and each retrieval dataset's queries with the current
-parameters, searches exactly (`retrieval.nearest_non_positives`: a query's own positives,
-by text, are never candidates; rows sharing a query share their positives) and selects
-negatives with `jaxembed.mine`'s rules (`retrieval.select_negatives`: skip the top
-``remine_skip_top``, drop those within ``remine_relative_margin`` of the positive's score,
-keep the best ``remine_num_negatives``). The batches from that step on draw their
-negatives from this pool (`pipeline.BatchBuilder.remined`); classification and clustering
-datasets keep their stored negatives, which are labels rather than retrieval results.
+for this reason). With ``mine.every=N``, every N steps `train.main` encodes the candidate
+pool (``mine.corpus``, default: the distinct positives of the retrieval datasets, plus
+every positive) and each retrieval dataset's queries with the current parameters, and runs
+`jaxembed.mining` on them: the same pool, query grouping, exact search and rules as
+``python -m jaxembed.mine`` (the config's ``mine`` group holds the rules). The batches
+from that step on draw their negatives from this pool (`pipeline.BatchBuilder.remined`);
+classification and clustering datasets keep their stored negatives, which are labels
+rather than retrieval results.
 
 The pool is written to ``WORKDIR/remine/STEP.npz`` (process 0, atomically): a run resumed
 between two re-minings reads the last one back, so it draws exactly the negatives an
@@ -26,8 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxembed import retrieval
-from jaxembed.data.pipeline import text_hash
+from jaxembed import mining, search
 from jaxembed.files import atomic_open
 
 POOL_DIR = "remine"
@@ -35,27 +32,20 @@ POOL_DIR = "remine"
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
+    """Re-mining of a run: how often, against which corpus files, by which rules."""
+
     every: int
     corpus: tuple[str, ...]
-    top_k: int
-    skip_top: int
-    relative_margin: float | None
-    num_negatives: int
+    rules: mining.Rules
 
     @classmethod
     def from_config(cls, config) -> Settings | None:
-        t = config.train
-        if not t.remine_every:
+        m = config.mine
+        if not m.every:
             return None
-        margin = t.remine_relative_margin
-        return cls(
-            int(t.remine_every),
-            tuple(t.remine_corpus),
-            int(t.remine_top_k),
-            int(t.remine_skip_top),
-            None if margin < 0 else float(margin),
-            int(t.remine_num_negatives),
-        )
+        fields = {f.name for f in dataclasses.fields(mining.Rules)}
+        rules = mining.Rules(**{k: m[k] for k in fields if k in m})
+        return cls(int(m.every), tuple(m.corpus), rules)
 
 
 @dataclasses.dataclass
@@ -89,79 +79,46 @@ def last_remine_step(step: int, every: int) -> int:
     return (step // every) * every
 
 
-def candidate_texts(settings: Settings, records: dict[int, list[dict]]) -> list[str]:
-    """The corpus (files, else the retrieval datasets' distinct positives), then every
-    positive not in it: each positive has an embedding, and other rows' are candidates."""
-    texts: list[str] = []
-    for path in settings.corpus:
-        texts += retrieval.read_corpus(path)[0]
-    seen = set(texts)
-    for rows in records.values():
-        for r in rows:
-            if r["positive"] not in seen:
-                seen.add(r["positive"])
-                texts.append(r["positive"])
-    return texts
-
-
 def remine(encoder, builder, settings: Settings, step: int, batch_size: int, log) -> Pool:
     """A fresh pool from ``encoder``'s live parameters (see the module docstring)."""
     t0 = time.perf_counter()
     cfg = builder.cfg
+    # Each retrieval dataset's records, read once: one pool for all, queries per dataset.
     sources = builder.sources
-    # Each retrieval dataset's records, read once for the candidates and the queries.
     records = {
         d: [s[i] for i in range(len(s))] for d, s in enumerate(sources) if s.task == "retrieval"
     }
-    texts = candidate_texts(settings, records)
-    index = {t: j for j, t in enumerate(texts)}
-    encoder.max_length = cfg.max_passage_length
-    docs = encoder.encode(texts, batch_size=batch_size, prompt=cfg.passage_prefix)
-    hashes = np.asarray([text_hash(t) for t in texts], np.int64)
-    negatives, n_queries = {}, 0
+    corpus = [t for path in settings.corpus for t in mining.read_corpus(path)[0]] or None
+    every = [r for rows in records.values() for r in rows]
+    pool = mining.candidate_pool(corpus, every)
+    docs = encoder.encode(pool.texts, batch_size=batch_size, prompt=cfg.passage_prefix,
+                          max_length=cfg.max_passage_length)  # fmt: skip
+    negatives, start = {}, 0
     for d, rows in records.items():
-        negatives[d] = _mine_source(
-            encoder, builder, rows, docs, hashes, index, settings, batch_size
+        mine_pool = dataclasses.replace(pool, positive=pool.positive[start : start + len(rows)])
+        start += len(rows)
+        negatives[d] = _negatives(
+            encoder, builder, rows, mine_pool, docs, settings.rules, batch_size
         )
-        n_queries += len(rows)
     log.print(
-        f"re-mined negatives at step {step}: {n_queries:,} queries against {len(texts):,} "
+        f"re-mined negatives at step {step}: {len(every):,} queries against {len(pool.texts):,} "
         f"passages in {time.perf_counter() - t0:.1f}s (training paused meanwhile)"
     )
-    return Pool(step, texts, negatives)
+    return Pool(step, pool.texts, negatives)
 
 
-def _mine_source(encoder, builder, records, docs, hashes, index, settings, batch_size):
+def _negatives(encoder, builder, records, pool, docs, rules: mining.Rules, batch_size: int):
     """(rows, K) indices into the pool: each row's selected negatives, -1 padded."""
     cfg = builder.cfg
-    groups: dict[str, list[int]] = {}
-    for n, r in enumerate(records):
-        groups.setdefault(builder.query_text(r), []).append(n)
-    queries = list(groups)
-    encoder.max_length = cfg.max_query_length
-    q_emb = encoder.encode(queries, batch_size=batch_size, prompt="")
-    most = max(len(rows) for rows in groups.values())
-    pos_hash = np.full((len(queries), most), -1, np.int64)
-    for g, rows in enumerate(groups.values()):
-        pos_hash[g, : len(rows)] = [text_hash(records[n]["positive"]) for n in rows]
-    cand_s, cand_i = retrieval.nearest_non_positives(
-        [q_emb], [docs], hashes, pos_hash, settings.top_k
-    )
-    k = settings.num_negatives
-    out = np.full((len(records), k), -1, np.int32)
-    for g, rows in enumerate(groups.values()):
-        for n in rows:
-            positive = float(q_emb[g] @ docs[index[records[n]["positive"]]])
-            take, _ = retrieval.select_negatives(
-                cand_s[g],
-                cand_i[g] >= 0,
-                positive,
-                skip_top=settings.skip_top,
-                max_score=None,
-                relative_margin=settings.relative_margin,
-                num_negatives=k,
-                sampling="top",
-                rng_seed=[0],
-            )
-            out[n, : len(take)] = cand_i[g][take]
+    queries = mining.group_queries(records, pool, lambda r: ("", builder.query_text(r)))
+    q_emb = encoder.encode(queries.texts, batch_size=batch_size, prompt="",
+                           max_length=cfg.max_query_length)  # fmt: skip
+    top_k = min(rules.top_k, len(pool.texts))
+    candidates = search.nearest_non_positives([q_emb], [docs], pool.hashes,
+                                              queries.positive_hashes, top_k)  # fmt: skip
+    pos_score = mining.positive_scores(q_emb.__getitem__, docs.__getitem__, queries, pool,
+                                       max(1, len(records)))  # fmt: skip
+    out = np.full((len(records), rules.num_negatives), -1, np.int32)
+    for n, choice in enumerate(mining.choose(records, queries, candidates, pos_score, rules)):
+        out[n, : len(choice.negatives)] = choice.negatives
     return out

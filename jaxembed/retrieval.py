@@ -1,8 +1,8 @@
-"""Retrieval: BEIR-layout data, exact top-k search, the standard metrics, prompt choice.
+"""Retrieval: BEIR-layout data, the standard metrics, prompt choice, in-training eval.
 
-The library under `jaxembed.evaluate` (the CLI), `jaxembed.mine` (search), `jaxembed.
-mteb_adapter` and the training loop's dev evaluation (`Evaluator`), so that all of them
-read, search and score the same way. Input: ``corpus.jsonl`` (``_id``, ``title``,
+The library under `jaxembed.evaluate` (the CLI), `jaxembed.mine`, `jaxembed.mteb_adapter`
+and the training loop's dev evaluation (`Evaluator`), so that all of them read, search
+(`jaxembed.search`) and score the same way. Input: ``corpus.jsonl`` (``_id``, ``title``,
 ``text``), ``queries.jsonl`` (``_id``, ``text``) and ``qrels/<split>.tsv`` (``query-id
 corpus-id score``, graded relevance allowed; a header line is optional). Search is exact:
 blocked matrix products keep a running top-k, so memory is bounded by the block sizes, not
@@ -32,21 +32,19 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import functools
-import gzip
 import json
 import math
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from jaxembed import sharding
 from jaxembed.encoder import Encoder
 from jaxembed.hf.sentence_transformers import DOC_PROMPTS, QUERY_PROMPTS, pick_prompt
+from jaxembed.search import top_k
 
 METRICS = ("ndcg@10", "mrr@10", "map@100", "recall@1", "recall@10", "recall@100")
 # Where MTEB stores the same numbers in its result files.
@@ -144,67 +142,6 @@ def find_sets(data: str | os.PathLike) -> list[Path]:
 
 # ------------------------------------------------------------------------------------------
 # Search and metrics
-
-
-@functools.partial(jax.jit, static_argnames=("k",))
-def _merge_block(best_s, best_i, q, d, n_valid, offset, k):
-    """Folds one corpus block into the running top-k (ties: lower corpus index first)."""
-    # HIGHEST: no TF32/bf16 passes on accelerators, so near-ties rank as in float32.
-    s = jnp.matmul(q, d.T, precision=jax.lax.Precision.HIGHEST)
-    col = jnp.arange(d.shape[0])
-    s = jnp.where(col[None, :] < n_valid, s, -jnp.inf)
-    cand_s = jnp.concatenate([best_s, s], axis=1)
-    cand_i = jnp.concatenate([best_i, jnp.broadcast_to(offset + col, s.shape)], axis=1)
-    # top_k puts the lower position first among equal values; the running best always sits
-    # before the block and holds lower corpus indices, so the tie rule holds across blocks.
-    top_s, pos = jax.lax.top_k(cand_s, k)
-    return top_s, jnp.take_along_axis(cand_i, pos, axis=1)
-
-
-def _pow2_at_least(n: int) -> int:
-    return 1 << max(0, n - 1).bit_length()
-
-
-def top_k(
-    queries: np.ndarray,
-    docs: np.ndarray,
-    k: int,
-    block: int = 16384,
-    query_block: int = 1024,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Exact top-k by inner product: ``(scores, indices)``, each ``(len(queries), k)``.
-
-    Scans ``docs`` in blocks of ``block`` rows and ``queries`` in blocks of ``query_block``
-    (both padded to a power of two, so few shapes compile), so memory stays at about
-    ``query_block * (block + k)`` floats. Equal scores rank the lower document index first,
-    whatever the block sizes.
-    """
-    queries = np.asarray(queries, np.float32)
-    docs = np.asarray(docs, np.float32)
-    k = min(k, len(docs))
-    n_q = len(queries)
-    out_s = np.zeros((n_q, k), np.float32)
-    out_i = np.zeros((n_q, k), np.int64)
-    if n_q == 0 or k == 0:
-        return out_s, out_i
-    d_rows = min(_pow2_at_least(block), _pow2_at_least(len(docs)))
-    q_rows = min(_pow2_at_least(query_block), _pow2_at_least(n_q))
-    n_docs = len(docs)
-    docs = np.concatenate([docs, np.zeros((-n_docs % d_rows, docs.shape[1]), np.float32)])
-    for qs in range(0, n_q, q_rows):
-        q = np.zeros((q_rows, queries.shape[1]), np.float32)
-        q[: min(q_rows, n_q - qs)] = queries[qs : qs + q_rows]
-        q = jnp.asarray(q)
-        best_s = jnp.full((q_rows, k), -jnp.inf, jnp.float32)
-        best_i = jnp.full((q_rows, k), -1, jnp.int32)
-        for ds in range(0, n_docs, d_rows):
-            best_s, best_i = _merge_block(
-                best_s, best_i, q, jnp.asarray(docs[ds : ds + d_rows]), n_docs - ds, ds, k
-            )
-        rows = min(q_rows, n_q - qs)
-        out_s[qs : qs + rows] = np.asarray(best_s)[:rows]
-        out_i[qs : qs + rows] = np.asarray(best_i)[:rows]
-    return out_s, out_i
 
 
 def retrieval_metrics(ranked: dict[str, list[str]], qrels: dict[str, dict[str, int]]) -> dict:
@@ -411,12 +348,12 @@ class Evaluator:
             on_mesh(enc, mesh)
 
         def queries(texts):
-            enc.max_length = self.q_len
-            return enc.encode(texts, batch_size=self.batch_size, prompt=self.query_prompt)
+            return enc.encode(texts, batch_size=self.batch_size, prompt=self.query_prompt,
+                              max_length=self.q_len)  # fmt: skip
 
         def docs(texts):
-            enc.max_length = self.p_len
-            return enc.encode(texts, batch_size=self.batch_size, prompt=self.passage_prompt)
+            return enc.encode(texts, batch_size=self.batch_size, prompt=self.passage_prompt,
+                              max_length=self.p_len)  # fmt: skip
 
         docs = reuse_last(docs)  # sets sharing a corpus encode it once
         per_set = {
@@ -428,187 +365,3 @@ class Evaluator:
             means = mean_over_sets({name: per_set[name] for name in members})
             out.update({f"eval/{group}/{m}": means[m] for m in METRICS})
         return out
-
-
-# ------------------------------------------------------------------------------------------
-# Search over embedding shards: corpora whose embeddings do not fit in memory at once
-
-
-def merge_top_k(
-    best_s: np.ndarray, best_i: np.ndarray, s: np.ndarray, i: np.ndarray, k: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Merges two ``(scores, global indices)`` candidate lists per row into the best ``k``.
-
-    Ties rank the lower index first, as `top_k` does, so a search split into shards ranks
-    exactly like one over the whole corpus. Index -1 marks an empty slot (score -inf).
-    """
-    cand_s = np.concatenate([best_s, s], axis=1)
-    cand_i = np.concatenate([best_i, i], axis=1)
-    # lexsort: the last key is primary. Empty slots (-inf) sort after every real score.
-    order = np.lexsort((cand_i, -cand_s), axis=-1)[:, :k]
-    return np.take_along_axis(cand_s, order, 1), np.take_along_axis(cand_i, order, 1)
-
-
-def search_shards(
-    queries: np.ndarray,
-    shards: Sequence[np.ndarray],
-    k: int,
-    *,
-    block: int = 16384,
-    query_block: int = 1024,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Exact top-k of ``queries`` over the concatenation of ``shards`` (e.g. memory-maps).
-
-    Each shard is searched with `top_k` and merged into a running top-k, so only one shard
-    is in memory at a time. Returns ``(scores, indices)`` of shape ``(len(queries), k)``,
-    indices global; when the shards hold fewer than ``k`` rows the rest is filled with score
-    -inf and index -1. Ties: lower index first.
-    """
-    queries = np.asarray(queries, np.float32)
-    best_s = np.full((len(queries), k), -np.inf, np.float32)
-    best_i = np.full((len(queries), k), -1, np.int64)
-    offset = 0
-    for shard in shards:
-        if len(shard) and len(queries) and k:
-            s, i = top_k(queries, np.asarray(shard), k, block, query_block)
-            best_s, best_i = merge_top_k(best_s, best_i, s, i + offset, k)
-        offset += len(shard)
-    return best_s, best_i
-
-
-def nearest_non_positives(
-    q_shards: Sequence[np.ndarray],
-    d_shards: Sequence[np.ndarray],
-    pool_hash: np.ndarray,
-    pos_hash: np.ndarray,
-    k: int,
-    *,
-    block: int = 16384,
-    query_block: int = 1024,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Each query's best ``k`` documents that are none of its positives.
-
-    Positives are recognised by text hash, not by index, so a positive that also sits in
-    the corpus (or twice in it) is never returned as a candidate negative.
-
-    Args:
-      q_shards, d_shards: query and document embeddings, in shards of equal size (but the
-        last); the queries' shards bound the memory of one `search_shards` call.
-      pool_hash: `jaxembed.data.pipeline.text_hash` of every document.
-      pos_hash: ``(queries, max positives)`` hashes of each query's positives, -1 padded.
-      k, block, query_block: as for `search_shards`.
-
-    Returns:
-      ``(scores, document indices)``, ``(queries, k)``, best first; -inf and -1 where there
-      are fewer candidates.
-    """
-    n_q, max_pos = pos_hash.shape
-    # A query's positives are at most max_pos of the ranks: k + max_pos covers them.
-    k_search = k + max_pos
-    cand_s = np.full((n_q, k), -np.inf, np.float32)
-    cand_i = np.full((n_q, k), -1, np.int64)
-    lo = 0
-    for q_shard in q_shards:
-        hi = lo + len(q_shard)
-        s, i = search_shards(
-            np.asarray(q_shard), d_shards, k_search, block=block, query_block=query_block
-        )
-        h = np.where(i >= 0, pool_hash[np.maximum(i, 0)], -2)
-        excluded = i < 0
-        for j in range(max_pos):
-            excluded |= h == pos_hash[lo:hi, j : j + 1]
-        # A stable sort on the flag moves the kept candidates forward in rank order.
-        order = np.argsort(excluded, axis=1, kind="stable")[:, :k]
-        keep = ~np.take_along_axis(excluded, order, 1)
-        cand_s[lo:hi] = np.where(keep, np.take_along_axis(s, order, 1), -np.inf)
-        cand_i[lo:hi] = np.where(keep, np.take_along_axis(i, order, 1), -1)
-        lo = hi
-    return cand_s, cand_i
-
-
-# ------------------------------------------------------------------------------------------
-# Corpora and the selection of hard negatives (`jaxembed.mine`, re-mining in training)
-
-
-def read_corpus(path: str | os.PathLike) -> tuple[list[str], int]:
-    """``(texts, skipped)`` of a corpus file; empty documents are skipped and counted.
-
-    ``.jsonl`` / ``.jsonl.gz``: one object per line with ``text`` (and optionally ``title``
-    and ``_id``; a title is joined as `retrieval.corpus_text` does). Anything else: plain
-    text, one document per line.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise EvalDataError(f"{path}: corpus file not found")
-    jsonl = path.name.endswith((".jsonl", ".jsonl.gz"))
-    texts: list[str] = []
-    skipped = 0
-    for text in _jsonl_documents(path) if jsonl else _line_documents(path):
-        if text.strip():
-            texts.append(text)
-        else:
-            skipped += 1
-    if not texts:
-        raise EvalDataError(f"{path}: the corpus is empty (no non-empty document)")
-    return texts, skipped
-
-
-def _jsonl_documents(path: Path) -> Iterator[str]:
-    opener = gzip.open if path.name.endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise EvalDataError(f"{path}:{line_no}: invalid JSON ({e.msg})") from None
-            if not isinstance(row, dict) or not isinstance(row.get("text"), str):
-                raise EvalDataError(f"{path}:{line_no}: expected an object with a 'text' string")
-            yield corpus_text(row)
-
-
-def _line_documents(path: Path) -> Iterator[str]:
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            yield line.rstrip("\n").rstrip("\r")
-
-
-def select_negatives(
-    scores: np.ndarray,
-    valid: np.ndarray,
-    positive_score: float,
-    *,
-    skip_top: int,
-    max_score: float | None,
-    relative_margin: float | None,
-    num_negatives: int,
-    sampling: str,
-    rng_seed: Sequence[int],
-) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """Steps 2-5 for one record: ``(taken ranks, (skipped, capped, too-close masks))``.
-
-    ``scores`` are the record's non-positive candidates best first
-    (`retrieval.nearest_non_positives`), ``valid`` marks the real ones; the taken ranks come
-    back in increasing order. The masks say why each candidate was dropped, for the stats.
-    """
-    ranks = np.arange(len(scores))
-    none = np.zeros(len(scores), bool)
-    drop_skip = valid & (ranks < skip_top)
-    rest = valid & ~drop_skip
-    drop_max = rest & (scores >= max_score) if max_score is not None else none
-    rest &= ~drop_max
-    if relative_margin is not None:
-        # pos - margin * |pos| is (1 - margin) * pos for pos >= 0 and stays below pos else.
-        threshold = positive_score - relative_margin * abs(positive_score)
-        drop_margin = rest & (scores >= threshold)
-    else:
-        drop_margin = none
-    rest &= ~drop_margin
-    survivors = np.flatnonzero(rest)
-    if sampling == "top" or len(survivors) <= num_negatives:
-        take = survivors[:num_negatives]
-    else:
-        rng = np.random.default_rng(list(rng_seed))
-        take = np.sort(rng.choice(survivors, size=num_negatives, replace=False))
-    return take, (drop_skip, drop_max, drop_margin)

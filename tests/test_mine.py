@@ -15,7 +15,7 @@ import pytest
 from helpers import assert_close, launch_local, save_tiny_with_tokenizer, toy_records, write_jsonl
 
 import jaxembed
-from jaxembed import embedding_cache, retrieval
+from jaxembed import embedding_cache, mining, retrieval, search
 from jaxembed import mine as mn
 from jaxembed.data import readers
 
@@ -46,7 +46,7 @@ def test_search_over_shards_equals_numpy_brute_force(integer):
         d = rng.standard_normal((203, 16)).astype(np.float32)
     shards = [d[:64], d[64:70], d[70:203]]  # uneven, one smaller than k
     for k in (10, 250):  # 250 > corpus: the tail is empty (-inf, -1)
-        s, i = retrieval.search_shards(q, shards, k, block=16, query_block=8)
+        s, i = search.search_shards(q, shards, k, block=16, query_block=8)
         ref_s, ref_i = brute_force(q, d, min(k, len(d)))
         np.testing.assert_array_equal(i[:, : ref_i.shape[1]], ref_i)
         assert_close(s[:, : ref_s.shape[1]], ref_s)
@@ -56,22 +56,21 @@ def test_search_over_shards_equals_numpy_brute_force(integer):
 def test_select_applies_the_rules_in_order():
     scores = np.array([0.9, 0.85, 0.7, 0.6, 0.5, -0.2, -np.inf])
     valid = np.array([True] * 6 + [False])
-    rules = dict(skip_top=1, max_score=0.8, relative_margin=0.05, sampling="top", rng_seed=[0])
-    take, (skip, cap, close) = retrieval.select_negatives(
-        scores, valid, 0.72, num_negatives=2, **rules
+    record = {"query": "q", "positive": "p"}
+    rules = dict(skip_top=1, max_score=0.8, relative_margin=0.05, sampling="top")
+    take, (skip, cap, close) = mining.Rules(num_negatives=2, **rules).select(
+        scores, valid, 0.72, record
     )
     assert skip.tolist() == [True] + [False] * 6
     assert cap.tolist() == [False, True] + [False] * 5  # 0.9 was skipped first
     assert close.tolist() == [False, False, True] + [False] * 4  # 0.7 >= 0.95 * 0.72
     assert take.tolist() == [3, 4]
-    take, _ = retrieval.select_negatives(scores, valid, 0.72, num_negatives=5, **rules)
+    take, _ = mining.Rules(num_negatives=5, **rules).select(scores, valid, 0.72, record)
     assert take.tolist() == [3, 4, 5]  # too few: what there is
     # A negative positive score: the threshold stays below it (-0.1 - 0.5 * 0.1).
     s = np.array([-0.12, -0.16])
-    _, (_, _, close) = retrieval.select_negatives(
-        s, np.ones(2, bool), -0.1, skip_top=0, max_score=None, relative_margin=0.5,
-        num_negatives=2, sampling="top", rng_seed=[0],
-    )  # fmt: skip
+    strict = mining.Rules(skip_top=0, max_score=None, relative_margin=0.5, num_negatives=2)
+    _, (_, _, close) = strict.select(s, np.ones(2, bool), -0.1, record)
     assert close.tolist() == [True, False]
 
 

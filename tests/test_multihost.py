@@ -89,10 +89,12 @@ def test_one_host_checkpoint_resumes_packed_and_remining_on_two_hosts_like_one_h
         shutil.rmtree(workdir / "checkpoints" / "6")
     common = dict(
         train__dropout=False,
-        train__remine_every=1,
-        train__remine_num_negatives=3,
-        train__remine_top_k=8,
-        train__remine_relative_margin=-1.0,
+        mine__every=1,
+        mine__num_negatives=3,
+        mine__top_k=8,
+        mine__skip_top=0,
+        mine__max_score=None,
+        mine__relative_margin=None,
         train__allow_config_change=True,  # re-mining added to a run that had none
         eval__data=(),
     )

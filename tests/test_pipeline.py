@@ -10,6 +10,7 @@ from helpers import minilm_path
 
 from jaxembed.data import pipeline
 from jaxembed.data.pipeline import BatchBuilder, PipelineConfig
+from jaxembed.packing import text_hash
 
 
 class ListSource:
@@ -121,7 +122,7 @@ def test_negatives_instruction_and_hashes(single_host):
     row = tok.decode(alpha["neg"][0], skip_special_tokens=True)
     pos = tok.decode(alpha["pos"][0], skip_special_tokens=True)
     assert row.split()[2].split(".")[0] == pos.split()[2]
-    assert pipeline.text_hash("x") == pipeline.text_hash("x") != pipeline.text_hash("y")
+    assert text_hash("x") == text_hash("x") != text_hash("y")
     # Deterministic: a fresh builder (and a pickled one, as in a worker) gives the same batch.
     assert_same(pickle.loads(pickle.dumps(builder()))(7), single_host[7])
 
@@ -285,7 +286,6 @@ def test_temperature_mixing_and_errors():
 def test_teacher_scores_follow_the_sampled_negatives():
     """Each row's teacher scores (positive, then the sampled negatives) travel with the texts;
     rows without scores and padded negatives are NaN; a bad scores field names its line."""
-    from jaxembed.data.pipeline import text_hash
     from jaxembed.data.records import RecordError, check_record
 
     scored = make_source("scored", "retrieval", 16, 10)

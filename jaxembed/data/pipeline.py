@@ -31,7 +31,6 @@ from __future__ import annotations
 import dataclasses
 import enum
 import functools
-import hashlib
 import importlib
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -41,16 +40,10 @@ import numpy as np
 
 from jaxembed.choices import MIXING, NEGATIVES, check
 from jaxembed.config import default_config
-from jaxembed.packing import bucket, fill, pack_rows
+from jaxembed.packing import bucket, fill, pack_rows, text_hash
 from jaxembed.tokenizer import load_tokenizer
 
 _DATA = default_config().data  # the defaults live in jaxembed.config, once
-
-
-def text_hash(text: str) -> int:
-    """A stable 31-bit hash of a text (the same on every host and every run)."""
-    digest = hashlib.blake2b(text.encode("utf-8"), digest_size=4).digest()
-    return int.from_bytes(digest, "little") & 0x7FFFFFFF
 
 
 def default_buckets(max_length: int) -> tuple[int, ...]:

@@ -1,0 +1,264 @@
+"""One mining core: the candidate pool, the queries, the rules and the selection of hard
+negatives. `jaxembed.mine` (the command line, with its embedding cache) and re-mining during
+training (`jaxembed.remine`) both run it, so they pick the same negatives for the same
+model, data and rules.
+
+Per record (the score is the cosine of unit vectors):
+
+1. Rank the pool (`candidate_pool`: the corpus deduplicated by exact text, then every
+   positive not in it) for the query and drop every candidate whose text hash equals that
+   of any positive of the query (records the model reads the same query for are one query
+   with all their positives: `group_queries`); keep the best ``top_k`` of the rest (ties:
+   lower pool index first; `search.nearest_non_positives`).
+2. Drop the first ``skip_top`` of those (likely unlabelled positives).
+3. Drop candidates with ``score >= max_score`` (an absolute cap; None disables).
+4. Drop candidates with ``score >= pos - relative_margin * |pos|``, ``pos`` being this
+   record's positive score: for ``pos >= 0`` that keeps ``score < (1 - margin) * pos``
+   (0.05 is NV-Retriever's TopK-PercPos at 95%), and it stays below the positive when
+   ``pos < 0``. None disables it.
+5. Take ``num_negatives`` of the survivors: ``top`` the best, ``random`` a sample seeded
+   by ``(seed, query, positive)`` (reproducible). Negatives are written best first.
+
+`Rules` holds these settings and their defaults (F2LLM's: top 100, skip 5, cap 0.8, 95% of
+the positive, 24 negatives), written once: the command line's flags, the config's ``mine``
+group and re-mining take them from here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import json
+import os
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+
+from jaxembed.packing import text_hash
+from jaxembed.retrieval import EvalDataError, corpus_text
+
+SAMPLING = ("top", "random")
+TOO_FEW = ("keep", "drop")
+
+
+class MiningError(ValueError):
+    """Bad mining input or settings; the message names what is wrong."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Rules:
+    """The selection rules (the module docstring's steps 1-5) and their defaults."""
+
+    top_k: int = 100  # candidates retrieved per query
+    skip_top: int = 5  # best candidates skipped (likely unlabelled positives)
+    max_score: float | None = 0.8  # candidates scoring at or above dropped; None: no cap
+    # candidates within this fraction of the positive's score dropped; None: off
+    relative_margin: float | None = 0.05
+    num_negatives: int = 24  # negatives kept per record
+    sampling: str = "top"  # "top": the best survivors; "random": a seeded sample of them
+    too_few: str = "keep"  # a record left with fewer: "keep" it, or "drop" it
+    seed: int = 0  # seeds sampling="random" (with the query and positive texts)
+
+    def __post_init__(self):
+        if self.top_k < 1 or self.skip_top < 0 or self.num_negatives < 1:
+            raise MiningError(
+                f"need top_k >= 1, skip_top >= 0, num_negatives >= 1; got top_k={self.top_k}, "
+                f"skip_top={self.skip_top}, num_negatives={self.num_negatives}"
+            )
+        if self.skip_top + self.num_negatives > self.top_k:
+            raise MiningError(
+                f"top_k={self.top_k} leaves only {self.top_k - self.skip_top} candidates after "
+                f"skip_top={self.skip_top}, fewer than num_negatives={self.num_negatives}; "
+                "raise top_k"
+            )
+        if self.sampling not in SAMPLING:
+            raise MiningError(f"sampling={self.sampling!r}; choose one of {list(SAMPLING)}")
+        if self.too_few not in TOO_FEW:
+            raise MiningError(f"too_few={self.too_few!r}; choose one of {list(TOO_FEW)}")
+        for name in ("max_score", "relative_margin"):
+            value = getattr(self, name)
+            if value is not None and not np.isfinite(float(value)):
+                raise MiningError(f"{name}={value} must be a finite number (or None to disable)")
+            object.__setattr__(self, name, None if value is None else float(value))
+
+    def select(self, scores, valid, positive_score: float, record: dict):
+        """Steps 2-5 for one record: ``(taken ranks, (skipped, capped, too-close masks))``.
+
+        ``scores`` are the record's non-positive candidates best first, ``valid`` marks the
+        real ones; the taken ranks come back in increasing order; the masks say why each
+        candidate was dropped (the stats). Random sampling is seeded by the record's texts,
+        so reruns agree.
+        """
+        ranks = np.arange(len(scores))
+        none = np.zeros(len(scores), bool)
+        drop_skip = valid & (ranks < self.skip_top)
+        rest = valid & ~drop_skip
+        drop_max = rest & (scores >= self.max_score) if self.max_score is not None else none
+        rest &= ~drop_max
+        drop_margin = none
+        if self.relative_margin is not None:
+            # pos - margin * |pos| is (1 - margin) * pos for pos >= 0 and stays below pos else.
+            threshold = positive_score - self.relative_margin * abs(positive_score)
+            drop_margin = rest & (scores >= threshold)
+        rest &= ~drop_margin
+        survivors = np.flatnonzero(rest)
+        if self.sampling == "top" or len(survivors) <= self.num_negatives:
+            take = survivors[: self.num_negatives]
+        else:
+            seed = [self.seed, text_hash(record["query"]), text_hash(record["positive"])]
+            rng = np.random.default_rng(seed)
+            take = np.sort(rng.choice(survivors, size=self.num_negatives, replace=False))
+        return take, (drop_skip, drop_max, drop_margin)
+
+
+# --- the pool and the queries ------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Candidates:
+    """The candidate pool: the corpus deduplicated by exact text, then every positive not in
+    it, so every positive has an embedding (the relative margin needs its score) and the
+    positives of other queries are candidates too (as in sentence-transformers)."""
+
+    texts: list[str]  # the corpus (first occurrences, in order), then new positives
+    n_corpus: int  # how many of them come from the corpus
+    duplicates: int  # corpus texts dropped as exact duplicates
+    positive: np.ndarray  # per record, its positive's index in ``texts``
+    hashes: np.ndarray  # `text_hash` of each text: how positives are told from negatives
+
+
+def candidate_pool(corpus: Sequence[str] | None, records: Sequence[dict]) -> Candidates:
+    """The pool of ``corpus`` (None: the records' distinct positives) and ``records``."""
+    index: dict[str, int] = {}
+    for t in corpus if corpus is not None else ():
+        index.setdefault(t, len(index))
+    n_corpus = len(index)
+    for r in records:
+        index.setdefault(r["positive"], len(index))
+    if not index:
+        raise MiningError("the corpus is empty and there are no positives")
+    texts = list(index)  # insertion order: the pool index order
+    return Candidates(
+        texts=texts,
+        n_corpus=n_corpus,
+        duplicates=len(corpus) - n_corpus if corpus is not None else 0,
+        positive=np.array([index[r["positive"]] for r in records], np.int64),
+        hashes=np.array([text_hash(t) for t in texts], np.int64),
+    )
+
+
+@dataclasses.dataclass
+class Queries:
+    """The distinct queries the model reads, and which records and positives are theirs."""
+
+    texts: list[str]  # one per distinct (prompt, text) the model reads
+    prompts: list[str]
+    of_record: np.ndarray  # per record, its query's index
+    positive_hashes: np.ndarray  # (queries, most positives) each query's, -1 padded
+
+
+def group_queries(
+    records: Sequence[dict], pool: Candidates, read: Callable[[dict], tuple[str, str]]
+) -> Queries:
+    """Records the model reads the same query for (``read(record) -> (prompt, text)``) are
+    one query with several positives: encoded and searched once, and none of its positives
+    is a negative of any of its records."""
+    group_of: dict[tuple[str, str], int] = {}
+    of_record = np.empty(len(records), np.int64)
+    for n, r in enumerate(records):
+        of_record[n] = group_of.setdefault(read(r), len(group_of))
+    positives: list[list[int]] = [[] for _ in group_of]
+    for n, g in enumerate(of_record):
+        if pool.positive[n] not in positives[g]:
+            positives[g].append(int(pool.positive[n]))
+    pos_hash = np.full((len(group_of), max(map(len, positives), default=1)), -1, np.int64)
+    for g, p in enumerate(positives):
+        pos_hash[g, : len(p)] = pool.hashes[p]  # -1 (padding) never equals a text_hash
+    return Queries([t for _, t in group_of], [p for p, _ in group_of], of_record, pos_hash)
+
+
+def positive_scores(query_rows, pool_rows, queries: Queries, pool: Candidates, chunk: int):
+    """Each record's query-positive cosine (the relative margin's reference), gathered
+    ``chunk`` records at a time: ``query_rows(idx)`` / ``pool_rows(idx)`` return the
+    embeddings of those query / pool indices."""
+    n = len(pool.positive)
+    out = np.empty(n, np.float32)
+    for lo in range(0, n, chunk):
+        sl = slice(lo, lo + chunk)
+        q, d = query_rows(queries.of_record[sl]), pool_rows(pool.positive[sl])
+        out[sl] = np.einsum("nd,nd->n", q, d)
+    return out
+
+
+class Choice(NamedTuple):
+    """One record's selection: its query, the candidates and what the rules took."""
+
+    query: int  # its query's index
+    negatives: np.ndarray  # the taken candidates' pool indices, best first
+    scores: np.ndarray  # their scores
+    ranks: np.ndarray  # their ranks among the query's candidates
+    drops: tuple  # (skipped, capped, too-close) masks over the candidates
+    candidates: np.ndarray  # the query's candidates' scores, best first
+    valid: np.ndarray  # which of them are real
+    positive_score: float
+
+
+def choose(records, queries: Queries, candidates, pos_score, rules: Rules) -> Iterator[Choice]:
+    """Steps 2-5 for every record, from each query's ``candidates``
+    (`search.nearest_non_positives`: scores and pool indices, best first)."""
+    cand_s, cand_i = candidates
+    for n, r in enumerate(records):
+        g = int(queries.of_record[n])
+        s, i = cand_s[g], cand_i[g]
+        valid = i >= 0
+        take, drops = rules.select(s, valid, float(pos_score[n]), r)
+        yield Choice(g, i[take], s[take], take, drops, s, valid, float(pos_score[n]))
+
+
+# --- corpora ---------------------------------------------------------------------------------
+
+
+def read_corpus(path: str | os.PathLike) -> tuple[list[str], int]:
+    """``(texts, skipped)`` of a corpus file; empty documents are skipped and counted.
+
+    ``.jsonl`` / ``.jsonl.gz``: one object per line with ``text`` (and optionally ``title``
+    and ``_id``; a title is joined as `retrieval.corpus_text` does). Anything else: plain
+    text, one document per line.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise EvalDataError(f"{path}: corpus file not found")
+    jsonl = path.name.endswith((".jsonl", ".jsonl.gz"))
+    texts: list[str] = []
+    skipped = 0
+    for text in _jsonl_documents(path) if jsonl else _line_documents(path):
+        if text.strip():
+            texts.append(text)
+        else:
+            skipped += 1
+    if not texts:
+        raise EvalDataError(f"{path}: the corpus is empty (no non-empty document)")
+    return texts, skipped
+
+
+def _jsonl_documents(path: Path) -> Iterator[str]:
+    opener = gzip.open if path.name.endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise EvalDataError(f"{path}:{line_no}: invalid JSON ({e.msg})") from None
+            if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+                raise EvalDataError(f"{path}:{line_no}: expected an object with a 'text' string")
+            yield corpus_text(row)
+
+
+def _line_documents(path: Path) -> Iterator[str]:
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            yield line.rstrip("\n").rstrip("\r")

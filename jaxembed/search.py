@@ -1,0 +1,173 @@
+"""Exact top-k search by inner product: one search for evaluation (`jaxembed.retrieval`) and
+mining (`jaxembed.mining`, `jaxembed.mine`, re-mining in training).
+
+`top_k` scans a corpus in blocks on the default device (memory ``query_block * (block +
+k)`` floats whatever the corpus size); `search_shards` runs it over embedding shards (e.g.
+memory-maps of `jaxembed.embedding_cache`) and merges the shards' results, so a corpus
+never has to sit in memory whole; `nearest_non_positives` drops each query's own positives
+(by text hash) from its results. Equal scores rank the lower document index first,
+everywhere, so a search split into blocks or shards ranks exactly like one over the whole
+corpus.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+@functools.partial(jax.jit, static_argnames=("k",))
+def _merge_block(best_s, best_i, q, d, n_valid, offset, k):
+    """Folds one corpus block into the running top-k (ties: lower corpus index first)."""
+    # HIGHEST: no TF32/bf16 passes on accelerators, so near-ties rank as in float32.
+    s = jnp.matmul(q, d.T, precision=jax.lax.Precision.HIGHEST)
+    col = jnp.arange(d.shape[0])
+    s = jnp.where(col[None, :] < n_valid, s, -jnp.inf)
+    cand_s = jnp.concatenate([best_s, s], axis=1)
+    cand_i = jnp.concatenate([best_i, jnp.broadcast_to(offset + col, s.shape)], axis=1)
+    # top_k puts the lower position first among equal values; the running best always sits
+    # before the block and holds lower corpus indices, so the tie rule holds across blocks.
+    top_s, pos = jax.lax.top_k(cand_s, k)
+    return top_s, jnp.take_along_axis(cand_i, pos, axis=1)
+
+
+def _pow2_at_least(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+def top_k(
+    queries: np.ndarray,
+    docs: np.ndarray,
+    k: int,
+    block: int = 16384,
+    query_block: int = 1024,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k by inner product: ``(scores, indices)``, each ``(len(queries), k)``.
+
+    Scans ``docs`` in blocks of ``block`` rows and ``queries`` in blocks of ``query_block``
+    (both padded to a power of two, so few shapes compile), so memory stays at about
+    ``query_block * (block + k)`` floats. Equal scores rank the lower document index first,
+    whatever the block sizes.
+    """
+    queries = np.asarray(queries, np.float32)
+    docs = np.asarray(docs, np.float32)
+    k = min(k, len(docs))
+    n_q = len(queries)
+    out_s = np.zeros((n_q, k), np.float32)
+    out_i = np.zeros((n_q, k), np.int64)
+    if n_q == 0 or k == 0:
+        return out_s, out_i
+    d_rows = min(_pow2_at_least(block), _pow2_at_least(len(docs)))
+    q_rows = min(_pow2_at_least(query_block), _pow2_at_least(n_q))
+    n_docs = len(docs)
+    docs = np.concatenate([docs, np.zeros((-n_docs % d_rows, docs.shape[1]), np.float32)])
+    for qs in range(0, n_q, q_rows):
+        q = np.zeros((q_rows, queries.shape[1]), np.float32)
+        q[: min(q_rows, n_q - qs)] = queries[qs : qs + q_rows]
+        q = jnp.asarray(q)
+        best_s = jnp.full((q_rows, k), -jnp.inf, jnp.float32)
+        best_i = jnp.full((q_rows, k), -1, jnp.int32)
+        for ds in range(0, n_docs, d_rows):
+            best_s, best_i = _merge_block(
+                best_s, best_i, q, jnp.asarray(docs[ds : ds + d_rows]), n_docs - ds, ds, k
+            )
+        rows = min(q_rows, n_q - qs)
+        out_s[qs : qs + rows] = np.asarray(best_s)[:rows]
+        out_i[qs : qs + rows] = np.asarray(best_i)[:rows]
+    return out_s, out_i
+
+
+def merge_top_k(
+    best_s: np.ndarray, best_i: np.ndarray, s: np.ndarray, i: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Merges two ``(scores, global indices)`` candidate lists per row into the best ``k``.
+
+    Ties rank the lower index first, as `top_k` does, so a search split into shards ranks
+    exactly like one over the whole corpus. Index -1 marks an empty slot (score -inf).
+    """
+    cand_s = np.concatenate([best_s, s], axis=1)
+    cand_i = np.concatenate([best_i, i], axis=1)
+    # lexsort: the last key is primary. Empty slots (-inf) sort after every real score.
+    order = np.lexsort((cand_i, -cand_s), axis=-1)[:, :k]
+    return np.take_along_axis(cand_s, order, 1), np.take_along_axis(cand_i, order, 1)
+
+
+def search_shards(
+    queries: np.ndarray,
+    shards: Sequence[np.ndarray],
+    k: int,
+    *,
+    block: int = 16384,
+    query_block: int = 1024,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k of ``queries`` over the concatenation of ``shards`` (e.g. memory-maps).
+
+    Each shard is searched with `top_k` and merged into a running top-k, so only one shard
+    is in memory at a time. Returns ``(scores, indices)`` of shape ``(len(queries), k)``,
+    indices global; when the shards hold fewer than ``k`` rows the rest is filled with score
+    -inf and index -1. Ties: lower index first.
+    """
+    queries = np.asarray(queries, np.float32)
+    best_s = np.full((len(queries), k), -np.inf, np.float32)
+    best_i = np.full((len(queries), k), -1, np.int64)
+    offset = 0
+    for shard in shards:
+        if len(shard) and len(queries) and k:
+            s, i = top_k(queries, np.asarray(shard), k, block, query_block)
+            best_s, best_i = merge_top_k(best_s, best_i, s, i + offset, k)
+        offset += len(shard)
+    return best_s, best_i
+
+
+def nearest_non_positives(
+    q_shards: Sequence[np.ndarray],
+    d_shards: Sequence[np.ndarray],
+    pool_hash: np.ndarray,
+    pos_hash: np.ndarray,
+    k: int,
+    *,
+    block: int = 16384,
+    query_block: int = 1024,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Each query's best ``k`` documents that are none of its positives.
+
+    Positives are recognised by text hash, not by index, so a positive that also sits in
+    the corpus (or twice in it) is never returned as a candidate negative.
+
+    Args:
+      q_shards, d_shards: query and document embeddings, in shards of equal size (but the
+        last); the queries' shards bound the memory of one `search_shards` call.
+      pool_hash: `jaxembed.packing.text_hash` of every document.
+      pos_hash: ``(queries, max positives)`` hashes of each query's positives, -1 padded.
+      k, block, query_block: as for `search_shards`.
+
+    Returns:
+      ``(scores, document indices)``, ``(queries, k)``, best first; -inf and -1 where there
+      are fewer candidates.
+    """
+    n_q, max_pos = pos_hash.shape
+    # A query's positives are at most max_pos of the ranks: k + max_pos covers them.
+    k_search = k + max_pos
+    cand_s = np.full((n_q, k), -np.inf, np.float32)
+    cand_i = np.full((n_q, k), -1, np.int64)
+    lo = 0
+    for q_shard in q_shards:
+        hi = lo + len(q_shard)
+        s, i = search_shards(
+            np.asarray(q_shard), d_shards, k_search, block=block, query_block=query_block
+        )
+        h = np.where(i >= 0, pool_hash[np.maximum(i, 0)], -2)
+        excluded = i < 0
+        for j in range(max_pos):
+            excluded |= h == pos_hash[lo:hi, j : j + 1]
+        # A stable sort on the flag moves the kept candidates forward in rank order.
+        order = np.argsort(excluded, axis=1, kind="stable")[:, :k]
+        keep = ~np.take_along_axis(excluded, order, 1)
+        cand_s[lo:hi] = np.where(keep, np.take_along_axis(s, order, 1), -np.inf)
+        cand_i[lo:hi] = np.where(keep, np.take_along_axis(i, order, 1), -1)
+        lo = hi
+    return cand_s, cand_i
