@@ -28,15 +28,16 @@ def make_schedule(optim: ml_collections.ConfigDict, total_steps: int) -> optax.S
     warmup = optax.linear_schedule(0.0, optim.lr, max(optim.warmup_steps, 1))
     decay_steps = max(total_steps - optim.warmup_steps, 1)
     if optim.schedule == "cosine":
-        after = optax.cosine_decay_schedule(optim.lr, decay_steps, alpha=optim.min_lr / optim.lr)
+        cosine = optax.cosine_decay_schedule(optim.lr, decay_steps, alpha=optim.min_lr / optim.lr)
+        # Its last value is min_lr up to fp32 rounding (-7.45e-13 for 0): never below.
+        after = lambda count: jnp.maximum(cosine(count), optim.min_lr)  # noqa: E731
     elif optim.schedule == "linear":
         after = optax.linear_schedule(optim.lr, optim.min_lr, decay_steps)
     else:
         after = optax.constant_schedule(optim.lr)
-    if optim.warmup_steps:
+    if optim.warmup_steps:  # the warmup starts below min_lr: the floor is the decay's only
         after = optax.join_schedules([warmup, after], [optim.warmup_steps])
-    # The cosine's last value is min_lr up to fp32 rounding (-7.45e-13 for 0): never below.
-    return lambda count: jnp.maximum(after(count + 1), optim.min_lr)
+    return lambda count: after(count + 1)
 
 
 def decay_mask(params) -> dict:

@@ -327,6 +327,9 @@ def test_schedule_and_decay_mask():
     np.testing.assert_allclose(
         float(train_state.make_schedule(c.optim, 110)(59)), (1e-3 + 1e-5) / 2, rtol=1e-5
     )
+    # min_lr floors the decay, not the warmup: with min_lr = lr step 1 still trains at lr / 10.
+    c.optim.min_lr, c.optim.schedule = 1e-3, "cosine"
+    np.testing.assert_allclose(float(train_state.make_schedule(c.optim, 110)(0)), 1e-4, rtol=1e-6)
     c.optim.warmup_steps = 0
     assert float(train_state.make_schedule(c.optim, 110)(0)) > 0.99e-3
     # The last step of a cosine to 0 is 0, not fp32's -7.45e-13 (never below min_lr).
