@@ -307,19 +307,21 @@ def _move_aside(mngr: ocp.CheckpointManager, steps: list[int]) -> None:
 
 
 def changed_settings(saved_meta: dict, config: dict, keys) -> list[str]:
-    """``config.KEY=old -> new`` for each of ``keys`` ("group.name") that differs between the
-    config a checkpoint was written with (its meta) and ``config`` (a JSON-like dict); keys a
-    checkpoint predates are skipped."""
+    """``config.KEY=old -> new`` for each of ``keys`` ("model.lora.rank") that differs between
+    the config a checkpoint was written with (its meta) and ``config`` (a JSON-like dict);
+    keys a checkpoint predates are skipped."""
     saved = saved_meta.get("config", {})
     saved = json.loads(saved) if isinstance(saved, str) else saved
     changed = []
     for key in keys:
-        group, name = key.split(".")
-        if group not in saved or name not in saved[group]:
-            continue  # a checkpoint written before the key existed
-        was, now = saved[group][name], config[group][name]
-        if json.dumps(was, sort_keys=True) != json.dumps(now, sort_keys=True):
-            changed.append(f"config.{key}={was!r} -> {now!r}")
+        was, now = saved, config
+        for part in key.split("."):
+            if not isinstance(was, dict) or part not in was:
+                break  # a checkpoint written before the key existed
+            was, now = was[part], now[part]
+        else:
+            if json.dumps(was, sort_keys=True) != json.dumps(now, sort_keys=True):
+                changed.append(f"config.{key}={was!r} -> {now!r}")
     return changed
 
 

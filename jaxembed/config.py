@@ -1,10 +1,14 @@
-"""The shared config schema: defaults, grouped as model / loss / optim / mesh / train.
+"""The config schema, in one place: each setting's default, help, allowed values and whether
+a resumed run must keep it.
 
 Configs are Python files whose ``get_config()`` starts from `default_config()` and overrides
 what the recipe needs (`load`); the command line overrides further with
-``--config.optim.lr=...`` (`override`). `validate` checks every value and names the key and
-the allowed values on error. These are the only defaults: the data pipeline's settings
-(`jaxembed.data.pipeline.PipelineConfig`) read theirs from here.
+``--config.optim.lr=...`` (`override`). Everything about a setting is written once, in
+`SCHEMA`: `default_config` builds from it, `validate` and `check` read its allowed values
+and bounds, ``--help`` prints it (`describe`), the resume check reads `RESUME_KEYS` from it,
+and the data pipeline (`jaxembed.data.pipeline.PipelineConfig`) takes its defaults and
+checks from it. What links several settings (a chunk dividing the batch, LoRA needing
+targets) is checked in `validate`, below the table.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import ast
 import dataclasses
 import importlib.util
 from pathlib import Path
+from typing import Any
 
 import ml_collections
 
@@ -28,264 +33,381 @@ from jaxembed.choices import (
 )
 from jaxembed.mining import MiningError, Rules
 
-RULES = Rules()  # the mining rules' defaults (jaxembed.mining): the `mine` group's
 
-# The fields that take one of a closed set of names (`validate` checks them, --help lists them).
-CHOICES = {
-    "model.dtype": DTYPES,
-    "model.attention": ATTENTION,
-    "loss.style": LOSS_STYLES,
-    "optim.schedule": SCHEDULES,
-    "data.mixing": MIXING,
-    "data.negatives": NEGATIVES,
-    "train.packing_shapes": PACKING_SHAPES,
-}
+@dataclasses.dataclass(frozen=True)
+class Field:
+    """One setting. A dict ``default`` is a group of numbers keyed by ``keys`` (any key when
+    None), each checked against the bounds."""
 
+    default: Any
+    help: str = ""
+    choices: tuple = ()  # the allowed values (a closed set of names)
+    above: float | None = None  # bounds, checked by `validate`
+    at_least: float | None = None
+    below: float | None = None
+    at_most: float | None = None
+    none_ok: bool = False  # None (``none`` on the command line) turns the setting off
+    keys: tuple | None = None  # a dict's allowed keys
+    key_name: str = "key"  # what its keys are, for errors ("task")
+    resume: bool = False  # a resumed run must keep it (train.allow_config_change overrides)
 
-def default_config() -> ml_collections.ConfigDict:
-    c = ml_collections.ConfigDict()
+    def check(self, value, key: str):
+        """``value`` if allowed, else a ValueError naming ``config.KEY``, the value and why."""
+        if value is None and self.none_ok:
+            return value
+        if isinstance(self.default, dict):
+            for name, v in dict(value).items():
+                if self.keys is not None and name not in self.keys:
+                    raise ValueError(
+                        f"config.{key}.{name}: unknown {self.key_name}; allowed: "
+                        f"{', '.join(self.keys)}"
+                    )
+                dataclasses.replace(self, default=0.0).check(v, f"{key}.{name}")
+            return value
+        if self.choices and value not in self.choices:
+            raise ValueError(
+                f"config.{key}={value!r} is not allowed; choose one of {list(self.choices)}"
+            )
+        if (
+            (self.above is not None and value <= self.above)
+            or (self.at_least is not None and value < self.at_least)
+            or (self.below is not None and value >= self.below)
+            or (self.at_most is not None and value > self.at_most)
+        ):
+            raise ValueError(f"config.{key}={value!r} must {self.bounds()}")
+        return value
 
-    c.model = ml_collections.ConfigDict()
-    c.model.path = ""  # local HF / sentence-transformers folder
-    c.model.dtype = "float32"  # compute dtype; parameters are always float32
-    c.model.remat = False  # recompute each layer in the backward pass (less memory)
-    # xla everywhere; cudnn (GPU) and splash (TPU) fused kernels; auto: the platform's best
-    c.model.attention = "auto"
-    c.model.pooling = ""  # "" = the folder's pooling (sentence-transformers), else mean
-    # LoRA (rank > 0): low-rank adapters on the linear layers named in targets (HF module
-    # names, matched as PEFT's target_modules: "query", "q_proj", "self_attn.o_proj"); only
-    # the adapters (and a Dense head, if any) train, the backbone's weights stay frozen.
-    c.model.lora = ml_collections.ConfigDict()
-    c.model.lora.rank = 0
-    c.model.lora.alpha = 16.0  # the update is scaled by alpha / rank
-    c.model.lora.dropout = 0.0  # on the adapters' input, in training
-    c.model.lora.targets = ()
+    def bounds(self) -> str:
+        """The bounds in words: "be > 0", "lie in [0, 1)"; "" when there are none."""
+        low = ("(", self.above) if self.above is not None else ("[", self.at_least)
+        high = (")", self.below) if self.below is not None else ("]", self.at_most)
+        if low[1] is not None and high[1] is not None:
+            return f"lie in {low[0]}{low[1]:g}, {high[1]:g}{high[0]}"
+        if low[1] is not None:
+            return f"be {'>' if low[0] == '(' else '>='} {low[1]:g}"
+        if high[1] is not None:
+            return f"be {'<' if high[0] == ')' else '<='} {high[1]:g}"
+        return ""
 
-    c.loss = ml_collections.ConfigDict()
-    c.loss.style = "joint"  # retrieval: "joint" one softmax, "f2llm" in-batch + hard, summed
-    c.loss.temperature = 0.05
-    c.loss.learnable_temperature = False
-    c.loss.symmetric = False  # add the passage -> query direction to the in-batch term
-    c.loss.false_negative_masking = True  # mask candidates whose text equals the positive
-    c.loss.matryoshka_dims = ()  # e.g. (768, 512, 256, 128); () = off
-    c.loss.matryoshka_weights = ()  # one per dim; () = all 1
-    # Distillation from the teacher scores records carry ("scores", `jaxembed.score`), per
-    # task, added to InfoNCE: KL between the teacher's and the student's softmax over each
-    # row's positive and hard negatives, and Margin-MSE on positive-minus-negative margins.
-    # Student logits are cos / temperature; teacher scores are divided by teacher_temperature.
-    c.loss.infonce_weight = ml_collections.ConfigDict(dict.fromkeys(TASKS, 1.0))
-    c.loss.kl_weight = ml_collections.ConfigDict(dict.fromkeys(TASKS, 0.0))
-    c.loss.margin_mse_weight = ml_collections.ConfigDict(dict.fromkeys(TASKS, 0.0))
-    c.loss.teacher_temperature = 1.0
-
-    c.optim = ml_collections.ConfigDict()
-    c.optim.lr = 2e-5
-    c.optim.b1 = 0.9
-    c.optim.b2 = 0.999
-    c.optim.eps = 1e-8
-    c.optim.weight_decay = 0.01  # not applied to LayerNorm scales, biases or the temperature
-    c.optim.warmup_steps = 100
-    c.optim.schedule = "cosine"  # after warmup: cosine / linear decay to min_lr, or constant
-    c.optim.min_lr = 0.0
-    c.optim.clip_norm = 1.0  # global-norm clipping; 0 = off
-
-    c.mesh = ml_collections.ConfigDict()
-    c.mesh.data = -1  # -1: all devices left over by the other axes
-    c.mesh.fsdp = 1
-    c.mesh.tensor = 1
-
-    c.train = ml_collections.ConfigDict()
-    c.train.steps = 1000
-    c.train.global_batch = 64
-    c.train.seed = 0
-    c.train.dropout = True  # the backbone's dropout during training
-    c.train.gradcache = False
-    c.train.gradcache_chunk = 16  # rows per GradCache chunk (a multiple of data parallelism)
-    # Several texts per row of data.max_*_length tokens (attention and pooling per text):
-    # no padding to compute.
-    c.train.packing = False
-    c.train.packing_rows = 0  # the granule: rows per tower come in its multiples (0: batch / 16)
-    # "few": each tower's row count rounded up further, to 1, 2, 3, 4, 6, 8, 12, 16, 24, ...
-    # granules, so a run meets a few shapes (one compile each) instead of one per granule:
-    # ~15% more (empty) rows per step on average. "exact": the next multiple of the
-    # granule (long runs, where compiles are paid once and every step's rows count).
-    c.train.packing_shapes = "few"
-    # Wall-clock budget of one invocation, start-up and compiles included (0 = none): when
-    # spent, training ends after the current step (checkpoint, eval after) even if the
-    # schedule has steps left; rerunning the same command resumes and continues.
-    c.train.time_limit_minutes = 0.0
-    # Resume even when the config changes the model or the data of the run (train.RESUME_KEYS)
-    c.train.allow_config_change = False
-
-    # Hard-negative mining during training (jaxembed.remine): every `every` steps (0: never)
-    # the retrieval datasets' negatives are re-mined with the live parameters, against
-    # `corpus` (corpus files as jaxembed.mine reads them; (): the distinct positives), by
-    # jaxembed.mining's rules, whose defaults (F2LLM's) the rest of the group takes.
-    c.mine = ml_collections.ConfigDict()
-    c.mine.every = 0
-    c.mine.corpus = ()
-    c.mine.top_k = RULES.top_k  # candidates retrieved per query
-    c.mine.skip_top = RULES.skip_top  # best candidates skipped (likely unlabelled positives)
-    c.mine.max_score = RULES.max_score  # candidates scoring at or above dropped; None: no cap
-    # candidates within this fraction of the positive's score dropped (NV-Retriever's 0.05)
-    c.mine.relative_margin = RULES.relative_margin
-    c.mine.num_negatives = RULES.num_negatives  # negatives kept per row
-    c.mine.sampling = RULES.sampling  # "top": the best survivors; "random": a seeded sample
-
-    c.data = ml_collections.ConfigDict()
-    # JSONL / Parquet files, directories of them, HF datasets or prepared TFDS folders, or
-    # hf://OWNER/NAME[/CONFIG][:SPLIT] (a dataset in the local hub cache)
-    c.data.train = ()
-    c.data.skip_bad = False  # skip (and count) malformed records instead of stopping
-    # Renames of your columns to the record fields, e.g. {"question": "query", "answer":
-    # "positive"}; sentence-transformers' anchor / positive / negative(_N) need none.
-    c.data.columns = ml_collections.ConfigDict()
-    c.data.mixing = "remaining"  # F2LLM: proportional to remaining batches; or "temperature"
-    c.data.mixing_temperature = 1.0
-    c.data.num_negatives = ml_collections.ConfigDict(
-        {"retrieval": 7, "classification": 1, "clustering": 7}
-    )
-    # "mined": each row's stored negatives; "random": other rows' positives drawn uniformly
-    # from the same dataset (the control that shows what mining adds)
-    c.data.negatives = "mined"
-    # > 0: batches made of groups of this many rows linked by their mined negatives (a
-    # row's negative is another row's positive), so in-batch negatives are hard ones
-    # without encoding extra passages; 0: rows shuffled uniformly
-    c.data.group_size = 0
-    # A function rewriting training queries, "MODULE:FUNCTION" (f(record, rng) -> the query
-    # text; "" = none), applied to a query_transform_rate fraction of them, drawn per row:
-    # e.g. examples.debian_retrofit.script:cyrillic (queries in Cyrillic letters)
-    c.data.query_transform = ""
-    c.data.query_transform_rate = 0.0
-    c.data.max_query_length = 64
-    c.data.max_passage_length = 256
-    c.data.query_buckets = ()  # padded lengths; () = a quarter, half and all of the maximum
-    c.data.passage_buckets = ()
-    c.data.query_prefix = ""  # e.g. "query: " (E5)
-    c.data.passage_prefix = ""  # e.g. "passage: "
-    c.data.instruction_template = "Instruct: {instruction}\nQuery: {query}"
-    c.data.workers = 0  # Grain worker processes building batches ahead of the step
-    c.data.prefetch = 2
-
-    c.ckpt = ml_collections.ConfigDict()
-    c.ckpt.every = 500  # steps between checkpoints (and one at the end)
-    c.ckpt.keep = 3
-    c.ckpt.keep_best = 0  # also keep this many best by eval.best_metric
-    c.ckpt.async_save = True
-    # Resume from the newest intact step when the latest cannot be restored (the damaged
-    # steps are moved to WORKDIR/damaged_checkpoints); False: stop and say so
-    c.ckpt.fallback = False
-
-    c.eval = ml_collections.ConfigDict()
-    c.eval.every = 0  # steps between evaluations; 0 = only before and after training
-    c.eval.data = ()  # BEIR-layout folders (corpus.jsonl, queries.jsonl, qrels/<split>.tsv)
-    c.eval.split = "dev"
-    c.eval.batch_size = 64
-    c.eval.best_metric = "ndcg@10"  # averaged over eval.data; used by ckpt.keep_best
-    # Named groups of eval.data sets (by folder name), each also reported as its own mean,
-    # e.g. {"zero-shot": ("xling-ja", "xling-ko"), "trained": ("xling-de",)}.
-    c.eval.groups = ml_collections.ConfigDict()
-
-    c.log = ml_collections.ConfigDict()
-    c.log.every = 10
-    c.log.tensorboard = True
-    return c
+    def describe(self) -> str:
+        """The allowed values and the help, as ``--help`` shows them."""
+        parts = [f"one of {list(self.choices)}"] if self.choices else []
+        parts += [f"must {self.bounds()}"] if self.bounds() else []
+        parts += ["None: off"] if self.none_ok else []
+        parts += ["must match on resume"] if self.resume else []
+        return "; ".join(parts + ([self.help] if self.help else []))
 
 
-# What a resumed run must share with the run that wrote the checkpoint: the model, and what
-# decides which rows, texts and negatives each step sees. Anything else (steps, learning
-# rate, mesh, packing, GradCache, evaluation) may change between invocations.
-RESUME_KEYS = (
-    "model.path",
-    "model.pooling",
-    "model.lora",
-    "data.train",
-    "data.num_negatives",
-    "data.negatives",
-    "data.group_size",
-    "data.mixing",
-    "data.max_query_length",
-    "data.max_passage_length",
-    "data.query_prefix",
-    "data.passage_prefix",
-    "data.instruction_template",
-    "data.query_transform",
-    "data.query_transform_rate",
-    "train.global_batch",
-    "train.seed",
-    "mine.every",
+class Group(dict):
+    """Named fields and subgroups, in order, with the help ``--help`` prints above them."""
+
+    def __init__(self, help: str = "", **fields: Field | Group):
+        super().__init__(fields)
+        self.help = help
+
+
+PER_TASK = dict.fromkeys(TASKS, 1.0)
+
+SCHEMA = Group(
+    model=Group(
+        "",
+        path=Field("", "local HF / sentence-transformers folder", resume=True),
+        dtype=Field("float32", "compute dtype; parameters are always float32", choices=DTYPES),
+        remat=Field(False, "recompute each layer in the backward pass (less memory)"),
+        attention=Field(
+            "auto",
+            "xla everywhere; cudnn (GPU) and splash (TPU) fused kernels; auto: the platform's best",
+            choices=ATTENTION,
+        ),
+        pooling=Field(
+            "", '"" = the folder\'s pooling (sentence-transformers), else mean', resume=True
+        ),
+        lora=Group(
+            "LoRA (rank > 0): low-rank adapters on the linear layers named in targets (HF "
+            'module names, matched as PEFT\'s target_modules: "query", "q_proj", '
+            '"self_attn.o_proj"); only the adapters (and a Dense head, if any) train, the '
+            "backbone's weights stay frozen.",
+            rank=Field(0, at_least=0, resume=True),
+            alpha=Field(16.0, "the update is scaled by alpha / rank", above=0, resume=True),
+            dropout=Field(0.0, "on the adapters' input, in training", at_least=0, below=1),
+            targets=Field((), resume=True),
+        ),
+    ),
+    loss=Group(
+        "",
+        style=Field(
+            "joint",
+            'retrieval: "joint" one softmax, "f2llm" in-batch + hard, summed',
+            choices=LOSS_STYLES,
+        ),
+        temperature=Field(0.05, above=0),
+        learnable_temperature=Field(False),
+        symmetric=Field(False, "add the passage -> query direction to the in-batch term"),
+        false_negative_masking=Field(True, "mask candidates whose text equals the positive"),
+        matryoshka_dims=Field((), "e.g. (768, 512, 256, 128); () = off"),
+        matryoshka_weights=Field((), "one per dim; () = all 1"),
+        infonce_weight=Field(
+            PER_TASK,
+            'per task. Distillation from the teacher scores records carry ("scores", '
+            "jaxembed.score), added to InfoNCE: KL between the teacher's and the student's "
+            "softmax over each row's positive and hard negatives (kl_weight), and Margin-MSE "
+            "on positive-minus-negative margins (margin_mse_weight). Student logits are "
+            "cos / temperature; teacher scores are divided by teacher_temperature.",
+            at_least=0,
+            keys=TASKS,
+            key_name="task",
+        ),
+        kl_weight=Field(
+            dict.fromkeys(TASKS, 0.0), "per task", at_least=0, keys=TASKS, key_name="task"
+        ),
+        margin_mse_weight=Field(
+            dict.fromkeys(TASKS, 0.0), "per task", at_least=0, keys=TASKS, key_name="task"
+        ),
+        teacher_temperature=Field(1.0, above=0),
+    ),
+    optim=Group(
+        "AdamW",
+        lr=Field(2e-5, above=0),
+        b1=Field(0.9, at_least=0, below=1),
+        b2=Field(0.999, at_least=0, below=1),
+        eps=Field(1e-8, above=0),
+        weight_decay=Field(
+            0.01, "not applied to LayerNorm scales, biases or the temperature", at_least=0
+        ),
+        warmup_steps=Field(100, at_least=0),
+        schedule=Field(
+            "cosine",
+            "after warmup: cosine / linear decay to min_lr, or constant",
+            choices=SCHEDULES,
+        ),
+        min_lr=Field(0.0, at_least=0),
+        clip_norm=Field(1.0, "global-norm clipping; 0 = off", at_least=0),
+    ),
+    mesh=Group(
+        "device mesh axes (jaxembed.sharding)",
+        data=Field(-1, "-1: all devices left over by the other axes"),
+        fsdp=Field(1),
+        tensor=Field(1),
+    ),
+    train=Group(
+        "",
+        steps=Field(1000, above=0),
+        global_batch=Field(64, above=0, resume=True),
+        seed=Field(0, resume=True),
+        dropout=Field(True, "the backbone's dropout during training"),
+        gradcache=Field(False),
+        gradcache_chunk=Field(
+            16, "rows per GradCache chunk (a multiple of data parallelism)", above=0
+        ),
+        packing=Field(
+            False,
+            "several texts per row of data.max_*_length tokens (attention and pooling per "
+            "text): no padding to compute",
+        ),
+        packing_rows=Field(
+            0, "the granule: rows per tower come in its multiples (0: batch / 16)", at_least=0
+        ),
+        packing_shapes=Field(
+            "few",
+            '"few": each tower\'s row count rounded up further, to 1, 2, 3, 4, 6, 8, 12, 16, '
+            "24, ... granules, so a run meets a few shapes (one compile each) instead of one "
+            'per granule: ~15% more (empty) rows per step on average. "exact": the next '
+            "multiple of the granule (long runs, where compiles are paid once and every "
+            "step's rows count)",
+            choices=PACKING_SHAPES,
+        ),
+        time_limit_minutes=Field(
+            0.0,
+            "wall-clock budget of one invocation, start-up and compiles included (0 = none): "
+            "when spent, training ends after the current step (checkpoint, eval after) even "
+            "if the schedule has steps left; rerunning the same command resumes and continues",
+            at_least=0,
+        ),
+        allow_config_change=Field(
+            False, "resume even when a setting marked 'must match on resume' changed"
+        ),
+    ),
+    mine=Group(
+        "Hard-negative mining during training (jaxembed.remine): every `every` steps the "
+        "retrieval datasets' negatives are re-mined with the live parameters by "
+        "jaxembed.mining's rules (jaxembed.mining.Rules: their defaults, F2LLM's, help and "
+        "checks).",
+        every=Field(0, "steps between re-minings (0: never)", at_least=0, resume=True),
+        corpus=Field((), "corpus files as jaxembed.mine reads them; (): the distinct positives"),
+        **{
+            rule.name: Field(
+                rule.default,
+                rule.metadata["help"],
+                choices=rule.metadata.get("choices", ()),
+                none_ok=rule.metadata.get("none_ok", False),
+            )
+            for rule in dataclasses.fields(Rules)
+            if rule.name not in ("too_few", "seed")  # a training run keeps short rows, seed 0
+        },
+    ),
+    data=Group(
+        "",
+        train=Field(
+            (),
+            "JSONL / Parquet files, directories of them, HF datasets or prepared TFDS "
+            "folders, or hf://OWNER/NAME[/CONFIG][:SPLIT] (a dataset in the local hub cache)",
+            resume=True,
+        ),
+        skip_bad=Field(False, "skip (and count) malformed records instead of stopping"),
+        columns=Field(
+            {},
+            'renames of your columns to the record fields, e.g. {"question": "query", '
+            '"answer": "positive"}; sentence-transformers\' anchor / positive / negative(_N) '
+            "need none",
+        ),
+        mixing=Field(
+            "remaining",
+            "F2LLM: proportional to remaining batches; or temperature",
+            choices=MIXING,
+            resume=True,
+        ),
+        mixing_temperature=Field(1.0, above=0),
+        num_negatives=Field(
+            {"retrieval": 7, "classification": 1, "clustering": 7},
+            "hard negatives per row, per task",
+            at_least=0,
+            keys=TASKS,
+            key_name="task",
+            resume=True,
+        ),
+        negatives=Field(
+            "mined",
+            '"mined": each row\'s stored negatives; "random": other rows\' positives drawn '
+            "uniformly from the same dataset (the control that shows what mining adds)",
+            choices=NEGATIVES,
+            resume=True,
+        ),
+        group_size=Field(
+            0,
+            "> 0: batches made of groups of this many rows linked by their mined negatives "
+            "(a row's negative is another row's positive), so in-batch negatives are hard "
+            "ones without encoding extra passages; 0: rows shuffled uniformly",
+            at_least=0,
+            resume=True,
+        ),
+        query_transform=Field(
+            "",
+            'a function rewriting training queries, "MODULE:FUNCTION" (f(record, rng) -> the '
+            'query text; "" = none), applied to a query_transform_rate fraction of them, '
+            "drawn per row: e.g. examples.debian_retrofit.script:cyrillic",
+            resume=True,
+        ),
+        query_transform_rate=Field(0.0, at_least=0, at_most=1, resume=True),
+        max_query_length=Field(64, above=0, resume=True),
+        max_passage_length=Field(256, above=0, resume=True),
+        query_buckets=Field((), "padded lengths; () = a quarter, half and all of the maximum"),
+        passage_buckets=Field(()),
+        query_prefix=Field("", 'e.g. "query: " (E5)', resume=True),
+        passage_prefix=Field("", 'e.g. "passage: "', resume=True),
+        instruction_template=Field("Instruct: {instruction}\nQuery: {query}", resume=True),
+        workers=Field(0, "Grain worker processes building batches ahead of the step", at_least=0),
+        prefetch=Field(2, at_least=0),
+    ),
+    ckpt=Group(
+        "",
+        every=Field(500, "steps between checkpoints (and one at the end)", above=0),
+        keep=Field(3, above=0),
+        keep_best=Field(0, "also keep this many best by eval.best_metric", at_least=0),
+        async_save=Field(True),
+        fallback=Field(
+            False,
+            "resume from the newest intact step when the latest cannot be restored (the "
+            "damaged steps are moved to WORKDIR/damaged_checkpoints); False: stop and say so",
+        ),
+    ),
+    eval=Group(
+        "",
+        every=Field(0, "steps between evaluations; 0 = only before and after training", at_least=0),
+        data=Field((), "BEIR-layout folders (corpus.jsonl, queries.jsonl, qrels/<split>.tsv)"),
+        split=Field("dev"),
+        batch_size=Field(64, above=0),
+        best_metric=Field("ndcg@10", "averaged over eval.data; used by ckpt.keep_best"),
+        groups=Field(
+            {},
+            "named groups of eval.data sets (by folder name), each also reported as its own "
+            'mean, e.g. {"zero-shot": ("xling-ja", "xling-ko"), "trained": ("xling-de",)}',
+        ),
+    ),
+    log=Group("", every=Field(10, above=0), tensorboard=Field(True)),
 )
 
 
-def _choice(c, key: str, allowed) -> None:
-    value = c
-    for part in key.split("."):
-        value = value[part]
-    if value not in allowed:
-        raise ValueError(f"config.{key}={value!r} is not allowed; choose one of {list(allowed)}")
+def fields(group: Group = SCHEMA, prefix: str = ""):
+    """``(key, Field)`` of every setting, nested groups flattened (``"model.lora.rank"``)."""
+    for name, item in group.items():
+        if isinstance(item, Group):
+            yield from fields(item, f"{prefix}{name}.")
+        else:
+            yield f"{prefix}{name}", item
 
 
-def _positive(c, key: str, allow_zero: bool = False) -> None:
-    value = c
-    for part in key.split("."):
-        value = value[part]
-    if value < 0 or (value == 0 and not allow_zero):
-        raise ValueError(f"config.{key}={value!r} must be {'>= 0' if allow_zero else '> 0'}")
+FIELDS = dict(fields())
+# What a resumed run must share with the run that wrote the checkpoint: the model, and what
+# decides which rows, texts and negatives each step sees.
+RESUME_KEYS = tuple(key for key, f in FIELDS.items() if f.resume)
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """Every setting at its default (`SCHEMA`)."""
+
+    def build(group: Group) -> ml_collections.ConfigDict:
+        c = ml_collections.ConfigDict()
+        for name, item in group.items():
+            if isinstance(item, Group):
+                c[name] = build(item)
+            elif isinstance(item.default, dict):
+                c[name] = ml_collections.ConfigDict(dict(item.default))
+            else:
+                c[name] = item.default
+        return c
+
+    return build(SCHEMA)
+
+
+def check(key: str, value):
+    """``value`` if ``config.KEY`` allows it (`SCHEMA`), else a ValueError naming both."""
+    return FIELDS[key].check(value, key)
+
+
+def mining_rules(c: ml_collections.ConfigDict) -> Rules:
+    """The mining rules of ``config.mine`` (checked by `Rules`, the errors naming the group)."""
+    names = {f.name for f in dataclasses.fields(Rules)}
+    try:
+        return Rules(**{k: v for k, v in c.mine.items() if k in names})
+    except MiningError as e:
+        raise ValueError(f"config.mine: {e}") from None
 
 
 def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """Checks the values `default_config` defines; returns the config."""
-    for key, allowed in CHOICES.items():
-        _choice(c, key, allowed)
-    for key in ("loss.temperature", "optim.lr", "train.steps", "train.global_batch"):
-        _positive(c, key)
-    for key in ("optim.weight_decay", "optim.warmup_steps", "optim.min_lr", "optim.clip_norm"):
-        _positive(c, key, allow_zero=True)
-    if c.train.gradcache:
-        _positive(c, "train.gradcache_chunk")
-        if c.train.global_batch % c.train.gradcache_chunk:
-            raise ValueError(
-                f"config.train.gradcache_chunk={c.train.gradcache_chunk} must divide "
-                f"config.train.global_batch={c.train.global_batch}"
-            )
-    _positive(c, "model.lora.rank", allow_zero=True)
-    if c.model.lora.rank:
-        _positive(c, "model.lora.alpha")
-        if not c.model.lora.targets:
-            raise ValueError(
-                "config.model.lora.targets is empty: name the linear layers to adapt, "
-                "e.g. ('query', 'key', 'value') for BERT or ('q_proj', 'v_proj') for Qwen3"
-            )
-        if not 0.0 <= c.model.lora.dropout < 1.0:
-            raise ValueError(f"config.model.lora.dropout={c.model.lora.dropout} must be in [0, 1)")
-    _positive(c, "mine.every", allow_zero=True)
-    fields = {f.name for f in dataclasses.fields(Rules)}
-    try:
-        Rules(**{k: v for k, v in c.mine.items() if k in fields})
-    except MiningError as e:
-        raise ValueError(f"config.mine: {e}") from None
-    _positive(c, "train.packing_rows", allow_zero=True)
-    _positive(c, "train.time_limit_minutes", allow_zero=True)
+    """Checks every setting against `SCHEMA`, then what links settings; returns the config."""
+    if unknown := unknown_keys(c):
+        raise ValueError(f"config.{unknown[0]}: no such setting (a typo?); see --help")
+    for key, field in FIELDS.items():
+        value = c
+        for part in key.split("."):
+            value = value[part]
+        field.check(value, key)
+    if c.train.gradcache and c.train.global_batch % c.train.gradcache_chunk:
+        raise ValueError(
+            f"config.train.gradcache_chunk={c.train.gradcache_chunk} must divide "
+            f"config.train.global_batch={c.train.global_batch}"
+        )
+    if c.model.lora.rank and not c.model.lora.targets:
+        raise ValueError(
+            "config.model.lora.targets is empty: name the linear layers to adapt, "
+            "e.g. ('query', 'key', 'value') for BERT or ('q_proj', 'v_proj') for Qwen3"
+        )
+    mining_rules(c)
     if c.optim.min_lr > c.optim.lr:
         raise ValueError(
             f"config.optim.min_lr={c.optim.min_lr} exceeds config.optim.lr={c.optim.lr}"
         )
-    # data.group_size and the query transform: `PipelineConfig` checks them.
-    for group in ("infonce_weight", "kl_weight", "margin_mse_weight"):
-        for task, weight in c.loss[group].items():
-            if task not in TASKS:
-                raise ValueError(f"config.loss.{group}.{task}: unknown task; allowed: {TASKS}")
-            if weight < 0:
-                raise ValueError(f"config.loss.{group}.{task}={weight} must be >= 0")
-    _positive(c, "loss.teacher_temperature")
-    for task in c.data.num_negatives:
-        if task not in TASKS:
-            raise ValueError(
-                f"config.data.num_negatives.{task}: unknown task; allowed: {', '.join(TASKS)}"
-            )
-    for key in ("data.max_query_length", "data.max_passage_length", "log.every", "ckpt.every"):
-        _positive(c, key)
-    _positive(c, "eval.every", allow_zero=True)
+    # data.group_size against the batch, buckets and the query transform: `PipelineConfig`.
     names = {Path(p).name for p in c.eval.data}
     # Without eval sets there is nothing to group (a recipe's groups, evaluation turned off).
     for group, members in c.eval.groups.items() if c.eval.data else ():
@@ -302,6 +424,18 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
             f"{len(dims)} config.loss.matryoshka_dims"
         )
     return c
+
+
+def unknown_keys(c: ml_collections.ConfigDict, group: Group = SCHEMA, prefix: str = "") -> list:
+    """Keys of ``c`` that `SCHEMA` does not define (a typo in a config file)."""
+    out = []
+    for name, value in c.items():
+        item = group.get(name)
+        if item is None:
+            out.append(f"{prefix}{name}")
+        elif isinstance(item, Group):
+            out += unknown_keys(value, item, f"{prefix}{name}.")
+    return out
 
 
 # --- config files and command-line overrides ------------------------------------------------
@@ -342,12 +476,12 @@ def parse_overrides(args: list[str]) -> list[tuple[str, str]]:
 
 
 def override(config: ml_collections.ConfigDict, key: str, text: str) -> None:
-    """Sets ``config.<key>`` from command-line ``text``, parsed as the field's current type.
+    """Sets ``config.<key>`` from command-line ``text``, parsed as the setting's type.
 
     Booleans take true/false (or 1/0, yes/no); tuples take a Python literal ("(1, 2)") or
-    comma-separated values ("a.jsonl,b.jsonl"); a group that has no fields by default (e.g.
-    ``eval.groups``) takes new keys. Unknown keys and unparsable values are errors naming
-    the key.
+    comma-separated values ("a.jsonl,b.jsonl"); ``none`` turns off a setting that allows
+    it; a dict setting takes new keys where `SCHEMA` allows any (``eval.groups.NAME``).
+    Unknown keys and unparsable values are errors naming the key.
     """
     *parents, name = key.split(".")
     group = config
@@ -355,86 +489,71 @@ def override(config: ml_collections.ConfigDict, key: str, text: str) -> None:
         if part not in group or not isinstance(group[part], ml_collections.ConfigDict):
             raise ValueError(f"--config.{key}: config.{'.'.join(parents[: i + 1])} is not a group")
         group = group[part]
-    where = f"config.{'.'.join(parents)}" if parents else "config"
-    if name not in group:
-        if len(group) or not parents:
-            raise ValueError(f"--config.{key}: no such field; {where} has {sorted(group)}")
-        group[name] = _parse(text, None, key)
-        return
-    current = group[name]
-    if isinstance(current, ml_collections.ConfigDict):
-        raise ValueError(f"--config.{key}: a group; set its fields ({sorted(current)})")
-    group[name] = _parse(text, current, key)
+    field, parent = FIELDS.get(key), FIELDS.get(".".join(parents))
+    if field is not None:
+        group[name] = _parse(text, field.default, key, field.none_ok)
+    elif parent is not None and (parent.keys is None or name in parent.keys):
+        # An entry of a dict setting: typed like the entry it replaces, if any.
+        group[name] = _parse(text, group.get(name), key)
+    elif parent is not None:
+        raise ValueError(f"--config.{key}: unknown key; allowed: {', '.join(parent.keys)}")
+    elif isinstance(group.get(name), ml_collections.ConfigDict):
+        raise ValueError(f"--config.{key}: a group; set its fields ({sorted(group[name])})")
+    else:
+        where = f"config.{'.'.join(parents)}" if parents else "config"
+        raise ValueError(f"--config.{key}: no such field; {where} has {sorted(group)}")
 
 
-def _parse(text: str, current, key: str):
-    """``text`` as a value of ``current``'s type (any Python literal when it is None)."""
+def _parse(text: str, like, key: str, none_ok: bool = False):
+    """``text`` as a value of ``like``'s type (any Python literal when it is None)."""
+    if none_ok and text.strip().lower() == "none":
+        return None
     try:
-        if isinstance(current, bool):
+        if isinstance(like, bool):
             lowered = text.strip().lower()
             if lowered not in ("true", "false", "1", "0", "yes", "no"):
                 raise ValueError("expected true or false")
             return lowered in ("true", "1", "yes")
-        if isinstance(current, int):
+        if isinstance(like, int):
             return int(text)
-        if isinstance(current, float):
+        if isinstance(like, float):
             return float(text)
-        if isinstance(current, str):
+        if isinstance(like, str):
             return text
-        if isinstance(current, (tuple, list)) or current is None:
+        if isinstance(like, (tuple, list)) or like is None:
             try:
                 value = ast.literal_eval(text)
             except (ValueError, SyntaxError):
                 value = text
-            if current is None:
+            if like is None:
                 return value
             if isinstance(value, str):  # a,b,c
                 value = [v.strip() for v in value.split(",") if v.strip()]
             if not isinstance(value, (tuple, list)):
                 value = (value,)
-            return type(current)(value)
+            return type(like)(value)
     except ValueError as e:
         raise ValueError(f"--config.{key}={text!r}: {e}") from None
-    raise ValueError(f"--config.{key}: cannot set a {type(current).__name__} from the command line")
+    raise ValueError(f"--config.{key}: cannot set a {type(like).__name__} from the command line")
 
 
-def describe(
-    config: ml_collections.ConfigDict, prefix: str = "config", notes: dict | None = None
-) -> list[str]:
-    """One ``key = value`` line per field, nested groups flattened, each with its allowed
-    values and the comment it has in `default_config` (for ``--help``)."""
-    notes = _field_comments() if notes is None else notes
+def describe(config: ml_collections.ConfigDict | None = None) -> list[str]:
+    """``--help``: a ``config.KEY = value  # allowed values; help`` line per setting (of
+    ``config``, default: the defaults), each group's help above its fields."""
+    config = default_config() if config is None else config
     lines = []
-    for name, value in config.items():
-        key = f"{prefix}.{name}"
-        if isinstance(value, ml_collections.ConfigDict) and len(value):
-            group_note = notes.get(key.removeprefix("config."))
-            lines += [f"{key}.*  # {group_note}"] if group_note else []
-            lines += describe(value, key, notes)
-            continue
-        shown = dict(value) if isinstance(value, ml_collections.ConfigDict) else value
-        short = key.removeprefix("config.")
-        note = [f"one of {list(CHOICES[short])}"] if short in CHOICES else []
-        note += [notes[short]] if short in notes else []
-        lines.append(f"{key} = {shown!r}" + (f"  # {'; '.join(note)}" if note else ""))
+
+    def walk(group: Group, values, prefix: str) -> None:
+        lines.extend([f"{prefix}.*  # {group.help}"] if group.help else [])
+        for name, item in group.items():
+            key = f"{prefix}.{name}"
+            if isinstance(item, Group):
+                walk(item, values[name], key)
+                continue
+            value = values[name]
+            shown = dict(value) if isinstance(value, ml_collections.ConfigDict) else value
+            note = item.describe()
+            lines.append(f"{key} = {shown!r}" + (f"  # {note}" if note else ""))
+
+    walk(SCHEMA, config, "config")
     return lines
-
-
-def _field_comments() -> dict[str, str]:
-    """``{"model.dtype": "compute dtype; ..."}``: each field's comment in `default_config`
-    (trailing, else the comment block just above it), so a default and its explanation
-    are written once."""
-    import inspect
-    import re
-
-    notes, block = {}, []
-    for line in inspect.getsource(default_config).splitlines():
-        line = line.strip()
-        if line.startswith("#"):
-            block.append(line.lstrip("# "))
-            continue
-        field = re.match(r"c\.(\w+\.\w+) = ([^#]*)(?:#\s*(.+))?$", line)
-        if field and (field[3] or block):
-            notes[field[1]] = field[3] or " ".join(block)
-        block = []
-    return notes

@@ -85,7 +85,7 @@ from jaxembed.data.records import RecordError, check_record
 from jaxembed.embedding_cache import encode_cached, encoder_key, gather
 from jaxembed.encoder import load
 from jaxembed.files import atomic_open, atomic_write_text, hf_offline, write_jsonl
-from jaxembed.mining import SAMPLING, TOO_FEW, MiningError, Rules, read_corpus
+from jaxembed.mining import MiningError, Rules, read_corpus
 
 log = logging.getLogger(__name__)
 
@@ -704,53 +704,18 @@ def _add_input_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _add_selection_flags(p: argparse.ArgumentParser) -> None:
-    # Defaults: `jaxembed.mining.Rules` (the one place they are written).
-    r = RULES
-    p.add_argument(
-        "--top-k", type=int, default=r.top_k, help="candidates retrieved (default: %(default)s)"
-    )
-    p.add_argument(
-        "--skip-top",
-        type=int,
-        default=r.skip_top,
-        help="best candidates skipped (default: %(default)s)",
-    )
-    p.add_argument(
-        "--max-score",
-        type=_float_or_none,
-        default=r.max_score,
-        help="drop candidates scoring >= this; 'none' disables (default: %(default)s)",
-    )
-    p.add_argument(
-        "--relative-margin",
-        type=_float_or_none,
-        default=r.relative_margin,
-        help="drop candidates scoring >= (1 - MARGIN) x the positive's score (0.05: "
-        "NV-Retriever's 95%% rule); 'none' disables (default: %(default)s)",
-    )
-    p.add_argument(
-        "--num-negatives",
-        type=int,
-        default=r.num_negatives,
-        help="negatives kept (default: %(default)s)",
-    )
-    p.add_argument(
-        "--sampling",
-        choices=SAMPLING,
-        default=r.sampling,
-        help="top: the best survivors; random: a sample seeded by --seed, query and "
-        "positive (default: %(default)s)",
-    )
-    p.add_argument(
-        "--too-few",
-        choices=TOO_FEW,
-        default=r.too_few,
-        help="records left with fewer than --num-negatives: keep them with fewer, or drop "
-        "them (counted in the stats either way; default: %(default)s)",
-    )
-    p.add_argument(
-        "--seed", type=int, default=r.seed, help="seed of --sampling random (default: %(default)s)"
-    )
+    """One flag per field of `jaxembed.mining.Rules`, whose default and help it takes."""
+    for field in dataclasses.fields(Rules):
+        meta = field.metadata
+        p.add_argument(
+            "--" + field.name.replace("_", "-"),
+            type=_float_or_none if meta.get("none_ok") else type(field.default),
+            choices=meta.get("choices"),
+            default=field.default,
+            help=meta["help"]
+            + ("; 'none' disables" if meta.get("none_ok") else "")
+            + " (default: %(default)s)",
+        )
 
 
 def _float_or_none(text: str) -> float | None:

@@ -47,19 +47,38 @@ class MiningError(ValueError):
     """Bad mining input or settings; the message names what is wrong."""
 
 
+def _rule(default, help: str, **meta):
+    """A field of `Rules`: its default and help, which the command line's flags and the
+    config's ``mine`` group both read (with ``choices``, and ``none_ok``: None disables)."""
+    return dataclasses.field(default=default, metadata={"help": help, **meta})
+
+
 @dataclasses.dataclass(frozen=True)
 class Rules:
     """The selection rules (the module docstring's steps 1-5) and their defaults."""
 
-    top_k: int = 100  # candidates retrieved per query
-    skip_top: int = 5  # best candidates skipped (likely unlabelled positives)
-    max_score: float | None = 0.8  # candidates scoring at or above dropped; None: no cap
-    # candidates within this fraction of the positive's score dropped; None: off
-    relative_margin: float | None = 0.05
-    num_negatives: int = 24  # negatives kept per record
-    sampling: str = "top"  # "top": the best survivors; "random": a seeded sample of them
-    too_few: str = "keep"  # a record left with fewer: "keep" it, or "drop" it
-    seed: int = 0  # seeds sampling="random" (with the query and positive texts)
+    top_k: int = _rule(100, "candidates retrieved per query")
+    skip_top: int = _rule(5, "best candidates skipped (likely unlabelled positives)")
+    max_score: float | None = _rule(0.8, "candidates scoring at or above it dropped", none_ok=True)
+    relative_margin: float | None = _rule(
+        0.05,
+        "candidates scoring at or above (1 - margin) x the positive's score dropped (0.05: "
+        "NV-Retriever's 95 percent rule)",
+        none_ok=True,
+    )
+    num_negatives: int = _rule(24, "negatives kept per record")
+    sampling: str = _rule(
+        "top",
+        "top: the best survivors; random: a sample seeded by the seed, query and positive",
+        choices=SAMPLING,
+    )
+    too_few: str = _rule(
+        "keep",
+        "records left with fewer than num_negatives: keep them with fewer, or drop them "
+        "(counted in the stats either way)",
+        choices=TOO_FEW,
+    )
+    seed: int = _rule(0, "seeds sampling=random")
 
     def __post_init__(self):
         if self.top_k < 1 or self.skip_top < 0 or self.num_negatives < 1:

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from jaxembed import config as config_lib
 from jaxembed import mining, search
 from jaxembed.files import atomic_open
 
@@ -43,9 +44,7 @@ class Settings:
         m = config.mine
         if not m.every:
             return None
-        fields = {f.name for f in dataclasses.fields(mining.Rules)}
-        rules = mining.Rules(**{k: m[k] for k in fields if k in m})
-        return cls(int(m.every), tuple(m.corpus), rules)
+        return cls(int(m.every), tuple(m.corpus), config_lib.mining_rules(config))
 
 
 @dataclasses.dataclass

@@ -149,6 +149,51 @@ def test_help_lists_every_field_with_default_choices_and_comment():
     assert "config.model.lora.*  # LoRA (rank > 0)" in shown
 
 
+def test_one_schema_gives_defaults_checks_help_overrides_and_resume_keys():
+    import dataclasses
+
+    from jaxembed import mine, mining
+
+    c = config_lib.default_config()
+    assert config_lib.validate(c) is c
+    lines = config_lib.describe()
+    for key in config_lib.FIELDS:  # every setting has its --help line, with its default
+        assert sum(x.startswith(f"config.{key} = ") for x in lines) == 1, key
+    shown = "\n".join(lines)
+    assert "config.data.query_transform_rate = 0.0  # must lie in [0, 1]; must match on" in shown
+    assert "config.mine.max_score = 0.8  # None: off; candidates scoring at or above" in shown
+    # The table's bounds are validate's and the pipeline's.
+    with pytest.raises(ValueError, match=r"config\.model\.lora\.dropout=1\.0 must lie in \[0, 1\)"):
+        c.model.lora.dropout = 1.0
+        config_lib.validate(c)
+    with pytest.raises(ValueError, match=r"config\.data\.max_query_length=0 must be > 0"):
+        pipeline.PipelineConfig(global_batch=8, max_query_length=0)
+    c = config_lib.default_config()
+    c.train.stepz = 3  # a typo in a config file is an error, not an ignored key
+    with pytest.raises(ValueError, match=r"config\.train\.stepz: no such setting"):
+        config_lib.validate(c)
+    # "none" turns off a setting that allows it, and only those.
+    c = config_lib.default_config()
+    config_lib.override(c, "mine.max_score", "none")
+    assert c.mine.max_score is None and config_lib.mining_rules(c).max_score is None
+    with pytest.raises(ValueError, match=r"--config\.optim\.lr='none': could not convert"):
+        config_lib.override(c, "optim.lr", "none")
+    # The mining rules' defaults, once: the config's, re-mining's and the CLI's.
+    assert config_lib.mining_rules(config_lib.default_config()) == mining.Rules()
+    args = mine._parser().parse_args(["--model", "m", "--input", "i", "--out", "o"])
+    assert {f.name: getattr(args, f.name) for f in dataclasses.fields(mining.Rules)} == (
+        dataclasses.asdict(mining.Rules())
+    )
+    # The keys a resume must keep come from the table, nested ones included.
+    assert "model.lora.rank" in config_lib.RESUME_KEYS and "optim.lr" not in config_lib.RESUME_KEYS
+    saved = {"config": config_lib.default_config().to_json()}
+    now = config_lib.default_config()
+    now.model.lora.rank, now.optim.lr = 4, 1e-3
+    now = json.loads(now.to_json())
+    changed = checkpoint.changed_settings(saved, now, config_lib.RESUME_KEYS)
+    assert changed == ["config.model.lora.rank=0 -> 4"]
+
+
 def test_packing_shapes_round_row_counts_only_when_packed(train_setup):
     from jaxembed import sharding
 

@@ -38,12 +38,11 @@ from collections.abc import Sequence
 import grain
 import numpy as np
 
-from jaxembed.choices import MIXING, NEGATIVES, check
-from jaxembed.config import default_config
+from jaxembed import config as config_lib
 from jaxembed.packing import bucket, fill, pack_rows, text_hash
 from jaxembed.tokenizer import load_tokenizer
 
-_DATA = default_config().data  # the defaults live in jaxembed.config, once
+_DATA = config_lib.default_config().data  # the defaults live in jaxembed.config, once
 
 
 def default_buckets(max_length: int) -> tuple[int, ...]:
@@ -87,7 +86,6 @@ def query_transform(spec: str):
 
 @dataclasses.dataclass(frozen=True)
 class PipelineConfig:
-    global_batch: int
     """The ``config.data`` settings the pipeline reads (`from_config`); see `jaxembed.config`."""
 
     global_batch: int
@@ -109,38 +107,30 @@ class PipelineConfig:
 
     @classmethod
     def from_config(cls, config) -> PipelineConfig:
-        """The pipeline settings of a run config (``config.data``, batch and seed)."""
-        d = config.data
+        """The pipeline settings of a run config: the batch, the seed and ``config.data``'s
+        settings of the same names."""
+        given = {
+            f.name: config.data[f.name]
+            for f in dataclasses.fields(cls)
+            if f.name in config.data and f.name != "num_negatives"
+        }
         return cls(
             global_batch=config.train.global_batch,
             seed=config.train.seed,
-            mixing=d.mixing,
-            mixing_temperature=d.mixing_temperature,
-            num_negatives=tuple(d.num_negatives.items()),
-            negatives=d.negatives,
-            group_size=d.group_size,
-            query_transform=d.query_transform,
-            query_transform_rate=d.query_transform_rate,
-            max_query_length=d.max_query_length,
-            max_passage_length=d.max_passage_length,
-            query_buckets=tuple(d.query_buckets),
-            passage_buckets=tuple(d.passage_buckets),
-            query_prefix=d.query_prefix,
-            passage_prefix=d.passage_prefix,
-            instruction_template=d.instruction_template,
+            num_negatives=tuple(config.data.num_negatives.items()),
+            **{k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in given.items()},
         )
 
     def __post_init__(self):
-        check(self.mixing, MIXING, "config.data.mixing")
-        check(self.negatives, NEGATIVES, "config.data.negatives")
-        if self.group_size < 0 or self.group_size > self.global_batch:
+        for f in dataclasses.fields(self):  # allowed values and bounds: the config's schema
+            if f"data.{f.name}" in config_lib.FIELDS:
+                value = getattr(self, f.name)
+                value = dict(value) if f.name == "num_negatives" else value
+                config_lib.check(f"data.{f.name}", value)
+        if self.group_size > self.global_batch:
             raise ValueError(
                 f"config.data.group_size={self.group_size} must lie in 0..{self.global_batch} "
                 "(the global batch)"
-            )
-        if not 0.0 <= self.query_transform_rate <= 1.0:
-            raise ValueError(
-                f"config.data.query_transform_rate={self.query_transform_rate} must lie in [0, 1]"
             )
         if self.query_transform_rate and not self.query_transform:
             raise ValueError(
