@@ -3,11 +3,11 @@
     .venv/bin/python -m examples.debian_retrofit.ablations --study negatives [--steps 100]
         [--batch 64] [--seeds 0,1] [--cells 0,1,random] [--out runs/ablations]
 
-Every cell trains all-MiniLM-L6-v2 with ``config.py`` here (its learning rate,
-loss and packing; batches drawn uniformly, ``data.group_size=0``, and queries left in their
-own script, no query transform, except in the ``cyrillic`` study) for the same number
-of steps of the same global batch, changing one thing, and is scored like
-the bench: mean nDCG@10 over the dev zero-shot languages
+Every cell trains all-MiniLM-L6-v2 with ``config.py`` here (its learning rate, loss and
+packing; batches drawn uniformly, ``data.group_size=0``, and queries left in their own
+script, no query transform, except in the ``cyrillic`` and ``recipe`` studies) for the
+same number of steps of the same global batch, changing one thing, and is scored like the
+bench: mean nDCG@10 over the dev zero-shot languages
 (``dev/xling-{cs,ja,ko,pl,ru,uk,zh_CN}``) and the trained ones. Studies:
 
 - ``scale``: the pool of cross-lingual pairs the steps draw from (2.5k .. 40k rows; a
@@ -25,6 +25,10 @@ the bench: mean nDCG@10 over the dev zero-shot languages
 - ``format``: the positives of the same cross-lingual draws: the English synopsis + body
   (``full``: the synopsis translates the query), the body alone (``body``), or a coin per
   row (``mix``); no hard negatives.
+- ``recipe``: the whole recipe (``config.py``: mined-linked groups, symmetric loss with
+  false-negative masking, lr 1e-4, dropout off, the Cyrillic rewrite) on mixed positives,
+  on synopsis + body positives, and with each choice undone in turn: which of them the
+  retrieval proxy pays for.
 
 Every cell is scored on both proxies (`bench.evaluate`): ``dev/xling-*`` (the
 translation proxy) and ``dev/xling-body-*`` (documents without the synopsis: retrieval).
@@ -50,22 +54,36 @@ HERE = Path(__file__).resolve().parent
 
 from jaxembed.files import atomic_write_text  # noqa: E402
 
+# The recipe (config.py) on mixed positives, and with each of its choices undone in turn.
+RECIPE_CELLS = {
+    "recipe": [],
+    "full-positives": [],  # the recipe on synopsis + body positives (its data until now)
+    "no-groups": ["--config.data.group_size=0"],
+    "no-symmetric": ["--config.loss.symmetric=false", "--config.loss.false_negative_masking=false"],
+    "lr-5e-5": ["--config.optim.lr=5e-5"],
+    "dropout": ["--config.train.dropout=true"],
+    "no-cyrillic": ["--config.data.query_transform_rate=0"],
+}
 STUDIES = {
     "scale": ("2500", "5000", "10000", "20000", "40000"),
     "negatives": ("0", "1", "3", "7", "random"),
     "diversity": ("xling-de", "xling-all", "tasks-de", "tasks-all"),
     "cyrillic": ("0", "0.25", "0.5", "0.75", "1"),
     "format": ("full", "body", "mix"),
+    "recipe": tuple(RECIPE_CELLS),
 }
 DEBIAN = ROOT / "data" / "debian"
 GERMAN = ROOT / "data" / "debian-de"  # the same builder, German as the only trained language
 
 
-def mined_pairs(out: Path, rows: int) -> Path:
-    """``rows`` cross-lingual pairs with up to 10 mined negatives each (mined once, reused)."""
-    mined = out / f"mined-{rows}" / "mined.jsonl"
+def mined_pairs(out: Path, rows: int, positives: str = "full") -> Path:
+    """``rows`` cross-lingual pairs with up to 10 mined negatives each (mined once, reused);
+    ``positives``: retrofit.sh's POSITIVES."""
+    name = f"mined-{rows}" if positives == "full" else f"mined-{positives}-{rows}"
+    mined = out / name / "mined.jsonl"
     if not mined.exists():
         env = {**os.environ, "PY": sys.executable, "ROWS": str(rows), "STAGES": "pairs mine"}
+        env["POSITIVES"] = positives
         mined.parent.mkdir(parents=True, exist_ok=True)
         run_logged(["bash", str(HERE / "retrofit.sh"), str(mined.parent)], out / "mine.log", env)
     return mined
@@ -98,6 +116,9 @@ def cell_data(study: str, cell: str, out: Path, examples: int) -> tuple[list[Pat
         return [take_rows(src, examples, data / f"{name[cell]}-{examples}.jsonl")], [
             "--config.data.num_negatives.retrieval=0"
         ]
+    if study == "recipe":
+        mined = mined_pairs(out, examples, "full" if cell == "full-positives" else "mix")
+        return [mined], RECIPE_CELLS[cell]
     if study == "negatives":
         mined = mined_pairs(out, examples)
         if cell == "random":
@@ -129,11 +150,12 @@ def cell_data(study: str, cell: str, out: Path, examples: int) -> tuple[list[Pat
 def run_cell(study, cell, seed, args) -> dict:
     examples = args.steps * args.batch
     files, overrides = cell_data(study, cell, args.out, examples)
-    # Rows shuffled uniformly in every study: the recipe's mined-linked batch groups would
-    # put hard negatives into every cell, the "0 negatives" one included.
-    overrides = ["--config.data.group_size=0", *overrides]
+    if study != "recipe":
+        # Rows shuffled uniformly: the recipe's mined-linked batch groups would put hard
+        # negatives into every cell, the "0 negatives" one included.
+        overrides = ["--config.data.group_size=0", *overrides]
     # The recipe's Cyrillic-rewritten queries only where they are the thing measured.
-    if study != "cyrillic":
+    if study not in ("cyrillic", "recipe"):
         overrides.append("--config.data.query_transform_rate=0")
     # The shape in the name: a cell run at another steps x batch must not resume this one.
     workdir = args.out / study / f"{cell}-seed{seed}-{args.steps}x{args.batch}"

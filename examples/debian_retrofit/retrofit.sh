@@ -6,7 +6,9 @@
 #   bash examples/debian_retrofit/retrofit.sh [OUT]   # default OUT: runs/retrofit-debian
 #
 # Environment (all optional):
-#   ROWS=12000        cross-lingual pairs taken from data/debian/train/debian-xling.jsonl
+#   ROWS=12000        cross-lingual pairs taken from data/debian/train/
+#   POSITIVES=full    their positives: full (English synopsis + body: debian-xling.jsonl),
+#                     body (the body alone: debian-xling-body.jsonl) or mix (a coin per row)
 #   STEPS=...         training steps (default: one epoch of ROWS at batch 64)
 #   TIME_LIMIT=0      minutes for the training invocation (0: none); see train.time_limit_minutes
 #   TRAIN_DATA=OUT/mined.jsonl   what the train stage reads (OUT/pairs.jsonl: no mining)
@@ -20,6 +22,13 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${1:-runs/retrofit-debian}
 ROWS=${ROWS:-12000}
+POSITIVES=${POSITIVES:-full}
+case $POSITIVES in
+  full) PAIRS=debian-xling ;;
+  body) PAIRS=debian-xling-body ;;
+  mix) PAIRS=debian-xling-mix ;;
+  *) echo "error: POSITIVES=$POSITIVES: use full, body or mix" >&2; exit 2 ;;
+esac
 STEPS=${STEPS:-$((ROWS / 64))}
 TIME_LIMIT=${TIME_LIMIT:-0}
 SEED=${SEED:-0}
@@ -42,7 +51,7 @@ for stage in $STAGES; do
     pairs)
       # The first ROWS cross-lingual pairs (language-balanced), without the instruction:
       # all-MiniLM-L6-v2 has no instruction prompt.
-      "$PY" - "$DATA/train/debian-xling.jsonl" "$OUT/pairs.jsonl" "$ROWS" <<'EOF'
+      "$PY" - "$DATA/train/$PAIRS.jsonl" "$OUT/pairs.jsonl" "$ROWS" <<'EOF'
 import json, sys
 src, dst, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
 with open(src, encoding="utf-8") as f, open(dst, "w", encoding="utf-8") as g:
@@ -75,7 +84,11 @@ EOF
       ;;
     evaluate)
       sets=()
-      for lang in $ZERO_SHOT $TRAINED; do sets+=("$DATA/dev/xling-$lang"); done
+      # Both proxies: xling-* (documents start with the English synopsis, the query's
+      # translation) and xling-body-* (the body alone: retrieval by what it says).
+      for lang in $ZERO_SHOT $TRAINED; do
+        sets+=("$DATA/dev/xling-$lang" "$DATA/dev/xling-body-$lang")
+      done
       "$PY" -m jaxembed.evaluate --model "$OUT/model" --data "${sets[@]}" --max-length 256 \
         --out "$OUT/eval"
       ;;
