@@ -27,12 +27,13 @@ from flax import nnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from jaxembed import checkpoint, hf, run, sharding, train_state
+from jaxembed import checkpoint, hf, sharding, train_state
 from jaxembed import config as config_lib
 from jaxembed import step as step_lib
 from jaxembed.data import pipeline
 from jaxembed.models.lora import LoRASpec
 from jaxembed.models.qwen3 import Qwen3Config, Qwen3Model
+from jaxembed.trained_model import with_adapters
 
 BERT_ATTN, BERT_ALL = (
     ("query", "key", "value", "attention.output.dense"),
@@ -78,7 +79,7 @@ def minilm_row(name, spec, steps: int) -> dict:
 
     c = config(steps)
     mesh = sharding.make_mesh(devices=jax.devices()[:1])
-    model = run.with_adapters(hf.load_model(minilm_path()), spec)
+    model = with_adapters(hf.load_model(minilm_path()), spec)
     step = step_lib.make_step(c, mesh, model)
     state, frozen = step.init(model), step.frozen(model)
     batch = pipeline.Packing((32,), (128,), 1, 1).pack_local(host_batch(30522))
@@ -118,7 +119,7 @@ def qwen_row(name, spec) -> dict:
     )
     c = config(10)
     tx, _ = train_state.make_optimizer(c.optim, c.train.steps)
-    model = nnx.eval_shape(lambda: run.with_adapters(Qwen3Model(cfg, rngs=nnx.Rngs(0)), spec))
+    model = nnx.eval_shape(lambda: with_adapters(Qwen3Model(cfg, rngs=nnx.Rngs(0)), spec))
     _, _, params = train_state.init_params(model, c)
     opt = jax.eval_shape(tx.init, params)
     return dict(

@@ -83,8 +83,8 @@ class JaxSide:
 
         from jaxembed import config as config_lib
         from jaxembed import hf, sharding
-        from jaxembed import run as run_lib
         from jaxembed import step as step_lib
+        from jaxembed import workdir as workdir_lib
         from jaxembed.data import pipeline, readers
 
         c = config_lib.default_config()
@@ -99,7 +99,7 @@ class JaxSide:
         c.optim.weight_decay, c.optim.clip_norm = 0.0, 1.0
         c = config_lib.validate(c)
         self.mesh = sharding.make_mesh(devices=jax.devices()[:1])
-        model_dir = run_lib.prepare_model_dir(model_path, workdir / f"model-{int(packing)}")
+        model_dir = workdir_lib.prepare_model_dir(model_path, workdir / f"model-{int(packing)}")
         model = hf.load_model(model_path, dtype=jnp.float32)
         self.cfg = model.config
         self.step = step_lib.make_step(c, self.mesh, model)

@@ -1,16 +1,20 @@
-"""Orbax checkpoints: `save`, `restore_or_init`, `latest_step`, and partial reads for tools.
+"""Orbax checkpoints, in one place: every save and restore of a run goes through here.
 
-A checkpoint holds the train state (parameters, optimizer state, step, RNG), the data
+A checkpoint step holds the train state (parameters, optimizer state, step, RNG), the data
 position (a JSON ``data`` item: the next global batch; the pipeline is a pure function of
 the batch index, so a resumed run reads exactly the batches an uninterrupted one would, on
-any number of hosts), and a JSON ``meta`` item (`jaxembed.run.run_meta`): the run's
-copy of the model folder (config.json, tokenizer), pooling, prompts, datasets and the run
-config, enough to rebuild the encoder (`jaxembed.run`: `jaxembed.convert`,
-`jaxembed.load(workdir)`) without the original folder.
+any number of hosts), and a JSON ``meta`` item (`jaxembed.export_meta.run_meta`): the
+run's pooling, prompts, datasets and config, enough to rebuild the encoder
+(`jaxembed.trained_model`) without the original folder.
+
+One manager (`manager`, Orbax's CheckpointManager, read-write in training, read-only in
+tools) does everything: `save`; `restore` (the whole step, into any mesh) and
+`restore_or_init` (the resume policy: the latest intact step, or a fresh state); and the
+partial reads tools need, `read_meta` (the JSON only) and `read_params` (one named
+sub-tree of the parameters, e.g. ``params["model"]``, never the optimizer state).
 
 The state is saved by every process (each writes its own shards) and restores into any
 mesh on any number of processes: Orbax reshards to the shardings of the abstract state.
-
 Saves are asynchronous and atomic (Orbax writes to a temporary directory and renames it
 when complete), so a run killed at any moment resumes from the last complete checkpoint.
 """
@@ -26,6 +30,7 @@ import shutil
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import jax
 import numpy as np
@@ -47,13 +52,16 @@ def manager(
     async_save: bool = True,
     read_only: bool = False,
 ) -> ocp.CheckpointManager:
-    """The run's CheckpointManager under ``workdir/checkpoints``.
+    """The run's CheckpointManager under ``workdir/checkpoints``: the one way to Orbax.
 
     ``keep`` recent checkpoints are kept; with ``best_metric``, also the ``keep_best`` with
-    the highest value of that metric (e.g. dev nDCG@10).
+    the highest value of that metric (e.g. dev nDCG@10). ``read_only``: for tools that read
+    a run.
     """
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep + keep_best if best_metric else keep,
+        # Read-only: nothing to keep or save (Orbax would warn that it resets them).
+        max_to_keep=None if read_only else keep + keep_best if best_metric else keep,
+        save_interval_steps=0 if read_only else 1,
         enable_async_checkpointing=async_save,
         create=not read_only,
         read_only=read_only,
@@ -69,44 +77,36 @@ def manager(
         options.atomicity_options = ocp.options.AtomicityOptions(
             mode=ocp.options.AtomicityMode.COMMIT_FILE
         )
-    return ocp.CheckpointManager(
-        Path(workdir).absolute() / CKPT_DIR,
-        item_names=("state", "data", "meta"),
-        options=options,
-    )
-
-
-@contextlib.contextmanager
-def _reader(path: Path, **kw):
-    """A read-only manager of ``path``, without the warnings Orbax logs about read-only
-    options on every such open (nothing a user can act on)."""
     level = absl_logging.get_verbosity()
-    absl_logging.set_verbosity(absl_logging.ERROR)
+    if read_only:  # Orbax warns that the folder is read-only on every open: nothing to act on
+        absl_logging.set_verbosity(absl_logging.ERROR)
     try:
-        manager = ocp.CheckpointManager(
-            path.absolute(), options=ocp.CheckpointManagerOptions(read_only=True), **kw
+        return ocp.CheckpointManager(
+            Path(workdir).absolute() / CKPT_DIR, item_names=ITEMS, options=options
         )
     finally:
         absl_logging.set_verbosity(level)
-    with manager as m:
-        yield m
+
+
+ITEMS = ("state", "data", "meta")  # what a step holds
+
+
+def _steps(workdir: str | os.PathLike) -> list[int]:
+    if not (Path(workdir) / CKPT_DIR).exists():
+        return []
+    with manager(workdir, read_only=True) as m:
+        return sorted(m.all_steps())
 
 
 def latest_step(workdir: str | os.PathLike) -> int | None:
     """The last complete checkpoint's step, or None (also when there is no checkpoint dir)."""
-    path = Path(workdir) / CKPT_DIR
-    if not path.exists():
-        return None
-    with _reader(path) as m:
-        return m.latest_step()
+    steps = _steps(workdir)
+    return steps[-1] if steps else None
 
 
 def all_steps(workdir: str | os.PathLike) -> list[int]:
-    path = Path(workdir) / CKPT_DIR
-    if not path.exists():
-        return []
-    with _reader(path) as m:
-        return list(m.all_steps())
+    """The complete checkpoint steps, in increasing order."""
+    return _steps(workdir)
 
 
 def check_space(mngr: ocp.CheckpointManager, needed: int, step: int) -> None:
@@ -188,17 +188,28 @@ def save(
     return mngr.save(step, args=ocp.args.Composite(**args), metrics=metrics, force=force)
 
 
-def restore(mngr: ocp.CheckpointManager, step: int, abstract_state, with_data: bool = False):
-    """Restores ``(state, meta, data)`` at ``step`` into ``abstract_state``'s shardings."""
-    args = {"state": ocp.args.StandardRestore(abstract_state), "meta": ocp.args.JsonRestore()}
-    if with_data:
-        args["data"] = ocp.args.JsonRestore()
+class Restored(NamedTuple):
+    """A restored step: the state, its data position and meta (None when initialised)."""
+
+    state: object
+    data: dict | None
+    meta: dict | None
+    step: int
+
+
+def restore(mngr: ocp.CheckpointManager, step: int, abstract_state) -> Restored:
+    """The whole step, the state in ``abstract_state``'s shardings (any mesh, any hosts)."""
+    args = {
+        "state": ocp.args.StandardRestore(abstract_state),
+        "data": ocp.args.JsonRestore(),
+        "meta": ocp.args.JsonRestore(),
+    }
     out = mngr.restore(step, args=ocp.args.Composite(**args))
-    return out["state"], out["meta"], out["data"] if with_data else None
+    return Restored(out["state"], out["data"], out["meta"], step)
 
 
-def restore_meta(workdir: str | os.PathLike, step: int | None = None) -> tuple[int, dict]:
-    """Only the JSON meta item (no arrays), for tools that rebuild the model from it."""
+def read_meta(workdir: str | os.PathLike, step: int | None = None) -> tuple[int, dict]:
+    """``(step, meta)``: only the JSON meta item of ``step`` (default: the latest), no arrays."""
     path = Path(workdir) / CKPT_DIR
     steps = all_steps(workdir)
     if not steps:
@@ -206,13 +217,13 @@ def restore_meta(workdir: str | os.PathLike, step: int | None = None) -> tuple[i
     step = max(steps) if step is None else step
     if step not in steps:
         raise FileNotFoundError(f"{workdir}: no checkpoint at step {step}; steps: {steps}")
-    with _reader(path, item_names=("state", "data", "meta")) as m:
+    with manager(workdir, read_only=True) as m:
         meta = m.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
     return step, meta
 
 
-def restore_params(workdir: str | os.PathLike, step: int, name: str, item):
-    """Only ``state.params[name]`` of a checkpoint (an Orbax partial restore), into ``item``.
+def read_params(workdir: str | os.PathLike, step: int, name: str, item):
+    """Only ``state.params[name]`` of a step (an Orbax partial restore), shaped as ``item``.
 
     ``item`` is a tree of ShapeDtypeStructs: with a ``sharding`` each array is restored as
     a global array sharded so, without one as a host (NumPy) array. The optimizer state and
@@ -224,16 +235,13 @@ def restore_params(workdir: str | os.PathLike, step: int, name: str, item):
             return ocp.RestoreArgs(restore_type=np.ndarray)
         return ocp.ArrayRestoreArgs(sharding=x.sharding)
 
-    path = (Path(workdir) / CKPT_DIR / str(step) / "state").absolute()
-    with ocp.PyTreeCheckpointer() as checkpointer:
-        restored = checkpointer.restore(
-            path,
-            args=ocp.args.PyTreeRestore(
-                item={"params": {name: item}},
-                restore_args={"params": {name: jax.tree.map(restore_args, item)}},
-                partial_restore=True,
-            ),
-        )
+    state = ocp.args.PyTreeRestore(
+        item={"params": {name: item}},
+        restore_args={"params": {name: jax.tree.map(restore_args, item)}},
+        partial_restore=True,
+    )
+    with manager(workdir, read_only=True) as m:
+        restored = m.restore(step, args=ocp.args.Composite(state=state))["state"]
     return restored["params"][name]
 
 
@@ -246,11 +254,9 @@ DAMAGED_DIR = "damaged_checkpoints"  # where ``fallback`` moves steps that canno
 
 def restore_or_init(
     mngr: ocp.CheckpointManager, init: Callable[[], object], abstract_state, fallback=False
-):
-    """The latest checkpoint if the run has one, else ``init()``.
-
-    Returns ``(state, data, meta, step)``: ``data`` is the saved data position and ``meta``
-    the run's meta item (both None when initialised). A workdir with a checkpoint always
+) -> Restored:
+    """The latest checkpoint if the run has one, else ``init()`` (at step 0, data and meta
+    None). A workdir with a checkpoint always
     resumes: the initialisation (e.g. loading HF weights) is not even run then. When the
     latest step cannot be restored (a corrupted file, a bad copy), the newest intact one is
     looked for and the run stops with one line naming both, unless ``fallback``: then the
@@ -259,11 +265,11 @@ def restore_or_init(
     """
     steps = sorted(mngr.all_steps(), reverse=True)
     if not steps:
-        return init(), None, None, 0
+        return Restored(init(), None, None, 0)
     damaged, first = [], ""
     for step in steps:
         try:
-            state, meta, data = restore(mngr, step, abstract_state, with_data=True)
+            restored = restore(mngr, step, abstract_state)
         except Exception as e:  # any damage (a bad file, a partial copy): try an older step
             damaged.append(step)
             first = first or (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
@@ -282,7 +288,7 @@ def restore_or_init(
                     f"to {DAMAGED_DIR}/, resuming from step {step}",
                     flush=True,
                 )
-        return state, data, meta, step
+        return restored
     raise CheckpointDamaged(
         f"{mngr.directory}: no checkpoint can be restored (tried steps {steps}); the newest "
         f"error: {first}; use a new --workdir (this one's files are left as they are)"

@@ -36,20 +36,14 @@ import numpy as np
 
 from jaxembed import cli, hf, sharding
 from jaxembed.choices import DTYPES, check
+from jaxembed.export_meta import trained_st_config
 from jaxembed.files import atomic_dir
 from jaxembed.hf.peft import adapter_tensors, write_adapters
 from jaxembed.hf.sentence_transformers import read_st_config
 from jaxembed.model_card import model_card
 from jaxembed.model_folder import write_model_folder
-from jaxembed.run import (
-    Checkpoint,
-    find_checkpoint,
-    lora_spec,
-    restore_adapted,
-    restore_head,
-    restore_model,
-    trained_st_config,
-)
+from jaxembed.trained_model import lora_spec, restore_adapted, restore_head, restore_model
+from jaxembed.workdir import Checkpoint, find_checkpoint
 
 # --- export -----------------------------------------------------------------------------------
 

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxembed import hf, run, sharding
+from jaxembed import hf, sharding, trained_model
 from jaxembed import step as step_lib
 from jaxembed.data import pipeline
 from jaxembed.hf.sentence_transformers import read_st_config
@@ -145,7 +145,7 @@ def abstract_model(config) -> tuple[nnx.Module, nnx.Module | None]:
         dtype = jnp.dtype(config.model.dtype)
         model = fam.build(cfg, dtype=dtype, remat=config.model.remat, rngs=nnx.Rngs(0))
         model.attention = config.model.attention
-        return run.with_adapters(model, run.lora_spec(config))
+        return trained_model.with_adapters(model, trained_model.lora_spec(config))
 
     layers = read_st_config(folder).head
     head = nnx.eval_shape(lambda: build_head(layers, cfg.hidden_size)) if layers else None

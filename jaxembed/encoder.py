@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxembed import run, sharding
+from jaxembed import sharding, trained_model
 from jaxembed.choices import DTYPES, check
 from jaxembed.hf.sentence_transformers import STConfig, pick_prompt
 from jaxembed.models.head import Head
@@ -274,7 +274,7 @@ def load(
     check(dtype, DTYPES, "dtype")
     path = Path(path)
     # Host (NumPy) parameters; the Encoder places them on the device.
-    model, head, st, files = run.load_model_or_run(path, dtype)
+    model, head, st, files = trained_model.load_model_or_run(path, dtype)
     pooling = pooling or st.pooling or "mean"
     tokenizer = append_eos(load_tokenizer(files), pooling)
     limit = model.config.max_tokens

@@ -21,16 +21,14 @@ from pathlib import Path
 import jax
 
 from jaxembed import cli
+from jaxembed.beir import EvalDataError, find_sets, load_beir
 from jaxembed.choices import DTYPES
 from jaxembed.encoder import load
 from jaxembed.files import atomic_write_text, hf_offline
 from jaxembed.retrieval import (
-    EvalDataError,
     encoder_fns,
     evaluate_beir,
-    find_sets,
     format_table,
-    load_beir,
     mean_over_sets,
     on_mesh,
     reuse_last,

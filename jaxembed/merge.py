@@ -43,7 +43,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from jaxembed import checkpoint, cli, run, sharding
+from jaxembed import checkpoint, cli, sharding, trained_model, workdir
 from jaxembed import step as step_lib
 from jaxembed.files import atomic_dir
 from jaxembed.model_card import merge_card
@@ -63,7 +63,7 @@ class Loaded:
     head: nnx.Module | None
     st: object
     tokenizer_dir: Path
-    ckpt: run.Checkpoint | None
+    ckpt: workdir.Checkpoint | None
 
 
 def flat_params(model: nnx.Module, head) -> dict[str, np.ndarray]:
@@ -77,10 +77,10 @@ def flat_params(model: nnx.Module, head) -> dict[str, np.ndarray]:
 
 
 def load(path: str) -> Loaded:
-    model, head, st, tokenizer_dir = run.load_model_or_run(Path(path))
+    model, head, st, tokenizer_dir = trained_model.load_model_or_run(Path(path))
     # As jaxembed.load reads it: mean pooling when the folder names none, unit vectors.
     st = dataclasses.replace(st, pooling=st.pooling or "mean", normalize=True)
-    ckpt = run.find_checkpoint(path) if run.is_checkpoint(path) else None
+    ckpt = workdir.find_checkpoint(path) if workdir.is_checkpoint(path) else None
     return Loaded(path, flat_params(model, head), model, head, st, tokenizer_dir, ckpt)
 
 
@@ -180,12 +180,12 @@ def merge(
     return first, out, recipe
 
 
-def last_steps(workdir: str, k: int) -> list[str]:
+def last_steps(run_dir: str, k: int) -> list[str]:
     """The last ``k`` checkpoint steps of a run, as WORKDIR/STEP paths (oldest first)."""
-    steps = sorted(checkpoint.all_steps(Path(workdir)))
+    steps = sorted(checkpoint.all_steps(Path(run_dir)))
     if len(steps) < k:
-        raise ValueError(f"{workdir}: --last {k}, but the run keeps the checkpoints {steps}")
-    return [str(Path(workdir) / str(s)) for s in steps[-k:]]
+        raise ValueError(f"{run_dir}: --last {k}, but the run keeps the checkpoints {steps}")
+    return [str(Path(run_dir) / str(s)) for s in steps[-k:]]
 
 
 def with_params(loaded: Loaded, flat: dict[str, np.ndarray]) -> tuple[nnx.Module, nnx.Module]:
@@ -227,11 +227,11 @@ def write_run(first: Loaded, flat: dict, recipe: dict, out: Path) -> Path:
     state = step_lib.make_step(cfg, mesh, model, head).init(model, head)
     meta = dict(first.ckpt.meta, config=cfg.to_json_best_effort(), merge=recipe)
     with atomic_dir(out) as tmp:
-        shutil.copytree(first.ckpt.model_dir, tmp / "model")
-        info_file = tmp / "model" / "jaxembed.json"
+        shutil.copytree(first.ckpt.model_dir, tmp / workdir.MODEL_DIR)
+        info_file = tmp / workdir.MODEL_DIR / "jaxembed.json"
         info = json.loads(info_file.read_text())
         info_file.write_text(json.dumps(dict(info, merged_from=recipe["inputs"]), indent=2))
-        meta["model_dir"] = str((out / "model").absolute())
+        meta["model_dir"] = str((out / workdir.MODEL_DIR).absolute())
         mngr = checkpoint.manager(tmp, async_save=False)
         checkpoint.save(mngr, 0, state, {"next_batch": 0}, meta)
         mngr.close()

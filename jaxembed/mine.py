@@ -77,7 +77,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from jaxembed import cli, mining, retrieval, search, sharding
+from jaxembed import beir, cli, mining, retrieval, search, sharding
 from jaxembed.choices import DTYPES
 from jaxembed.config import default_config
 from jaxembed.data import readers
@@ -329,8 +329,8 @@ def _read_pairs(input: Path, corpus, task: str, dataset: str | None) -> _Inputs:
 def _read_beir(folder: Path, split: str, dataset: str | None) -> _Inputs:
     """One record per judgment with grade > 0; ids judged <= 0 stay mere candidates."""
     try:
-        docs, queries, qrels = retrieval.load_beir(folder, split)
-    except retrieval.EvalDataError as e:
+        docs, queries, qrels = beir.load_beir(folder, split)
+    except beir.EvalDataError as e:
         raise MiningError(str(e)) from None
     qrels_file = folder / "qrels" / f"{split}.tsv"
     records = []

@@ -36,8 +36,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from jaxembed.beir import EvalDataError, corpus_text
 from jaxembed.packing import text_hash
-from jaxembed.retrieval import EvalDataError, corpus_text
 
 SAMPLING = ("top", "random")
 TOO_FEW = ("keep", "drop")
@@ -243,7 +243,7 @@ def read_corpus(path: str | os.PathLike) -> tuple[list[str], int]:
     """``(texts, skipped)`` of a corpus file; empty documents are skipped and counted.
 
     ``.jsonl`` / ``.jsonl.gz``: one object per line with ``text`` (and optionally ``title``
-    and ``_id``; a title is joined as `retrieval.corpus_text` does). Anything else: plain
+    and ``_id``; a title is joined as `beir.corpus_text` does). Anything else: plain
     text, one document per line.
     """
     path = Path(path)

@@ -1,6 +1,6 @@
 """The ``README.md`` of an export: usage, prompts, pooling, data, loss, optimizer, dev metrics.
 
-Written from the run's ``meta`` and config alone (`jaxembed.run`), so it describes the
+Written from the run's ``meta`` and config alone (`jaxembed.export_meta`), so it describes the
 training that produced the weights, not the settings of the machine that exports them.
 """
 
@@ -9,8 +9,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from jaxembed.export_meta import single_instruction
 from jaxembed.hf.sentence_transformers import STConfig
-from jaxembed.run import Checkpoint, dev_metrics, single_instruction
+from jaxembed.workdir import Checkpoint, dev_metrics
 
 
 def _table(header: tuple, rows: list[tuple]) -> str:

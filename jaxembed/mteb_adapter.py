@@ -5,7 +5,7 @@
   prompts the way MTEB's sentence-transformers wrapper does, so an exported folder run
   through sentence-transformers and the JAX encoder read the same prompts.
 - `beir_task` turns a local BEIR-layout folder into an ``AbsTaskRetrieval`` whose
-  ``load_data`` reads the files (`jaxembed.retrieval.load_beir`), never the hub.
+  ``load_data`` reads the files (`jaxembed.beir.load_beir`), never the hub.
 - `run` evaluates a model on such tasks and keeps MTEB's result files in an output folder.
 
 Importing this module imports ``mteb`` (and with it torch and ``datasets``): the rest of
@@ -23,8 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
+from jaxembed.beir import load_beir
 from jaxembed.files import hf_offline
-from jaxembed.retrieval import DOC_PROMPTS, MTEB_KEYS, QUERY_PROMPTS, load_beir, pick_prompt
+from jaxembed.retrieval import DOC_PROMPTS, MTEB_KEYS, QUERY_PROMPTS, pick_prompt
 
 hf_offline()  # local files only: nothing may reach for the hub
 

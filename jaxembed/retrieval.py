@@ -1,12 +1,9 @@
-"""Retrieval: BEIR-layout data, the standard metrics, prompt choice, in-training eval.
+"""Retrieval: the standard metrics, encoders as functions, prompt choice, in-training eval.
 
-The library under `jaxembed.evaluate` (the CLI), `jaxembed.mine`, `jaxembed.mteb_adapter`
-and the training loop's dev evaluation (`Evaluator`), so that all of them read, search
-(`jaxembed.search`) and score the same way. Input: ``corpus.jsonl`` (``_id``, ``title``,
-``text``), ``queries.jsonl`` (``_id``, ``text``) and ``qrels/<split>.tsv`` (``query-id
-corpus-id score``, graded relevance allowed; a header line is optional). Search is exact:
-blocked matrix products keep a running top-k, so memory is bounded by the block sizes, not
-by the corpus.
+The library under `jaxembed.evaluate` (the CLI), `jaxembed.mteb_adapter` and the training
+loop's dev evaluation (`Evaluator`), so that all of them read (`jaxembed.beir`), search
+(`jaxembed.search`) and score the same way. Search is exact: blocked matrix products keep
+a running top-k, so memory is bounded by the block sizes, not by the corpus.
 
 The metrics are MTEB's for retrieval (it scores with ``pytrec_eval``, i.e. trec_eval), so
 that our numbers and MTEB's agree on the same rankings:
@@ -22,17 +19,14 @@ that our numbers and MTEB's agree on the same rankings:
   all <= 0 scores 0 on every metric (trec_eval and MTEB count it too). Queries without
   judgments are not evaluated. A document whose id equals the query id is *not* skipped
   (MTEB's default, ``ignore_identical_ids=False``).
-- A corpus text is ``title + " " + text`` (stripped) when there is a title, else the text
-  stripped: MTEB's rule, so both see the same strings.
+- A corpus text is MTEB's title/text join (`jaxembed.beir.corpus_text`).
 
 Encoders here produce unit vectors, so the inner product is the cosine similarity MTEB uses.
 """
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import json
 import math
 import os
 from collections.abc import Callable
@@ -42,6 +36,7 @@ import jax
 import numpy as np
 
 from jaxembed import sharding
+from jaxembed.beir import EvalDataError, load_beir
 from jaxembed.encoder import Encoder
 from jaxembed.hf.sentence_transformers import DOC_PROMPTS, QUERY_PROMPTS, pick_prompt
 from jaxembed.search import top_k
@@ -52,92 +47,6 @@ MTEB_KEYS = {m: m.replace("@", "_at_") for m in METRICS}
 K = 100  # ranks kept per query: the deepest cut-off in METRICS
 
 EncodeFn = Callable[[list[str]], np.ndarray]
-
-
-class EvalDataError(ValueError):
-    """Malformed or inconsistent retrieval data (a BEIR folder, a corpus); names the file."""
-
-
-# ------------------------------------------------------------------------------------------
-# Data
-
-
-def _read_jsonl(path: Path) -> list[dict]:
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise EvalDataError(f"{path}:{line_no}: invalid JSON ({e.msg})") from None
-            if "_id" not in rows[-1]:
-                raise EvalDataError(f"{path}:{line_no}: missing field '_id'")
-    return rows
-
-
-def corpus_text(row: dict) -> str:
-    """A corpus entry as the model reads it: MTEB's title/text join."""
-    title = row.get("title") or ""
-    text = row.get("text") or ""
-    return f"{title} {text}".strip() if title else text.strip()
-
-
-def load_beir(folder: str | os.PathLike, split: str = "dev"):
-    """``(corpus {id: text}, queries {id: text}, qrels {qid: {doc_id: grade}})``.
-
-    Errors name the file (and line): a missing file, an empty corpus, a qrels line whose
-    query id is not in ``queries.jsonl`` or whose corpus id is not in ``corpus.jsonl``.
-    """
-    folder = Path(folder)
-    corpus_file, queries_file = folder / "corpus.jsonl", folder / "queries.jsonl"
-    qrels_file = folder / "qrels" / f"{split}.tsv"
-    for f in (corpus_file, queries_file, qrels_file):
-        if not f.exists():
-            raise EvalDataError(f"{folder}: missing {f.relative_to(folder)}")
-    corpus = {str(row["_id"]): corpus_text(row) for row in _read_jsonl(corpus_file)}
-    if not corpus:
-        raise EvalDataError(f"{corpus_file}: the corpus is empty")
-    queries = {str(r["_id"]): r.get("text") or "" for r in _read_jsonl(queries_file)}
-    qrels: dict[str, dict[str, int]] = {}
-    with open(qrels_file, encoding="utf-8") as f:
-        for line_no, row in enumerate(csv.reader(f, delimiter="\t"), 1):
-            if not row or (line_no == 1 and row[0] == "query-id"):
-                continue
-            if len(row) != 3:
-                raise EvalDataError(f"{qrels_file}:{line_no}: expected 3 tab-separated columns")
-            qid, did, score = row
-            if qid not in queries:
-                raise EvalDataError(
-                    f"{qrels_file}:{line_no}: query id {qid!r} is not in {queries_file}"
-                )
-            if did not in corpus:
-                raise EvalDataError(
-                    f"{qrels_file}:{line_no}: corpus id {did!r} is not in {corpus_file}"
-                )
-            try:
-                qrels.setdefault(qid, {})[did] = int(score)
-            except ValueError:
-                raise EvalDataError(
-                    f"{qrels_file}:{line_no}: score {score!r} is not an integer"
-                ) from None
-    if not qrels:
-        raise EvalDataError(f"{qrels_file}: no judgments")
-    return corpus, queries, qrels
-
-
-def find_sets(data: str | os.PathLike) -> list[Path]:
-    """``data`` itself if it is a BEIR folder, else its sub-folders that are (sorted)."""
-    data = Path(data)
-    if (data / "corpus.jsonl").exists():
-        return [data]
-    sets = (
-        sorted(p for p in data.iterdir() if (p / "corpus.jsonl").exists()) if data.is_dir() else []
-    )
-    if not sets:
-        raise EvalDataError(f"{data}: not a BEIR folder (no corpus.jsonl) and no sub-folder is one")
-    return sets
 
 
 # ------------------------------------------------------------------------------------------
@@ -324,7 +233,7 @@ class Evaluator:
             model, tokenizer, pooling=pooling, max_length=max_len, st=st, head=head
         )
         self.batch_size = config.eval.batch_size
-        # ``prompts``: those the exported folder will carry (`jaxembed.run.trained_prompts`,
+        # ``prompts``: those the exported folder will carry (`jaxembed.export_meta.trained_prompts`,
         # e.g. F2LLM's one instruction), so the numbers logged here are what
         # `jaxembed.evaluate` gives on the checkpoint.
         self.query_prompt, self.passage_prompt = prompts["query"], prompts["document"]

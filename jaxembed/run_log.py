@@ -12,13 +12,15 @@ import numpy as np
 
 from jaxembed.files import atomic_write_text
 
+METRICS = "metrics.jsonl"  # WORKDIR/metrics.jsonl: one JSON record per logged step
+
 
 class RunLog:
     """A run's log: lines and scalars to stdout (process 0), ``metrics.jsonl``, TensorBoard."""
 
     def __init__(self, workdir: Path, enabled: bool, tensorboard: bool):
         self.enabled = enabled
-        self.jsonl = open(workdir / "metrics.jsonl", "a") if enabled else None  # noqa: SIM115
+        self.jsonl = open(workdir / METRICS, "a") if enabled else None  # noqa: SIM115
         self.tb = None
         if enabled and tensorboard:
             from tensorboardX import SummaryWriter

@@ -23,7 +23,7 @@ import numpy as np
 from absl import logging as absl_logging
 from flax import nnx
 
-from jaxembed import checkpoint, distributed, hf, remine, run, sharding
+from jaxembed import checkpoint, distributed, hf, remine, sharding
 from jaxembed import cli as jaxembed_cli
 from jaxembed import config as config_lib
 from jaxembed import dry_run as dry_runs
@@ -31,6 +31,7 @@ from jaxembed import step as step_lib
 from jaxembed.config import validate
 from jaxembed.data import pipeline, readers
 from jaxembed.data.pipeline import NO_STOP, PREEMPTED, TIME_LIMIT
+from jaxembed.export_meta import run_meta, trained_prompts
 from jaxembed.files import check_local_path
 from jaxembed.hf.sentence_transformers import load_head, read_st_config
 from jaxembed.models import attention as attention_lib
@@ -38,6 +39,8 @@ from jaxembed.models import lora
 from jaxembed.retrieval import Evaluator, on_mesh
 from jaxembed.run_log import Progress, RunLog, check_finite
 from jaxembed.tokenizer import load_tokenizer
+from jaxembed.trained_model import abstract_head, abstract_model, lora_spec, with_adapters
+from jaxembed.workdir import MODEL_DIR, PARAMETERS, base_folder, prepare_model_dir
 
 
 def main(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
@@ -67,7 +70,7 @@ def main(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
 
     model = nnx.merge(step.graphdef, live(state.params)["model"])
     head = None if step.head is None else nnx.merge(step.head, state.params["head"])
-    prompts = run.trained_prompts(meta)
+    prompts = trained_prompts(meta)
     evaluator = Evaluator(config, model, load_tokenizer(model_dir), pooling, st, prompts, head)
     batches = Batches(config, workdir, builder, evaluator, mesh, log)
     data_iter = batches.start(data_pos["next_batch"] if data_pos else 0, live(state.params))
@@ -141,14 +144,14 @@ def shared_workdir(workdir, config) -> Path:
 def open_run(config, workdir: Path, log: RunLog):
     """The run's own copy of the model's files, its sentence-transformers settings and
     pooling, this host's batch builder and the run's meta (what an export needs)."""
-    model_dir = workdir / "model"
+    model_dir = workdir / MODEL_DIR
     if jax.process_index() == 0:
-        run.prepare_model_dir(config.model.path, model_dir, config.model.pooling)
+        prepare_model_dir(config.model.path, model_dir, config.model.pooling)
     distributed.barrier("prepare_model_dir")
     st = read_st_config(model_dir)
     pooling = config.model.pooling or st.pooling or "mean"
     sources, builder = open_data(config, model_dir, log)
-    return model_dir, st, pooling, builder, run.run_meta(config, model_dir, pooling, sources)
+    return model_dir, st, pooling, builder, run_meta(config, model_dir, pooling, sources)
 
 
 def start_state(config, workdir: Path, mesh, st, pooling: str, meta: dict, log: RunLog):
@@ -156,28 +159,28 @@ def start_state(config, workdir: Path, mesh, st, pooling: str, meta: dict, log: 
     built from the model's shape, the state restored from the latest checkpoint or
     initialised from the model folder (the weights are read only then; a LoRA run reads its
     frozen base on every start, its checkpoints hold the adapters only)."""
-    model_dir, adapters = workdir / "model", run.lora_spec(config)
-    model = run.abstract_model(model_dir, config.model.dtype, config.model.remat, adapters,
+    model_dir, adapters = workdir / MODEL_DIR, lora_spec(config)
+    model = abstract_model(model_dir, config.model.dtype, config.model.remat, adapters,
                                config.model.attention)  # fmt: skip
     check_lengths(config, model.config.max_tokens, config.model.path)
     buckets = pipeline.PipelineConfig.from_config(config)
     dropout = config.train.dropout and attention_lib.probs_dropout(model.config)
     lengths, packed = (*buckets.buckets("query"), *buckets.buckets("passage")), config.train.packing
     log.print(attention_lib.describe_model(model, lengths, packed, dropout))
-    head = run.abstract_head(model_dir, model.config.hidden_size)  # Dense layers, if any
+    head = abstract_head(model_dir, model.config.hidden_size)  # Dense layers, if any
     step = step_lib.make_step(config, mesh, model, head, pooling)  # checks batch vs mesh
 
-    def load_model():
+    def load_model():  # from the folder the run started from, as a restore reads a LoRA base
         dtype = jnp.dtype(config.model.dtype)
-        loaded = hf.load_model(config.model.path, dtype=dtype, remat=config.model.remat)
-        return run.with_adapters(loaded, adapters, config.train.seed)
+        loaded = hf.load_model(base_folder(model_dir), dtype=dtype, remat=config.model.remat)
+        return with_adapters(loaded, adapters, config.train.seed)
 
     loaded = load_model() if adapters else None
     frozen = step.frozen(loaded) if adapters else None
 
     def init():
         source = loaded or load_model()
-        return step.init(source, load_head(config.model.path, st, source.config.hidden_size))
+        return step.init(source, load_head(base_folder(model_dir), st, source.config.hidden_size))
 
     mngr = checkpoint.manager(
         workdir, keep=config.ckpt.keep, keep_best=config.ckpt.keep_best,
@@ -197,8 +200,8 @@ def start_state(config, workdir: Path, mesh, st, pooling: str, meta: dict, log: 
     shapes = nnx.state(model)
     table = sharding.describe(shapes, sharding.state_shardings(shapes, mesh))
     if jax.process_index() == 0:
-        (workdir / "parameters.txt").write_text(table + "\n")
-    log.print(f"{table.splitlines()[-1]}; every tensor's shape and sharding: parameters.txt")
+        (workdir / PARAMETERS).write_text(table + "\n")
+    log.print(f"{table.splitlines()[-1]}; every tensor's shape and sharding: {PARAMETERS}")
     return step, mngr, state, frozen, data_pos, start
 
 

@@ -302,16 +302,17 @@ def check_lora(folder, targets, vocab_size: int, tol: float, peft_dir):
     import jax
     import jax.numpy as jnp
 
-    from jaxembed import hf, run
+    from jaxembed import hf
     from jaxembed.hf.peft import write_adapters
     from jaxembed.models import lora
     from jaxembed.models.lora import LoRASpec
+    from jaxembed.trained_model import with_adapters
 
     ids, mask = random_batch(vocab_size, 0, (9, 4, 1, 7), seed=5)
     model = hf.load_model(folder)
     base = np.asarray(model(jnp.asarray(ids), jnp.asarray(mask)))
     spec = LoRASpec(rank=4, alpha=8.0, targets=targets)
-    run.with_adapters(model, spec)
+    with_adapters(model, spec)
     adapters = lora.adapters(model)
     assert adapters
     np.testing.assert_array_equal(np.asarray(model(jnp.asarray(ids), jnp.asarray(mask))), base)

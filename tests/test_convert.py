@@ -27,10 +27,10 @@ from helpers import (
 from sentence_transformers import SentenceTransformer
 
 import jaxembed
-from jaxembed import checkpoint, convert, hf, sharding, train
+from jaxembed import checkpoint, convert, export_meta, hf, sharding, train, trained_model
 from jaxembed import config as config_lib
-from jaxembed import run as run_lib
 from jaxembed import step as step_lib
+from jaxembed import workdir as workdir_lib
 from jaxembed.data import readers
 from jaxembed.hf.io import read_weights
 from jaxembed.hf.sentence_transformers import read_st_config
@@ -66,14 +66,14 @@ def tiny_config(model: Path, data, steps: int = 2, **kw):
 
 def untrained_checkpoint(source: Path, workdir: Path, config) -> Path:
     """HF -> jaxembed -> a step-0 checkpoint, saved as `train.main` saves its checkpoints."""
-    model_dir = run_lib.prepare_model_dir(str(source), workdir / "model", config.model.pooling)
+    model_dir = workdir_lib.prepare_model_dir(str(source), workdir / "model", config.model.pooling)
     pooling = config.model.pooling or read_st_config(model_dir).pooling or "mean"
     sources = readers.open_sources(list(config.data.train))
     # Saved from one device; export restores onto all eight (Orbax reshards).
     mesh = sharding.make_mesh(devices=jax.devices()[:1])
     model = hf.load_model(source)
     state = step_lib.make_step(config, mesh, model).init(model)
-    meta = run_lib.run_meta(config, model_dir, pooling, sources)
+    meta = export_meta.run_meta(config, model_dir, pooling, sources)
     mngr = checkpoint.manager(workdir, async_save=False)
     checkpoint.save(mngr, 0, state, None, meta)
     mngr.close()
@@ -286,15 +286,15 @@ def test_model_card_describes_the_run(trained):
 def test_a_given_step_and_the_checkpoints_path(trained, tmp_path):
     workdir, _ = trained["bert"]
     for path in (workdir / "2", workdir / "checkpoints" / "2", workdir / "checkpoints"):
-        assert run_lib.is_checkpoint(path)
-        assert run_lib.find_checkpoint(path).step == 2
-    assert not run_lib.is_checkpoint(minilm_path())
+        assert workdir_lib.is_checkpoint(path)
+        assert workdir_lib.find_checkpoint(path).step == 2
+    assert not workdir_lib.is_checkpoint(minilm_path())
 
 
 def test_parameters_are_restored_sharded_over_the_devices(trained):
     workdir, _ = trained["bert"]
     mesh = sharding.make_mesh(data=1, fsdp=-1)
-    model = run_lib.restore_model(run_lib.find_checkpoint(workdir), mesh=mesh)
+    model = trained_model.restore_model(workdir_lib.find_checkpoint(workdir), mesh=mesh)
     emb = model.embeddings.word_embeddings.embedding.get_value()
     assert len(emb.sharding.device_set) == 8 and not emb.sharding.is_fully_replicated
 
@@ -322,13 +322,13 @@ def test_two_processes_gather_to_process_0(trained, tmp_path):
 
 def test_errors_name_the_problem(base, trained, tmp_path, capsys):
     workdir, out = trained["bert"]
-    with pytest.raises(run_lib.CheckpointError, match=r"no checkpoint found"):
+    with pytest.raises(workdir_lib.CheckpointError, match=r"no checkpoint found"):
         convert.export(tmp_path, tmp_path / "x")
-    with pytest.raises(run_lib.CheckpointError, match=r"no such directory"):
+    with pytest.raises(workdir_lib.CheckpointError, match=r"no such directory"):
         convert.export(tmp_path / "missing", tmp_path / "x")
-    with pytest.raises(run_lib.CheckpointError, match=r"model folder: load it directly"):
+    with pytest.raises(workdir_lib.CheckpointError, match=r"model folder: load it directly"):
         convert.export(minilm_path(), tmp_path / "x")
-    with pytest.raises(run_lib.CheckpointError, match=r"no checkpoint at step 7; steps: \[2\]"):
+    with pytest.raises(workdir_lib.CheckpointError, match=r"no checkpoint at step 7; steps: \[2\]"):
         convert.export(workdir / "7", tmp_path / "x")
     with pytest.raises(
         FileExistsError, match=r"output directory is not empty \(pass --overwrite\)"
@@ -382,13 +382,13 @@ def meta(datasets, template="Instruct: {instruction}\nQuery: {query}"):
 
 def test_prompts_follow_the_training_data():
     docs = {"document": "p: "}
-    assert run_lib.trained_prompts(meta({"a": [], "b": []})) == {"query": "q: ", **docs}
-    assert run_lib.trained_prompts(meta({"a": ["X"], "b": ["X"]})) == {
+    assert export_meta.trained_prompts(meta({"a": [], "b": []})) == {"query": "q: ", **docs}
+    assert export_meta.trained_prompts(meta({"a": ["X"], "b": ["X"]})) == {
         "query": "Instruct: X\nQuery: ",
         **docs,
     }
     # Mixed: a plain dataset, an instructed one, one with two instructions, a name clash.
-    assert run_lib.trained_prompts(
+    assert export_meta.trained_prompts(
         meta({"a": ["X"], "b": ["Y", "Z"], "c": [], "query": ["W"]})
     ) == {
         "query": "q: ",
@@ -399,7 +399,7 @@ def test_prompts_follow_the_training_data():
         **docs,
     }
     with pytest.raises(ValueError, match=r"instruction_template=.* does not end with '\{query\}'"):
-        run_lib.trained_prompts(meta({"a": ["X"]}, template="{query} ({instruction})"))
+        export_meta.trained_prompts(meta({"a": ["X"]}, template="{query} ({instruction})"))
 
 
 def test_sentence_transformers_files_round_trip(tmp_path):

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from helpers import assert_close, save_tiny_with_tokenizer, write_jsonl
 
+from jaxembed import beir, retrieval
 from jaxembed import evaluate as ev
-from jaxembed import retrieval
 
 FIXTURE = Path(__file__).parent / "fixtures" / "debian"
 L2, L3, L4, L5 = (math.log2(n) for n in (2, 3, 4, 5))
@@ -60,7 +60,7 @@ def test_query_whose_judgments_are_all_non_relevant_scores_zero():
     # trec_eval (so MTEB) scores such a query 0 and keeps it in the mean.
     m = retrieval.retrieval_metrics({"q1": ["a"], "q2": ["a"]}, {"q1": {"a": 1}, "q2": {"a": 0}})
     assert all(m[k] == pytest.approx(0.5) for k in retrieval.METRICS)
-    with pytest.raises(retrieval.EvalDataError, match="no query"):
+    with pytest.raises(beir.EvalDataError, match="no query"):
         retrieval.retrieval_metrics({"q": ["a"]}, {"q": {"a": 0}})
 
 
@@ -169,8 +169,8 @@ def test_qrels_query_missing_from_queries_names_it_and_the_file(tmp_path, capsys
         [{"_id": "q1", "text": "y"}],
         ["q1\td1\t1", "q9\td1\t1"],
     )
-    with pytest.raises(retrieval.EvalDataError) as info:
-        retrieval.load_beir(folder, "dev")
+    with pytest.raises(beir.EvalDataError) as info:
+        beir.load_beir(folder, "dev")
     msg = str(info.value)
     assert msg.startswith(f"{folder / 'qrels' / 'dev.tsv'}:3:")
     assert "'q9'" in msg and str(folder / "queries.jsonl") in msg
@@ -183,19 +183,19 @@ def test_qrels_query_missing_from_queries_names_it_and_the_file(tmp_path, capsys
 
 def test_empty_corpus_and_missing_files(tmp_path):
     folder = write_beir(tmp_path / "set", [], [{"_id": "q1", "text": "y"}], [])
-    with pytest.raises(retrieval.EvalDataError, match="corpus is empty") as info:
-        retrieval.load_beir(folder, "dev")
+    with pytest.raises(beir.EvalDataError, match="corpus is empty") as info:
+        beir.load_beir(folder, "dev")
     assert str(folder / "corpus.jsonl") in str(info.value)
-    with pytest.raises(retrieval.EvalDataError, match=r"missing qrels/test\.tsv"):
-        retrieval.load_beir(folder, "test")
-    with pytest.raises(retrieval.EvalDataError, match="not a BEIR folder"):
-        retrieval.find_sets(tmp_path / "set" / "qrels")
+    with pytest.raises(beir.EvalDataError, match=r"missing qrels/test\.tsv"):
+        beir.load_beir(folder, "test")
+    with pytest.raises(beir.EvalDataError, match="not a BEIR folder"):
+        beir.find_sets(tmp_path / "set" / "qrels")
 
 
 def test_corpus_text_joins_title_as_mteb_does():
-    assert retrieval.corpus_text({"title": "T", "text": " body "}) == "T  body"
-    assert retrieval.corpus_text({"title": "", "text": " body "}) == "body"
-    assert retrieval.corpus_text({"text": "body"}) == "body"
+    assert beir.corpus_text({"title": "T", "text": " body "}) == "T  body"
+    assert beir.corpus_text({"title": "", "text": " body "}) == "body"
+    assert beir.corpus_text({"text": "body"}) == "body"
 
 
 def test_undefined_prompt_name_names_it_and_the_defined_ones():

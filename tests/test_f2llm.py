@@ -11,8 +11,7 @@ import pytest
 from helpers import save_tiny_qwen3, toy_records, write_jsonl
 
 from jaxembed import config as config_lib
-from jaxembed import run as run_lib
-from jaxembed import train
+from jaxembed import train, trained_model, workdir
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -63,8 +62,8 @@ def test_lora_variant_trains_the_stacked_adapters_with_fsdp(tmp_path):
     losses = [r["loss"] for r in recs if "loss" in r]
     print(f"f2llm LoRA tiny qwen3 losses: {losses[0]:.3f} -> {losses[-1]:.3f}")
     assert np.mean(losses[-2:]) < 0.8 * np.mean(losses[:2])
-    ckpt = run_lib.find_checkpoint(tmp_path / "run")
-    adapted = run_lib.restore_adapted(ckpt)
+    ckpt = workdir.find_checkpoint(tmp_path / "run")
+    adapted = trained_model.restore_adapted(ckpt)
     assert adapted.layers.mlp.down_proj.lora.a.shape == (2, 48, 16)
 
 

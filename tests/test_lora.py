@@ -24,9 +24,10 @@ from helpers import (
 from trainrun import read_losses, tiny_config
 
 import jaxembed
-from jaxembed import convert, hf, run, train
+from jaxembed import convert, hf, train
 from jaxembed.hf.io import read_weights
 from jaxembed.models.lora import LoRASpec
+from jaxembed.trained_model import with_adapters
 
 torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")
@@ -64,7 +65,7 @@ def test_adapters_start_at_the_base_merge_exactly_and_load_in_peft(name, tmp_pat
 def test_targets_that_name_nothing_are_errors(tmp_path):
     folder = save_tiny_hf("bert", tmp_path / "bert", num_hidden_layers=1)
     with pytest.raises(ValueError, match=r"'q_proj' names no linear layer of this bert model.*"):
-        run.with_adapters(hf.load_model(folder), LoRASpec(4, 8.0, targets=("q_proj",)))
+        with_adapters(hf.load_model(folder), LoRASpec(4, 8.0, targets=("q_proj",)))
     from jaxembed import config as config_lib
 
     c = config_lib.default_config()

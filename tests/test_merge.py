@@ -9,7 +9,8 @@ import pytest
 from helpers import assert_close, save_tiny_with_tokenizer
 
 import jaxembed
-from jaxembed import merge, run
+from jaxembed import merge, trained_model
+from jaxembed import workdir as workdir_lib
 from jaxembed.hf.io import read_weights
 
 TEXTS = ["network tool number 3", "A package about python: utility 1.", "?!"]
@@ -85,7 +86,7 @@ def test_mismatched_inputs_name_the_first_differing_tensor(folders, tmp_path):
 def test_last_checkpoints_of_a_run_to_a_folder_and_to_a_run(straight_run, tmp_path):
     workdir, _ = straight_run
     steps = merge.last_steps(str(workdir), 2)
-    models = [run.restore_model(run.find_checkpoint(s)) for s in steps]
+    models = [trained_model.restore_model(workdir_lib.find_checkpoint(s)) for s in steps]
     out = tmp_path / "avg"
     assert merge.main(["--run", str(workdir), "--last", "2", "--out", str(out)]) == 0
     kernel = np.asarray(models[0].encoder.layer[0].output.dense.kernel[...])
@@ -96,7 +97,7 @@ def test_last_checkpoints_of_a_run_to_a_folder_and_to_a_run(straight_run, tmp_pa
     as_run = tmp_path / "avg-run"
     args = ["--run", str(workdir), "--last", "2", "--out", str(as_run), "--format", "run"]
     assert merge.main(args) == 0
-    ckpt = run.find_checkpoint(as_run)
+    ckpt = workdir_lib.find_checkpoint(as_run)
     assert ckpt.step == 0 and ckpt.meta["merge"]["inputs"] == steps
     np.testing.assert_allclose(
         jaxembed.load(as_run).encode(TEXTS), jaxembed.load(out).encode(TEXTS), atol=1e-6

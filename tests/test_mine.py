@@ -15,7 +15,7 @@ import pytest
 from helpers import assert_close, launch_local, save_tiny_with_tokenizer, toy_records, write_jsonl
 
 import jaxembed
-from jaxembed import embedding_cache, mining, retrieval, search
+from jaxembed import beir, embedding_cache, mining, search
 from jaxembed import mine as mn
 from jaxembed.data import readers
 
@@ -283,7 +283,7 @@ def test_beir_input_and_its_errors(tmp_path):
 
 def test_errors_name_the_problem(word_data, tmp_path):
     (tmp_path / "empty.txt").write_text("\n  \n")
-    with pytest.raises(retrieval.EvalDataError, match=r"empty\.txt: the corpus is empty"):
+    with pytest.raises(beir.EvalDataError, match=r"empty\.txt: the corpus is empty"):
         mn.mine(
             WordEncoder(), word_data / "pairs.jsonl", tmp_path / "o.jsonl",
             corpus=tmp_path / "empty.txt", devices=ONE_DEVICE,

@@ -319,7 +319,7 @@ def test_your_own_columns_train_from_python(train_setup, tmp_path):
     c.data.columns = {"question": "query", "answer": "positive"}
     results = train.main(c, tmp_path / "run")
     assert results["step"] == 2 and np.isfinite(results["last"]["loss"])
-    meta = checkpoint.restore_meta(tmp_path / "run")[1]
+    meta = checkpoint.read_meta(tmp_path / "run")[1]
     assert meta["datasets"] == {"my_pairs": {"task": "retrieval", "rows": 16, "instructions": []}}
 
 

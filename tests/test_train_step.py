@@ -12,12 +12,13 @@ from flax import nnx
 from helpers import assert_close, reference_jit
 
 from jaxembed import config as config_lib
-from jaxembed import run, sharding, train_state
+from jaxembed import sharding, train_state
 from jaxembed import step as step_lib
 from jaxembed.data import pipeline
 from jaxembed.models.bert import BertConfig, BertModel
 from jaxembed.models.head import HeadLayer, build_head
 from jaxembed.models.lora import LoRASpec, join
+from jaxembed.trained_model import with_adapters
 
 TINY = BertConfig(
     vocab_size=64,
@@ -154,7 +155,7 @@ def loss_and_grads_on(shape, gradcache: bool, chunk: int = 8, head=None, adapter
     c = make_config(gradcache=gradcache, gradcache_chunk=chunk)
     c.loss.symmetric = True
     c.loss.learnable_temperature = True
-    model = run.with_adapters(tiny_model(), adapters, seed=1)
+    model = with_adapters(tiny_model(), adapters, seed=1)
     step = step_lib.make_step(c, mesh, model, head)
     return loss_and_grads(
         step, step.init(model, head), step_batch(random_batch()), step.frozen(model)
@@ -383,7 +384,7 @@ def test_tiny_model_learns_pairs(lora):
     c.train.steps, c.optim.lr = 100, 3e-2 if lora else 3e-3
     mesh = sharding.make_mesh(2, 4)
     spec = LoRASpec(8, 16.0, targets=("query", "key", "value", "dense")) if lora else None
-    model = run.with_adapters(tiny_model(), spec)
+    model = with_adapters(tiny_model(), spec)
     step = step_lib.make_step(c, mesh, model)
     state, frozen = step.init(model), step.frozen(model)
     encode = jax.jit(step_lib.make_encode(step.graphdef, "mean", 1))
