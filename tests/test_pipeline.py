@@ -149,6 +149,34 @@ def test_random_negatives_are_other_rows_positives(single_host):
         PipelineConfig(global_batch=8, negatives="hard")
 
 
+def test_negative_links_match_the_plain_definition_on_shared_and_repeated_texts():
+    # Positives shared by several rows, a negative repeated within a row, a row's own
+    # positive among its negatives, negatives nobody has as positive: the sorted-search
+    # links equal the definition written as dictionaries.
+    rng = np.random.default_rng(0)
+    records = [
+        {
+            "query": f"q{i}",
+            "positive": f"p{rng.integers(60)}",
+            "negatives": [f"p{j}" for j in rng.integers(80, size=rng.integers(0, 6))],
+            "task": "retrieval",
+            "dataset": "d",
+        }
+        for i in range(100)
+    ]
+    by_positive: dict[str, list[int]] = {}
+    for i, r in enumerate(records):
+        by_positive.setdefault(r["positive"], []).append(i)
+    want = [
+        list(dict.fromkeys(j for t in r["negatives"] for j in by_positive.get(t, ())))
+        for r in records
+    ]
+    links = pipeline.negative_links(ListSource("d", "retrieval", records))
+    assert len(links) == len(records)
+    assert [links[i].tolist() for i in range(len(records))] == want
+    assert sum(map(len, want)) > 100  # the case is not empty
+
+
 def test_negative_groups_put_rows_with_their_hard_negatives():
     # Row i's mined negatives are the positives of rows i+1 and i+2 (mod n): groups follow
     # those links, so a batch holds each row's hard negatives as in-batch candidates.
@@ -164,7 +192,7 @@ def test_negative_groups_put_rows_with_their_hard_negatives():
         for i in range(n)
     ]
     links = pipeline.negative_links(ListSource("ring", "retrieval", records))
-    assert [x.tolist() for x in links[:2]] == [[1, 2], [2, 3]]
+    assert [links[i].tolist() for i in range(2)] == [[1, 2], [2, 3]]
     order = pipeline.negative_groups(links, 8, np.random.default_rng(0))
     assert sorted(order.tolist()) == list(range(n))  # a permutation: every row once
     again = pipeline.negative_groups(links, 8, np.random.default_rng(0))

@@ -156,25 +156,59 @@ class PipelineConfig:
         return tuple(sorted({*given, limit})) if given else default_buckets(limit)
 
 
-def negative_links(source) -> list[np.ndarray]:
+class Links:
+    """Each row's linked rows in two flat arrays (CSR): row ``i``'s are
+    ``rows[starts[i]:starts[i + 1]]``. 8 bytes per row and per link: a Python list of one
+    array per row cost ~100 bytes per row more, in every worker process."""
+
+    def __init__(self, starts: np.ndarray, rows: np.ndarray):
+        self.starts, self.rows = starts, rows
+
+    def __len__(self) -> int:
+        return len(self.starts) - 1
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return self.rows[self.starts[i] : self.starts[i + 1]]
+
+
+def negative_links(source) -> Links:
     """For each row, the rows whose positive is one of its mined negatives, best first.
 
     In data mined against the distinct positives (``jaxembed.mine`` without ``--corpus``),
     a row's hard negatives are other rows' positives: putting those rows in the same batch
     makes them in-batch negatives, at no extra encoding.
+
+    One pass over the records keeps only text hashes (a record at a time, never the
+    table); the matching is sorted search: O(n log n) time, memory linear in rows + links.
     """
-    by_positive: dict[int, list[int]] = {}
-    records = [source[i] for i in range(len(source))]
-    for i, r in enumerate(records):
-        by_positive.setdefault(text_hash(r["positive"]), []).append(i)
-    links = []
-    for r in records:
-        rows = [j for t in r["negatives"] for j in by_positive.get(text_hash(t), ())]
-        links.append(np.asarray(list(dict.fromkeys(rows)), np.int64))
-    return links
+    n = len(source)
+    positive = np.empty(n, np.int64)
+    negative: list[int] = []  # every row's negatives' hashes, row after row
+    owner: list[int] = []  # the row each of them belongs to
+    for i in range(n):
+        record = source[i]
+        positive[i] = text_hash(record["positive"])
+        hashes = [text_hash(t) for t in record["negatives"]]
+        negative += hashes
+        owner += [i] * len(hashes)
+    by_hash = np.argsort(positive, kind="stable")  # rows sharing a positive stay in order
+    sorted_hash = positive[by_hash]
+    neg, own = np.asarray(negative, np.int64), np.asarray(owner, np.int64)
+    lo = np.searchsorted(sorted_hash, neg, "left")
+    count = np.searchsorted(sorted_hash, neg, "right") - lo
+    # Each negative's matching rows, negative after negative: the ranges lo .. lo + count.
+    first = np.repeat(lo - np.cumsum(count) + count, count)
+    match = by_hash[first + np.arange(int(count.sum()))]
+    match_owner = np.repeat(own, count)
+    # A row linked twice (two of its negatives are one row's positive) keeps its first place.
+    _, keep = np.unique(match_owner * n + match, return_index=True)
+    keep.sort()
+    starts = np.zeros(n + 1, np.int64)
+    np.cumsum(np.bincount(match_owner[keep], minlength=n), out=starts[1:])
+    return Links(starts, match[keep])
 
 
-def negative_groups(links: Sequence[np.ndarray], size: int, rng) -> np.ndarray:
+def negative_groups(links: Links, size: int, rng) -> np.ndarray:
     """A permutation of the rows in which consecutive runs of up to ``size`` rows are linked.
 
     Groups grow breadth-first from seeds in random order over `negative_links`; a group
@@ -276,7 +310,9 @@ class BatchBuilder:
         self.local = slice(process_index * per_host, (process_index + 1) * per_host)
         self._tokenizer = None
         self._perms: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
-        self._links: dict[int, list[np.ndarray]] = {}  # per dataset, for group_size
+        # Per dataset, for group_size: computed here, once per host, and pickled to the
+        # workers (compact arrays) rather than recomputed in each.
+        self._links = {d: negative_links(s) for d, s in enumerate(sources) if cfg.group_size}
         # Negatives re-mined during training: (texts, {source index: (rows, K) indices into
         # texts, -1 padded}); they replace those sources' stored negatives. None: stored.
         self.remined: tuple[list[str], dict[int, np.ndarray]] | None = None
@@ -285,7 +321,6 @@ class BatchBuilder:
         state = dict(self.__dict__)
         state["_tokenizer"] = None
         state["_perms"] = OrderedDict()
-        state["_links"] = {}
         return state
 
     @property
@@ -299,8 +334,6 @@ class BatchBuilder:
         if key not in self._perms:
             rng = np.random.default_rng([self.cfg.seed, Stream.ROW_ORDER, d, epoch])
             if self.cfg.group_size:
-                if d not in self._links:
-                    self._links[d] = negative_links(self.sources[d])
                 self._perms[key] = negative_groups(self._links[d], self.cfg.group_size, rng)
             else:
                 self._perms[key] = rng.permutation(len(self.sources[d]))
