@@ -48,6 +48,7 @@ import time
 from pathlib import Path
 
 from examples.debian_retrofit.bench import evaluate, last_metrics, run_logged, take_rows
+from examples.debian_retrofit.config import PAIR_FILES
 
 ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
@@ -111,9 +112,8 @@ def cell_data(study: str, cell: str, out: Path, examples: int) -> tuple[list[Pat
             f"--config.data.query_transform_rate={cell}",
         ]
     if study == "format":  # the positives: synopsis + body, the body alone, or a coin per row
-        name = {"full": "debian-xling", "body": "debian-xling-body", "mix": "debian-xling-mix"}
-        src = DEBIAN / "train" / f"{name[cell]}.jsonl"
-        return [take_rows(src, examples, data / f"{name[cell]}-{examples}.jsonl")], [
+        src = DEBIAN / "train" / f"{PAIR_FILES[cell]}.jsonl"
+        return [take_rows(src, examples, data / f"{PAIR_FILES[cell]}-{examples}.jsonl")], [
             "--config.data.num_negatives.retrieval=0"
         ]
     if study == "recipe":

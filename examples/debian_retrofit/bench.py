@@ -1,19 +1,23 @@
 """Retrofit all-MiniLM-L6-v2 on Debian data: sentence-transformers vs jaxembed at equal wall time.
 
     .venv/bin/python -m examples.debian_retrofit.bench [--data data/debian] [--pairs 20000]
-        [--out runs/retrofit]
-        [--recipes base,st,jax-st,jax-best] [--seed 0] [--fresh]
+        [--out runs/retrofit] [--recipes base,st,jax-st,jax-best]
+        [--positives full,body,mix] [--seeds 0,1,2] [--fresh]
+
+(a) and (c) run once per positives format (``--positives``, default config.py's
+``POSITIVES``) and seed; the table gives the mean over seeds and half the spread.
 
 Recipes (each trains from all-MiniLM-L6-v2, on this machine, one after another):
 
 - ``st`` (a): sentence-transformers' standard fine-tune with its own trainer:
-  MultipleNegativesRankingLoss, the first ``--pairs`` rows of
-  ``train/debian-xling.jsonl`` (a translated summary in da/it/fr/de/es/pt_BR -> the English
-  description, train packages only), batch 64, max length 128, lr 5e-5, 10% warmup then
-  linear decay, one epoch. Its wall time (data set built + ``trainer.train()``) is the
-  budget of the jaxembed recipes.
+  MultipleNegativesRankingLoss, the first ``--pairs`` rows of the positives' file
+  (config.py's ``PAIR_FILES``: a translated summary in da/it/fr/de/es/pt_BR -> the English
+  description, its body, or a coin per row; train packages only), batch 64, max length
+  128, lr 5e-5, 10% warmup then linear decay, one epoch. Its wall time (data set built +
+  ``trainer.train()``) is the budget of the jaxembed recipe on the same positives and seed.
 - ``jax-st`` (b): the same data and settings in jaxembed (``config.py:st`` here),
-  one epoch: a correctness check, its scores should land within +-0.01 of (a).
+  one epoch, once (the first positives and seed): a correctness check, its scores should
+  land within +-0.01 of (a), and the speed (c) is sized from.
 - ``jax-best`` (c): jaxembed's recipe (``config.py`` here, run through ``retrofit.sh``'s
   pairs, mine and train stages): negatives mined with
   ``jaxembed.mine`` (the base model as teacher, NV-Retriever's positive-aware rule), used
@@ -24,11 +28,13 @@ Recipes (each trains from all-MiniLM-L6-v2, on this machine, one after another):
 - ``base``: the untrained model.
 
 Every model is scored the same way, with `jaxembed.evaluate`'s exact search and metrics at
-max length 256 (the base model's): dev packages only. Zero-shot: ``dev/xling-{cs,ja,ko,pl,
-ru,uk,zh_CN}`` (queries in languages never trained on -> English descriptions); trained:
-``dev/xling-{da,de,es,fr,it,pt_BR}``; each set's corpus is every dev English description.
-The table gives the unweighted mean nDCG@10 over the languages of each group. Results are
-kept per recipe in OUT/results.json, so a recipe can be rerun alone (``--recipes``).
+max length 256 (the base model's): dev packages only, on both proxies. Zero-shot:
+``dev/xling-{cs,ja,ko,pl,ru,uk,zh_CN}`` (queries in languages never trained on -> English
+descriptions that open with the synopsis, the query's translation); trained:
+``dev/xling-{da,de,es,fr,it,pt_BR}``; "body": the same on ``dev/xling-body-*``, whose
+documents are the description body alone (retrieval by what a document says). The table
+gives the unweighted mean nDCG@10 over the languages of each group. Results are kept per
+recipe, positives and seed in OUT/results.json, so a cell can be rerun alone.
 """
 
 from __future__ import annotations
@@ -43,11 +49,14 @@ import time
 from pathlib import Path
 
 from examples.debian_retrofit.config import (
+    PAIR_FILES,
+    POSITIVES,
     TRAINED_LANGS,
     ZERO_SHOT_LANGS,
     get_config,
     minilm_path,
 )
+from jaxembed.files import atomic_write_text
 
 ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
@@ -77,9 +86,10 @@ def take_rows(src: Path, n: int, dst: Path) -> Path:
     return dst
 
 
-def write_pairs(data: Path, n: int, out: Path) -> list[dict]:
-    """(a)'s and (b)'s pairs: the first ``n`` cross-lingual rows, written to ``out``."""
-    take_rows(data / "train" / "debian-xling.jsonl", n, out)
+def write_pairs(data: Path, n: int, positives: str, out: Path) -> list[dict]:
+    """(a)'s and (b)'s pairs: the first ``n`` cross-lingual rows with ``positives``
+    (`PAIR_FILES`), written to ``out``."""
+    take_rows(data / "train" / f"{PAIR_FILES[positives]}.jsonl", n, out)
     with open(out, encoding="utf-8") as f:
         return [json.loads(line) for line in f]
 
@@ -202,7 +212,7 @@ def run_jax_st(pairs_file: Path, n_pairs: int, out: Path, seed: int) -> dict:
     }
 
 
-def run_jax_best(out: Path, budget_s: float, jax_st: dict, seed: int) -> dict:
+def run_jax_best(out: Path, budget_s: float, jax_st: dict, positives: str, seed: int) -> dict:
     """(c): retrofit.sh's pairs -> mine -> train, all inside ``budget_s``."""
     recipe = get_config().data
     negatives = recipe.num_negatives.retrieval
@@ -218,6 +228,7 @@ def run_jax_best(out: Path, budget_s: float, jax_st: dict, seed: int) -> dict:
         **os.environ,
         "PY": sys.executable,
         "SEED": str(seed),
+        "POSITIVES": positives,
         "ROWS": str(rows),
         "STEPS": str(steps),
         # The script's training invocation gets what is left of the budget after mining.
@@ -244,32 +255,61 @@ def run_jax_best(out: Path, budget_s: float, jax_st: dict, seed: int) -> dict:
     }
 
 
+def key_of(recipe: str, positives: str = "", seed: int = 0) -> str:
+    """A result's key: ``base``, or ``recipe/positives/seed`` (e.g. ``st/mix/1``)."""
+    return recipe if recipe == "base" else f"{recipe}/{positives}/{seed}"
+
+
+GROUPS = ("zero_shot", "trained", "zero_shot_body", "trained_body")
+NAMES = {
+    "base": "all-MiniLM-L6-v2 (no training)",
+    "st": "(a) sentence-transformers, MNRL",
+    "jax-st": "(b) jaxembed, (a)'s data and settings",
+    "jax-best": "(c) jaxembed recipe",
+}
+
+
+def mean_spread(xs: list[float]) -> str:
+    """The mean, and with two or more seeds the spread (max - min)."""
+    m = sum(xs) / len(xs)
+    return f"{m:.4f}" if len(xs) == 1 else f"{m:.4f} ±{(max(xs) - min(xs)) / 2:.4f}"
+
+
 def fmt_table(results: dict) -> str:
-    base = results.get("base", {}).get("eval")
+    """One row per recipe and positives: the mean over seeds (± half the spread) of each
+    group's nDCG@10 on both proxies."""
     rows = [
-        "| recipe | wall time | examples seen | zero-shot nDCG@10 | trained-lang nDCG@10 "
-        "| zero-shot vs base | trained vs base |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| recipe | positives | seeds | wall time | examples | zero-shot | trained "
+        "| zero-shot body | trained body |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    names = {
-        "base": "all-MiniLM-L6-v2 (no training)",
-        "st": "(a) sentence-transformers, MNRL",
-        "jax-st": "(b) jaxembed, (a)'s data and settings",
-        "jax-best": "(c) jaxembed recipe",
-    }
-    for key in RECIPES:
-        if key not in results or "eval" not in results[key]:
-            continue
-        r, e = results[key], results[key]["eval"]
-        wall = f"{r['seconds'] / 60:.1f} min" if "seconds" in r else "-"
-        seen = f"{r['examples']:,}" if "examples" in r else "-"
-        dz = f"{e['zero_shot'] - base['zero_shot']:+.3f}" if base else "-"
-        dt = f"{e['trained'] - base['trained']:+.3f}" if base else "-"
+    cells: dict[tuple[str, str], list[dict]] = {}
+    for key, r in results.items():
+        if isinstance(r, dict) and "eval" in r:
+            recipe, positives = [*key.split("/"), "-"][:2]
+            cells.setdefault((recipe, positives), []).append(r)
+    for (recipe, positives), runs in sorted(cells.items(), key=lambda c: RECIPES.index(c[0][0])):
+        wall = "-" if "seconds" not in runs[0] else (
+            f"{sum(r['seconds'] for r in runs) / len(runs) / 60:.1f} min"
+        )  # fmt: skip
+        seen = "-" if "examples" not in runs[0] else f"{runs[0]['examples']:,}"
+        scores = [mean_spread([r["eval"][g] for r in runs]) for g in GROUPS]
         rows.append(
-            f"| {names[key]} | {wall} | {seen} | {e['zero_shot']:.4f} | {e['trained']:.4f} "
-            f"| {dz} | {dt} |"
+            f"| {NAMES[recipe]} | {positives} | {len(runs)} | {wall} | {seen} | "
+            + " | ".join(scores)
+            + " |"
         )
     return "\n".join(rows)
+
+
+def budget_of(results: dict, positives: str, seed: int) -> float:
+    """(c)'s budget: the wall time of (a) on the same positives and seed, else (a)'s mean."""
+    if (st := results.get(key_of("st", positives, seed))) is not None:
+        return st["seconds"]
+    times = [r["seconds"] for k, r in results.items() if k.startswith("st/")]
+    if not times:
+        raise SystemExit("jax-best needs an st result (its budget): add st to --recipes")
+    return sum(times) / len(times)
 
 
 def main() -> None:
@@ -278,58 +318,76 @@ def main() -> None:
     p.add_argument("--pairs", type=int, default=20000, help="(a)'s and (b)'s training pairs")
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "retrofit")
     p.add_argument("--recipes", default=",".join(RECIPES), help=f"subset of {','.join(RECIPES)}")
-    p.add_argument("--seed", type=int, default=0, help="every recipe's training seed")
+    p.add_argument(
+        "--positives",
+        default=POSITIVES,
+        help="comma-separated positive formats for (a) and (c): full (English synopsis + "
+        "body), body (the body alone), mix (a coin per row); (b) runs on the first",
+    )
+    p.add_argument("--seeds", default="0", help="comma-separated training seeds of (a) and (c)")
     p.add_argument("--fresh", action="store_true", help="rerun recipes that have results")
     args = p.parse_args()
     chosen = [r.strip() for r in args.recipes.split(",") if r.strip()]
     if bad := sorted(set(chosen) - set(RECIPES)):
         raise SystemExit(f"--recipes: unknown {bad}; choose from {list(RECIPES)}")
+    formats = [x.strip() for x in args.positives.split(",") if x.strip()]
+    if bad := sorted(set(formats) - set(PAIR_FILES)):
+        raise SystemExit(f"--positives: unknown {bad}; choose from {list(PAIR_FILES)}")
+    seeds = [int(x) for x in args.seeds.split(",")]
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     args.out.mkdir(parents=True, exist_ok=True)
     results_file = args.out / "results.json"
     results = json.loads(results_file.read_text()) if results_file.exists() else {}
     if results.get("pairs", args.pairs) != args.pairs:
         raise SystemExit(
-            f"{results_file} holds results for --pairs {results['pairs']}; use --fresh"
+            f"{results_file} holds results for --pairs {results['pairs']}; use another --out"
         )
-    if results.get("seed", args.seed) != args.seed:
-        raise SystemExit(f"{results_file} holds results for --seed {results['seed']}; use --fresh")
-    results["pairs"], results["seed"] = args.pairs, args.seed
+    if any(k in results for k in ("st", "jax-st", "jax-best")):
+        raise SystemExit(f"{results_file}: results of an older bench (one seed); use another --out")
+    results["pairs"] = args.pairs
 
-    def save():
-        results_file.write_text(json.dumps(results, indent=1) + "\n")
+    def run(key: str, out: Path, positives: str, seed: int) -> dict:
+        pairs_file = args.out / f"pairs-{positives}.jsonl"
+        if key == "base":
+            return {"model": minilm_path()}
+        if key == "st":
+            return run_st(write_pairs(args.data, args.pairs, positives, pairs_file), out, seed)
+        if key == "jax-st":
+            write_pairs(args.data, args.pairs, positives, pairs_file)
+            return run_jax_st(pairs_file, args.pairs, out, seed)
+        speed = next((r for k, r in results.items() if k.startswith("jax-st/")), None)
+        if speed is None:
+            raise SystemExit("jax-best needs a jax-st result (its speed): add jax-st to --recipes")
+        return run_jax_best(out, budget_of(results, positives, seed), speed, positives, seed)
 
-    pairs_file = args.out / "pairs.jsonl"
-    pairs = write_pairs(args.data, args.pairs, pairs_file)
-    for key in chosen:
+    todo = []
+    for recipe in chosen:
+        if recipe == "base":
+            todo.append(("base", "", 0))
+        elif recipe == "jax-st":  # a correctness check and the speed (c) is sized from
+            todo.append((recipe, formats[0], seeds[0]))
+        else:
+            todo += [(recipe, f, s) for f in formats for s in seeds]
+    for recipe, positives, seed in todo:
+        key = key_of(recipe, positives, seed)
         if key in results and not args.fresh:
             print(f"{key}: kept from {results_file}")
             continue
         print(f"{key}: running", flush=True)
         out = args.out / key
         out.mkdir(parents=True, exist_ok=True)
-        if key == "base":
-            r = {"model": minilm_path()}
-        elif key == "st":
-            r = run_st(pairs, out, args.seed)
-        elif key == "jax-st":
-            r = run_jax_st(pairs_file, args.pairs, out, args.seed)
-        else:
-            if "st" not in results or "jax-st" not in results:
-                raise SystemExit("jax-best needs the st and jax-st results (its budget and speed)")
-            r = run_jax_best(out, results["st"]["seconds"], results["jax-st"], args.seed)
+        r = run(recipe, out, positives, seed)
         r["eval"] = evaluate(r["model"], args.data)
         results[key] = r
-        save()
+        atomic_write_text(results_file, json.dumps(results, indent=1) + "\n")
         print(f"{key}: {json.dumps({k: v for k, v in r.items() if k != 'eval'})}")
-        print(f"{key}: zero-shot {r['eval']['zero_shot']:.4f} trained {r['eval']['trained']:.4f}")
+        print(f"{key}: " + " ".join(f"{g} {r['eval'][g]:.4f}" for g in GROUPS), flush=True)
     print()
     print(fmt_table(results))
-    if "st" in results:
-        print(
-            f"\nbudget: (a)'s wall time, {results['st']['seconds'] / 60:.1f} min; "
-            f"(a)/(b) pairs: {args.pairs}"
-        )
+    print(
+        f"\nbudget of (c): (a)'s wall time on the same positives and seed; (a)/(b) pairs: "
+        f"{args.pairs}"
+    )
 
 
 if __name__ == "__main__":

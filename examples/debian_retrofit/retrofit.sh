@@ -7,8 +7,9 @@
 #
 # Environment (all optional):
 #   ROWS=12000        cross-lingual pairs taken from data/debian/train/
-#   POSITIVES=full    their positives: full (English synopsis + body: debian-xling.jsonl),
-#                     body (the body alone: debian-xling-body.jsonl) or mix (a coin per row)
+#   POSITIVES=mix     their positives: full (English synopsis + body: debian-xling.jsonl),
+#                     body (the body alone: debian-xling-body.jsonl) or mix (a coin per
+#                     row: debian-xling-mix.jsonl); config.py's PAIR_FILES and POSITIVES
 #   STEPS=...         training steps (default: one epoch of ROWS at batch 64)
 #   TIME_LIMIT=0      minutes for the training invocation (0: none); see train.time_limit_minutes
 #   TRAIN_DATA=OUT/mined.jsonl   what the train stage reads (OUT/pairs.jsonl: no mining)
@@ -22,18 +23,19 @@ set -euo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${1:-runs/retrofit-debian}
 ROWS=${ROWS:-12000}
-POSITIVES=${POSITIVES:-full}
-case $POSITIVES in
-  full) PAIRS=debian-xling ;;
-  body) PAIRS=debian-xling-body ;;
-  mix) PAIRS=debian-xling-mix ;;
-  *) echo "error: POSITIVES=$POSITIVES: use full, body or mix" >&2; exit 2 ;;
-esac
+PY=${PY:-.venv/bin/python}
+# The formats and the recipe's default live in config.py (PAIR_FILES, POSITIVES).
+PAIRS=$("$PY" -c '
+import sys
+from examples.debian_retrofit.config import PAIR_FILES, POSITIVES
+p = sys.argv[1] or POSITIVES
+if p not in PAIR_FILES:
+    sys.exit(f"error: POSITIVES={p}: use one of {chr(44).join(PAIR_FILES)}")
+print(PAIR_FILES[p])' "${POSITIVES:-}")
 STEPS=${STEPS:-$((ROWS / 64))}
 TIME_LIMIT=${TIME_LIMIT:-0}
 SEED=${SEED:-0}
 STAGES=${STAGES:-data pairs mine train convert evaluate}
-PY=${PY:-.venv/bin/python}
 TRAIN_DATA=${TRAIN_DATA:-$OUT/mined.jsonl}
 DATA=${DATA:-data/debian}
 ZERO_SHOT="cs ja ko pl ru uk zh_CN"
