@@ -1,6 +1,9 @@
 """Test setup: eight host CPU devices, forced before JAX is imported anywhere."""
 
+import atexit
 import os
+import shutil
+import tempfile
 
 # The flags the suite is started with reach the processes tests start (helpers.xla_flags):
 # `XLA_FLAGS=--xla_cpu_prefer_vector_width=512 pytest` runs everything in that summation order.
@@ -15,6 +18,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 import pytest
+
+# The data readers' open cache (jaxembed.data.readers.open_cache) of this session only:
+# the suite neither fills ~/.cache nor reads what an earlier run left there.
+os.environ["JAXEMBED_DATA_CACHE"] = tempfile.mkdtemp(prefix="jaxembed-data-cache-")
+atexit.register(shutil.rmtree, os.environ["JAXEMBED_DATA_CACHE"], True)
 
 
 @pytest.fixture(scope="session")

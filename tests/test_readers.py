@@ -487,3 +487,73 @@ def test_a_jsonl_source_closes_its_file_after_os_is_torn_down(tmp_path, monkeypa
     with pytest.raises(OSError):
         os.fstat(fd)  # closed
     source._fd = None  # closed once: not again when the object goes
+
+
+# --- the open cache --------------------------------------------------------------------------
+
+
+@pytest.fixture
+def data_cache(tmp_path, monkeypatch):
+    root = tmp_path / "cache"
+    monkeypatch.setenv(readers.CACHE_ENV, str(root))
+    return root
+
+
+def test_a_second_open_reads_the_cache_not_the_file(tmp_path, data_cache, monkeypatch, caplog):
+    jsonl = write_jsonl(tmp_path / "pairs.jsonl", [*RECORDS[:5], "{broken", *RECORDS[5:]])
+    parquet = write_f2llm(tmp_path / "f2.parquet", [("q0", "p0", ["n0"]), ("q1", "p1", [])], 1)
+    first = {p: open_source(p, skip_bad=True) for p in (jsonl, parquet)}
+    assert first[jsonl].skipped == 1 and len(list(data_cache.iterdir())) == 2
+
+    def unread(*args, **kwargs):
+        raise AssertionError("the file was read again")
+
+    monkeypatch.setattr(JsonlSource, "_lines", unread)
+    monkeypatch.setattr(pq, "read_table", unread)  # Parquet rows come from the Arrow copy
+    caplog.set_level(logging.WARNING)
+    for path, src in first.items():
+        again = open_source(path, skip_bad=True)
+        assert (again.name, again.task, again.skipped) == (src.name, src.task, src.skipped)
+        check_random_access(again, [src[i] for i in range(len(src))])
+    assert "skipped 1 bad record(s)" in caplog.text  # said again from the cache
+    # Read differently (another default dataset), it is another entry, read from the file.
+    with pytest.raises(AssertionError, match="read again"):
+        open_source(jsonl, skip_bad=True, dataset="other")
+
+
+def test_a_changed_file_is_validated_again(tmp_path, data_cache):
+    path = write_jsonl(tmp_path / "pairs.jsonl", RECORDS)
+    assert len(open_source(path)) == len(RECORDS)
+    with open(path, "a") as f:
+        f.write('{"query": "q"}\n')
+    with pytest.raises(RecordError, match=rf"pairs\.jsonl:{len(RECORDS) + 1}: .*positive"):
+        open_source(path)
+
+
+def test_workers_map_the_index_and_survive_a_deleted_cache(tmp_path, data_cache, monkeypatch):
+    import shutil
+
+    many = [dict(RECORDS[0], query=f"q{i}") for i in range(2000)]
+    path = write_jsonl(tmp_path / "pairs.jsonl", many)
+    src = open_source(path)
+    with_cache = len(pickle.dumps(src))
+    with monkeypatch.context() as m:
+        m.setenv(readers.CACHE_ENV, "off")
+        without = len(pickle.dumps(open_source(path)))
+    assert with_cache < 2000 < 2000 * 16 < without  # the index does not travel
+    clone = pickle.loads(pickle.dumps(src))
+    shutil.rmtree(data_cache)
+    assert clone[1999] == many[1999] and len(clone) == 2000  # read again, once
+
+
+def test_an_unwritable_cache_is_said_once_and_not_needed(tmp_path, monkeypatch, caplog):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv(readers.CACHE_ENV, str(blocker / "cache"))
+    path = write_jsonl(tmp_path / "pairs.jsonl", RECORDS)
+    caplog.set_level(logging.WARNING)
+    src = open_source(path)
+    assert "open cache not written" in caplog.text and readers.CACHE_ENV in caplog.text
+    check_random_access(src, RECORDS)
+    monkeypatch.setenv(readers.CACHE_ENV, "off")
+    assert readers.cache_root() is None

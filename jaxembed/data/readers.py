@@ -22,12 +22,12 @@ Formats, chosen by the path:
   large for that, convert them once with ``python -m jaxembed.data.prepare``.
 * ``*.parquet`` in F2LLM's layout: columns ``query``, ``passage``, ``negative_1`` ..
   ``negative_N`` and optionally ``task``, ``dataset``, ``instruction``, ``scores`` (a list
-  column: the teacher scores of the positive and each negative). The needed columns
-  are loaded into Arrow memory at open (compact: no Python object per string; pyarrow's
-  default row groups are too large to re-read one per random access) and reloaded in each
-  worker. ``passage`` becomes ``positive``; negatives keep column order, with null or empty
-  trailing negatives dropped. Errors name ``file:row N``, N counted from 0, and the schema's
-  field names (``positive`` for the ``passage`` column).
+  column: the teacher scores of the positive and each negative). Random access reads the
+  needed columns from the open cache's uncompressed Arrow copy, memory-mapped (pyarrow's
+  default row groups are too large to decode one per access); with the cache off, they
+  are loaded into each process's memory. ``passage`` becomes ``positive``; negatives keep
+  column order, with null or empty trailing negatives dropped. Errors name ``file:row N``,
+  N counted from 0, and the schema's field names (``positive`` for the ``passage`` column).
 * a directory holding ``dataset_info.json``: a TFDS dataset of ArrayRecord files as written
   by `jaxembed.data.prepare`, read with ``tfds.builder_from_directory(dir).as_data_source``,
   which needs no TensorFlow. Its records were validated when it was written, and its task
@@ -36,6 +36,16 @@ Formats, chosen by the path:
 * a Hugging Face ``datasets`` folder (``save_to_disk``: ``state.json`` and Arrow files, or
   a DatasetDict's ``dataset_dict.json``, whose ``train`` split is read), read as Arrow
   like Parquet, without the ``datasets`` package.
+
+What an open learns is kept for the next (`open_cache`): the line index of a JSONL file,
+the validation's outcome of any file, and for Parquet the needed columns as an
+uncompressed Arrow file that every process memory-maps (the OS shares its pages between
+Grain workers and evicts them under pressure, where an in-memory table was one private
+copy per process). An entry is keyed by the file's resolved path, size and modification
+time and by how it is read (``columns``, ``task``, ``dataset``, ``skip_bad``), so a changed
+file is validated again; a resumed run reopens its data without reading it. Entries live
+under ``$JAXEMBED_DATA_CACHE`` (default ``~/.cache/jaxembed/data``; ``off`` disables the
+cache) and may be deleted at any time.
 
 Column names: besides the schema's own, sentence-transformers' (``anchor``, ``positive``,
 ``negative`` or ``negative_1..N``) and F2LLM's (``passage``) are understood, and
@@ -54,6 +64,7 @@ from __future__ import annotations
 
 import functools
 import gzip
+import hashlib
 import json
 import logging
 import operator
@@ -66,12 +77,39 @@ from typing import Any
 import numpy as np
 
 from jaxembed.data.records import RecordError, check_record, normalise
+from jaxembed.files import atomic_dir, atomic_write_text
 
 log = logging.getLogger(__name__)
 
 RECORD_SUFFIXES = (".jsonl", ".jsonl.gz", ".parquet")
 TFDS_MARKER = "dataset_info.json"
 NEGATIVE_COLUMN = re.compile(r"negative_(\d+)")
+
+
+CACHE_ENV = "JAXEMBED_DATA_CACHE"
+CACHE_VERSION = 1  # bump when what an entry holds changes
+CACHE_META = "meta.json"
+
+
+def cache_root() -> Path | None:
+    """Where open caches live (``$JAXEMBED_DATA_CACHE``, ``off``: nowhere)."""
+    value = os.environ.get(CACHE_ENV, "")
+    if value == "off":
+        return None
+    return Path(value) if value else Path.home() / ".cache" / "jaxembed" / "data"
+
+
+def open_cache(path: Path, how: dict) -> Path | None:
+    """The cache entry of ``path`` read ``how`` (its folder, complete or not yet written),
+    or None when caching is off. Keyed by the file's identity (resolved path, size,
+    modification time) and ``how``: a file changed in any way gets a new entry."""
+    root = cache_root()
+    if root is None:
+        return None
+    st = path.stat()
+    ident = [CACHE_VERSION, str(path.resolve()), st.st_size, st.st_mtime_ns, how]
+    digest = hashlib.blake2b(json.dumps(ident, sort_keys=True).encode(), digest_size=10)
+    return root / f"{path.name}-{digest.hexdigest()}"
 
 
 class RecordSource:
@@ -192,6 +230,50 @@ class RecordSource:
             self.task = self._default_task or ""
             self.name = self._default_dataset or ""
 
+    # --- the open cache (`open_cache`) ----------------------------------------------------
+
+    def _cache_entry(self) -> Path | None:
+        how = {
+            "kind": type(self).__name__,
+            "columns": sorted(self._columns_map.items()),
+            "task": self._default_task,
+            "dataset": self._default_dataset,
+            "skip_bad": self._skip_bad,
+        }
+        try:
+            return open_cache(self.path, how)
+        except OSError:  # the file vanished between expand and now: the open will say so
+            return None
+
+    def _from_cache(self) -> dict | None:
+        """The arrays of this file's complete cache entry (memory-mapped), its meta applied;
+        None: no entry (the caller reads the file)."""
+        entry = self._cache
+        if entry is None or not (entry / CACHE_META).is_file():
+            return None
+        meta = json.loads((entry / CACHE_META).read_text())
+        for key in ("name", "task", "skipped", "_first_where", "_first_error"):
+            setattr(self, key, meta[key])
+        return {f.stem: np.load(f, mmap_mode="r") for f in entry.glob("*.npy")}
+
+    def _to_cache(self, arrays: dict[str, np.ndarray], write=None) -> None:
+        """Writes the cache entry (arrays, ``write(folder)`` for more files, then the meta);
+        a cache that cannot be written is logged and the source works without it."""
+        if self._cache is None:
+            return
+        meta = {k: getattr(self, k) for k in ("name", "task", "skipped", "_first_where")}
+        meta["_first_error"] = self._first_error
+        try:
+            with atomic_dir(self._cache) as tmp:
+                for name, array in arrays.items():
+                    np.save(tmp / f"{name}.npy", array)
+                if write is not None:
+                    write(tmp)
+                atomic_write_text(tmp / CACHE_META, json.dumps(meta))
+        except OSError as e:
+            log.warning("%s: open cache not written (%s); set %s=off", self.path, e, CACHE_ENV)
+            self._cache = None
+
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
         for key in self._unpicklable():
@@ -226,6 +308,17 @@ class JsonlSource(RecordSource):
         super().__init__(path, task or "retrieval", dataset or stem, skip_bad, columns)
         self._gzip = path.name.endswith(".gz")
         self._records: list[dict] | None = [] if self._gzip else None
+        self._fd: int | None = None
+        # gzip keeps its records in memory: nothing an index could save.
+        self._cache = None if self._gzip else self._cache_entry()
+        self._index = self._from_cache()
+        if self._index is None:
+            self._read_lines()
+        self._opened()
+
+    def _read_lines(self) -> None:
+        """Validates every line once, keeping the offset and length of each good one."""
+        path = self.path
         offsets: list[int] = []
         lengths: list[int] = []
         for lineno, offset, raw in self._lines():
@@ -240,10 +333,12 @@ class JsonlSource(RecordSource):
             else:
                 offsets.append(offset)
                 lengths.append(len(raw))
-        self._offsets = np.asarray(offsets, np.int64)
-        self._lengths = np.asarray(lengths, np.int64)
-        self._fd: int | None = None
-        self._opened()
+        self._index = {
+            "offsets": np.asarray(offsets, np.int64),
+            "lengths": np.asarray(lengths, np.int64),
+        }
+        if not self._gzip:
+            self._to_cache(self._index)
 
     def _lines(self) -> Iterator[tuple[int, int, bytes]]:
         """Yields (1-based line number, byte offset, line without its newline)."""
@@ -255,7 +350,16 @@ class JsonlSource(RecordSource):
                 offset += len(line)
 
     def __len__(self) -> int:
-        return len(self._records) if self._gzip else len(self._offsets)
+        return len(self._records) if self._gzip else len(self._lines_index()["offsets"])
+
+    def _lines_index(self) -> dict[str, np.ndarray]:
+        """The offsets and lengths: in memory, or (in a worker) mapped from the cache."""
+        if self._index is None:
+            self._index = self._from_cache()
+        if self._index is None:  # its cache entry was deleted since the open: read again
+            self.skipped = 0
+            self._read_lines()
+        return self._index
 
     def _get(self, i: int) -> dict:
         if self._gzip:
@@ -263,14 +367,16 @@ class JsonlSource(RecordSource):
             return dict(record, negatives=list(record["negatives"]))
         if self._fd is None:
             self._fd = os.open(self.path, os.O_RDONLY)
-        offset, length = int(self._offsets[i]), int(self._lengths[i])
+        index = self._lines_index()
+        offset, length = int(index["offsets"][i]), int(index["lengths"][i])
         raw = os.pread(self._fd, length, offset)
         # Validated at open; failing now means the file changed underneath us.
         where = f"{self.path}: record {i} at byte {offset} (changed since open?)"
         return check_record(self._fill(_decode_line(raw, where)), where)
 
     def _unpicklable(self) -> tuple[str, ...]:
-        return ("_fd",)
+        # With a cache entry, workers map the index from it rather than receive a copy.
+        return ("_fd", "_index") if self._cache is not None else ("_fd",)
 
     def __del__(self, close=os.close):  # bound now: at interpreter exit `os` may be gone
         if getattr(self, "_fd", None) is not None:
@@ -301,17 +407,60 @@ class ParquetSource(RecordSource):
         known = ("query", "positive", "negatives", "task", "dataset", "instruction", "scores")
         self._columns = [n for n in names if field[n] in known]
         self._table = None
+        self._cache = self._cache_entry()
+        cached = self._from_cache()
+        if cached is None:
+            self._validate()
+        else:
+            self._num_rows = int(cached["num_rows"])
+            self._rows = cached.get("rows")
+        self._opened()
+
+    def _validate(self) -> None:
+        """Reads every row once, a batch at a time (memory bounded by a Parquet row group,
+        which pyarrow decodes whole, not by the file); then the needed columns go to the
+        cache as an Arrow file, memory-mapped by every later read."""
         bad = []
         row = 0
-        for batch in self._load().to_batches(max_chunksize=4096):
+        for batch in self._batches():
             for values in batch.to_pylist():
-                where = f"{path}:row {row}"
+                where = f"{self.path}:row {row}"
                 if self._admit(functools.partial(self._to_record, values), where) is None:
                     bad.append(row)
                 row += 1
         self._rows = _kept(row, bad)
         self._num_rows = row
-        self._opened()
+        arrays = {"num_rows": np.asarray(row)}
+        if self._rows is not None:
+            arrays["rows"] = self._rows
+        self._to_cache(arrays, self._write_table if self.COPY_TABLE else None)
+        import pyarrow as pa
+
+        pa.default_memory_pool().release_unused()  # the decoded batches' memory, back to the OS
+
+    COPY_TABLE = True  # Parquet is compressed: keep an uncompressed Arrow copy to map
+    TABLE_FILE = "table.arrow"
+
+    def _batches(self):
+        """The needed columns in record batches of 4096 rows, decoded one at a time."""
+        import pyarrow.parquet as pq
+
+        return pq.ParquetFile(self.path).iter_batches(batch_size=4096, columns=self._columns)
+
+    def _write_table(self, folder: Path) -> None:
+        import pyarrow as pa
+
+        batches = iter(self._batches())
+        first = next(batches, None)
+        if first is None:
+            return  # no rows: nothing to map
+        with (
+            pa.OSFile(str(folder / self.TABLE_FILE), "wb") as f,
+            pa.ipc.new_file(f, first.schema) as writer,
+        ):
+            writer.write_batch(first)
+            for batch in batches:
+                writer.write_batch(batch)
 
     def _schema_names(self) -> list[str]:
         import pyarrow.parquet as pq  # imported here: only Parquet users need pyarrow
@@ -319,8 +468,13 @@ class ParquetSource(RecordSource):
         return pq.read_schema(self.path).names
 
     def _read_table(self):
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
+        if self._cache is not None and (self._cache / self.TABLE_FILE).is_file():
+            # Zero-copy: the table's buffers are the file's pages, shared by every process.
+            return pa.ipc.open_file(pa.memory_map(str(self._cache / self.TABLE_FILE))).read_all()
+        # No cache: the needed columns in this process's memory.
         return pq.read_table(self.path, columns=self._columns)
 
     def _load(self):
@@ -358,9 +512,26 @@ class HfDatasetSource(ParquetSource):
     ``train`` split), read as Arrow without the ``datasets`` package. Columns as for Parquet:
     the schema's names, sentence-transformers' or F2LLM's, or ``data.columns`` renames."""
 
+    COPY_TABLE = False  # its Arrow files are mapped where they are; the cache holds the rest
+
+    def _batches(self):
+        return self._load().to_batches(max_chunksize=4096)
+
     def __init__(self, path: Path, task=None, dataset=None, skip_bad=False, columns=None):
         self._arrow_files = _arrow_files(_hf_split(path))
         super().__init__(path, task, dataset or path.name, skip_bad, columns)
+
+    def _cache_entry(self) -> Path | None:
+        # A folder's identity is its state file's and its Arrow files'.
+        key = [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in self._arrow_files]
+        entry = super()._cache_entry()
+        return (
+            None
+            if entry is None
+            else entry.with_name(
+                f"{entry.name}-{hashlib.blake2b(repr(key).encode(), digest_size=6).hexdigest()}"
+            )
+        )
 
     def _schema_names(self) -> list[str]:
         import pyarrow as pa
