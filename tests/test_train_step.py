@@ -337,6 +337,11 @@ def test_schedule_and_decay_mask():
     c.optim.min_lr, c.optim.schedule = 0.0, "cosine"
     last = train_state.make_schedule(c.optim, 110)(jnp.arange(100, 110))
     assert float(last.min()) >= 0.0 and float(last[-1]) == 0.0
+    # Nor the linear one's -2.42e-12 under jit, as the step evaluates it (lr 1e-4, 10 warmup
+    # steps of 100, as the ablations ran; eagerly it rounds to 0).
+    c.optim.lr, c.optim.warmup_steps, c.optim.schedule = 1e-4, 10, "linear"
+    last = jax.jit(train_state.make_schedule(c.optim, 100))(jnp.arange(90, 101))
+    assert float(last.min()) >= 0.0 and float(last[-1]) == 0.0
     params = {"model": nnx.to_pure_dict(nnx.state(tiny_model())), "log_temperature": jnp.float32(0)}
     mask = train_state.decay_mask(params)
     layer = mask["model"]["encoder"]["layer"][0]
