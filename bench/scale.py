@@ -13,8 +13,9 @@ files, as F2LLM's ~100 datasets are). Every measurement runs in a fresh Python p
 its peak RSS is its own:
 
 - ``first open``: `readers.open_sources` over the files with an empty open cache
-  (validation; the cache written): seconds, the peak memory it added and what it kept
-  (bytes per row); ``cached open``: the same files again (what a resume pays);
+  (validation, in parallel for large JSONL files; the cache written): seconds, the peak
+  memory it added and what it kept (bytes per row); for JSONL also in one process without
+  the cache (as before both); ``cached open``: the same files again (what a resume pays);
 - ``first batch``: the pipeline built (`pipeline.BatchBuilder`, all-MiniLM-L6-v2's
   tokenizer, global batch 64) and its first global batch read, tokenised and returned;
 - ``batches/s``, ``tokens/s``: 40 batches after it, per worker count (``0``: in the main
@@ -131,10 +132,19 @@ def child(spec: dict) -> dict:
 
     from jaxembed.data import pipeline, readers
 
+    parallel_bytes = readers.PARALLEL_BYTES
     base = rss()
+    out = {}
+    if spec.get("one_process_too"):  # the first open as before parallel validation, no cache
+        cache, readers.PARALLEL_BYTES = os.environ.get(readers.CACHE_ENV), 1 << 62
+        os.environ[readers.CACHE_ENV] = "off"
+        t = time.perf_counter()
+        readers.open_sources(spec["paths"])
+        out["open_s_one_process"] = time.perf_counter() - t
+        os.environ[readers.CACHE_ENV], readers.PARALLEL_BYTES = cache, parallel_bytes
     t = time.perf_counter()
     sources = readers.open_sources(spec["paths"])
-    out = {"open_s": time.perf_counter() - t, "open_rss": rss() - base}
+    out |= {"open_s": time.perf_counter() - t, "open_rss": rss() - base}
     out["open_peak"] = rss(peak=True) - base
     cfg = pipeline.PipelineConfig(
         global_batch=BATCH,
@@ -313,6 +323,7 @@ def run_data(args, results: dict, workers: list[int]) -> None:
             for w in workers:
                 starts = RESUME_STEPS if w == workers[0] else (0,)
                 spec = {"paths": paths, "workers": w, "starts": starts, "cache": str(cache)}
+                spec["one_process_too"] = fmt == "jsonl" and w == workers[0]
                 r[f"workers={w}"] = measure(spec)
             spec = {"paths": paths, "workers": 0, "starts": (0,), "hosts": 2, "cache": str(cache)}
             r["hosts=2"] = measure(spec)
@@ -423,11 +434,11 @@ def plot(results: dict, path: Path) -> None:
 
 def table(results: dict, workers: list[int]) -> str:
     lines = [
-        "| format | rows | first open | its peak / row | kept / row | cached open | kept / row "
-        "| first batch | resume @1e3 | resume @1e5 | "
+        "| format | rows | one process | first open | its peak / row | kept / row "
+        "| cached open | kept / row | first batch | resume @1e3 | resume @1e5 | "
         + " | ".join(f"batches/s ({w} w)" for w in workers)
         + " | tokens/s, 1 core | RSS of host 0 of 2 |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
         + "---:|" * len(workers)
         + "---:|---:|",
     ]
@@ -443,8 +454,9 @@ def table(results: dict, workers: list[int]) -> str:
             f"{r[f'workers={w}']['batches_s']:.2f}" for w in workers if f"workers={w}" in r
         )
         name = fmt if d == "1" else f"{fmt} ({d} files)"
+        one = f"{cold['open_s_one_process']:.2f} s" if "open_s_one_process" in cold else "-"
         lines.append(
-            f"| {name} | {n:,} | {cold['open_s']:.2f} s | {cold['open_peak'] / n:.0f} B | "
+            f"| {name} | {n:,} | {one} | {cold['open_s']:.2f} s | {cold['open_peak'] / n:.0f} B | "
             f"{cold['open_rss'] / n:.0f} B | {warm['open_s']:.3f} s | {warm['open_rss'] / n:.0f} B "
             f"| {cold['first_batch_s@0']:.2f} s | {cold['first_batch_s@1000']:.2f} s | "
             f"{cold['first_batch_s@100000']:.2f} s | {bps} | {r['workers=0']['tokens_s']:,.0f} | "

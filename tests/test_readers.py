@@ -557,3 +557,33 @@ def test_an_unwritable_cache_is_said_once_and_not_needed(tmp_path, monkeypatch, 
     check_random_access(src, RECORDS)
     monkeypatch.setenv(readers.CACHE_ENV, "off")
     assert readers.cache_root() is None
+
+
+def test_a_large_file_is_validated_in_parallel_as_in_one_pass(tmp_path, data_cache, monkeypatch):
+    # Parts of ~400 bytes over 2 processes (spawned, as on a many-core host): the records,
+    # the skipped count and the first bad line named are those of one pass.
+    monkeypatch.setattr(readers, "PARALLEL_BYTES", 400)
+    monkeypatch.setattr(readers.os, "cpu_count", lambda: 2)
+    parallel = []
+    real = JsonlSource._read_in_parallel
+    monkeypatch.setattr(
+        JsonlSource, "_read_in_parallel", lambda self, n: parallel.append(n) or real(self, n)
+    )
+    lines = [*RECORDS[:4], "", "{broken", *RECORDS[4:8], '{"query": "q"}', *RECORDS[8:]]
+    path = write_jsonl(tmp_path / "big.jsonl", lines)
+    ranges = readers._line_ranges(path, 2)
+    assert [r[0] for r in ranges] == [0, ranges[0][1]] and ranges[-1][1] == path.stat().st_size
+    assert ranges[1][2] == 1 + path.read_bytes()[: ranges[1][0]].count(b"\n")
+    src = open_source(path, skip_bad=True)
+    assert parallel == [2] and src.skipped == 2
+    assert "big.jsonl:6: malformed JSON" in src._first_error
+    check_random_access(src, RECORDS)
+    # A part whose first record has another task is named before the part's own bad line.
+    lines = [*RECORDS[:6], {**RECORDS[6], "task": "clustering"}, "{broken", *RECORDS[7:]]
+    path = write_jsonl(tmp_path / "mixed.jsonl", lines)
+    seventh = sum(len(x) + 1 for x in path.read_bytes().split(b"\n")[:6])
+    size = path.stat().st_size
+    monkeypatch.setattr(readers, "_line_ranges", lambda *_: [(0, seventh, 1), (seventh, size, 7)])
+    with pytest.raises(RecordError, match=r"mixed\.jsonl:7: task 'clustering' differs"):
+        open_source(path)
+    assert parallel == [2, 2]

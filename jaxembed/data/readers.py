@@ -13,8 +13,9 @@ worker process.
 
 Formats, chosen by the path:
 
-* ``*.jsonl``: one JSON record per line. Opening validates every line once and keeps only
-  the byte offset and length of each good line; ``src[i]`` reads that line back with
+* ``*.jsonl``: one JSON record per line. Opening validates every line once (a file over
+  `PARALLEL_BYTES` in several processes, one per part, as many as the host has cores) and
+  keeps only the byte offset and length of each good line; ``src[i]`` reads that line back with
   ``os.pread`` (no shared file position, so threads may read concurrently). Blank lines
   are ignored.
 * ``*.jsonl.gz``: gzip has no random access, so the validated records are kept decoded in
@@ -65,6 +66,7 @@ from __future__ import annotations
 import functools
 import gzip
 import hashlib
+import itertools
 import json
 import logging
 import operator
@@ -299,6 +301,72 @@ def _decode_line(raw: bytes, where: str) -> Any:
         raise RecordError(f"{where}: malformed JSON: {e.msg} (column {e.colno})") from None
 
 
+PARALLEL_BYTES = 256 << 20  # a plain JSONL file is validated by one process per this much
+
+
+def _parallel_workers(path: Path) -> int:
+    return max(1, min(os.cpu_count() or 1, path.stat().st_size // PARALLEL_BYTES))
+
+
+def _line_ranges(path: Path, parts: int) -> list[tuple[int, int, int]]:
+    """``parts`` byte ranges of ``path`` that start and end at line boundaries:
+    ``(start, end, number of the first line)``."""
+    import mmap
+
+    size = path.stat().st_size
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+        cuts = [0]
+        for k in range(1, parts):
+            at = m.find(b"\n", max(k * size // parts, cuts[-1]))
+            if at < 0:
+                break
+            cuts.append(at + 1)
+        cuts = sorted({*cuts, size})
+        ranges, line = [], 1
+        for start, end in itertools.pairwise(cuts):
+            ranges.append((start, end, line))
+            for block in range(start, end, 16 << 20):  # count newlines 16 MB at a time
+                line += m[block : min(block + (16 << 20), end)].count(b"\n")
+    return ranges
+
+
+def _scan_range(job) -> dict:
+    """A worker's part of `JsonlSource._read_in_parallel`: one byte range validated."""
+    path, start, end, first_line, (task, dataset, skip_bad, columns) = job
+    part = JsonlSource.__new__(JsonlSource)
+    RecordSource.__init__(part, Path(path), task, dataset, skip_bad, columns)
+    part._gzip = False
+
+    def lines():
+        offset, lineno = start, first_line
+        with open(path, "rb") as f:
+            f.seek(start)
+            while offset < end:
+                line = f.readline()
+                if not line:
+                    break
+                yield lineno, offset, line.rstrip(b"\r\n")
+                offset += len(line)
+                lineno += 1
+
+    offsets = lengths = np.zeros(0, np.int64)
+    error = None
+    try:
+        offsets, lengths = part._scan(lines())
+    except RecordError as e:  # raised by the parent after the checks of the lines before it
+        error = e
+    return {
+        "error": error,
+        "offsets": offsets,
+        "lengths": lengths,
+        "skipped": part.skipped,
+        "first_error": part._first_error,
+        "first_where": part._first_where,
+        "task": part.task,
+        "name": part.name,
+    }
+
+
 class JsonlSource(RecordSource):
     """A JSONL file: plain (lines read back by byte offset) or gzipped (records in memory)."""
 
@@ -317,14 +385,26 @@ class JsonlSource(RecordSource):
         self._opened()
 
     def _read_lines(self) -> None:
-        """Validates every line once, keeping the offset and length of each good one."""
-        path = self.path
+        """Validates every line once, keeping the offset and length of each good one: in
+        one process, or for a large plain file in several (`PARALLEL_BYTES` each)."""
+        workers = 1 if self._gzip else _parallel_workers(self.path)
+        if workers > 1:
+            offsets, lengths = self._read_in_parallel(workers)
+        else:
+            offsets, lengths = self._scan(self._lines())
+        self._index = {"offsets": offsets, "lengths": lengths}
+        if not self._gzip:
+            self._to_cache(self._index)
+
+    def _scan(self, lines: Iterable[tuple[int, int, bytes]]) -> tuple[np.ndarray, np.ndarray]:
+        """Admits each line of ``lines`` ((line number, byte offset, bytes)); the offsets
+        and lengths of the good ones (gzip: the records kept)."""
         offsets: list[int] = []
         lengths: list[int] = []
-        for lineno, offset, raw in self._lines():
+        for lineno, offset, raw in lines:
             if not raw.strip():
                 continue
-            where = f"{path}:{lineno}"
+            where = f"{self.path}:{lineno}"
             record = self._admit(functools.partial(_decode_line, raw, where), where)
             if record is None:
                 continue
@@ -333,12 +413,32 @@ class JsonlSource(RecordSource):
             else:
                 offsets.append(offset)
                 lengths.append(len(raw))
-        self._index = {
-            "offsets": np.asarray(offsets, np.int64),
-            "lengths": np.asarray(lengths, np.int64),
-        }
-        if not self._gzip:
-            self._to_cache(self._index)
+        return np.asarray(offsets, np.int64), np.asarray(lengths, np.int64)
+
+    def _read_in_parallel(self, workers: int) -> tuple[np.ndarray, np.ndarray]:
+        """`_scan` over byte ranges split at line ends, one process each; the parts are
+        joined in file order, so errors and the task / dataset check read as in one pass."""
+        import concurrent.futures
+        import multiprocessing
+
+        how = (self._default_task, self._default_dataset, self._skip_bad, self._columns_map)
+        jobs = [(str(self.path), *r, how) for r in _line_ranges(self.path, workers)]
+        # spawn, not fork: the parent may run JAX's threads, which a fork must not copy.
+        context = multiprocessing.get_context("spawn")
+        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
+            parts = list(pool.map(_scan_range, jobs))
+        for part in parts:  # in file order: the first bad line is the one named
+            if part["first_where"]:  # the part's first good record, before its error if any
+                self._agree({"task": part["task"], "dataset": part["name"]}, part["first_where"])
+            if part["error"] is not None:
+                raise part["error"]
+            if part["skipped"] and not self.skipped:
+                self._first_error = part["first_error"]
+            self.skipped += part["skipped"]
+        return (
+            np.concatenate([p["offsets"] for p in parts]),
+            np.concatenate([p["lengths"] for p in parts]),
+        )
 
     def _lines(self) -> Iterator[tuple[int, int, bytes]]:
         """Yields (1-based line number, byte offset, line without its newline)."""
