@@ -14,8 +14,10 @@ its peak RSS is its own:
 
 - ``first open``: `readers.open_sources` over the files with an empty open cache
   (validation, in parallel for large JSONL files; the cache written): seconds, the peak
-  memory it added and what it kept (bytes per row); for JSONL also in one process without
-  the cache (as before both); ``cached open``: the same files again (what a resume pays);
+  memory it added and what it kept (bytes per row; the validating processes' own peak is
+  in results.json as ``validator_peak``); ``one process``: JSONL's first open as before both
+  (one process, no cache, a process of its own); ``cached open``: the same files again
+  (what a resume pays);
 - ``first batch``: the pipeline built (`pipeline.BatchBuilder`, all-MiniLM-L6-v2's
   tokenizer, global batch 64) and its first global batch read, tokenised and returned;
 - ``batches/s``, ``tokens/s``: 40 batches after it, per worker count (``0``: in the main
@@ -40,6 +42,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -132,20 +135,19 @@ def child(spec: dict) -> dict:
 
     from jaxembed.data import pipeline, readers
 
-    parallel_bytes = readers.PARALLEL_BYTES
     base = rss()
     out = {}
-    if spec.get("one_process_too"):  # the first open as before parallel validation, no cache
-        cache, readers.PARALLEL_BYTES = os.environ.get(readers.CACHE_ENV), 1 << 62
-        os.environ[readers.CACHE_ENV] = "off"
+    if spec.get("one_process"):  # the first open as before: one process, no open cache
+        readers.PARALLEL_BYTES = 1 << 62
         t = time.perf_counter()
         readers.open_sources(spec["paths"])
-        out["open_s_one_process"] = time.perf_counter() - t
-        os.environ[readers.CACHE_ENV], readers.PARALLEL_BYTES = cache, parallel_bytes
+        return {"open_s": time.perf_counter() - t, "open_peak": rss(peak=True) - base}
     t = time.perf_counter()
     sources = readers.open_sources(spec["paths"])
     out |= {"open_s": time.perf_counter() - t, "open_rss": rss() - base}
     out["open_peak"] = rss(peak=True) - base
+    # Parallel validation's processes, each its own peak (the largest one's).
+    out["validator_peak"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
     cfg = pipeline.PipelineConfig(
         global_batch=BATCH,
         max_query_length=64,
@@ -320,10 +322,11 @@ def run_data(args, results: dict, workers: list[int]) -> None:
             cache = args.out / "cache" / key.replace("/", "-")
             shutil.rmtree(cache, ignore_errors=True)
             r = {}
+            if fmt == "jsonl":  # the before: one process, no cache (a process of its own)
+                r["one_process"] = measure({"paths": paths, "one_process": True, "cache": "off"})
             for w in workers:
                 starts = RESUME_STEPS if w == workers[0] else (0,)
                 spec = {"paths": paths, "workers": w, "starts": starts, "cache": str(cache)}
-                spec["one_process_too"] = fmt == "jsonl" and w == workers[0]
                 r[f"workers={w}"] = measure(spec)
             spec = {"paths": paths, "workers": 0, "starts": (0,), "hosts": 2, "cache": str(cache)}
             r["hosts=2"] = measure(spec)
@@ -360,6 +363,8 @@ def main() -> None:
     results_file = args.out / "results.json"
     results = json.loads(results_file.read_text()) if results_file.exists() else {}
     workers = [int(w) for w in args.workers.split(",")]
+    if workers[0] != 0:
+        raise SystemExit("--workers: start with 0 (the first open, per-core tokens, resume)")
     parts = args.parts.split(",")
     if bad := sorted(set(parts) - {"data", "checkpoints"}):
         raise SystemExit(f"--parts: unknown {bad}; use data, checkpoints")
@@ -454,7 +459,7 @@ def table(results: dict, workers: list[int]) -> str:
             f"{r[f'workers={w}']['batches_s']:.2f}" for w in workers if f"workers={w}" in r
         )
         name = fmt if d == "1" else f"{fmt} ({d} files)"
-        one = f"{cold['open_s_one_process']:.2f} s" if "open_s_one_process" in cold else "-"
+        one = f"{r['one_process']['open_s']:.2f} s" if "one_process" in r else "-"
         lines.append(
             f"| {name} | {n:,} | {one} | {cold['open_s']:.2f} s | {cold['open_peak'] / n:.0f} B | "
             f"{cold['open_rss'] / n:.0f} B | {warm['open_s']:.3f} s | {warm['open_rss'] / n:.0f} B "

@@ -12,8 +12,10 @@ PROGRAMS = {
     "jaxembed.merge",
     "jaxembed.score",
 }
-# Optional heavy dependencies imported where they are used, never to dodge a cycle.
-ALLOWED_LOCAL = {("jaxembed.evaluate", "jaxembed.mteb_adapter")}
+# Optional heavy dependencies imported where they are used, never to dodge a cycle; and the
+# package's two public names, imported on first use (so the data readers' worker processes
+# do not import JAX).
+ALLOWED_LOCAL = {("jaxembed.evaluate", "jaxembed.mteb_adapter"), ("jaxembed", "jaxembed.encoder")}
 
 
 def _modules() -> dict[str, Path]:

@@ -563,7 +563,7 @@ def test_a_large_file_is_validated_in_parallel_as_in_one_pass(tmp_path, data_cac
     # Parts of ~400 bytes over 2 processes (spawned, as on a many-core host): the records,
     # the skipped count and the first bad line named are those of one pass.
     monkeypatch.setattr(readers, "PARALLEL_BYTES", 400)
-    monkeypatch.setattr(readers.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(readers.os, "sched_getaffinity", lambda _: {0, 1})
     parallel = []
     real = JsonlSource._read_in_parallel
     monkeypatch.setattr(
@@ -587,3 +587,45 @@ def test_a_large_file_is_validated_in_parallel_as_in_one_pass(tmp_path, data_cac
     with pytest.raises(RecordError, match=r"mixed\.jsonl:7: task 'clustering' differs"):
         open_source(path)
     assert parallel == [2, 2]
+
+
+def test_a_damaged_entry_or_a_restored_mtime_reads_the_file_again(tmp_path, data_cache, caplog):
+    import os
+
+    path = write_jsonl(tmp_path / "pairs.jsonl", RECORDS)
+    open_source(path)
+    (entry,) = data_cache.iterdir()
+    (entry / "lengths.npy").write_bytes(b"")  # a crash's leftover, or a cleaner's
+    caplog.set_level(logging.WARNING)
+    check_random_access(open_source(path), RECORDS)
+    assert "unreadable" in caplog.text and (entry / "lengths.npy").stat().st_size > 0
+    # Rewritten at the same size with its mtime put back (cp -p, tar): validated again.
+    st = path.stat()
+    text = path.read_text().replace('"positive": "positive 3 ', '"pozitive": "positive 3 ', 1)
+    assert len(text.encode()) == st.st_size
+    path.write_text(text)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    with pytest.raises(RecordError, match=r"pairs\.jsonl:4: missing field 'positive'"):
+        open_source(path)
+
+
+def test_no_worker_processes_from_a_daemon_and_conflicts_named_as_in_one_pass(
+    tmp_path, data_cache, monkeypatch
+):
+    import multiprocessing
+
+    monkeypatch.setattr(readers, "PARALLEL_BYTES", 100)
+    monkeypatch.setattr(readers.os, "sched_getaffinity", lambda _: {0, 1})
+    path = write_jsonl(
+        tmp_path / "mixed.jsonl", [*RECORDS[:8], {**RECORDS[8], "task": "clustering"}]
+    )
+    assert readers._parallel_workers(path) == 2
+    with monkeypatch.context() as m:  # a Grain worker is a daemon: it may not have children
+        m.setattr(multiprocessing, "current_process", lambda: type("P", (), {"daemon": True}))
+        assert readers._parallel_workers(path) == 1
+    # The conflict sits inside the last part: named against line 1, as one pass names it.
+    size, second = path.stat().st_size, path.read_bytes().index(b"\n") + 1
+    monkeypatch.setattr(readers, "_line_ranges", lambda *_: [(0, second, 1), (second, size, 2)])
+    first = re.escape(f"{path}:1;")
+    with pytest.raises(RecordError, match=rf"mixed\.jsonl:9: task 'clustering' .* at {first}"):
+        open_source(path)

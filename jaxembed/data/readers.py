@@ -72,6 +72,8 @@ import logging
 import operator
 import os
 import re
+import shutil
+import uuid
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -79,13 +81,20 @@ from typing import Any
 import numpy as np
 
 from jaxembed.data.records import RecordError, check_record, normalise
-from jaxembed.files import atomic_dir, atomic_write_text
 
 log = logging.getLogger(__name__)
 
 RECORD_SUFFIXES = (".jsonl", ".jsonl.gz", ".parquet")
 TFDS_MARKER = "dataset_info.json"
 NEGATIVE_COLUMN = re.compile(r"negative_(\d+)")
+
+
+class _Conflict(RecordError):
+    """A record whose task or dataset differs from the first record's. It carries the record
+    and where it is, so parallel validation can name it as one pass would."""
+
+    def __str__(self) -> str:
+        return self.args[0]
 
 
 CACHE_ENV = "JAXEMBED_DATA_CACHE"
@@ -103,13 +112,17 @@ def cache_root() -> Path | None:
 
 def open_cache(path: Path, how: dict) -> Path | None:
     """The cache entry of ``path`` read ``how`` (its folder, complete or not yet written),
-    or None when caching is off. Keyed by the file's identity (resolved path, size,
-    modification time) and ``how``: a file changed in any way gets a new entry."""
+    or None when caching is off. Keyed by the file's identity (resolved path, inode, size,
+    modification and change times) and ``how``: a file changed in any way gets a new entry.
+    (A change to how records are validated bumps `CACHE_VERSION`.)"""
     root = cache_root()
     if root is None:
         return None
     st = path.stat()
-    ident = [CACHE_VERSION, str(path.resolve()), st.st_size, st.st_mtime_ns, how]
+    # ctime too: a file rewritten at the same size with its mtime restored (cp -p, tar, touch
+    # -r) has a new ctime, which no user can set.
+    ident = [CACHE_VERSION, str(path.resolve()), st.st_ino, st.st_size, st.st_mtime_ns,
+             st.st_ctime_ns, how]  # fmt: skip
     digest = hashlib.blake2b(json.dumps(ident, sort_keys=True).encode(), digest_size=10)
     return root / f"{path.name}-{digest.hexdigest()}"
 
@@ -211,10 +224,12 @@ class RecordSource:
             return
         for key, have in (("task", self.task), ("dataset", self.name)):
             if record[key] != have:
-                raise RecordError(
+                raise _Conflict(
                     f"{where}: {key} {record[key]!r} differs from {have!r} at "
                     f"{self._first_where}; every record of one source must share one task "
-                    "and one dataset (split the file)"
+                    "and one dataset (split the file)",
+                    {"task": record["task"], "dataset": record["dataset"]},
+                    where,
                 )
 
     def _opened(self) -> None:
@@ -247,34 +262,63 @@ class RecordSource:
         except OSError:  # the file vanished between expand and now: the open will say so
             return None
 
+    CACHED_ARRAYS: tuple[str, ...] = ()  # what a complete entry of this source holds
+
     def _from_cache(self) -> dict | None:
         """The arrays of this file's complete cache entry (memory-mapped), its meta applied;
-        None: no entry (the caller reads the file)."""
+        None: no entry, or a damaged one (removed; the caller reads the file)."""
         entry = self._cache
         if entry is None or not (entry / CACHE_META).is_file():
             return None
-        meta = json.loads((entry / CACHE_META).read_text())
+        try:
+            meta = json.loads((entry / CACHE_META).read_text())
+            arrays = {
+                name: np.load(entry / f"{name}.npy", mmap_mode="r") for name in meta["arrays"]
+            }
+            if not set(self.CACHED_ARRAYS) <= set(arrays):
+                raise KeyError(f"{sorted(set(self.CACHED_ARRAYS) - set(arrays))} missing")
+        except (OSError, ValueError, KeyError, EOFError) as e:
+            log.warning("%s: open cache entry %s unreadable (%s); reading the file", self.path,
+                        entry, e)  # fmt: skip
+            shutil.rmtree(entry, ignore_errors=True)
+            return None
         for key in ("name", "task", "skipped", "_first_where", "_first_error"):
             setattr(self, key, meta[key])
-        return {f.stem: np.load(f, mmap_mode="r") for f in entry.glob("*.npy")}
+        return arrays
 
     def _to_cache(self, arrays: dict[str, np.ndarray], write=None) -> None:
-        """Writes the cache entry (arrays, ``write(folder)`` for more files, then the meta);
-        a cache that cannot be written is logged and the source works without it."""
+        """Writes the cache entry (arrays, ``write(folder)`` for more files, then the meta),
+        each file flushed to disk, in a folder of its own renamed into place: an entry is
+        whole or absent. Another process's entry, written meanwhile, is kept. A cache that
+        cannot be written is logged and the source works without it."""
         if self._cache is None:
             return
         meta = {k: getattr(self, k) for k in ("name", "task", "skipped", "_first_where")}
-        meta["_first_error"] = self._first_error
+        meta |= {"_first_error": self._first_error, "arrays": sorted(arrays)}
+        tmp = self._cache.with_name(f".{self._cache.name}.{uuid.uuid4().hex}")
         try:
-            with atomic_dir(self._cache) as tmp:
-                for name, array in arrays.items():
-                    np.save(tmp / f"{name}.npy", array)
-                if write is not None:
-                    write(tmp)
-                atomic_write_text(tmp / CACHE_META, json.dumps(meta))
+            tmp.mkdir(parents=True)
+            for name, array in arrays.items():
+                np.save(tmp / f"{name}.npy", array)
+            if write is not None:
+                write(tmp)
+            (tmp / CACHE_META).write_text(json.dumps(meta))
+            for f in tmp.iterdir():
+                fd = os.open(f, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            try:
+                tmp.rename(self._cache)
+            except OSError:
+                if not (self._cache / CACHE_META).is_file():
+                    raise  # not another writer's entry: a real failure
         except OSError as e:
             log.warning("%s: open cache not written (%s); set %s=off", self.path, e, CACHE_ENV)
             self._cache = None
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
@@ -305,7 +349,14 @@ PARALLEL_BYTES = 256 << 20  # a plain JSONL file is validated by one process per
 
 
 def _parallel_workers(path: Path) -> int:
-    return max(1, min(os.cpu_count() or 1, path.stat().st_size // PARALLEL_BYTES))
+    """Processes to validate ``path`` with: 1 in a daemon process (a Grain worker, which may
+    not start children) or for a small file; else one per part, up to the usable cores."""
+    import multiprocessing
+
+    if multiprocessing.current_process().daemon:
+        return 1
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, min(cores or 1, path.stat().st_size // PARALLEL_BYTES))
 
 
 def _line_ranges(path: Path, parts: int) -> list[tuple[int, int, int]]:
@@ -370,6 +421,8 @@ def _scan_range(job) -> dict:
 class JsonlSource(RecordSource):
     """A JSONL file: plain (lines read back by byte offset) or gzipped (records in memory)."""
 
+    CACHED_ARRAYS = ("offsets", "lengths")
+
     def __init__(self, path: Path, task=None, dataset=None, skip_bad=False, columns=None):
         # As for Parquet: a record without a task is a retrieval pair; the file is the dataset.
         stem = path.name.removesuffix(".gz").removesuffix(".jsonl")
@@ -388,9 +441,10 @@ class JsonlSource(RecordSource):
         """Validates every line once, keeping the offset and length of each good one: in
         one process, or for a large plain file in several (`PARALLEL_BYTES` each)."""
         workers = 1 if self._gzip else _parallel_workers(self.path)
+        offsets = None
         if workers > 1:
             offsets, lengths = self._read_in_parallel(workers)
-        else:
+        if offsets is None:
             offsets, lengths = self._scan(self._lines())
         self._index = {"offsets": offsets, "lengths": lengths}
         if not self._gzip:
@@ -415,7 +469,7 @@ class JsonlSource(RecordSource):
                 lengths.append(len(raw))
         return np.asarray(offsets, np.int64), np.asarray(lengths, np.int64)
 
-    def _read_in_parallel(self, workers: int) -> tuple[np.ndarray, np.ndarray]:
+    def _read_in_parallel(self, workers: int):
         """`_scan` over byte ranges split at line ends, one process each; the parts are
         joined in file order, so errors and the task / dataset check read as in one pass."""
         import concurrent.futures
@@ -425,13 +479,22 @@ class JsonlSource(RecordSource):
         jobs = [(str(self.path), *r, how) for r in _line_ranges(self.path, workers)]
         # spawn, not fork: the parent may run JAX's threads, which a fork must not copy.
         context = multiprocessing.get_context("spawn")
-        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
-            parts = list(pool.map(_scan_range, jobs))
+        try:
+            with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
+                parts = list(pool.map(_scan_range, jobs))
+        except (RuntimeError, concurrent.futures.process.BrokenProcessPool) as e:
+            # A script opening data at import time, outside `if __name__ == "__main__"`,
+            # cannot spawn: one pass then.
+            log.warning("%s: validated in one process (%s)", self.path, e)
+            return None, None
         for part in parts:  # in file order: the first bad line is the one named
             if part["first_where"]:  # the part's first good record, before its error if any
                 self._agree({"task": part["task"], "dataset": part["name"]}, part["first_where"])
-            if part["error"] is not None:
-                raise part["error"]
+            error = part["error"]
+            if isinstance(error, _Conflict):  # named against the file's first record
+                self._agree(*error.args[1:])
+            if error is not None:
+                raise error
             if part["skipped"] and not self.skipped:
                 self._first_error = part["first_error"]
             self.skipped += part["skipped"]
@@ -538,6 +601,7 @@ class ParquetSource(RecordSource):
 
         pa.default_memory_pool().release_unused()  # the decoded batches' memory, back to the OS
 
+    CACHED_ARRAYS = ("num_rows",)
     COPY_TABLE = True  # Parquet is compressed: keep an uncompressed Arrow copy to map
     TABLE_FILE = "table.arrow"
 
@@ -573,7 +637,14 @@ class ParquetSource(RecordSource):
 
         if self._cache is not None and (self._cache / self.TABLE_FILE).is_file():
             # Zero-copy: the table's buffers are the file's pages, shared by every process.
-            return pa.ipc.open_file(pa.memory_map(str(self._cache / self.TABLE_FILE))).read_all()
+            try:
+                mapped = pa.memory_map(str(self._cache / self.TABLE_FILE))
+                table = pa.ipc.open_file(mapped).read_all()
+            except (OSError, pa.ArrowInvalid) as e:
+                log.warning("%s: the cached Arrow copy is unreadable (%s)", self.path, e)
+            else:
+                if table.num_rows == self._num_rows:
+                    return table
         # No cache: the needed columns in this process's memory.
         return pq.read_table(self.path, columns=self._columns)
 
