@@ -222,7 +222,7 @@ def test_recipe_configs_validate_and_name_their_eval_sets(train_setup):
     mmbert = config_lib.load(str(ROOT / "configs" / "retrofit_mmbert.py"))
     assert mmbert.data.max_passage_length == 512 and mmbert.train.global_batch == 512
     demo = config_lib.load(str(ROOT / "configs" / "demo.py"))
-    assert set(demo.eval.groups) == {"zero_shot", "trained"}
+    assert set(demo.eval.groups) == {"zero_shot", "trained", "zero_shot_body", "trained_body"}
     with pytest.raises(ValueError, match=r"config\.eval\.groups\.oops: \['xling-xx'\] not among"):
         c = tiny_config(train_setup)
         c.eval.groups = ml_collections.ConfigDict({"oops": ("xling-xx",)})

@@ -19,8 +19,10 @@ your budget, bench/RESULTS.md has the figures):
     bash examples/debian_retrofit/retrofit.sh runs/retrofit-debian
 
 Data rules: training reads train packages in da/it/fr/de/es/pt_BR only; dev packages'
-``xling-{ja,ko,ru,uk,zh_CN,pl,cs}`` sets are the zero-shot proxy that every choice here was
-tuned on; test packages were never looked at.
+``xling-{ja,ko,ru,uk,zh_CN,pl,cs}`` sets are the zero-shot proxy that the choices here were
+tuned on, and since 2026-12-03 also ``xling-body-*`` beside them (the description body
+alone, without the English synopsis that translates the query): the positives' format was
+chosen on both; test packages were never looked at.
 """
 
 from jaxembed.config import default_config
