@@ -629,3 +629,23 @@ def test_no_worker_processes_from_a_daemon_and_conflicts_named_as_in_one_pass(
     first = re.escape(f"{path}:1;")
     with pytest.raises(RecordError, match=rf"mixed\.jsonl:9: task 'clustering' .* at {first}"):
         open_source(path)
+
+
+def test_tfds_reads_a_batch_at_once_as_one_at_a_time(tmp_path, capsys):
+    """array_record's read([i]) costs time in proportion to the file's records: a batch is
+    one read of many indices, with the same records as one at a time."""
+    rows = [dict(r, dataset="toy") for r in RECORDS]
+    src_file = write_jsonl(tmp_path / "toy.jsonl", rows)
+    prepare_lib.main(["--input", str(src_file), "--out", str(tmp_path / "tfds")])
+    src = open_source(tmp_path / "tfds")
+    order = [3, 0, 10, 3, -1]
+    calls = []
+    data_source = src._source()
+    batch_read = data_source.__getitems__
+    data_source.__getitems__ = lambda keys: calls.append(list(keys)) or batch_read(keys)
+    many = src.get_many(order)
+    assert calls == [[3, 0, 10, 3, 10]]  # one read for the batch
+    assert many == [src[i] for i in order] == [RECORDS[i] for i in order]
+    assert src.get_many([]) == []
+    with pytest.raises(IndexError):
+        src.get_many([0, len(RECORDS)])

@@ -385,7 +385,10 @@ class BatchBuilder:
         k = cfg.negatives_for(task)
         # This host's rows only: what it reads and tokenizes shrinks as hosts are added.
         rows = self._rows(d, epoch, j)[self.local]
-        records = [source[int(i)] for i in rows]
+        # A jaxembed source reads the batch at once (TFDS: one ArrayRecord call); any other
+        # random-access source (Grain's protocol: __len__, __getitem__), one at a time.
+        get_many = getattr(source, "get_many", None)
+        records = get_many(rows) if get_many else [source[int(i)] for i in rows]
         negatives, valid = [], np.zeros((len(rows), k), bool)
         # The teacher's scores of each row's positive and chosen negatives; NaN: none.
         teacher = np.full((len(rows), 1 + k), np.nan, np.float32)

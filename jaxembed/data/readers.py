@@ -175,6 +175,11 @@ class RecordSource:
             raise IndexError(f"{self.path}: index {index} out of range for {n} records")
         return self._get(i)
 
+    def get_many(self, indices) -> list[dict]:
+        """``[self[i] for i in indices]``; a format that reads a batch faster than one record
+        at a time (TFDS / ArrayRecord) overrides it."""
+        return [self[int(i)] for i in indices]
+
     def __repr__(self) -> str:
         # Grain's checkpointing compares reprs, so they identify the data, not the object.
         return (
@@ -373,11 +378,14 @@ def _line_ranges(path: Path, parts: int) -> list[tuple[int, int, int]]:
                 break
             cuts.append(at + 1)
         cuts = sorted({*cuts, size})
-        ranges, line = [], 1
+    # Line numbers by reading, 16 MB at a time: counting through the map would leave the
+    # whole file's pages in this process's resident set.
+    ranges, line = [], 1
+    with open(path, "rb") as f:
         for start, end in itertools.pairwise(cuts):
             ranges.append((start, end, line))
-            for block in range(start, end, 16 << 20):  # count newlines 16 MB at a time
-                line += m[block : min(block + (16 << 20), end)].count(b"\n")
+            while f.tell() < end:
+                line += f.read(min(16 << 20, end - f.tell())).count(b"\n")
     return ranges
 
 
@@ -834,10 +842,25 @@ class TfdsSource(RecordSource):
     def __len__(self) -> int:
         return self._num
 
+    def get_many(self, indices) -> list[dict]:
+        # One ArrayRecord read for the batch: array_record 0.8's read([i]) costs time in
+        # proportion to the file's records (3.8 ms a call at 1,000,000 records, 0.09 ms at
+        # 10,000), a read of many indices pays that once (bench/scale.py).
+        n = len(self)
+        wanted = [operator.index(i) for i in indices]
+        if any(not -n <= i < n for i in wanted):
+            raise IndexError(f"{self.path}: an index of {wanted} out of range for {n} records")
+        rows = [i % n if self._rows is None else int(self._rows[i % n]) for i in wanted]
+        examples = self._source().__getitems__(rows) if rows else []
+        return [self._check(example, j) for example, j in zip(examples, rows, strict=True)]
+
     def _get(self, i: int) -> dict:
         j = i if self._rows is None else int(self._rows[i])
+        return self._check(self._source()[j], j)
+
+    def _check(self, example: dict, j: int) -> dict:
         where = f"{self.path}:record {j}"
-        record = check_record(self._fill(_from_tfds(self._source()[j], where)), where)
+        record = check_record(self._fill(_from_tfds(example, where)), where)
         if record["task"] != self.task or record["dataset"] != self.name:
             raise RecordError(
                 f"{where}: task/dataset {record['task']!r}/{record['dataset']!r} differ from "
