@@ -42,11 +42,11 @@ What an open learns is kept for the next (`open_cache`): the line index of a JSO
 the validation's outcome of any file, and for Parquet the needed columns as an
 uncompressed Arrow file that every process memory-maps (the OS shares its pages between
 Grain workers and evicts them under pressure, where an in-memory table was one private
-copy per process). An entry is keyed by the file's resolved path, size and modification
-time and by how it is read (``columns``, ``task``, ``dataset``, ``skip_bad``), so a changed
-file is validated again; a resumed run reopens its data without reading it. Entries live
-under ``$JAXEMBED_DATA_CACHE`` (default ``~/.cache/jaxembed/data``; ``off`` disables the
-cache) and may be deleted at any time.
+copy per process). An entry is keyed by the file's resolved path, inode, size,
+modification and change times and by how it is read (``columns``, ``task``, ``dataset``,
+``skip_bad``), so a changed file is validated again; a resumed run reopens its data
+without reading it. Entries live under ``$JAXEMBED_DATA_CACHE`` (default
+``~/.cache/jaxembed/data``; ``off`` disables the cache) and may be deleted at any time.
 
 Column names: besides the schema's own, sentence-transformers' (``anchor``, ``positive``,
 ``negative`` or ``negative_1..N``) and F2LLM's (``passage``) are understood, and
