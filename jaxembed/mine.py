@@ -27,8 +27,8 @@ Inputs
   candidates. The folder's own corpus is the corpus. A qrels id missing from the corpus is
   an error naming the id and the file.
 
-The candidate pool is the corpus, deduplicated by exact text, plus every positive not in
-it (as in sentence-transformers' ``mine_hard_negatives``), so each positive has an
+The candidate pool is the corpus, deduplicated by text (a 63-bit key), plus every positive
+not in it (as in sentence-transformers' ``mine_hard_negatives``), so each positive has an
 embedding and the positives of other queries are candidates too.
 
 Text the model reads: queries of records with an ``instruction`` become
@@ -52,8 +52,13 @@ an interrupted run re-encodes only the missing shards, and a changed input or mo
 invalidates the cache (logged). Search reads the shards memory-mapped, runs
 `search.top_k` (blocked matrix products with a running top-k) against each, and merges
 the per-shard results with the same tie rule (`search.search_shards`), so neither host
-nor device memory has to hold the corpus embeddings. The
-pool's texts, and ``top_k`` scores and indices per query, stay in host memory.
+nor device memory has to hold the corpus embeddings. Nor its texts: a ``--corpus`` file is
+indexed once (`mining.CorpusFile`: a byte offset and a 63-bit text key per document; a
+``.gz`` corpus is held in memory) and each text read from disk when it is encoded or
+written as a negative, and output rows go to OUT as they are chosen. What stays in host
+memory grows with the corpus by about 40 bytes a document (offset, key, the pool's row and
+its key, the prompt list); the pairs themselves, and ``top_k`` scores and indices per query,
+grow with the queries (bench/scale.py measures both).
 
 Multi-host (run the same command on every host, see ``launch/``): encoding is split over
 every device of every host, and every process receives all embeddings; process 0 alone
@@ -64,6 +69,7 @@ The search itself still runs whole on every host.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import inspect
 import json
@@ -84,8 +90,8 @@ from jaxembed.data import readers
 from jaxembed.data.records import RecordError, check_record
 from jaxembed.embedding_cache import encode_cached, encoder_key, gather
 from jaxembed.encoder import load
-from jaxembed.files import atomic_open, atomic_write_text, hf_offline, write_jsonl
-from jaxembed.mining import MiningError, Rules, read_corpus
+from jaxembed.files import atomic_open, atomic_write_text, hf_offline
+from jaxembed.mining import CorpusFile, MiningError, Rules
 
 log = logging.getLogger(__name__)
 
@@ -225,7 +231,12 @@ def mine(
         lambda idx: gather(d_shards, shard_size, idx),
         queries, pool, shard_size,
     )  # fmt: skip
-    sel = _select_negatives(data.records, queries, candidates, pos_score, pool, rules, with_scores)
+    # Rows go to the output file as they are chosen: the host never holds them all.
+    instructions = any(r.get("instruction") for r in data.records)
+    with _output(out, rules.num_negatives, instructions, with_scores) as put:
+        sel = _select_negatives(
+            data.records, queries, candidates, pos_score, pool, rules, with_scores, put
+        )
     select_s = time.perf_counter() - t0
 
     stats = _stats(
@@ -247,7 +258,10 @@ def mine(
         cache={"dir": str(cache), "corpus": d_info, "queries": q_info},
         timing=_timing(d_info, q_info, search_s, select_s, len(queries.texts)),
     )  # fmt: skip
-    _write_outputs(out, sel.rows, stats, with_scores, t_start)
+    stats["timing"]["total_s"] = time.perf_counter() - t_start
+    if jax.process_index() == 0:
+        text = json.dumps(stats, indent=1, ensure_ascii=False)
+        atomic_write_text(Path(f"{out}.stats.json"), text)
     return stats
 
 
@@ -290,7 +304,7 @@ def _prompts(encoder, query_prompt, passage_prompt, query_prefix, passage_prefix
 @dataclasses.dataclass
 class _Inputs:
     records: list[dict]  # query, positive, task, dataset[, instruction]
-    corpus: list[str] | None  # corpus texts (None: the positives are the corpus)
+    corpus: Sequence[str] | None  # corpus texts (None: the positives are the corpus)
     corpus_skipped: int = 0
 
 
@@ -322,8 +336,8 @@ def _read_pairs(input: Path, corpus, task: str, dataset: str | None) -> _Inputs:
         raise MiningError(f"{input}: no records")
     if corpus is None:
         return _Inputs(records, None)
-    texts, skipped = read_corpus(corpus)
-    return _Inputs(records, texts, skipped)
+    docs = CorpusFile(corpus)  # read from disk when needed: the host keeps 16 bytes a document
+    return _Inputs(records, docs, docs.skipped)
 
 
 def _read_beir(folder: Path, split: str, dataset: str | None) -> _Inputs:
@@ -377,9 +391,9 @@ def _model_query(record: dict, q_prompt: str, template: str) -> tuple[str, str]:
 # Selection
 
 
-def _select_negatives(records, queries, candidates, pos_score, pool, rules, with_scores):
-    """Steps 2-5 for every record (`jaxembed.mining.choose`): its output row, and the
-    tallies of the stats file."""
+def _select_negatives(records, queries, candidates, pos_score, pool, rules, with_scores, put):
+    """Steps 2-5 for every record (`jaxembed.mining.choose`): its output row, handed to
+    ``put``, and the tallies of the stats file."""
     sel = _Selected()
     choices = mining.choose(records, queries, candidates, pos_score, rules)
     for record, c in zip(records, choices, strict=True):
@@ -391,7 +405,8 @@ def _select_negatives(records, queries, candidates, pos_score, pool, rules, with
             sel.short += 1
         sel.keep(c.query, c.scores)
         negatives = [pool.texts[int(j)] for j in c.negatives]
-        sel.rows.append(_row(record, negatives, c.positive_score, c.scores, with_scores))
+        put(_row(record, negatives, c.positive_score, c.scores, with_scores))
+        sel.written += 1
     sel.dists.flush()
     return sel
 
@@ -487,7 +502,7 @@ class _Dists:
 class _Selected:
     """The output rows, and what the stats file reports about how they were chosen."""
 
-    rows: list[dict] = dataclasses.field(default_factory=list)
+    written: int = 0  # output rows
     counts: dict[str, int] = dataclasses.field(
         default_factory=lambda: dict.fromkeys(("retrieved", "kept", *DROP_REASONS), 0)
     )
@@ -520,7 +535,7 @@ class _Selected:
     def negatives_per_record(self) -> dict:
         total = sum(k * v for k, v in self.per_record.items())
         return {
-            "mean": total / len(self.rows) if self.rows else 0.0,
+            "mean": total / self.written if self.written else 0.0,
             "min": min(self.per_record, default=0),
             "max": max(self.per_record, default=0),
             "counts": {str(k): self.per_record[k] for k in sorted(self.per_record)},
@@ -532,7 +547,7 @@ def _stats(*, run, settings, data, pool, queries, sel, cache, timing) -> dict:
         **run,
         "settings": settings,
         "records_in": len(data.records),
-        "records_out": len(sel.rows),
+        "records_out": sel.written,
         "records_dropped_too_few": sel.dropped,
         "records_short_kept": sel.short,
         "queries_in": len(queries.texts),
@@ -582,47 +597,52 @@ def summary_line(stats: dict) -> str:
 # Output
 
 
-def _write_outputs(out: Path, rows: list[dict], stats: dict, with_scores: bool, t_start: float):
-    """Process 0 alone writes: every host holds the same rows and stats."""
-    writer = jax.process_index() == 0
-    if writer:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        if out.name.endswith(".parquet"):
-            _write_parquet(out, rows, with_scores)
-        else:
-            write_jsonl(out, rows)
-    stats["timing"]["total_s"] = time.perf_counter() - t_start
-    if writer:
-        text = json.dumps(stats, indent=1, ensure_ascii=False)
-        atomic_write_text(Path(f"{out}.stats.json"), text)
-
-
-def _write_parquet(path: Path, rows: list[dict], with_scores: bool) -> None:
-    """F2LLM's layout: query, passage, negative_1..N (null past a row's own), then extras."""
+@contextlib.contextmanager
+def _output(out: Path, width: int, instructions: bool, with_scores: bool):
+    """``put(row)``, writing ``out`` as rows come: JSONL, or Parquet in F2LLM's layout
+    (query, passage, negative_1..``width``, null past a row's own, then extras) in row
+    groups. The file appears whole when the block ends, or not at all. Process 0 alone
+    writes: every host holds the same rows."""
+    if jax.process_index() != 0:
+        yield lambda row: None
+        return
+    if not out.name.endswith(".parquet"):
+        with atomic_open(out) as f:
+            yield lambda row: f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        return
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    width = max((len(r["negatives"]) for r in rows), default=0)
-    cols: dict[str, list] = {
-        "query": [r["query"] for r in rows],
-        "passage": [r["positive"] for r in rows],
-    }
-    for j in range(width):
-        cols[f"negative_{j + 1}"] = [
-            r["negatives"][j] if j < len(r["negatives"]) else None for r in rows
-        ]
-    cols["task"] = [r["task"] for r in rows]
-    cols["dataset"] = [r["dataset"] for r in rows]
-    if any("instruction" in r for r in rows):
-        cols["instruction"] = [r.get("instruction") for r in rows]
-    if with_scores:
-        cols["scores"] = [r["scores"] for r in rows]
+    names = ["query", "passage", *(f"negative_{j + 1}" for j in range(width)), "task", "dataset"]
+    names += ["instruction"] * instructions + ["scores"] * with_scores
     schema = pa.schema(
-        [(k, pa.list_(pa.float64()) if k == "scores" else pa.string()) for k in cols]
+        [(k, pa.list_(pa.float64()) if k == "scores" else pa.string()) for k in names]
     )
-    table = pa.table(cols, schema=schema)
-    with atomic_open(path, "wb") as f:
-        pq.write_table(table, f)
+    rows: list[dict] = []
+
+    def flush(writer) -> None:
+        cols = {"query": [r["query"] for r in rows], "passage": [r["positive"] for r in rows]}
+        for j in range(width):
+            cols[f"negative_{j + 1}"] = [
+                r["negatives"][j] if j < len(r["negatives"]) else None for r in rows
+            ]
+        cols |= {k: [r.get(k) for r in rows] for k in names[2 + width :]}
+        writer.write_table(pa.table(cols, schema=schema))
+        rows.clear()
+
+    with atomic_open(out, "wb") as f, pq.ParquetWriter(f, schema) as writer:
+
+        def put(row: dict) -> None:
+            rows.append(row)
+            if len(rows) == PARQUET_ROW_GROUP:
+                flush(writer)
+
+        yield put
+        if rows:
+            flush(writer)
+
+
+PARQUET_ROW_GROUP = 8192
 
 
 # ------------------------------------------------------------------------------------------

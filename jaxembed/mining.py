@@ -5,9 +5,9 @@ model, data and rules.
 
 Per record (the score is the cosine of unit vectors):
 
-1. Rank the pool (`candidate_pool`: the corpus deduplicated by exact text, then every
-   positive not in it) for the query and drop every candidate whose text hash equals that
-   of any positive of the query (records the model reads the same query for are one query
+1. Rank the pool (`candidate_pool`: the corpus deduplicated by text, then every positive
+   not in it) for the query and drop every candidate whose text key equals that of any
+   positive of the query (records the model reads the same query for are one query
    with all their positives: `group_queries`); keep the best ``top_k`` of the rest (ties:
    lower pool index first; `search.nearest_non_positives`).
 2. Drop the first ``skip_top`` of those (likely unlabelled positives).
@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
+import hashlib
 import json
 import os
 from collections.abc import Callable, Iterator, Sequence
@@ -135,36 +136,82 @@ class Rules:
 # --- the pool and the queries ------------------------------------------------------------------
 
 
+def text_key(text: str) -> int:
+    """A 63-bit hash of a text: how the pool tells texts apart (duplicates, and a query's
+    positives among its candidates) without holding them. Any collision among 10^7 texts
+    has odds of about 5e-6."""
+    digest = hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
 @dataclasses.dataclass
 class Candidates:
-    """The candidate pool: the corpus deduplicated by exact text, then every positive not in
-    it, so every positive has an embedding (the relative margin needs its score) and the
-    positives of other queries are candidates too (as in sentence-transformers)."""
+    """The candidate pool: the corpus deduplicated by text (`text_key`), then every positive
+    not in it, so every positive has an embedding (the relative margin needs its score) and
+    the positives of other queries are candidates too (as in sentence-transformers)."""
 
-    texts: list[str]  # the corpus (first occurrences, in order), then new positives
+    texts: Sequence[str]  # the corpus (first occurrences, in order), then new positives
     n_corpus: int  # how many of them come from the corpus
-    duplicates: int  # corpus texts dropped as exact duplicates
+    duplicates: int  # corpus texts dropped as duplicates
     positive: np.ndarray  # per record, its positive's index in ``texts``
-    hashes: np.ndarray  # `text_hash` of each text: how positives are told from negatives
+    hashes: np.ndarray  # `text_key` of each text: how positives are told from negatives
+
+
+class PoolTexts(Sequence):
+    """The pool's texts without copying them: rows ``rows`` of ``corpus`` (a list, or a
+    `CorpusFile` that reads each from disk), then ``extra``."""
+
+    def __init__(self, corpus: Sequence[str], rows: np.ndarray, extra: list[str]):
+        self.corpus, self.rows, self.extra = corpus, rows, extra
+
+    def __len__(self) -> int:
+        return len(self.rows) + len(self.extra)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        i = i + len(self) if i < 0 else i
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        return (
+            self.corpus[int(self.rows[i])] if i < len(self.rows) else self.extra[i - len(self.rows)]
+        )
 
 
 def candidate_pool(corpus: Sequence[str] | None, records: Sequence[dict]) -> Candidates:
-    """The pool of ``corpus`` (None: the records' distinct positives) and ``records``."""
-    index: dict[str, int] = {}
-    for t in corpus if corpus is not None else ():
-        index.setdefault(t, len(index))
-    n_corpus = len(index)
-    for r in records:
-        index.setdefault(r["positive"], len(index))
-    if not index:
+    """The pool of ``corpus`` (None: the records' distinct positives) and ``records``.
+
+    Memory: a few int64 per corpus document (its key, its row), never a copy of its text.
+    """
+    corpus = corpus if corpus is not None else []
+    if isinstance(corpus, CorpusFile):
+        keys = corpus.keys
+    else:
+        keys = np.fromiter((text_key(t) for t in corpus), np.int64, len(corpus))
+    uniq, first = np.unique(keys, return_index=True)
+    rows = np.sort(first)  # each text's first occurrence, in corpus order
+    pool_of_uniq = np.searchsorted(rows, first)
+    new: dict[int, int] = {}  # positives not in the corpus: key -> pool index
+    extra: list[str] = []
+    positive = np.empty(len(records), np.int64)
+    for n, r in enumerate(records):
+        k = text_key(r["positive"])
+        j = int(np.searchsorted(uniq, k))
+        if j < len(uniq) and uniq[j] == k:
+            positive[n] = pool_of_uniq[j]
+            continue
+        if k not in new:
+            new[k] = len(rows) + len(extra)
+            extra.append(r["positive"])
+        positive[n] = new[k]
+    if not len(rows) and not extra:
         raise MiningError("the corpus is empty and there are no positives")
-    texts = list(index)  # insertion order: the pool index order
     return Candidates(
-        texts=texts,
-        n_corpus=n_corpus,
-        duplicates=len(corpus) - n_corpus if corpus is not None else 0,
-        positive=np.array([index[r["positive"]] for r in records], np.int64),
-        hashes=np.array([text_hash(t) for t in texts], np.int64),
+        texts=PoolTexts(corpus, rows, extra),
+        n_corpus=len(rows),
+        duplicates=len(corpus) - len(rows),
+        positive=positive,
+        hashes=np.concatenate([keys[rows], np.fromiter(new, np.int64, len(new))]),
     )
 
 
@@ -240,44 +287,107 @@ def choose(records, queries: Queries, candidates, pos_score, rules: Rules) -> It
 
 
 def read_corpus(path: str | os.PathLike) -> tuple[list[str], int]:
-    """``(texts, skipped)`` of a corpus file; empty documents are skipped and counted.
+    """``(texts, skipped)`` of a corpus file, in memory; empty documents are skipped and
+    counted. The formats are `CorpusFile`'s."""
+    docs = CorpusFile(path)
+    return list(docs), docs.skipped
+
+
+class CorpusFile(Sequence):
+    """The documents of a corpus file, each read from disk when asked for: the host holds
+    two int64 per document (its byte offset and `text_key`), not its text.
 
     ``.jsonl`` / ``.jsonl.gz``: one object per line with ``text`` (and optionally ``title``
-    and ``_id``; a title is joined as `beir.corpus_text` does). Anything else: plain
-    text, one document per line.
+    and ``_id``; a title is joined as `beir.corpus_text` does). Anything else: plain text,
+    one document per line. Empty documents are skipped and counted (``skipped``). A ``.gz``
+    file cannot be read at an offset: its texts are held in memory.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise EvalDataError(f"{path}: corpus file not found")
-    jsonl = path.name.endswith((".jsonl", ".jsonl.gz"))
-    texts: list[str] = []
-    skipped = 0
-    for text in _jsonl_documents(path) if jsonl else _line_documents(path):
-        if text.strip():
-            texts.append(text)
-        else:
-            skipped += 1
-    if not texts:
-        raise EvalDataError(f"{path}: the corpus is empty (no non-empty document)")
-    return texts, skipped
 
-
-def _jsonl_documents(path: Path) -> Iterator[str]:
-    opener = gzip.open if path.name.endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise EvalDataError(f"{self.path}: corpus file not found")
+        self.jsonl = self.path.name.endswith((".jsonl", ".jsonl.gz"))
+        self.skipped, self._texts, self._file = 0, None, None
+        offsets, keys = [], []
+        if self.path.name.endswith(".gz"):
+            self._texts = []
+        for offset, line_no, line in self._lines():
+            text = self._parse(line, line_no)
+            if text is None:
                 continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise EvalDataError(f"{path}:{line_no}: invalid JSON ({e.msg})") from None
-            if not isinstance(row, dict) or not isinstance(row.get("text"), str):
-                raise EvalDataError(f"{path}:{line_no}: expected an object with a 'text' string")
-            yield corpus_text(row)
+            if not text.strip():
+                self.skipped += 1
+                continue
+            offsets.append(offset)
+            keys.append(text_key(text))
+            if self._texts is not None:
+                self._texts.append(text)
+        if not keys:
+            raise EvalDataError(f"{self.path}: the corpus is empty (no non-empty document)")
+        self.offsets = np.array(offsets, np.int64)
+        self.keys = np.array(keys, np.int64)
+        self._stat = self._signature(os.stat(self.path))
 
+    def _lines(self) -> Iterator[tuple[int, int, bytes]]:
+        """``(byte offset, line number, line)`` of every line."""
+        opener = gzip.open if self.path.name.endswith(".gz") else open
+        with opener(self.path, "rb") as f:
+            offset = 0
+            for line_no, line in enumerate(f, 1):
+                yield offset, line_no, line
+                offset += len(line)
 
-def _line_documents(path: Path) -> Iterator[str]:
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            yield line.rstrip("\n").rstrip("\r")
+    def _parse(self, line: bytes, line_no: int) -> str | None:
+        """The document a line holds (None: a blank JSONL line, not a document)."""
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise EvalDataError(f"{self.path}:{line_no}: not UTF-8 ({e.reason})") from None
+        if not self.jsonl:
+            return text.rstrip("\n").rstrip("\r")
+        if not text.strip():
+            return None
+        try:
+            row = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise EvalDataError(f"{self.path}:{line_no}: invalid JSON ({e.msg})") from None
+        if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+            raise EvalDataError(f"{self.path}:{line_no}: expected an object with a 'text' string")
+        return corpus_text(row)
+
+    @staticmethod
+    def _signature(st: os.stat_result) -> tuple[int, int]:
+        return st.st_size, st.st_mtime_ns
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        if self._texts is not None:
+            return self._texts[i]
+        if self._file is None:
+            self._file = open(self.path, "rb")  # noqa: SIM115 (open while the corpus is used)
+        # A corpus rewritten since it was indexed would hand out other documents' texts.
+        if self._signature(os.fstat(self._file.fileno())) != self._stat:
+            raise EvalDataError(f"{self.path}: changed while in use; mine again")
+        self._file.seek(int(self.offsets[i]))
+        return self._parse(self._file.readline(), -1)
+
+    def __iter__(self) -> Iterator[str]:
+        """In order, read sequentially (no seek per document)."""
+        if self._texts is not None:
+            yield from self._texts
+            return
+        k = 0
+        for offset, line_no, line in self._lines():
+            if k < len(self.offsets) and offset == self.offsets[k]:
+                k += 1
+                yield self._parse(line, line_no)
+        if k != len(self.offsets):
+            raise EvalDataError(f"{self.path}: changed while in use; mine again")
+
+    def __getstate__(self):
+        return {**self.__dict__, "_file": None}

@@ -214,9 +214,13 @@ def test_skip_cap_too_few_and_random_sampling(word_data, tmp_path):
     assert len(r) == 3 and P1 not in r
 
 
-def test_outputs_read_back_by_the_training_readers(word_data, tmp_path):
+def test_outputs_read_back_by_the_training_readers(word_data, tmp_path, monkeypatch):
     stats = run_words(word_data, tmp_path / "o.jsonl", relative_margin=None, with_scores=True)
+    monkeypatch.setattr(mn, "PARQUET_ROW_GROUP", 2)  # rows streamed out in groups: 2 + 1
     run_words(word_data, tmp_path / "o.parquet", relative_margin=None, with_scores=True)
+    import pyarrow.parquet as pq
+
+    assert pq.ParquetFile(tmp_path / "o.parquet").metadata.num_row_groups == 2
     from_jsonl = readers.open_source(tmp_path / "o.jsonl")
     from_parquet = readers.open_source(tmp_path / "o.parquet")
     assert len(from_jsonl) == len(from_parquet) == 3
@@ -279,6 +283,55 @@ def test_beir_input_and_its_errors(tmp_path):
     bad = write_beir(tmp_path / "bad", corpus, {"q1": "apple"}, ["q1\td9\t1"])
     with pytest.raises(mn.MiningError, match=r"qrels/train\.tsv:2: corpus id 'd9' is not in"):
         mn.mine(WordEncoder(), bad, tmp_path / "b.jsonl", devices=ONE_DEVICE)
+
+
+def test_a_corpus_file_is_read_from_disk_as_the_list_it_stands_for(tmp_path):
+    """`CorpusFile` keeps offsets and keys, not texts, and reads back what `read_corpus`
+    (a list) holds; the pool built over it equals the pool over the list."""
+    import gzip
+
+    rows = [
+        {"_id": "a", "title": "Apple", "text": "a red fruit"},
+        {"_id": "b", "text": "pear cake"},
+        {"_id": "e", "text": "  "},  # empty: skipped and counted
+        {"_id": "c", "text": "pear cake"},  # a duplicate
+        {"_id": "d", "text": "plum ünïcode"},
+    ]
+    jsonl = tmp_path / "c.jsonl"
+    jsonl.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n\n")
+    plain = tmp_path / "c.txt"
+    plain.write_text("one\r\n\ntwo\none\n")
+    gz = tmp_path / "c.jsonl.gz"
+    gz.write_bytes(gzip.compress(jsonl.read_bytes()))
+    expect = {
+        jsonl: ["Apple a red fruit", "pear cake", "pear cake", "plum ünïcode"],
+        gz: ["Apple a red fruit", "pear cake", "pear cake", "plum ünïcode"],
+        plain: ["one", "two", "one"],
+    }
+    records = [{"query": "q", "positive": "pear cake"}, {"query": "r", "positive": "fig"}]
+    for path, texts in expect.items():
+        docs = mining.CorpusFile(path)
+        assert list(docs) == [docs[i] for i in range(len(docs))] == texts, path
+        assert docs.skipped == 1 and mining.read_corpus(path) == (texts, 1)
+        assert (docs._texts is None) == (path.suffix != ".gz")  # only .gz held in memory
+        from_file = mining.candidate_pool(docs, records)
+        from_list = mining.candidate_pool(texts, records)
+        new = [t for t in ("pear cake", "fig") if t not in texts]  # positives not in it
+        assert list(from_file.texts) == list(from_list.texts) == [*dict.fromkeys(texts), *new]
+        assert from_file.duplicates == from_list.duplicates == 1
+        np.testing.assert_array_equal(from_file.positive, from_list.positive)
+        np.testing.assert_array_equal(from_file.hashes, from_list.hashes)
+        assert [from_file.texts[int(i)] for i in from_file.positive] == ["pear cake", "fig"]
+    docs = mining.CorpusFile(jsonl)
+    jsonl.write_text(jsonl.read_text().replace("pear", "PEAR"))  # rewritten while in use
+    with pytest.raises(beir.EvalDataError, match=r"c\.jsonl: changed while in use"):
+        docs[1]
+    (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{"text": 3}\n')
+    with pytest.raises(beir.EvalDataError, match=r"bad\.jsonl:2: expected an object"):
+        mining.CorpusFile(tmp_path / "bad.jsonl")
+    (tmp_path / "bad.txt").write_bytes(b"ok\n\xff\n")
+    with pytest.raises(beir.EvalDataError, match=r"bad\.txt:2: not UTF-8"):
+        mining.CorpusFile(tmp_path / "bad.txt")
 
 
 def test_errors_name_the_problem(word_data, tmp_path):
