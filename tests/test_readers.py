@@ -521,6 +521,26 @@ def test_a_second_open_reads_the_cache_not_the_file(tmp_path, data_cache, monkey
         open_source(jsonl, skip_bad=True, dataset="other")
 
 
+def test_a_parquet_file_is_decoded_once_and_a_bad_row_leaves_no_copy(
+    tmp_path, data_cache, monkeypatch
+):
+    rows = [(f"q{i}", f"p{i}", [f"n{i}"]) for i in range(9000)]  # 3 batches of 4096
+    path = write_f2llm(tmp_path / "f2.parquet", rows, 1)
+    decoded = []
+    batches = ParquetSource._batches
+    monkeypatch.setattr(ParquetSource, "_batches", lambda self: decoded.append(1) or batches(self))
+    src = open_source(path)
+    assert len(decoded) == 1  # validation and the Arrow copy: one pass
+    monkeypatch.setattr(pq, "read_table", None)  # rows come from the copy
+    check_random_access(open_source(path), [src[i] for i in range(len(src))])
+    assert src[8999] == {"query": "q8999", "positive": "p8999", "negatives": ["n8999"],
+                         "task": "retrieval", "dataset": "f2"}  # fmt: skip
+    bad = write_f2llm(tmp_path / "bad.parquet", [*rows[:5000], ("q", None, [])], 1)
+    with pytest.raises(RecordError, match=r"bad\.parquet:row 5000"):
+        open_source(bad)
+    assert sorted(f.name for f in data_cache.iterdir()) == [next(data_cache.iterdir()).name]
+
+
 def test_a_changed_file_is_validated_again(tmp_path, data_cache):
     path = write_jsonl(tmp_path / "pairs.jsonl", RECORDS)
     assert len(open_source(path)) == len(RECORDS)

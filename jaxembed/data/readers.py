@@ -589,24 +589,35 @@ class ParquetSource(RecordSource):
 
     def _validate(self) -> None:
         """Reads every row once, a batch at a time (memory bounded by a Parquet row group,
-        which pyarrow decodes whole, not by the file); then the needed columns go to the
-        cache as an Arrow file, memory-mapped by every later read."""
-        bad = []
-        row = 0
-        for batch in self._batches():
-            for values in batch.to_pylist():
-                where = f"{self.path}:row {row}"
-                if self._admit(functools.partial(self._to_record, values), where) is None:
-                    bad.append(row)
-                row += 1
-        self._rows = _kept(row, bad)
-        self._num_rows = row
-        arrays = {"num_rows": np.asarray(row)}
-        if self._rows is not None:
-            arrays["rows"] = self._rows
-        self._to_cache(arrays, self._write_table if self.COPY_TABLE else None)
+        which pyarrow decodes whole, not by the file); the same batches, written as they
+        are checked, become the cache's Arrow copy of the needed columns, memory-mapped by
+        every later read (one decode of the file in all)."""
         import pyarrow as pa
 
+        bad = []
+        row = 0
+        copy = None  # the Arrow copy, beside the entry until the entry is whole
+        if self._cache is not None and self.COPY_TABLE:
+            copy = self._cache.with_name(f".{self._cache.name}.{uuid.uuid4().hex}.arrow")
+        try:
+            with _ArrowWriter(copy) as writer:
+                for batch in self._batches():
+                    for values in batch.to_pylist():
+                        where = f"{self.path}:row {row}"
+                        if self._admit(functools.partial(self._to_record, values), where) is None:
+                            bad.append(row)
+                        row += 1
+                    writer.write(batch)
+            self._rows = _kept(row, bad)
+            self._num_rows = row
+            arrays = {"num_rows": np.asarray(row)}
+            if self._rows is not None:
+                arrays["rows"] = self._rows
+            written = copy is not None and writer.wrote
+            self._to_cache(arrays, _move_into(copy, self.TABLE_FILE) if written else None)
+        finally:
+            if copy is not None:
+                copy.unlink(missing_ok=True)
         pa.default_memory_pool().release_unused()  # the decoded batches' memory, back to the OS
 
     CACHED_ARRAYS = ("num_rows",)
@@ -618,21 +629,6 @@ class ParquetSource(RecordSource):
         import pyarrow.parquet as pq
 
         return pq.ParquetFile(self.path).iter_batches(batch_size=4096, columns=self._columns)
-
-    def _write_table(self, folder: Path) -> None:
-        import pyarrow as pa
-
-        batches = iter(self._batches())
-        first = next(batches, None)
-        if first is None:
-            return  # no rows: nothing to map
-        with (
-            pa.OSFile(str(folder / self.TABLE_FILE), "wb") as f,
-            pa.ipc.new_file(f, first.schema) as writer,
-        ):
-            writer.write_batch(first)
-            for batch in batches:
-                writer.write_batch(batch)
 
     def _schema_names(self) -> list[str]:
         import pyarrow.parquet as pq  # imported here: only Parquet users need pyarrow
@@ -684,6 +680,53 @@ class ParquetSource(RecordSource):
 
     def _unpicklable(self) -> tuple[str, ...]:
         return ("_table",)
+
+
+class _ArrowWriter:
+    """An Arrow IPC file written batch by batch (nothing when ``path`` is None), created at
+    the first batch. A write that fails (an unwritable or full cache) is logged and drops
+    the copy, never the open: ``wrote`` says whether the file is whole."""
+
+    def __init__(self, path: Path | None):
+        self.path, self.wrote, self._file, self._writer = path, False, None, None
+
+    def write(self, batch) -> None:
+        if self.path is None:
+            return
+        import pyarrow as pa
+
+        try:
+            if self._writer is None:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self._file = pa.OSFile(str(self.path), "wb")
+                self._writer = pa.ipc.new_file(self._file, batch.schema)
+            self._writer.write_batch(batch)
+            self.wrote = True
+        except OSError as e:
+            log.warning("%s: open cache's Arrow copy not written (%s)", self.path, e)
+            self.__exit__()
+            self.path, self.wrote = None, False  # the caller removes what was written
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        writer, file, self._writer, self._file = self._writer, self._file, None, None
+        try:
+            try:
+                if writer is not None:
+                    writer.close()
+            finally:
+                if file is not None:
+                    file.close()
+        except OSError as e:
+            log.warning("%s: open cache's Arrow copy not written (%s)", self.path, e)
+            self.wrote = False
+
+
+def _move_into(src: Path, name: str):
+    """``write(folder)`` for `RecordSource._to_cache`: moves ``src`` into the entry as ``name``."""
+    return lambda folder: os.replace(src, folder / name)
 
 
 class HfDatasetSource(ParquetSource):
