@@ -541,6 +541,26 @@ def test_a_parquet_file_is_decoded_once_and_a_bad_row_leaves_no_copy(
     assert sorted(f.name for f in data_cache.iterdir()) == [next(data_cache.iterdir()).name]
 
 
+def test_many_files_are_first_opened_in_parallel_with_one_pass_errors(
+    tmp_path, data_cache, monkeypatch
+):
+    monkeypatch.setattr(readers, "WARM_MIN_BYTES", 0)
+    paths = [write_jsonl(tmp_path / f"set{i}.jsonl", RECORDS) for i in range(3)]
+    paths.append(write_f2llm(tmp_path / "f2.parquet", [("q0", "p0", ["n0"])], 1))
+    read = []
+    lines = JsonlSource._lines
+    monkeypatch.setattr(JsonlSource, "_lines", lambda self: read.append(self.path) or lines(self))
+    sources = readers.open_sources(tmp_path)
+    assert read == [] and len(list(data_cache.iterdir())) == 4  # the workers validated them
+    assert [s.path.name for s in sources] == ["f2.parquet", *(f"set{i}.jsonl" for i in range(3))]
+    assert [len(s) for s in sources] == [1, *[len(RECORDS)] * 3]
+    # A bad file among them: the error a one-process open raises, the file's line named.
+    write_jsonl(tmp_path / "set1.jsonl", [*RECORDS[:2], {"query": "q"}])
+    with pytest.raises(RecordError, match=r"set1\.jsonl:3: .*positive"):
+        readers.open_sources(tmp_path)
+    assert read == [tmp_path / "set1.jsonl"]  # only the bad one is read here
+
+
 def test_a_changed_file_is_validated_again(tmp_path, data_cache):
     path = write_jsonl(tmp_path / "pairs.jsonl", RECORDS)
     assert len(open_source(path)) == len(RECORDS)

@@ -1017,15 +1017,58 @@ def open_sources(
     """
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
-    sources = []
+    jobs = []
     for spec in paths:
         if str(spec).startswith(HUB_PREFIX):
             name, files = hub_files(str(spec))
             named = {**kw, "dataset": kw.get("dataset") or name}
-            sources += [open_source(path, **named) for path in files]
+            jobs += [(path, named) for path in files]
         else:
-            sources += [open_source(path, **kw) for path in expand(spec)]
-    return sources
+            jobs += [(path, kw) for path in expand(spec)]
+    _first_opens_in_parallel(jobs)
+    return [open_source(path, **how) for path, how in jobs]
+
+
+WARM_MIN_BYTES = 64 << 20  # files smaller than this in all are opened in this process
+
+
+def _first_opens_in_parallel(jobs: list[tuple[Path, dict]]) -> None:
+    """Many record files (F2LLM's ~100 datasets) are validated a core each, not one after
+    another: each is opened in a worker process, which writes its open-cache entry, so the
+    opens that follow read the cache. Only with the cache on, outside a daemon process, for
+    JSONL and Parquet files too small for their own parallel validation, when there are two
+    or more and `WARM_MIN_BYTES` in all. A worker that fails is ignored: the open that
+    follows reads that file again and raises its error as one pass would."""
+    import concurrent.futures
+    import multiprocessing
+
+    if cache_root() is None or multiprocessing.current_process().daemon:
+        return
+    small = [
+        (str(path), how)
+        for path, how in jobs
+        if path.is_file()
+        and path.name.endswith((".jsonl", ".parquet"))
+        and path.stat().st_size < 2 * PARALLEL_BYTES
+    ]
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    total = sum(Path(p).stat().st_size for p, _ in small)
+    if len(small) < 2 or total < WARM_MIN_BYTES or (cores or 1) < 2:
+        return
+    context = multiprocessing.get_context("spawn")  # the parent may run JAX's threads
+    try:
+        with concurrent.futures.ProcessPoolExecutor(
+            min(cores, len(small)), mp_context=context
+        ) as pool:
+            for future in [pool.submit(_warm, path, how) for path, how in small]:
+                future.exception()  # waited for; an error is raised by the open that follows
+    except (RuntimeError, concurrent.futures.process.BrokenProcessPool) as e:
+        log.warning("record files opened one after another (%s)", e)
+
+
+def _warm(path: str, how: dict) -> None:
+    """A worker of `_first_opens_in_parallel`: opening writes the file's cache entry."""
+    open_source(path, **how)
 
 
 HUB_PREFIX = "hf://"
