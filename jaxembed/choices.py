@@ -23,6 +23,8 @@ NEGATIVES = ("mined", "random")
 # Row counts of a packed tower (`jaxembed.data.pipeline.Packing.rows`): "few" distinct ones
 # (fewer compiles, some empty rows) or the "exact" next multiple of the granule.
 PACKING_SHAPES = ("few", "exact")
+# Output embeddings trained for (and evaluated as) a quantized index (`jaxembed.quantization`).
+QUANTIZATIONS = ("none", "int8", "binary")
 
 
 def check(value, allowed: tuple, name: str):

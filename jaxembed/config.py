@@ -28,6 +28,7 @@ from jaxembed.choices import (
     MIXING,
     NEGATIVES,
     PACKING_SHAPES,
+    QUANTIZATIONS,
     SCHEDULES,
     TASKS,
 )
@@ -146,6 +147,13 @@ SCHEMA = Group(
         false_negative_masking=Field(True, "mask candidates whose text equals the positive"),
         matryoshka_dims=Field((), "e.g. (768, 512, 256, 128); () = off"),
         matryoshka_weights=Field((), "one per dim; () = all 1"),
+        quantization=Field(
+            "none",
+            "train the output for a quantized index (jaxembed.quantization): the loss of "
+            "the straight-through int8 / binary codes is added to the float loss",
+            choices=QUANTIZATIONS,
+        ),
+        quantization_weight=Field(1.0, "weight of the quantized loss", at_least=0),
         infonce_weight=Field(
             PER_TASK,
             'per task. Distillation from the teacher scores records carry ("scores", '

@@ -3,6 +3,7 @@
 ::
 
     python -m jaxembed.evaluate --model MODEL --data DIR [--split dev] [--out OUT] [--mteb]
+        [--quantization binary|int8 [--rescore-multiplier 4]]
 
 The model is a Hugging Face / sentence-transformers folder or a training run (``jaxembed.
 load``), or, with ``--backend sentence-transformers``, the PyTorch reference. Search and
@@ -20,9 +21,9 @@ from pathlib import Path
 
 import jax
 
-from jaxembed import cli
+from jaxembed import cli, quantization
 from jaxembed.beir import EvalDataError, find_sets, load_beir
-from jaxembed.choices import DTYPES
+from jaxembed.choices import DTYPES, QUANTIZATIONS
 from jaxembed.encoder import load
 from jaxembed.files import atomic_write_text, hf_offline
 from jaxembed.retrieval import (
@@ -115,6 +116,22 @@ def _parser() -> argparse.ArgumentParser:
         "result files go to OUT/mteb/results/. Prompts are then looked up per task as MTEB "
         "does (by task name or type first) unless --query-prompt / --doc-prompt name them",
     )
+    p.add_argument(
+        "--quantization",
+        default="none",
+        choices=QUANTIZATIONS,
+        help="also score a quantized index of the same embeddings (jaxembed.quantization): "
+        "binary (Hamming) or int8 (ranges from the model folder's "
+        f"{quantization.RANGES_FILE} if it has one, else calibrated on each corpus), alone "
+        "and rescored by the float queries (default: none)",
+    )
+    p.add_argument(
+        "--rescore-multiplier",
+        type=int,
+        default=4,
+        metavar="M",
+        help="with --quantization: rescore the index's best M x 100 candidates (default: 4)",
+    )
     p.add_argument("--out", metavar="DIR", help="write metrics.json (and MTEB's files) here")
     return p
 
@@ -173,8 +190,14 @@ def _main(args) -> dict:
         )
     else:
         d_fn = reuse_last(d_fn)
+        quantized = dict(
+            quantization=args.quantization,
+            ranges=quantization.load_ranges(args.model) if Path(args.model).is_dir() else None,
+            rescore_multiplier=args.rescore_multiplier,
+        )
         per_set = {
-            name: evaluate_beir(q_fn, d_fn, None, args.split, data=d) for name, d in data.items()
+            name: evaluate_beir(q_fn, d_fn, None, args.split, data=d, **quantized)
+            for name, d in data.items()
         }
     result = {
         "model": str(args.model),
@@ -186,9 +209,19 @@ def _main(args) -> dict:
         "sets": per_set,
         "mean": mean_over_sets(per_set),
     }
+    q = args.quantization
+    if q != "none" and not args.mteb:
+        result["quantized"] = {
+            how: mean_over_sets(per_set, (q, how)) for how in ("index", "rescored")
+        }
     if not writer:
         return result
     print(format_table(per_set))
+    for how in result.get("quantized", {}):
+        print(
+            f"\n{q} index" + (f", rescored x{args.rescore_multiplier}" if how == "rescored" else "")
+        )
+        print(format_table({name: r[q][how] for name, r in per_set.items()}))
     text = json.dumps(result, indent=2, ensure_ascii=False)
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)

@@ -33,6 +33,7 @@ import jax.numpy as jnp
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 from jaxembed.choices import LOSS_STYLES, TASKS
+from jaxembed.quantization import with_quantization
 
 # Finite rather than -inf: exp underflows to exactly 0 either way, but -inf turns into NaN
 # as soon as anything subtracts two masked logits or multiplies one by zero.
@@ -426,6 +427,7 @@ def make_loss(cfg, task: str) -> Callable[..., jax.Array]:
     """The training loss of ``task`` per a run's loss settings (``config.loss``), built once:
     the task's InfoNCE (`task_loss`, ``cfg.style``; ``cfg.symmetric``), with KL and
     Margin-MSE on teacher scores (`with_distillation`) where the task's weights ask for them,
+    plus the loss of quantized codes (`quantization.with_quantization`, ``cfg.quantization``),
     summed over ``cfg.matryoshka_dims`` prefixes if any; false-negative masking per
     ``cfg.false_negative_masking``.
 
@@ -437,6 +439,8 @@ def make_loss(cfg, task: str) -> Callable[..., jax.Array]:
     distill = weights != (1.0, 0.0, 0.0)
     if distill:
         fn = with_distillation(fn, *weights, cfg.teacher_temperature)
+    if cfg.quantization != "none":  # inside Matryoshka: each prefix is quantized too
+        fn = with_quantization(fn, cfg.quantization, cfg.quantization_weight)
     if cfg.matryoshka_dims:
         fn = matryoshka(fn, cfg.matryoshka_dims, cfg.matryoshka_weights or None)
     masking, symmetric = cfg.false_negative_masking, cfg.symmetric

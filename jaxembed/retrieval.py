@@ -35,6 +35,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from jaxembed import quantization as quantization_lib
 from jaxembed import sharding
 from jaxembed.beir import EvalDataError, load_beir
 from jaxembed.encoder import Encoder
@@ -93,11 +94,18 @@ def evaluate_beir(
     split: str = "dev",
     k: int = K,
     data=None,
+    quantization: str = "none",
+    ranges: np.ndarray | None = None,
+    rescore_multiplier: int = 4,
 ) -> dict:
     """Encodes a BEIR set with the two callables (texts -> unit vectors) and scores it.
 
     ``data`` may pass an already loaded `load_beir` result (the training loop keeps it).
-    Returns the `METRICS` and the query and document counts.
+    Returns the `METRICS` and the query and document counts; with ``quantization``
+    (``int8`` / ``binary``, `jaxembed.quantization.search`) also, under
+    ``quantization``, the metrics of the quantized index alone and rescored by the float
+    queries (``rescore_multiplier * k`` candidates); int8 codes use ``ranges``, else ranges
+    calibrated on this corpus.
     """
     corpus, queries, qrels = data if data is not None else load_beir(folder, split)
     # Sorted by id, descending: search breaks ties by lower index, i.e. by greater id, as
@@ -106,9 +114,21 @@ def evaluate_beir(
     qids = list(qrels)
     d = _check_embeddings(encode_docs([corpus[i] for i in doc_ids]), len(doc_ids), "corpus")
     q = _check_embeddings(encode_queries([queries[i] for i in qids]), len(qids), "queries")
-    _, idx = top_k(q, d, k)
-    ranked = {qid: [doc_ids[j] for j in row] for qid, row in zip(qids, idx, strict=True)}
-    return {**retrieval_metrics(ranked, qrels), "queries": len(qids), "corpus": len(doc_ids)}
+
+    def metrics(idx: np.ndarray) -> dict:
+        ranked = {qid: [doc_ids[j] for j in row] for qid, row in zip(qids, idx, strict=True)}
+        return retrieval_metrics(ranked, qrels)
+
+    out = {**metrics(top_k(q, d, k)[1]), "queries": len(qids), "corpus": len(doc_ids)}
+    if quantization != "none":
+        if quantization == "int8" and ranges is None:
+            ranges = quantization_lib.int8_ranges(d)
+        out[quantization] = {
+            name: metrics(quantization_lib.search(q, d, k, quantization, ranges=ranges,
+                                                  rescore_multiplier=mult)[1])
+            for name, mult in (("index", 0), ("rescored", rescore_multiplier))
+        }  # fmt: skip
+    return out
 
 
 def reuse_last(encode: EncodeFn) -> EncodeFn:
@@ -197,9 +217,16 @@ def st_encoder_fns(
 # Reporting
 
 
-def mean_over_sets(per_set: dict[str, dict]) -> dict:
-    """The unweighted mean of each metric over the sets (how the training loop reports)."""
-    return {m: float(np.mean([r[m] for r in per_set.values()])) for m in METRICS}
+def mean_over_sets(per_set: dict[str, dict], where: tuple[str, ...] = ()) -> dict:
+    """The unweighted mean of each metric over the sets (how the training loop reports);
+    ``where``: of the metrics nested under these keys (e.g. ``("binary", "rescored")``)."""
+
+    def at(r: dict) -> dict:
+        for key in where:
+            r = r[key]
+        return r
+
+    return {m: float(np.mean([at(r)[m] for r in per_set.values()])) for m in METRICS}
 
 
 def format_table(per_set: dict[str, dict]) -> str:

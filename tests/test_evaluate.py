@@ -401,3 +401,30 @@ def test_importing_the_mteb_adapter_leaves_the_home_folder_alone(tmp_path):
     assert done.stdout.strip() == "None"
     assert not (home / ".cache" / "mteb").exists()
     assert (tmp_path / "jaxembed-mteb-cache").exists()  # where it went instead
+
+
+def test_quantized_index_metrics_beside_the_float_ones(trained, exported, tmp_path):
+    """--quantization: the float metrics unchanged, the index's alone and rescored; int8
+    codes use the folder's ranges when it has them, else the corpus's."""
+    import shutil
+
+    from jaxembed import quantization
+
+    workdir, results, dev = trained
+    out = ev.main(["--model", str(workdir), "--data", str(dev), "--quantization", "binary"])
+    after = results["after"]
+    for name, metrics in out["sets"].items():
+        assert metrics["ndcg@10"] == pytest.approx(after[f"eval/{name}/ndcg@10"], abs=1e-6)
+        assert set(metrics["binary"]) == {"index", "rescored"}
+    mean = out["quantized"]
+    assert mean["rescored"]["ndcg@10"] == pytest.approx(
+        np.mean([m["binary"]["rescored"]["ndcg@10"] for m in out["sets"].values()])
+    )
+    folder = tmp_path / "folder"
+    shutil.copytree(exported, folder)
+    args = ["--model", str(folder), "--data", str(dev), "--quantization", "int8"]
+    calibrated = ev.main(args)
+    quantization.save_ranges(folder, np.stack([np.full(32, -50.0), np.full(32, 50.0)]))
+    coarse = ev.main(args)  # every value in one or two of 255 buckets: the index is blind
+    assert coarse["quantized"]["index"]["ndcg@10"] < calibrated["quantized"]["index"]["ndcg@10"]
+    assert coarse["sets"].keys() == calibrated["sets"].keys()

@@ -291,6 +291,29 @@ def test_distillation_is_the_same_packed_on_a_mesh_with_gradcache_and_matryoshka
     assert abs(plain - results[1][0]) > 1e-3
 
 
+def test_binary_aware_loss_is_the_same_packed_on_a_mesh_with_gradcache():
+    """loss.quantization="binary" with Matryoshka at 32 and 16: one text per row on one
+    device equals packed rows on the 2x4 mesh with GradCache chunks of 8, and the quantized
+    term is in the loss."""
+    host = random_batch(seed=5)
+    packing = pipeline.Packing((LQ,), (LP,), granule=8, num_segments=8)
+    results = []
+    for shape, chunk, b in (((1,), 0, step_batch(host)), ((2, 4), 8, packing.pack_local(host))):
+        mesh = sharding.make_mesh(*shape, devices=jax.devices()[: int(np.prod(shape))])
+        c = make_config(
+            gradcache=bool(chunk), gradcache_chunk=chunk or 16, dropout=False, packing=bool(chunk)
+        )
+        c.loss.quantization, c.loss.quantization_weight = "binary", 0.5
+        c.loss.matryoshka_dims = (32, 16)
+        step = step_lib.make_step(c, mesh, tiny_model())
+        state = step.init(tiny_model())
+        results.append(loss_and_grads(step, state, b))
+    assert_close(results[1], results[0])
+    c.loss.quantization = "none"
+    plain, _ = loss_and_grads(step_lib.make_step(c, mesh, tiny_model()), state, b)
+    assert abs(plain - results[1][0]) > 1e-3
+
+
 def test_chunk_and_batch_errors():
     with pytest.raises(
         ValueError, match=r"gradcache_chunk=5 must divide config\.train\.global_batch=16"
