@@ -25,6 +25,10 @@ bench: mean nDCG@10 over the dev zero-shot languages
 - ``format``: the positives of the same cross-lingual draws: the English synopsis + body
   (``full``: the synopsis translates the query), the body alone (``body``), or a coin per
   row (``mix``); no hard negatives.
+- ``quantization``: the recipe (its ``recipe`` cell's run) and the recipe trained for a
+  binary index (``loss.quantization="binary"``), each scored in float and as a binary
+  index, alone and rescored: how much of post-hoc binarisation's loss the training
+  wins back.
 - ``recipe``: the whole recipe (``config.py``: mined-linked groups, symmetric loss with
   false-negative masking, lr 1e-4, dropout off, the Cyrillic rewrite) on mixed positives,
   on synopsis + body positives, and with each choice undone in turn: which of them the
@@ -72,6 +76,7 @@ STUDIES = {
     "cyrillic": ("0", "0.25", "0.5", "0.75", "1"),
     "format": ("full", "body", "mix"),
     "recipe": tuple(RECIPE_CELLS),
+    "quantization": ("float", "binary"),
 }
 DEBIAN = ROOT / "data" / "debian"
 GERMAN = ROOT / "data" / "debian-de"  # the same builder, German as the only trained language
@@ -119,6 +124,9 @@ def cell_data(study: str, cell: str, out: Path, examples: int) -> tuple[list[Pat
     if study == "recipe":
         mined = mined_pairs(out, examples, "full" if cell == "full-positives" else "mix")
         return [mined], RECIPE_CELLS[cell]
+    if study == "quantization":
+        overrides = ["--config.loss.quantization=binary"] if cell == "binary" else []
+        return [mined_pairs(out, examples, "mix")], overrides
     if study == "negatives":
         mined = mined_pairs(out, examples)
         if cell == "random":
@@ -150,15 +158,17 @@ def cell_data(study: str, cell: str, out: Path, examples: int) -> tuple[list[Pat
 def run_cell(study, cell, seed, args) -> dict:
     examples = args.steps * args.batch
     files, overrides = cell_data(study, cell, args.out, examples)
-    if study != "recipe":
+    if study not in ("recipe", "quantization"):
         # Rows shuffled uniformly: the recipe's mined-linked batch groups would put hard
         # negatives into every cell, the "0 negatives" one included.
         overrides = ["--config.data.group_size=0", *overrides]
     # The recipe's Cyrillic-rewritten queries only where they are the thing measured.
-    if study not in ("cyrillic", "recipe"):
+    if study not in ("cyrillic", "recipe", "quantization"):
         overrides.append("--config.data.query_transform_rate=0")
     # The shape in the name: a cell run at another steps x batch must not resume this one.
     workdir = args.out / study / f"{cell}-seed{seed}-{args.steps}x{args.batch}"
+    if study == "quantization" and cell == "float":  # the recipe cell's run, if there is one
+        workdir = args.out / "recipe" / f"recipe-seed{seed}-{args.steps}x{args.batch}"
     workdir.parent.mkdir(parents=True, exist_ok=True)
     cmd = [
         sys.executable,
@@ -179,7 +189,7 @@ def run_cell(study, cell, seed, args) -> dict:
     return {
         "seconds": seconds,
         "steps": int(last_metrics(workdir)["step"]),
-        "eval": evaluate(str(workdir), DEBIAN),
+        "eval": evaluate(str(workdir), DEBIAN, "binary" if study == "quantization" else "none"),
     }
 
 
@@ -209,6 +219,32 @@ def table(results: dict, study: str, shape: str) -> str:
             f"| {cell} | {len(runs)} | {sum(z) / len(z):.4f} | {spread} | {sum(t) / len(t):.4f} "
             f"| {zb} | {tb} | {sum(r['seconds'] for r in runs) / len(runs) / 60:.1f} min |"
         )
+    return "\n".join(lines)
+
+
+def quantization_table(results: dict, shape: str) -> str:
+    """Float, binary index and binary rescored nDCG@10 per group, and the share of post-hoc
+    binarisation's loss (float cell: float - binary) that training for it wins back."""
+    groups = ("zero_shot", "zero_shot_body", "trained", "trained_body")
+    hows = ("", "/index", "/rescored")
+    runs = {c: results.get(f"quantization/{c}/0/{shape}") for c in STUDIES["quantization"]}
+    lines = [
+        "| cell | " + " | ".join(f"{g}: float / index / rescored" for g in groups) + " |",
+        "|---|" + "---:|" * len(groups),
+    ]
+    for cell, r in runs.items():
+        if r is not None:
+            e = r["eval"]
+            vals = [" / ".join(f"{e[g + how]:.4f}" for how in hows) for g in groups]
+            lines.append(f"| {cell} | " + " | ".join(vals) + " |")
+    if all(runs.values()):
+        f, b = runs["float"]["eval"], runs["binary"]["eval"]
+        for how in ("index", "rescored"):
+            won = [(b[f"{g}/{how}"] - f[f"{g}/{how}"]) / (f[g] - f[f"{g}/{how}"]) for g in groups]
+            lines.append(
+                f"\nbinary {how}: share of the post-hoc loss won back: "
+                + ", ".join(f"{g} {w:+.0%}" for g, w in zip(groups, won, strict=True))
+            )
     return "\n".join(lines)
 
 
@@ -245,7 +281,10 @@ def main() -> None:
                 f"body: zero-shot {e['zero_shot_body']:.4f} trained {e['trained_body']:.4f}",
                 flush=True,
             )
-    print(table(results, args.study, f"{args.steps}x{args.batch}"))
+    shape = f"{args.steps}x{args.batch}"
+    print(table(results, args.study, shape))
+    if args.study == "quantization":
+        print("\n" + quantization_table(results, shape))
 
 
 if __name__ == "__main__":

@@ -97,25 +97,33 @@ def write_pairs(data: Path, n: int, positives: str, out: Path) -> list[dict]:
 PROXIES = {"": "xling", "_body": "xling-body"}  # group suffix -> eval set kind
 
 
-def evaluate(model: str, data: Path) -> dict:
+def evaluate(model: str, data: Path, quantization: str = "none") -> dict:
     """nDCG@10 per language on the dev sets of both proxies, and the group means:
     ``zero_shot`` / ``trained`` on ``xling-*`` (documents open with the English synopsis,
     the query's translation: translation matching), ``zero_shot_body`` / ``trained_body``
-    on ``xling-body-*`` (the description body alone: retrieval by what it says)."""
+    on ``xling-body-*`` (the description body alone: retrieval by what it says). With
+    ``quantization`` (binary / int8) also the same groups of a quantized index, alone
+    (``GROUP/index``) and rescored by the float queries (``GROUP/rescored``)."""
     import jaxembed
     from jaxembed.retrieval import encoder_fns, evaluate_beir, reuse_last
 
     enc = jaxembed.load(model, max_length=EVAL_MAX_LEN)
     queries, docs, _ = encoder_fns(enc, batch_size=64)
-    out = {"ndcg@10": {}}
+    hows = ("", "/index", "/rescored") if quantization != "none" else ("",)
+    out = {f"ndcg@10{how}": {} for how in hows}
     for suffix, kind in PROXIES.items():
         corpus = reuse_last(docs)  # every set of a kind searches the same English corpus
         for lang in ZERO_SHOT_LANGS + TRAINED_LANGS:
-            r = evaluate_beir(queries, corpus, data / "dev" / f"{kind}-{lang}", "dev")
-            out["ndcg@10"][f"{kind}-{lang}"] = r["ndcg@10"]
+            r = evaluate_beir(
+                queries, corpus, data / "dev" / f"{kind}-{lang}", "dev", quantization=quantization
+            )
+            for how in hows:
+                m = r[quantization][how[1:]] if how else r
+                out[f"ndcg@10{how}"][f"{kind}-{lang}"] = m["ndcg@10"]
         for group, langs in (("zero_shot", ZERO_SHOT_LANGS), ("trained", TRAINED_LANGS)):
-            scores = [out["ndcg@10"][f"{kind}-{lang}"] for lang in langs]
-            out[group + suffix] = sum(scores) / len(scores)
+            for how in hows:
+                scores = [out[f"ndcg@10{how}"][f"{kind}-{lang}"] for lang in langs]
+                out[group + suffix + how] = sum(scores) / len(scores)
     return out
 
 
