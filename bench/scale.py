@@ -16,8 +16,9 @@ its peak RSS is its own:
 - ``first open``: `readers.open_sources` over the files with an empty open cache
   (validation, in parallel for large JSONL files; the cache written): seconds, the peak
   memory it added and what it kept (bytes per row; the validating processes' own peak is
-  in results.json as ``validator_peak``); ``one process``: JSONL's first open as before both
-  (one process, no cache, a process of its own); ``cached open``: the same files again
+  in results.json as ``validator_peak``); ``one process``: the first open as before
+  parallel validation (one JSONL file: no cache either; several files of any format:
+  opened one after another), in a process of its own; ``cached open``: the same files again
   (what a resume pays);
 - ``first batch``: the pipeline built (`pipeline.BatchBuilder`, all-MiniLM-L6-v2's
   tokenizer, global batch 64) and its first global batch read, tokenised and returned;
@@ -147,8 +148,8 @@ def child(spec: dict) -> dict:
 
     base = rss()
     out = {}
-    if spec.get("one_process"):  # the first open as before: one process, no open cache
-        readers.PARALLEL_BYTES = 1 << 62
+    if spec.get("one_process"):  # the first open as before: one process, file after file
+        readers.PARALLEL_BYTES = readers.WARM_MIN_BYTES = 1 << 62
         t = time.perf_counter()
         readers.open_sources(spec["paths"])
         return {"open_s": time.perf_counter() - t, "open_peak": rss(peak=True) - base}
@@ -498,8 +499,14 @@ def run_data(args, results: dict, workers: list[int]) -> None:
             cache = args.out / "cache" / key.replace("/", "-")
             shutil.rmtree(cache, ignore_errors=True)
             r = {}
-            if fmt == "jsonl":  # the before: one process, no cache (a process of its own)
-                r["one_process"] = measure({"paths": paths, "one_process": True, "cache": "off"})
+            if fmt == "jsonl" or args.datasets > 1:
+                # The before, in a process of its own: one file (JSONL: no open cache then)
+                # or many (cached, but opened one after another), validated by one process.
+                seq = cache.with_name(cache.name + "-seq")
+                shutil.rmtree(seq, ignore_errors=True)
+                spec = {"paths": paths, "one_process": True, "cache": str(seq)}
+                r["one_process"] = measure(spec | {"cache": "off"} if args.datasets == 1 else spec)
+                shutil.rmtree(seq, ignore_errors=True)
             for w in workers:
                 starts = RESUME_STEPS if w == workers[0] else (0,)
                 spec = {"paths": paths, "workers": w, "starts": starts, "cache": str(cache)}
@@ -602,8 +609,9 @@ def plot(results: dict, path: Path) -> None:
     fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(10, 4))
     by_fmt: dict[str, list] = {}
     for key, r in results.items():
-        fmt, n, _ = key.split("/")
-        by_fmt.setdefault(fmt, []).append((int(n), r))
+        fmt, n, files = key.split("/")
+        name = fmt if files == "1" else f"{fmt} ({files} files)"
+        by_fmt.setdefault(name, []).append((int(n), r))
     for fmt, cells in sorted(by_fmt.items()):
         cells.sort(key=lambda c: c[0])
         n = [c[0] for c in cells]
@@ -634,12 +642,14 @@ def table(results: dict, workers: list[int]) -> str:
     ]
     by_fmt: dict[str, list[tuple[int, float]]] = {}
     for key, r in sorted(
-        results.items(), key=lambda kv: (kv[0].split("/")[0], int(kv[0].split("/")[1]))
+        results.items(),
+        key=lambda kv: (kv[0].split("/")[0], int(kv[0].split("/")[2]), int(kv[0].split("/")[1])),
     ):
         fmt, n, d = key.split("/")
         n = int(n)
         cold, warm = r[f"workers={workers[0]}"], r["hosts=2"]
-        by_fmt.setdefault(fmt, []).append((n, cold["open_s"]))
+        if d == "1":  # the fit is over one file's sizes
+            by_fmt.setdefault(fmt, []).append((n, cold["open_s"]))
         bps = " | ".join(
             f"{r[f'workers={w}']['batches_s']:.2f}" for w in workers if f"workers={w}" in r
         )
