@@ -264,8 +264,9 @@ def test_packed_batch_gives_the_same_loss_and_grads():
 
 
 def test_distillation_is_the_same_packed_on_a_mesh_with_gradcache_and_matryoshka():
-    """KL + Margin-MSE on teacher scores beside InfoNCE, Matryoshka at 32 and 16: one text per
-    row on one device equals packed rows on the 2x4 mesh with GradCache chunks of 8."""
+    """KL + Margin-MSE on teacher scores beside InfoNCE, Matryoshka at 32 and 16, the loss of
+    binary codes added (`loss.quantization`; its value: test_quantization): one text per row
+    on one device equals packed rows on the 2x4 mesh with GradCache chunks of 8."""
     host = random_batch(seed=4)
     rng = np.random.default_rng(9)
     host["teacher"] = rng.normal(0, 3, (B, 1 + K)).astype(np.float32)
@@ -280,6 +281,7 @@ def test_distillation_is_the_same_packed_on_a_mesh_with_gradcache_and_matryoshka
         c.loss.kl_weight.retrieval, c.loss.margin_mse_weight.retrieval = 0.5, 0.1
         c.loss.infonce_weight.retrieval, c.loss.teacher_temperature = 0.8, 2.0
         c.loss.matryoshka_dims = (32, 16)
+        c.loss.quantization, c.loss.quantization_weight = "binary", 0.5
         step = step_lib.make_step(c, mesh, tiny_model())
         state = step.init(tiny_model())
         results.append(loss_and_grads(step, state, b))
@@ -287,29 +289,6 @@ def test_distillation_is_the_same_packed_on_a_mesh_with_gradcache_and_matryoshka
     assert_close(results[1], results[0])
     # The distillation terms are in the loss: dropping them changes it.
     c.loss.kl_weight.retrieval = c.loss.margin_mse_weight.retrieval = 0.0
-    plain, _ = loss_and_grads(step_lib.make_step(c, mesh, tiny_model()), state, b)
-    assert abs(plain - results[1][0]) > 1e-3
-
-
-def test_binary_aware_loss_is_the_same_packed_on_a_mesh_with_gradcache():
-    """loss.quantization="binary" with Matryoshka at 32 and 16: one text per row on one
-    device equals packed rows on the 2x4 mesh with GradCache chunks of 8, and the quantized
-    term is in the loss."""
-    host = random_batch(seed=5)
-    packing = pipeline.Packing((LQ,), (LP,), granule=8, num_segments=8)
-    results = []
-    for shape, chunk, b in (((1,), 0, step_batch(host)), ((2, 4), 8, packing.pack_local(host))):
-        mesh = sharding.make_mesh(*shape, devices=jax.devices()[: int(np.prod(shape))])
-        c = make_config(
-            gradcache=bool(chunk), gradcache_chunk=chunk or 16, dropout=False, packing=bool(chunk)
-        )
-        c.loss.quantization, c.loss.quantization_weight = "binary", 0.5
-        c.loss.matryoshka_dims = (32, 16)
-        step = step_lib.make_step(c, mesh, tiny_model())
-        state = step.init(tiny_model())
-        results.append(loss_and_grads(step, state, b))
-    assert_close(results[1], results[0])
-    c.loss.quantization = "none"
     plain, _ = loss_and_grads(step_lib.make_step(c, mesh, tiny_model()), state, b)
     assert abs(plain - results[1][0]) > 1e-3
 
