@@ -56,9 +56,9 @@ nor device memory has to hold the corpus embeddings. Nor its texts: a ``--corpus
 indexed once (`mining.CorpusFile`: a byte offset and a 63-bit text key per document; a
 ``.gz`` corpus is held in memory) and each text read from disk when it is encoded or
 written as a negative, and output rows go to OUT as they are chosen. What stays in host
-memory grows with the corpus by about 40 bytes a document (offset, key, the pool's row and
-its key, the prompt list); the pairs themselves, and ``top_k`` scores and indices per query,
-grow with the queries (bench/scale.py measures both).
+memory grows with the corpus by about 80 bytes a document at the peak (offset, key, the
+pool's row and its key, the prompt list); the pairs themselves, and ``top_k`` scores and
+indices per query, grow with the queries (bench/scale.py measures both).
 
 Multi-host (run the same command on every host, see ``launch/``): encoding is split over
 every device of every host, and every process receives all embeddings; process 0 alone
