@@ -192,7 +192,7 @@ def _main(args) -> dict:
         d_fn = reuse_last(d_fn)
         quantized = dict(
             quantization=args.quantization,
-            ranges=quantization.load_ranges(args.model) if Path(args.model).is_dir() else None,
+            ranges=quantization.load_ranges(args.model),
             rescore_multiplier=args.rescore_multiplier,
         )
         per_set = {

@@ -289,7 +289,7 @@ def choose(records, queries: Queries, candidates, pos_score, rules: Rules) -> It
 def read_corpus(path: str | os.PathLike) -> tuple[list[str], int]:
     """``(texts, skipped)`` of a corpus file, in memory; empty documents are skipped and
     counted. The formats are `CorpusFile`'s."""
-    docs = CorpusFile(path)
+    docs = CorpusFile(path, in_memory=True)  # one read: the texts kept as they are indexed
     return list(docs), docs.skipped
 
 
@@ -300,17 +300,17 @@ class CorpusFile(Sequence):
     ``.jsonl`` / ``.jsonl.gz``: one object per line with ``text`` (and optionally ``title``
     and ``_id``; a title is joined as `beir.corpus_text` does). Anything else: plain text,
     one document per line. Empty documents are skipped and counted (``skipped``). A ``.gz``
-    file cannot be read at an offset: its texts are held in memory.
+    file cannot be read at an offset: its texts are held in memory (as ``in_memory`` asks).
     """
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, in_memory: bool = False):
         self.path = Path(path)
         if not self.path.is_file():
             raise EvalDataError(f"{self.path}: corpus file not found")
         self.jsonl = self.path.name.endswith((".jsonl", ".jsonl.gz"))
         self.skipped, self._texts, self._file = 0, None, None
         offsets, keys = [], []
-        if self.path.name.endswith(".gz"):
+        if in_memory or self.path.name.endswith(".gz"):
             self._texts = []
         for offset, line_no, line in self._lines():
             text = self._parse(line, line_no)

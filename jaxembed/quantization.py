@@ -92,31 +92,49 @@ def search(
     """Top-``k`` documents of float ``queries`` in a quantized index of float ``docs``:
     ``(scores, indices)``, rescored as the module docstring says (``rescore_multiplier`` 0:
     the index's own ranking). Exact, blocked (`search.top_k`); ties: lower index first."""
+    if mode == "int8" and ranges is None:
+        ranges = int8_ranges(docs)
+    found = index_search(queries, docs, k * (rescore_multiplier or 1), mode, ranges, block)
+    if not rescore_multiplier:
+        return found
+    return rescore(queries, docs, found[1], k, mode, ranges)
+
+
+def index_search(queries, docs, k: int, mode: str, ranges=None, block: int = 16384):
+    """The index's own top-``k``: Hamming (binary) or inner products of int8 codes; the
+    first ``k'`` of a top-``k`` are the top-``k'``."""
+    return top_k(_codes(queries, mode, ranges), _codes(docs, mode, ranges), k, block)
+
+
+def rescore(queries, docs, candidates: np.ndarray, k: int, mode: str, ranges=None):
+    """The best ``k`` of each query's ``candidates``, rescored by the float query against
+    the documents as the index stores them (+-1, or dequantized int8)."""
     queries = np.asarray(queries, np.float32)
     if mode == "binary":
-        index = np.where(np.asarray(docs) > 0, 1.0, -1.0).astype(np.float32)
-        q = np.where(queries > 0, 1.0, -1.0).astype(np.float32)
-        stored = index
-    elif mode == "int8":
-        if ranges is None:
-            ranges = int8_ranges(docs)
-        if np.shape(ranges) != (2, np.shape(docs)[1]):
-            raise ValueError(
-                f"int8 ranges of shape {np.shape(ranges)} for {np.shape(docs)[1]}-d embeddings"
-            )
-        codes = int8_codes(docs, ranges)
-        index = codes.astype(np.float32)
-        q = int8_codes(queries, ranges).astype(np.float32)
-        stored = dequantize(codes, ranges)
+        stored = _codes(docs, mode)
     else:
-        raise ValueError(f"quantization {mode!r}: expected one of {QUANTIZATIONS[1:]}")
-    if not rescore_multiplier:
-        return top_k(q, index, k, block)
-    _, cand = top_k(q, index, k * rescore_multiplier, block)
-    scores = np.einsum("qd,qkd->qk", queries, stored[cand])
+        stored = dequantize(int8_codes(docs, _checked(ranges, docs)), ranges)
+    scores = np.einsum("qd,qkd->qk", queries, stored[candidates])
     # Stable sort on -score: equal rescored scores keep the index's order (lower index first).
     order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-    return np.take_along_axis(scores, order, 1), np.take_along_axis(cand, order, 1)
+    return np.take_along_axis(scores, order, 1), np.take_along_axis(candidates, order, 1)
+
+
+def _codes(x: np.ndarray, mode: str, ranges=None) -> np.ndarray:
+    """What the index computes with, as float32: +-1 (binary) or codes 0..255 (int8)."""
+    if mode == "binary":
+        return np.where(np.asarray(x) > 0, 1.0, -1.0).astype(np.float32)
+    if mode == "int8":
+        return int8_codes(x, _checked(ranges, x)).astype(np.float32)
+    raise ValueError(f"quantization {mode!r}: expected one of {QUANTIZATIONS[1:]}")
+
+
+def _checked(ranges, x) -> np.ndarray:
+    if ranges is None or np.shape(ranges) != (2, np.shape(x)[1]):
+        raise ValueError(
+            f"int8 ranges of shape {np.shape(ranges)} for {np.shape(x)[1]}-d embeddings"
+        )
+    return ranges
 
 
 def save_ranges(folder: str | os.PathLike, ranges: np.ndarray) -> None:

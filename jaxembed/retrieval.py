@@ -123,11 +123,13 @@ def evaluate_beir(
     if quantization != "none":
         if quantization == "int8" and ranges is None:
             ranges = quantization_lib.int8_ranges(d)
-        out[quantization] = {
-            name: metrics(quantization_lib.search(q, d, k, quantization, ranges=ranges,
-                                                  rescore_multiplier=mult)[1])
-            for name, mult in (("index", 0), ("rescored", rescore_multiplier))
-        }  # fmt: skip
+        # One index search: its first k are the index's ranking, all of them the candidates.
+        wide = k * max(rescore_multiplier, 1)
+        _, cand = quantization_lib.index_search(q, d, wide, quantization, ranges)
+        rescored = cand[:, :k]
+        if rescore_multiplier:
+            rescored = quantization_lib.rescore(q, d, cand, k, quantization, ranges)[1]
+        out[quantization] = {"index": metrics(cand[:, :k]), "rescored": metrics(rescored)}
     return out
 
 

@@ -360,8 +360,12 @@ def _parallel_workers(path: Path) -> int:
 
     if multiprocessing.current_process().daemon:
         return 1
+    return max(1, min(_usable_cores(), path.stat().st_size // PARALLEL_BYTES))
+
+
+def _usable_cores() -> int:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return max(1, min(cores or 1, path.stat().st_size // PARALLEL_BYTES))
+    return cores or 1
 
 
 def _line_ranges(path: Path, parts: int) -> list[tuple[int, int, int]]:
@@ -1056,9 +1060,9 @@ def _first_opens_in_parallel(jobs: list[tuple[Path, dict]]) -> None:
         and path.name.endswith((".jsonl", ".parquet"))
         and path.stat().st_size < 2 * PARALLEL_BYTES
     ]
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cores = _usable_cores()
     total = sum(Path(p).stat().st_size for p, _ in small)
-    if len(small) < 2 or total < WARM_MIN_BYTES or (cores or 1) < 2:
+    if len(small) < 2 or total < WARM_MIN_BYTES or cores < 2:
         return
     context = multiprocessing.get_context("spawn")  # the parent may run JAX's threads
     try:
