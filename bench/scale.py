@@ -14,12 +14,12 @@ files, as F2LLM's ~100 datasets are). Every measurement runs in a fresh Python p
 its peak RSS is its own:
 
 - ``first open``: `readers.open_sources` over the files with an empty open cache
-  (validation, in parallel for large JSONL files; the cache written): seconds, the peak
-  memory it added and what it kept (bytes per row; the validating processes' own peak is
-  in results.json as ``validator_peak``); ``one process``: the first open as before
-  parallel validation (one JSONL file: no cache either; several files of any format:
-  opened one after another), in a process of its own; ``cached open``: the same files again
-  (what a resume pays);
+  (validation, in parallel for large JSONL and Parquet files; the cache written): seconds,
+  the peak memory it added and what it kept (bytes per row; the validating processes' own
+  peak is in results.json as ``validator_peak``); ``one process``: the first open as before
+  parallel validation (one JSONL file: no cache either; one Parquet file: cached, in one
+  pass; several files of any format: opened one after another), in a process of its own;
+  ``cached open``: the same files again (what a resume pays);
 - ``first batch``: the pipeline built (`pipeline.BatchBuilder`, all-MiniLM-L6-v2's
   tokenizer, global batch 64) and its first global batch read, tokenised and returned;
 - ``batches/s``, ``tokens/s``: 40 batches after it, per worker count (``0``: in the main
@@ -149,7 +149,7 @@ def child(spec: dict) -> dict:
     base = rss()
     out = {}
     if spec.get("one_process"):  # the first open as before: one process, file after file
-        readers.PARALLEL_BYTES = readers.WARM_MIN_BYTES = 1 << 62
+        readers.PARALLEL_BYTES = readers.PARALLEL_ROWS = readers.WARM_MIN_BYTES = 1 << 62
         t = time.perf_counter()
         readers.open_sources(spec["paths"])
         return {"open_s": time.perf_counter() - t, "open_peak": rss(peak=True) - base}
@@ -499,13 +499,14 @@ def run_data(args, results: dict, workers: list[int]) -> None:
             cache = args.out / "cache" / key.replace("/", "-")
             shutil.rmtree(cache, ignore_errors=True)
             r = {}
-            if fmt == "jsonl" or args.datasets > 1:
+            if fmt != "tfds" or args.datasets > 1:
                 # The before, in a process of its own: one file (JSONL: no open cache then)
                 # or many (cached, but opened one after another), validated by one process.
                 seq = cache.with_name(cache.name + "-seq")
                 shutil.rmtree(seq, ignore_errors=True)
                 spec = {"paths": paths, "one_process": True, "cache": str(seq)}
-                r["one_process"] = measure(spec | {"cache": "off"} if args.datasets == 1 else spec)
+                alone = fmt == "jsonl" and args.datasets == 1
+                r["one_process"] = measure(spec | {"cache": "off"} if alone else spec)
                 shutil.rmtree(seq, ignore_errors=True)
             for w in workers:
                 starts = RESUME_STEPS if w == workers[0] else (0,)

@@ -51,13 +51,13 @@ def write_jsonl(path, lines):
     return path
 
 
-def write_f2llm(path, rows, num_negatives, **extra_columns):
+def write_f2llm(path, rows, num_negatives, row_group_size=None, **extra_columns):
     """Writes rows ``(query, passage, [negatives])`` as F2LLM's Parquet layout."""
     columns = {"query": [r[0] for r in rows], "passage": [r[1] for r in rows]}
     for k in range(num_negatives):
         columns[f"negative_{k + 1}"] = [r[2][k] if k < len(r[2]) else None for r in rows]
     columns.update(extra_columns)
-    pq.write_table(pa.table(columns), path)
+    pq.write_table(pa.table(columns), path, row_group_size=row_group_size)
     return path
 
 
@@ -528,7 +528,9 @@ def test_a_parquet_file_is_decoded_once_and_a_bad_row_leaves_no_copy(
     path = write_f2llm(tmp_path / "f2.parquet", rows, 1)
     decoded = []
     batches = ParquetSource._batches
-    monkeypatch.setattr(ParquetSource, "_batches", lambda self: decoded.append(1) or batches(self))
+    monkeypatch.setattr(
+        ParquetSource, "_batches", lambda self, groups: decoded.append(1) or batches(self, groups)
+    )
     src = open_source(path)
     assert len(decoded) == 1  # validation and the Arrow copy: one pass
     monkeypatch.setattr(pq, "read_table", None)  # rows come from the copy
@@ -599,7 +601,9 @@ def test_an_unwritable_cache_is_said_once_and_not_needed(tmp_path, monkeypatch, 
     assert readers.cache_root() is None
 
 
-def test_a_large_file_is_validated_in_parallel_as_in_one_pass(tmp_path, data_cache, monkeypatch):
+def test_a_large_file_is_validated_in_parallel_as_in_one_pass(
+    tmp_path, data_cache, monkeypatch, caplog
+):
     # Parts of ~400 bytes over 2 processes (spawned, as on a many-core host): the records,
     # the skipped count and the first bad line named are those of one pass.
     monkeypatch.setattr(readers, "PARALLEL_BYTES", 400)
@@ -616,6 +620,7 @@ def test_a_large_file_is_validated_in_parallel_as_in_one_pass(tmp_path, data_cac
     assert ranges[1][2] == 1 + path.read_bytes()[: ranges[1][0]].count(b"\n")
     src = open_source(path, skip_bad=True)
     assert parallel == [2] and src.skipped == 2
+    assert "validated in one process" not in caplog.text  # the worker processes ran
     assert "big.jsonl:6: malformed JSON" in src._first_error
     check_random_access(src, RECORDS)
     # A part whose first record has another task is named before the part's own bad line.
@@ -627,6 +632,59 @@ def test_a_large_file_is_validated_in_parallel_as_in_one_pass(tmp_path, data_cac
     with pytest.raises(RecordError, match=r"mixed\.jsonl:7: task 'clustering' differs"):
         open_source(path)
     assert parallel == [2, 2]
+
+
+def test_a_large_parquet_file_is_validated_a_span_of_row_groups_a_process(
+    tmp_path, data_cache, monkeypatch, caplog
+):
+    # 5 row groups of 4 rows, 2 spawned processes: the records, the skipped count, the first
+    # bad row named and the conflict check are one pass's; the Arrow copy is a file a span.
+    monkeypatch.setattr(readers, "PARALLEL_ROWS", 4)
+    monkeypatch.setattr(readers.os, "sched_getaffinity", lambda _: {0, 1})
+    spans = []
+    real = ParquetSource._spans
+    monkeypatch.setattr(ParquetSource, "_spans", lambda self: spans.append(real(self)) or spans[-1])
+    rows = [(f"q{i}", f"p{i}", [f"n{i}"]) for i in range(20)]
+    rows[5] = rows[13] = ("q", None, [])  # one bad row in each span
+    path = write_f2llm(tmp_path / "f2.parquet", rows, 1, row_group_size=4)
+    src = open_source(path, skip_bad=True)
+    assert spans == [[(0, [0, 1, 2]), (12, [3, 4])]]
+    assert "validated in one process" not in caplog.text  # the worker processes ran
+    assert src.skipped == 2 and "f2.parquet:row 5: " in src._first_error
+    expected = [
+        {"query": q, "positive": p, "negatives": n, "task": "retrieval", "dataset": "f2"}
+        for q, p, n in rows
+        if p is not None
+    ]
+    check_random_access(src, expected)
+    (entry,) = data_cache.iterdir()
+    assert sorted(f.name for f in entry.glob("*.arrow")) == [
+        "table-00000.arrow",
+        "table-00001.arrow",
+    ]
+    monkeypatch.setattr(pq, "read_table", None)  # rows come from the two mapped files
+    check_random_access(open_source(path, skip_bad=True), expected)
+    with pytest.raises(RecordError, match=r"f2\.parquet:row 5: "):  # not row 13's error
+        open_source(path)
+    # The second span's first row has another task: named against row 0, before row 13.
+    tasks = ["retrieval"] * 12 + ["clustering"] * 8
+    mixed = write_f2llm(tmp_path / "mixed.parquet", rows, 1, 4, task=tasks)
+    first = re.escape(f"{mixed}:row 0;")
+    with pytest.raises(
+        RecordError, match=rf"mixed\.parquet:row 12: task 'clustering' .* at {first}"
+    ):
+        open_source(mixed, skip_bad=True)
+    # A datasets folder: its Arrow files read in row ranges of PARALLEL_ROWS, as row groups.
+    datasets = pytest.importorskip("datasets")
+    columns = {"query": [r[0] for r in rows], "passage": [r[1] for r in rows]}
+    columns["negative_1"] = [r[2][0] if r[2] else None for r in rows]
+    datasets.Dataset.from_dict(columns).save_to_disk(str(tmp_path / "f2"))
+    spans.clear()
+    hf = open_source(tmp_path / "f2", skip_bad=True)
+    assert spans == [[(0, [0, 1, 2]), (12, [3, 4])]]
+    assert hf.skipped == 2 and "f2:row 5: " in hf._first_error
+    assert "validated in one process" not in caplog.text
+    check_random_access(hf, expected)
 
 
 def test_a_damaged_entry_or_a_restored_mtime_reads_the_file_again(tmp_path, data_cache, caplog):
@@ -659,10 +717,10 @@ def test_no_worker_processes_from_a_daemon_and_conflicts_named_as_in_one_pass(
     path = write_jsonl(
         tmp_path / "mixed.jsonl", [*RECORDS[:8], {**RECORDS[8], "task": "clustering"}]
     )
-    assert readers._parallel_workers(path) == 2
+    assert readers._parallel_workers(readers._own_parts(path)) == 2
     with monkeypatch.context() as m:  # a Grain worker is a daemon: it may not have children
         m.setattr(multiprocessing, "current_process", lambda: type("P", (), {"daemon": True}))
-        assert readers._parallel_workers(path) == 1
+        assert readers._parallel_workers(readers._own_parts(path)) == 1
     # The conflict sits inside the last part: named against line 1, as one pass names it.
     size, second = path.stat().st_size, path.read_bytes().index(b"\n") + 1
     monkeypatch.setattr(readers, "_line_ranges", lambda *_: [(0, second, 1), (second, size, 2)])

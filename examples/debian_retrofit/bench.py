@@ -2,7 +2,7 @@
 
     .venv/bin/python -m examples.debian_retrofit.bench [--data data/debian] [--pairs 20000]
         [--out runs/retrofit] [--recipes base,st,jax-st,jax-best]
-        [--positives full,body,mix] [--seeds 0,1,2] [--fresh]
+        [--positives full,body,mix] [--seeds 0,1,2] [--fresh] [--test]
 
 (a) and (c) run once per positives format (``--positives``, default config.py's
 ``POSITIVES``) and seed; the table gives the mean over seeds and half the spread.
@@ -97,8 +97,8 @@ def write_pairs(data: Path, n: int, positives: str, out: Path) -> list[dict]:
 PROXIES = {"": "xling", "_body": "xling-body"}  # group suffix -> eval set kind
 
 
-def evaluate(model: str, data: Path, quantization: str = "none") -> dict:
-    """nDCG@10 per language on the dev sets of both proxies, and the group means:
+def evaluate(model: str, data: Path, quantization: str = "none", split: str = "dev") -> dict:
+    """nDCG@10 per language on the ``split`` sets of both proxies, and the group means:
     ``zero_shot`` / ``trained`` on ``xling-*`` (documents open with the English synopsis,
     the query's translation: translation matching), ``zero_shot_body`` / ``trained_body``
     on ``xling-body-*`` (the description body alone: retrieval by what it says). With
@@ -115,7 +115,7 @@ def evaluate(model: str, data: Path, quantization: str = "none") -> dict:
         corpus = reuse_last(docs)  # every set of a kind searches the same English corpus
         for lang in ZERO_SHOT_LANGS + TRAINED_LANGS:
             r = evaluate_beir(
-                queries, corpus, data / "dev" / f"{kind}-{lang}", "dev", quantization=quantization
+                queries, corpus, data / split / f"{kind}-{lang}", split, quantization=quantization
             )
             for how in hows:
                 m = r[quantization][how[1:]] if how else r
@@ -283,9 +283,9 @@ def mean_spread(xs: list[float]) -> str:
     return f"{m:.4f}" if len(xs) == 1 else f"{m:.4f} ±{(max(xs) - min(xs)) / 2:.4f}"
 
 
-def fmt_table(results: dict) -> str:
+def fmt_table(results: dict, split: str = "eval") -> str:
     """One row per recipe and positives: the mean over seeds (± half the spread) of each
-    group's nDCG@10 on both proxies."""
+    group's nDCG@10 on both proxies, on dev (``eval``) or on test (``test``)."""
     rows = [
         "| recipe | positives | seeds | wall time | examples | zero-shot | trained "
         "| zero-shot body | trained body |",
@@ -293,7 +293,7 @@ def fmt_table(results: dict) -> str:
     ]
     cells: dict[tuple[str, str], list[dict]] = {}
     for key, r in results.items():
-        if isinstance(r, dict) and "eval" in r:
+        if isinstance(r, dict) and split in r:
             recipe, positives = [*key.split("/"), "-"][:2]
             cells.setdefault((recipe, positives), []).append(r)
     for (recipe, positives), runs in sorted(cells.items(), key=lambda c: RECIPES.index(c[0][0])):
@@ -301,7 +301,7 @@ def fmt_table(results: dict) -> str:
             f"{sum(r['seconds'] for r in runs) / len(runs) / 60:.1f} min"
         )  # fmt: skip
         seen = "-" if "examples" not in runs[0] else f"{runs[0]['examples']:,}"
-        scores = [mean_spread([r["eval"][g] for r in runs]) for g in GROUPS]
+        scores = [mean_spread([r[split][g] for r in runs]) for g in GROUPS]
         rows.append(
             f"| {NAMES[recipe]} | {positives} | {len(runs)} | {wall} | {seen} | "
             + " | ".join(scores)
@@ -334,6 +334,13 @@ def main() -> None:
     )
     p.add_argument("--seeds", default="0", help="comma-separated training seeds of (a) and (c)")
     p.add_argument("--fresh", action="store_true", help="rerun recipes that have results")
+    p.add_argument(
+        "--test",
+        action="store_true",
+        help="then read the test split, once: score every finished model without a test "
+        "figure on the test sets (a model's figure is never recomputed) and print their "
+        "table; only when the recipe is fixed, and nothing may be chosen on it",
+    )
     args = p.parse_args()
     chosen = [r.strip() for r in args.recipes.split(",") if r.strip()]
     if bad := sorted(set(chosen) - set(RECIPES)):
@@ -390,8 +397,17 @@ def main() -> None:
         atomic_write_text(results_file, json.dumps(results, indent=1) + "\n")
         print(f"{key}: {json.dumps({k: v for k, v in r.items() if k != 'eval'})}")
         print(f"{key}: " + " ".join(f"{g} {r['eval'][g]:.4f}" for g in GROUPS), flush=True)
+    if args.test:
+        for key, r in results.items():
+            if isinstance(r, dict) and "eval" in r and "test" not in r:
+                print(f"{key}: reading the test split", flush=True)
+                r["test"] = evaluate(r["model"], args.data, split="test")
+                atomic_write_text(results_file, json.dumps(results, indent=1) + "\n")
     print()
     print(fmt_table(results))
+    if any(isinstance(r, dict) and "test" in r for r in results.values()):
+        print("\nTest split (read once; nothing chosen on it):\n")
+        print(fmt_table(results, "test"))
     print(
         f"\nbudget of (c): (a)'s wall time on the same positives and seed; (a)/(b) pairs: "
         f"{args.pairs}"

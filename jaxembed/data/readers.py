@@ -98,7 +98,7 @@ class _Conflict(RecordError):
 
 
 CACHE_ENV = "JAXEMBED_DATA_CACHE"
-CACHE_VERSION = 1  # bump when what an entry holds changes
+CACHE_VERSION = 2  # bump when what an entry holds changes
 CACHE_META = "meta.json"
 
 
@@ -252,6 +252,29 @@ class RecordSource:
             self.task = self._default_task or ""
             self.name = self._default_dataset or ""
 
+    # --- validation in several processes --------------------------------------------------
+
+    def _outcome(self) -> dict:
+        """What a worker of a parallel validation reports besides its format's arrays."""
+        keys = ("skipped", "_first_error", "_first_where", "task", "name")
+        return {key: getattr(self, key) for key in keys}
+
+    def _join(self, parts: list[dict]) -> None:
+        """Takes in the workers' outcomes in file order, as one pass would have met them:
+        the first bad record is the one raised, a task / dataset conflict is named against
+        the file's first record, and skipped records add up."""
+        for part in parts:
+            if part["_first_where"]:  # the part's first good record, before its error if any
+                self._agree({"task": part["task"], "dataset": part["name"]}, part["_first_where"])
+            error = part["error"]
+            if isinstance(error, _Conflict):  # named against the file's first record
+                self._agree(*error.args[1:])
+            if error is not None:
+                raise error
+            if part["skipped"] and not self.skipped:
+                self._first_error = part["_first_error"]
+            self.skipped += part["skipped"]
+
     # --- the open cache (`open_cache`) ----------------------------------------------------
 
     def _cache_entry(self) -> Path | None:
@@ -351,21 +374,65 @@ def _decode_line(raw: bytes, where: str) -> Any:
 
 
 PARALLEL_BYTES = 256 << 20  # a plain JSONL file is validated by one process per this much
+PARALLEL_ROWS = 1 << 19  # a Parquet or Arrow file is validated by one process per this many rows
 
 
-def _parallel_workers(path: Path) -> int:
-    """Processes to validate ``path`` with: 1 in a daemon process (a Grain worker, which may
-    not start children) or for a small file; else one per part, up to the usable cores."""
+def _parallel_workers(parts: int) -> int:
+    """Processes to validate a file of ``parts`` parts with: 1 in a daemon process (a Grain
+    worker, which may not start children), else one per part, up to the usable cores."""
     import multiprocessing
 
     if multiprocessing.current_process().daemon:
         return 1
-    return max(1, min(_usable_cores(), path.stat().st_size // PARALLEL_BYTES))
+    return max(1, min(_usable_cores(), parts))
+
+
+def _own_parts(path: Path) -> int:
+    """The parts a record file is validated in, cores permitting: one per `PARALLEL_BYTES`
+    of a plain JSONL file, one per `PARALLEL_ROWS` of a Parquet file's rows (whole row
+    groups: a file of one row group is one part)."""
+    if path.name.endswith(".parquet"):
+        try:
+            rows = _parquet_group_rows(path)
+        except (OSError, ValueError):  # not Parquet: its open says so
+            return 1
+        return min(sum(1 for r in rows if r), sum(rows) // PARALLEL_ROWS)
+    return path.stat().st_size // PARALLEL_BYTES
 
 
 def _usable_cores() -> int:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return cores or 1
+
+
+def _in_processes(jobs: list, path: Path) -> list[dict] | None:
+    """`_validate_part` of each job, a process each, the outcomes in job order; None when
+    processes cannot start (a script opening data at import time, outside ``if __name__ ==
+    "__main__"``): the caller then validates in one pass."""
+    import concurrent.futures
+    import multiprocessing
+
+    # spawn, not fork: the parent may run JAX's threads, which a fork must not copy.
+    context = multiprocessing.get_context("spawn")
+    try:
+        with concurrent.futures.ProcessPoolExecutor(len(jobs), mp_context=context) as pool:
+            return list(pool.map(_validate_part, jobs))
+    except (RuntimeError, concurrent.futures.process.BrokenProcessPool) as e:
+        log.warning("%s: validated in one process (%s)", path, e)
+        return None
+
+
+def _validate_part(job: tuple) -> dict:
+    """A worker of a parallel validation: ``source.<method>(*args)`` on the source as it was
+    pickled before validating, its format's arrays and `RecordSource._outcome`; a record
+    error is returned, for `RecordSource._join` to raise after the parts before it."""
+    source, method, args = job
+    arrays, error = {}, None
+    try:
+        arrays = getattr(source, method)(*args)
+    except RecordError as e:
+        error = e
+    return {**arrays, **source._outcome(), "error": error}
 
 
 def _line_ranges(path: Path, parts: int) -> list[tuple[int, int, int]]:
@@ -393,43 +460,6 @@ def _line_ranges(path: Path, parts: int) -> list[tuple[int, int, int]]:
     return ranges
 
 
-def _scan_range(job) -> dict:
-    """A worker's part of `JsonlSource._read_in_parallel`: one byte range validated."""
-    path, start, end, first_line, (task, dataset, skip_bad, columns) = job
-    part = JsonlSource.__new__(JsonlSource)
-    RecordSource.__init__(part, Path(path), task, dataset, skip_bad, columns)
-    part._gzip = False
-
-    def lines():
-        offset, lineno = start, first_line
-        with open(path, "rb") as f:
-            f.seek(start)
-            while offset < end:
-                line = f.readline()
-                if not line:
-                    break
-                yield lineno, offset, line.rstrip(b"\r\n")
-                offset += len(line)
-                lineno += 1
-
-    offsets = lengths = np.zeros(0, np.int64)
-    error = None
-    try:
-        offsets, lengths = part._scan(lines())
-    except RecordError as e:  # raised by the parent after the checks of the lines before it
-        error = e
-    return {
-        "error": error,
-        "offsets": offsets,
-        "lengths": lengths,
-        "skipped": part.skipped,
-        "first_error": part._first_error,
-        "first_where": part._first_where,
-        "task": part.task,
-        "name": part.name,
-    }
-
-
 class JsonlSource(RecordSource):
     """A JSONL file: plain (lines read back by byte offset) or gzipped (records in memory)."""
 
@@ -452,7 +482,7 @@ class JsonlSource(RecordSource):
     def _read_lines(self) -> None:
         """Validates every line once, keeping the offset and length of each good one: in
         one process, or for a large plain file in several (`PARALLEL_BYTES` each)."""
-        workers = 1 if self._gzip else _parallel_workers(self.path)
+        workers = 1 if self._gzip else _parallel_workers(_own_parts(self.path))
         offsets = None
         if workers > 1:
             offsets, lengths = self._read_in_parallel(workers)
@@ -484,36 +514,33 @@ class JsonlSource(RecordSource):
     def _read_in_parallel(self, workers: int):
         """`_scan` over byte ranges split at line ends, one process each; the parts are
         joined in file order, so errors and the task / dataset check read as in one pass."""
-        import concurrent.futures
-        import multiprocessing
-
-        how = (self._default_task, self._default_dataset, self._skip_bad, self._columns_map)
-        jobs = [(str(self.path), *r, how) for r in _line_ranges(self.path, workers)]
-        # spawn, not fork: the parent may run JAX's threads, which a fork must not copy.
-        context = multiprocessing.get_context("spawn")
-        try:
-            with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
-                parts = list(pool.map(_scan_range, jobs))
-        except (RuntimeError, concurrent.futures.process.BrokenProcessPool) as e:
-            # A script opening data at import time, outside `if __name__ == "__main__"`,
-            # cannot spawn: one pass then.
-            log.warning("%s: validated in one process (%s)", self.path, e)
+        jobs = [(self, "_scan_range", r) for r in _line_ranges(self.path, workers)]
+        parts = _in_processes(jobs, self.path)
+        if parts is None:
             return None, None
-        for part in parts:  # in file order: the first bad line is the one named
-            if part["first_where"]:  # the part's first good record, before its error if any
-                self._agree({"task": part["task"], "dataset": part["name"]}, part["first_where"])
-            error = part["error"]
-            if isinstance(error, _Conflict):  # named against the file's first record
-                self._agree(*error.args[1:])
-            if error is not None:
-                raise error
-            if part["skipped"] and not self.skipped:
-                self._first_error = part["first_error"]
-            self.skipped += part["skipped"]
+        self._join(parts)
         return (
             np.concatenate([p["offsets"] for p in parts]),
             np.concatenate([p["lengths"] for p in parts]),
         )
+
+    def _scan_range(self, start: int, end: int, first_line: int) -> dict[str, np.ndarray]:
+        """A worker's part of `_read_in_parallel`: the lines in bytes [start, end)."""
+
+        def lines():
+            offset, lineno = start, first_line
+            with open(self.path, "rb") as f:
+                f.seek(start)
+                while offset < end:
+                    line = f.readline()
+                    if not line:
+                        break
+                    yield lineno, offset, line.rstrip(b"\r\n")
+                    offset += len(line)
+                    lineno += 1
+
+        offsets, lengths = self._scan(lines())
+        return {"offsets": offsets, "lengths": lengths}
 
     def _lines(self) -> Iterator[tuple[int, int, bytes]]:
         """Yields (1-based line number, byte offset, line without its newline)."""
@@ -592,44 +619,85 @@ class ParquetSource(RecordSource):
         self._opened()
 
     def _validate(self) -> None:
-        """Reads every row once, a batch at a time (memory bounded by a Parquet row group,
-        which pyarrow decodes whole, not by the file); the same batches, written as they
-        are checked, become the cache's Arrow copy of the needed columns, memory-mapped by
-        every later read (one decode of the file in all)."""
+        """Reads every row once, a batch at a time (memory bounded by a batch, not by the
+        file), in one process or, for a large file, one per span of whole row groups
+        (`_spans`), joined in file order as one pass would be. The same batches, written as
+        they are checked, become the cache's Arrow copy of the needed columns (a file per
+        span), memory-mapped by every later read: one decode of the file in all."""
         import pyarrow as pa
 
-        bad = []
-        row = 0
-        copy = None  # the Arrow copy, beside the entry until the entry is whole
+        spans = self._spans()
+        copies = [None] * len(spans)  # beside the entry until the entry is whole
         if self._cache is not None and self.COPY_TABLE:
-            copy = self._cache.with_name(f".{self._cache.name}.{uuid.uuid4().hex}.arrow")
+            stem = f".{self._cache.name}.{uuid.uuid4().hex}"
+            copies = [self._cache.with_name(f"{stem}.{k}.arrow") for k in range(len(spans))]
         try:
-            with _ArrowWriter(copy) as writer:
-                for batch in self._batches():
-                    for values in batch.to_pylist():
-                        where = f"{self.path}:row {row}"
-                        if self._admit(functools.partial(self._to_record, values), where) is None:
-                            bad.append(row)
-                        row += 1
-                    writer.write(batch)
-            self._rows = _kept(row, bad)
-            self._num_rows = row
-            arrays = {"num_rows": np.asarray(row)}
+            parts = None
+            if len(spans) > 1:
+                pairs = zip(spans, copies, strict=True)
+                jobs = [(self, "_check_rows", (*span, copy)) for span, copy in pairs]
+                parts = _in_processes(jobs, self.path)
+                if parts is not None:
+                    self._join(parts)
+            if parts is None:  # one pass, into one copy
+                parts = [self._check_rows(0, None, copies[0])]
+            rows = sum(p["rows"] for p in parts)
+            self._rows = _kept(rows, [row for p in parts for row in p["bad"]])
+            self._num_rows = rows
+            arrays = {"num_rows": np.asarray(rows)}
             if self._rows is not None:
                 arrays["rows"] = self._rows
-            written = copy is not None and writer.wrote
-            self._to_cache(arrays, _move_into(copy, self.TABLE_FILE) if written else None)
+            written = copies[0] is not None and all(p["wrote"] for p in parts)
+            used = copies[: len(parts)]
+            self._to_cache(arrays, _move_into(used, self.TABLE_FILES) if written else None)
         finally:
-            if copy is not None:
-                copy.unlink(missing_ok=True)
+            for copy in copies:
+                if copy is not None:
+                    copy.unlink(missing_ok=True)
         pa.default_memory_pool().release_unused()  # the decoded batches' memory, back to the OS
+
+    def _check_rows(self, first_row: int, groups: list[int] | None, copy: Path | None) -> dict:
+        """Validates the rows of ``groups`` (None: all), the first being row ``first_row`` of
+        the file, writing them to the Arrow file ``copy`` (None: nowhere); the rows read,
+        the bad ones, and whether ``copy`` is whole."""
+        bad, row = [], first_row
+        with _ArrowWriter(copy) as writer:
+            for batch in self._batches(groups):
+                for values in batch.to_pylist():
+                    where = f"{self.path}:row {row}"
+                    if self._admit(functools.partial(self._to_record, values), where) is None:
+                        bad.append(row)
+                    row += 1
+                writer.write(batch)
+        return {"rows": row - first_row, "bad": bad, "wrote": writer.wrote}
+
+    def _spans(self) -> list[tuple[int, list[int] | None]]:
+        """``(first row, row groups)`` of each process's part: contiguous row groups of
+        about equal rows, one span a core for a file of `PARALLEL_ROWS` or more a core;
+        ``[(0, None)]`` (the whole file, one pass) otherwise."""
+        rows = self._group_rows()
+        total = sum(rows)
+        workers = _parallel_workers(min(sum(1 for r in rows if r), total // PARALLEL_ROWS))
+        if workers < 2:
+            return [(0, None)]
+        ends = np.cumsum(rows)
+        cuts = {int(np.searchsorted(ends, total * k / workers)) + 1 for k in range(1, workers)}
+        bounds = sorted({0, *cuts, len(rows)})
+        return [
+            (int(ends[start - 1]) if start else 0, list(range(start, end)))
+            for start, end in itertools.pairwise(bounds)
+        ]
 
     CACHED_ARRAYS = ("num_rows",)
     COPY_TABLE = True  # Parquet is compressed: keep an uncompressed Arrow copy to map
-    TABLE_FILE = "table.arrow"
+    TABLE_FILES = "table-{:05d}.arrow"  # the copy's files, one per validating process
 
-    def _batches(self):
-        """The needed columns in record batches of 4096 rows, decoded one at a time.
+    def _group_rows(self) -> list[int]:
+        return _parquet_group_rows(self.path)
+
+    def _batches(self, groups: list[int] | None = None):
+        """The needed columns of row groups ``groups`` (None: all) in record batches of 4096
+        rows, decoded one at a time.
 
         Column chunks are streamed through a 1 MB buffer, not read whole (pyarrow's default
         reads a row group's chunks at once: a 1M-row row group peaked at 607 MB, streamed
@@ -637,7 +705,7 @@ class ParquetSource(RecordSource):
         import pyarrow.parquet as pq
 
         f = pq.ParquetFile(self.path, buffer_size=1 << 20, pre_buffer=False)
-        return f.iter_batches(batch_size=4096, columns=self._columns)
+        return f.iter_batches(batch_size=4096, row_groups=groups, columns=self._columns)
 
     def _schema_names(self) -> list[str]:
         import pyarrow.parquet as pq  # imported here: only Parquet users need pyarrow
@@ -648,11 +716,13 @@ class ParquetSource(RecordSource):
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        if self._cache is not None and (self._cache / self.TABLE_FILE).is_file():
-            # Zero-copy: the table's buffers are the file's pages, shared by every process.
+        files = [] if self._cache is None else sorted(self._cache.glob("table-*.arrow"))
+        if files:
+            # Zero-copy: the table's buffers are the files' pages, shared by every process.
             try:
-                mapped = pa.memory_map(str(self._cache / self.TABLE_FILE))
-                table = pa.ipc.open_file(mapped).read_all()
+                table = pa.concat_tables(
+                    pa.ipc.open_file(pa.memory_map(str(f))).read_all() for f in files
+                )
             except (OSError, pa.ArrowInvalid) as e:
                 log.warning("%s: the cached Arrow copy is unreadable (%s)", self.path, e)
             else:
@@ -733,9 +803,15 @@ class _ArrowWriter:
             self.wrote = False
 
 
-def _move_into(src: Path, name: str):
-    """``write(folder)`` for `RecordSource._to_cache`: moves ``src`` into the entry as ``name``."""
-    return lambda folder: os.replace(src, folder / name)
+def _move_into(files: list[Path], names: str):
+    """``write(folder)`` for `RecordSource._to_cache`: moves ``files`` into the entry, the
+    k-th named ``names.format(k)``."""
+
+    def write(folder: Path) -> None:
+        for k, f in enumerate(files):
+            os.replace(f, folder / names.format(k))
+
+    return write
 
 
 class HfDatasetSource(ParquetSource):
@@ -745,8 +821,17 @@ class HfDatasetSource(ParquetSource):
 
     COPY_TABLE = False  # its Arrow files are mapped where they are; the cache holds the rest
 
-    def _batches(self):
-        return self._load().to_batches(max_chunksize=4096)
+    def _group_rows(self) -> list[int]:
+        # Its Arrow files are read in row ranges of PARALLEL_ROWS, as row groups.
+        total = self._load().num_rows
+        return [min(PARALLEL_ROWS, total - start) for start in range(0, total, PARALLEL_ROWS)]
+
+    def _batches(self, groups: list[int] | None = None):
+        table = self._load()
+        if groups is not None:
+            start = groups[0] * PARALLEL_ROWS
+            table = table.slice(start, len(groups) * PARALLEL_ROWS)
+        return table.to_batches(max_chunksize=4096)
 
     def __init__(self, path: Path, task=None, dataset=None, skip_bad=False, columns=None):
         self._arrow_files = _arrow_files(_hf_split(path))
@@ -812,6 +897,14 @@ def is_hf_dataset_dir(path: str | os.PathLike) -> bool:
     """True for a folder written by ``datasets``' ``save_to_disk`` (a Dataset or DatasetDict)."""
     path = Path(path)
     return (path / "state.json").is_file() or (path / "dataset_dict.json").is_file()
+
+
+def _parquet_group_rows(path: Path) -> list[int]:
+    """The rows of each row group of a Parquet file, from its footer."""
+    import pyarrow.parquet as pq
+
+    meta = pq.read_metadata(path)
+    return [meta.row_group(k).num_rows for k in range(meta.num_row_groups)]
 
 
 def _kept(total: int, bad: list[int]) -> np.ndarray | None:
@@ -1045,9 +1138,10 @@ def _first_opens_in_parallel(jobs: list[tuple[Path, dict]]) -> None:
     """Many record files (F2LLM's ~100 datasets) are validated a core each, not one after
     another: each is opened in a worker process, which writes its open-cache entry, so the
     opens that follow read the cache. Only with the cache on, outside a daemon process, for
-    JSONL and Parquet files too small for their own parallel validation, when there are two
-    or more and `WARM_MIN_BYTES` in all. A worker that fails is ignored: the open that
-    follows reads that file again and raises its error as one pass would."""
+    JSONL and Parquet files too small for their own parallel validation (`_own_parts`),
+    when there are two or more and `WARM_MIN_BYTES` in all. A worker that fails is
+    ignored: the open that follows reads that file again and raises its error as one pass
+    would."""
     import concurrent.futures
     import multiprocessing
 
@@ -1056,9 +1150,7 @@ def _first_opens_in_parallel(jobs: list[tuple[Path, dict]]) -> None:
     small = [
         (str(path), how)
         for path, how in jobs
-        if path.is_file()
-        and path.name.endswith((".jsonl", ".parquet"))
-        and path.stat().st_size < 2 * PARALLEL_BYTES
+        if path.is_file() and path.name.endswith((".jsonl", ".parquet")) and _own_parts(path) < 2
     ]
     cores = _usable_cores()
     total = sum(Path(p).stat().st_size for p, _ in small)
