@@ -29,7 +29,6 @@ import os
 import shutil
 import sys
 from collections.abc import Callable
-from pathlib import Path
 from typing import NamedTuple
 
 import jax
@@ -38,7 +37,7 @@ import orbax.checkpoint as ocp
 from absl import logging as absl_logging
 
 from jaxembed import distributed
-from jaxembed.files import mount_type
+from jaxembed.files import is_url, mount_type, run_path
 
 CKPT_DIR = "checkpoints"
 
@@ -81,9 +80,7 @@ def manager(
     if read_only:  # Orbax warns that the folder is read-only on every open: nothing to act on
         absl_logging.set_verbosity(absl_logging.ERROR)
     try:
-        return ocp.CheckpointManager(
-            Path(workdir).absolute() / CKPT_DIR, item_names=ITEMS, options=options
-        )
+        return ocp.CheckpointManager(ckpt_dir(workdir), item_names=ITEMS, options=options)
     finally:
         absl_logging.set_verbosity(level)
 
@@ -91,8 +88,16 @@ def manager(
 ITEMS = ("state", "data", "meta")  # what a step holds
 
 
+def ckpt_dir(workdir: str | os.PathLike):
+    """``WORKDIR/checkpoints``, absolute; on a bucket (gs://) Orbax and TensorStore write
+    there directly, each step committed by Orbax's marker file (an object store has no
+    folder rename)."""
+    root = run_path(workdir, "--workdir")
+    return (root if is_url(root) else root.absolute()) / CKPT_DIR
+
+
 def _steps(workdir: str | os.PathLike) -> list[int]:
-    if not (Path(workdir) / CKPT_DIR).exists():
+    if not ckpt_dir(workdir).exists():
         return []
     with manager(workdir, read_only=True) as m:
         return sorted(m.all_steps())
@@ -116,7 +121,9 @@ def check_space(mngr: ocp.CheckpointManager, needed: int, step: int) -> None:
     pages of thread tracebacks. Checking first turns the common case (a full disk) into one
     line that says what is kept. ``needed`` is the state's size in bytes.
     """
-    directory = Path(mngr.directory)
+    directory = mngr.directory
+    if is_url(directory):
+        return  # a bucket does not fill up
     free = shutil.disk_usage(directory).free
     if free < needed * 1.1 + (16 << 20):
         last = mngr.latest_step()
@@ -210,7 +217,7 @@ def restore(mngr: ocp.CheckpointManager, step: int, abstract_state) -> Restored:
 
 def read_meta(workdir: str | os.PathLike, step: int | None = None) -> tuple[int, dict]:
     """``(step, meta)``: only the JSON meta item of ``step`` (default: the latest), no arrays."""
-    path = Path(workdir) / CKPT_DIR
+    path = ckpt_dir(workdir)
     steps = all_steps(workdir)
     if not steps:
         raise FileNotFoundError(f"{workdir}: no checkpoint found (looked in {path})")
@@ -298,7 +305,7 @@ def restore_or_init(
 def _move_aside(mngr: ocp.CheckpointManager, steps: list[int]) -> None:
     """Moves damaged steps out of the checkpoint directory, so the run can save them anew
     (Orbax never saves a step at or below its latest), keeping the files for inspection."""
-    directory = Path(mngr.directory)
+    directory = mngr.directory  # a local path or a bucket folder (epath): both rename
     aside = directory.parent / DAMAGED_DIR
     if jax.process_index() == 0:
         aside.mkdir(exist_ok=True)

@@ -31,11 +31,12 @@ import secrets
 import sys
 import traceback
 from collections.abc import Callable
-from pathlib import Path
 
 import jax
 import numpy as np
 from jax._src import distributed as jax_distributed
+
+from jaxembed.files import run_path
 
 ENV_COORDINATOR = "JAX_COORDINATOR_ADDRESS"
 ENV_NUM_PROCESSES = "JAX_NUM_PROCESSES"
@@ -289,7 +290,7 @@ def check_shared_dir(path: str | os.PathLike) -> None:
     """
     if jax.process_count() == 1:
         return
-    path = Path(path)
+    path = run_path(path, "--workdir")  # a local folder or a bucket (gs://)
     token = gather(np.int64(secrets.randbits(62)))[0]
     probe = path / f".shared-{int(token)}"
     if jax.process_index() == 0:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -262,7 +261,8 @@ def load(
       path: the model folder (``config.json``, weights, tokenizer files; sentence-transformers
         files optional), or a training run: WORKDIR (its latest checkpoint), WORKDIR/STEP or
         WORKDIR/checkpoints/STEP. A run encodes as its export (`jaxembed.convert`) does:
-        pooling, prompts and max length as trained.
+        pooling, prompts and max length as trained. Either may be on a bucket
+        (``gs://BUCKET/PATH``).
       dtype: compute dtype, "float32" or "bfloat16"; parameters stay float32.
       pooling: overrides the folder's pooling (default: the folder's ``1_Pooling``, else mean).
       max_length: overrides the maximum token count (default: sentence-transformers'
@@ -272,7 +272,6 @@ def load(
         ``batch_size`` counts rows either way.
     """
     check(dtype, DTYPES, "dtype")
-    path = Path(path)
     # Host (NumPy) parameters; the Encoder places them on the device.
     model, head, st, files = trained_model.load_model_or_run(path, dtype)
     pooling = pooling or st.pooling or "mean"

@@ -5,11 +5,17 @@ target, flushed to disk and renamed over it on success, removed on failure. A cr
 bad row then leaves the previous file (or none), never a partial one under the final name.
 Folders (a run's model copy, an export, a prepared dataset) follow the same rule one level
 up: built as ``.NAME.tmp-PID`` beside the target and renamed into place.
+
+A run folder may also be a bucket (``gs://BUCKET/PATH``, `run_path`): a file there is
+uploaded whole once written, a folder has a file whose presence says it is whole
+(`upload_dir`), and what only reads local files gets a local copy (`local_copy`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import io
 import json
 import os
 import shutil
@@ -26,6 +32,12 @@ def atomic_open(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
     """``open(path, mode)`` ("w" text, UTF-8, or "wb") that replaces ``path`` only on success."""
     if mode not in ("w", "wb"):
         raise ValueError(f"atomic_open writes whole files: mode 'w' or 'wb', got {mode!r}")
+    if is_url(path):  # an object appears whole when uploaded: upload it once, on success
+        buffer = io.StringIO(newline="\n") if mode == "w" else io.BytesIO()
+        yield buffer
+        value = buffer.getvalue()
+        path.write_bytes(value.encode() if mode == "w" else value)
+        return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # Unique per writer, so two processes writing the same target never share a temp file.
@@ -114,14 +126,84 @@ def mount_type(path: str | os.PathLike, mounts: str | None = None) -> str:
     return kind
 
 
-def check_local_path(path: str | os.PathLike, what: str) -> None:
-    """A bucket URL is not a path here: `pathlib` would fold ``gs://b/run`` into a local
-    ``gs:/b/run`` folder and write there. One line naming what to do instead."""
+BUCKET_SCHEMES = ("gs",)  # what a run folder may be besides a local path
+
+
+def is_url(path: str | os.PathLike) -> bool:
+    return "://" in os.fspath(path)
+
+
+def run_path(path: str | os.PathLike, what: str):
+    """A run folder (a workdir, a checkpoint, a model folder) as given: a local `Path`, or for
+    ``gs://BUCKET/PATH`` an `etils.epath.Path` (pathlib's interface; read and written
+    through gcsfs, and by Orbax and TensorStore natively). pathlib itself would fold
+    ``gs://b/run`` into a local ``gs:/b/run`` folder: every run path goes through here."""
     text = os.fspath(path)
-    if "://" in text:
-        scheme = text.split("://")[0]
+    if "://" not in text:
+        return Path(text)
+    scheme = text.split("://")[0]
+    if scheme not in BUCKET_SCHEMES:
         raise ValueError(
-            f"{what} {text}: {scheme}:// URLs are not read or written directly; mount the "
-            "bucket (gcsfuse: launch/tpu_vm.sh --mount BUCKET) and pass the mounted folder "
-            "(checkpoints there are committed without directory renames)"
+            f"{what} {text}: {scheme}:// is not supported; use gs://BUCKET/PATH, a local folder "
+            "or a mounted one"
         )
+    try:
+        import gcsfs  # noqa: F401  (epath's gs:// backend without TensorFlow)
+    except ImportError:
+        raise ValueError(f"{what} {text}: gs:// folders need gcsfs (pip install gcsfs)") from None
+    from etils import epath
+
+    return epath.Path(text)
+
+
+def bucket_cache() -> Path:
+    """Where local copies of bucket folders live (`local_copy`)."""
+    return Path(os.environ.get("JAXEMBED_BUCKET_CACHE", Path.home() / ".cache/jaxembed/buckets"))
+
+
+def local_copy(folder) -> Path:
+    """``folder`` itself when local; a bucket folder (a run's model files: config, tokenizer)
+    downloaded once, for the libraries that read only local files (transformers), to
+    ``bucket_cache()/BUCKET/PATH/<digest of its listing>``: a changed folder gets a new copy,
+    and processes on one host that race to make the same copy keep the first."""
+    if not is_url(folder):
+        return Path(folder)
+    files = _files_under(folder)
+    listing = [(str(f), f.stat().length) for f in files]
+    digest = hashlib.blake2b(repr(listing).encode(), digest_size=8).hexdigest()
+    target = bucket_cache() / os.fspath(folder).split("://", 1)[1] / digest
+    if target.is_dir():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{digest}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        for f in files:
+            dst = tmp / os.fspath(f)[len(os.fspath(folder)) :].lstrip("/")
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            dst.write_bytes(f.read_bytes())
+        tmp.mkdir(exist_ok=True)  # an empty folder is copied too
+        try:
+            tmp.rename(target)
+        except OSError:
+            if not target.is_dir():
+                raise  # not another process's copy: a real failure
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _files_under(folder) -> list:
+    """Every file below ``folder``, sorted (a walk: epath refuses ``**`` on a bucket)."""
+    out = []
+    for entry in folder.iterdir():
+        out += _files_under(entry) if entry.is_dir() else [entry]
+    return sorted(out, key=os.fspath)
+
+
+def upload_dir(local: Path, folder, last: str = "") -> None:
+    """Copies a local folder's files into the bucket folder ``folder``, ``last`` (the file
+    whose presence says the folder is whole, e.g. ``config.json``) after all the others: an
+    object store has no folder rename, so a reader checks that file."""
+    files = sorted((f for f in local.rglob("*") if f.is_file()), key=lambda f: f.name == last)
+    for f in files:
+        (folder / f.relative_to(local).as_posix()).write_bytes(f.read_bytes())

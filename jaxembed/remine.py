@@ -19,6 +19,7 @@ embedding to every host and the search is deterministic), so hosts need not exch
 from __future__ import annotations
 
 import dataclasses
+import io
 import time
 from pathlib import Path
 
@@ -26,7 +27,7 @@ import numpy as np
 
 from jaxembed import config as config_lib
 from jaxembed import mining, search
-from jaxembed.files import atomic_open
+from jaxembed.files import atomic_open, is_url
 
 POOL_DIR = "remine"
 
@@ -68,7 +69,8 @@ class Pool:
         path = workdir / POOL_DIR / f"{step}.npz"
         if not path.exists():
             return None
-        with np.load(path, allow_pickle=True) as z:
+        source = io.BytesIO(path.read_bytes()) if is_url(path) else path  # gs:// or local
+        with np.load(source, allow_pickle=True) as z:
             negatives = {int(k.split("_")[1]): z[k] for k in z.files if k.startswith("source_")}
             return cls(step, z["texts"].tolist(), negatives)
 

@@ -4,13 +4,13 @@ the periodic progress line of training (`Progress`)."""
 from __future__ import annotations
 
 import json
+import os
 import time
-from pathlib import Path
 
 import jax
 import numpy as np
 
-from jaxembed.files import atomic_write_text
+from jaxembed.files import atomic_write_text, is_url
 
 METRICS = "metrics.jsonl"  # WORKDIR/metrics.jsonl: one JSON record per logged step
 
@@ -18,27 +18,37 @@ METRICS = "metrics.jsonl"  # WORKDIR/metrics.jsonl: one JSON record per logged s
 class RunLog:
     """A run's log: lines and scalars to stdout (process 0), ``metrics.jsonl``, TensorBoard."""
 
-    def __init__(self, workdir: Path, enabled: bool, tensorboard: bool):
-        self.enabled = enabled
-        self.jsonl = open(workdir / METRICS, "a") if enabled else None  # noqa: SIM115
+    def __init__(self, workdir, enabled: bool, tensorboard: bool):
+        self.enabled, self.path = enabled, workdir / METRICS
+        self.jsonl = None  # a local file, appended to
+        self.lines = None  # on a bucket (no appends there): the file's lines, uploaded whole
+        if enabled and is_url(self.path):
+            self.lines = self.path.read_text().splitlines(True) if self.path.exists() else []
+        elif enabled:
+            self.jsonl = open(self.path, "a")  # noqa: SIM115
         self.tb = None
         if enabled and tensorboard:
-            from tensorboardX import SummaryWriter
+            from tensorboardX import SummaryWriter  # writes gs:// too (google-cloud-storage)
 
-            self.tb = SummaryWriter(str(workdir / "tensorboard"))
+            self.tb = SummaryWriter(os.fspath(workdir / "tensorboard"))
 
     def forget_after(self, step: int) -> None:
         """Drops the records a resumed run will log again: those after its checkpoint
         ``step`` (all of them when it starts from scratch), so no step appears twice."""
-        if not self.enabled or self.jsonl.tell() == 0:
+        if not self.enabled:
             return
-        self.jsonl.close()
-        path = Path(self.jsonl.name)
-        lines = path.read_text().splitlines(keepends=True)
+        if self.jsonl is not None:
+            if self.jsonl.tell() == 0:
+                return
+            self.jsonl.close()
+        lines = self.lines if self.lines is not None else self.path.read_text().splitlines(True)
         kept = [x for x in lines if step and x.strip() and json.loads(x)["step"] <= step]
         if len(kept) < len(lines):
-            atomic_write_text(path, "".join(kept))
-        self.jsonl = open(path, "a")  # noqa: SIM115
+            atomic_write_text(self.path, "".join(kept))
+        if self.lines is not None:
+            self.lines = kept
+        else:
+            self.jsonl = open(self.path, "a")  # noqa: SIM115
 
     def print(self, *args):
         if self.enabled:
@@ -47,8 +57,13 @@ class RunLog:
     def scalars(self, step: int, values: dict) -> None:
         if not self.enabled:
             return
-        self.jsonl.write(json.dumps({"step": step, **values}) + "\n")
-        self.jsonl.flush()
+        line = json.dumps({"step": step, **values}) + "\n"
+        if self.lines is not None:  # a bucket: the whole file again (a few MB at most)
+            self.lines.append(line)
+            atomic_write_text(self.path, "".join(self.lines))
+        else:
+            self.jsonl.write(line)
+            self.jsonl.flush()
         if self.tb is not None:
             for k, v in values.items():
                 # TensorBoard tag names allow no "@": "ndcg@10" becomes "ndcg_at_10".

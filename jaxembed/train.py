@@ -32,7 +32,7 @@ from jaxembed.config import validate
 from jaxembed.data import pipeline, readers
 from jaxembed.data.pipeline import NO_STOP, PREEMPTED, TIME_LIMIT
 from jaxembed.export_meta import run_meta, trained_prompts
-from jaxembed.files import check_local_path
+from jaxembed.files import local_copy, run_path
 from jaxembed.hf.sentence_transformers import load_head, read_st_config
 from jaxembed.models import attention as attention_lib
 from jaxembed.models import lora
@@ -57,7 +57,7 @@ def main(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
     chunk = config.train.gradcache_chunk if config.train.gradcache else 0
     log.print(sharding.rows_per_device(mesh, config.train.global_batch, chunk))
     model_dir, st, pooling, builder, meta = open_run(config, workdir, log)
-    started_state = start_state(config, workdir, mesh, st, pooling, meta, log)
+    started_state = start_state(config, workdir, model_dir, mesh, st, pooling, meta, log)
     step, mngr, state, frozen, data_pos, start = started_state
     packing = step_lib.row_packing(config, mesh)
     count = jax.process_count()
@@ -131,35 +131,36 @@ def main(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
     return results | {"last": last, "step": at}
 
 
-def shared_workdir(workdir, config) -> Path:
-    """``workdir``, made, a local path every host sees, holding the same config everywhere."""
-    check_local_path(workdir, "--workdir")
-    workdir = Path(workdir)
+def shared_workdir(workdir, config):
+    """``workdir``, made, a folder every host sees (a local path or gs://BUCKET/PATH),
+    holding the same config everywhere."""
+    workdir = run_path(workdir, "--workdir")
     workdir.mkdir(parents=True, exist_ok=True)
     distributed.check_shared_dir(workdir)
     distributed.check_same("the run config", config.to_json_best_effort(sort_keys=True))
     return workdir
 
 
-def open_run(config, workdir: Path, log: RunLog):
-    """The run's own copy of the model's files, its sentence-transformers settings and
-    pooling, this host's batch builder and the run's meta (what an export needs)."""
-    model_dir = workdir / MODEL_DIR
+def open_run(config, workdir, log: RunLog):
+    """The run's own copy of the model's files (local: on a bucket, this host's copy of
+    it), its sentence-transformers settings and pooling, this host's batch builder and the
+    run's meta (what an export needs)."""
     if jax.process_index() == 0:
-        prepare_model_dir(config.model.path, model_dir, config.model.pooling)
+        prepare_model_dir(config.model.path, workdir / MODEL_DIR, config.model.pooling)
     distributed.barrier("prepare_model_dir")
+    model_dir = local_copy(workdir / MODEL_DIR)
     st = read_st_config(model_dir)
     pooling = config.model.pooling or st.pooling or "mean"
     sources, builder = open_data(config, model_dir, log)
     return model_dir, st, pooling, builder, run_meta(config, model_dir, pooling, sources)
 
 
-def start_state(config, workdir: Path, mesh, st, pooling: str, meta: dict, log: RunLog):
+def start_state(config, workdir, model_dir: Path, mesh, st, pooling: str, meta: dict, log):
     """``(step, checkpoint manager, state, frozen base, data position, start step)``: the step
     built from the model's shape, the state restored from the latest checkpoint or
     initialised from the model folder (the weights are read only then; a LoRA run reads its
     frozen base on every start, its checkpoints hold the adapters only)."""
-    model_dir, adapters = workdir / MODEL_DIR, lora_spec(config)
+    adapters = lora_spec(config)
     model = abstract_model(model_dir, config.model.dtype, config.model.remat, adapters,
                                config.model.attention)  # fmt: skip
     check_lengths(config, model.config.max_tokens, config.model.path)
@@ -209,7 +210,7 @@ class Batches:
     """The run's batches from a step on: a pure function of their index (resuming is starting
     there), with the negatives of the last re-mining, if the run re-mines."""
 
-    def __init__(self, config, workdir: Path, builder, evaluator, mesh, log):
+    def __init__(self, config, workdir, builder, evaluator, mesh, log):
         self.config, self.workdir, self.builder = config, workdir, builder
         self.evaluator, self.mesh, self.log = evaluator, mesh, log
         self.remining = remine.Settings.from_config(config)

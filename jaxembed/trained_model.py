@@ -19,6 +19,7 @@ from flax import nnx
 
 from jaxembed import checkpoint, hf, sharding
 from jaxembed.export_meta import trained_st_config
+from jaxembed.files import is_url, local_copy, run_path
 from jaxembed.hf.io import ModelFolderError
 from jaxembed.hf.sentence_transformers import STConfig, load_head, read_st_config
 from jaxembed.models import lora
@@ -147,10 +148,14 @@ def load_model_or_run(
     path: Path, dtype: str = "float32"
 ) -> tuple[nnx.Module, Head | None, STConfig, Path]:
     """``(backbone, Dense head, sentence-transformers settings, tokenizer folder)`` of a
-    model folder or of a training run (WORKDIR[/STEP]: as its export would be), host arrays."""
-    path = Path(path)
+    model folder or of a training run (WORKDIR[/STEP]: as its export would be), host arrays;
+    either may be on a bucket (gs://BUCKET/PATH)."""
+    path = run_path(path, "model")
     if (path / "config.json").exists() or not is_checkpoint(path):
         # A model folder (or an error naming what is missing from one).
+        if is_url(path) and not path.exists():
+            raise ModelFolderError(f"{path}: no such folder")
+        path = local_copy(path)  # a bucket's: a local copy, for transformers
         model = hf.load_model(path, dtype=jnp.dtype(dtype))
         st = read_st_config(path)
         return model, load_head(path, st, model.config.hidden_size), st, path

@@ -22,10 +22,11 @@ import dataclasses
 import json
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 from jaxembed import checkpoint, hf
-from jaxembed.files import atomic_dir, check_local_path
+from jaxembed.files import atomic_dir, is_url, local_copy, run_path, upload_dir
 from jaxembed.hf.io import ModelFolderError
 from jaxembed.hf.sentence_transformers import read_st_config
 from jaxembed.run_log import METRICS
@@ -37,13 +38,14 @@ PARAMETERS = "parameters.txt"
 # --- the run's model folder -------------------------------------------------------------------
 
 
-def prepare_model_dir(source: str, target: Path, pooling: str = "") -> Path:
+def prepare_model_dir(source: str, target, pooling: str = "") -> Path:
     """The run's own copy of the backbone's non-weight files (config, tokenizer, ST files).
 
     A resumed run, the exporter and `jaxembed.load(workdir)` read this copy, so the original
     folder is only needed for the first initialisation. With last-token pooling (``pooling``,
     else the folder's own) the copied tokenizer is saved appending EOS (`tokenizer.append_eos`),
     so the data pipeline, evaluation and the exported folder all tokenize the same way.
+    ``target`` may be a bucket folder: built locally, then uploaded, config.json last.
     """
     if (target / "config.json").exists():
         return target
@@ -51,6 +53,11 @@ def prepare_model_dir(source: str, target: Path, pooling: str = "") -> Path:
         raise ValueError("config.model.path is empty: name a local Hugging Face model folder")
     src = Path(source)
     hf.read_config(src)  # fails early, naming the folder, if it is not a model folder
+    if is_url(target):
+        with tempfile.TemporaryDirectory() as tmp:
+            _copy_model_files(src, Path(tmp), pooling)
+            upload_dir(Path(tmp), target, last="config.json")
+        return target
     with atomic_dir(target) as tmp:
         _copy_model_files(src, tmp, pooling)
     return target
@@ -122,12 +129,12 @@ class Checkpoint:
     def model_dir(self) -> Path:
         """The run's copy of the model's non-weight files (config.json, tokenizer, ST files).
 
-        ``WORKDIR/model`` first, so a run directory that was moved still converts; then the
-        absolute path recorded at training time.
+        ``WORKDIR/model`` first, so a run directory that was moved still converts (a local
+        copy of it for a run on a bucket); then the absolute path recorded at training time.
         """
         local = self.workdir / MODEL_DIR
         if (local / "config.json").exists():
-            return local
+            return local_copy(local)
         recorded = Path(self.meta.get("model_dir", ""))
         if (recorded / "config.json").exists():
             return recorded
@@ -137,7 +144,7 @@ class Checkpoint:
         )
 
 
-def _split(path: Path) -> tuple[Path, int | None]:
+def _split(path):
     """``(workdir, step or None)`` from WORKDIR, WORKDIR/STEP or WORKDIR/checkpoints[/STEP]."""
     if path.name == checkpoint.CKPT_DIR:
         return path.parent, None
@@ -152,15 +159,15 @@ def _split(path: Path) -> tuple[Path, int | None]:
 
 def is_checkpoint(path: str | os.PathLike) -> bool:
     """Whether ``path`` names a training run (or one of its steps) rather than an HF folder."""
-    workdir, _ = _split(Path(path))
-    return (workdir / checkpoint.CKPT_DIR).is_dir() and not (Path(path) / "config.json").exists()
+    path = run_path(path, "checkpoint")
+    workdir, _ = _split(path)
+    return (workdir / checkpoint.CKPT_DIR).is_dir() and not (path / "config.json").exists()
 
 
 def find_checkpoint(path: str | os.PathLike) -> Checkpoint:
     """The checkpoint ``path`` names: WORKDIR (its latest step), WORKDIR/STEP,
     WORKDIR/checkpoints or WORKDIR/checkpoints/STEP."""
-    check_local_path(path, "checkpoint")
-    path = Path(path)
+    path = run_path(path, "checkpoint")
     workdir, step = _split(path)
     if not path.exists() and step is None:
         raise CheckpointError(f"{path}: no such directory")

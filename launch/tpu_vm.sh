@@ -3,14 +3,15 @@
 #
 # Needs: the Google Cloud CLI (gcloud), logged in, with a project, the TPU API enabled and
 # quota for the accelerator type. A slice with several workers (v4-16, v5litepod-16 and up)
-# needs the workdir on storage every worker shares: --mount BUCKET mounts gs://BUCKET at
-# ~/bucket on each worker (gcsfuse; small folders such as the run's model files may be
-# renamed, checkpoints are committed in place by a marker file); put --workdir under it.
+# needs the workdir on storage every worker shares: --workdir gs://BUCKET/PATH (read and
+# written directly: checkpoints by Orbax, the rest through gcsfs), or --mount BUCKET, which
+# mounts gs://BUCKET at ~/bucket on each worker (gcsfuse; checkpoints committed in place by a
+# marker file), with --workdir under it.
 #
 # Example (a v4-32 slice: 4 workers x 4 chips):
-#   launch/tpu_vm.sh --name embed --zone us-central2-b --type v4-32 --mount my-bucket -- \
+#   launch/tpu_vm.sh --name embed --zone us-central2-b --type v4-32 -- \
 #       python -m jaxembed.train --config configs/retrofit_xlmr_base.py \
-#       --workdir ~/bucket/runs/xlmr
+#       --workdir gs://my-bucket/runs/xlmr
 #
 # Steps: (1) create the TPU VM unless one of that name exists (--spot: preemptible capacity),
 # with the runtime image of its generation; (2) copy this checkout (tracked files) to
@@ -102,7 +103,7 @@ if [ -n "$install" ]; then
     { test -x $uv || curl -LsSf https://astral.sh/uv/install.sh | sh; } && \
     { .venv/bin/python -c 'import sys; assert sys.version_info >= (3, 11)' 2>/dev/null || \
       { rm -rf .venv && $uv venv -q --seed --python 3.11 .venv; }; } && \
-    $uv pip install -q --python .venv/bin/python -e . 'jax[tpu]'"
+    $uv pip install -q --python .venv/bin/python -e '.[gcs]' 'jax[tpu]'"
 fi
 
 if [ -n "$mount" ]; then

@@ -4,6 +4,7 @@ import atexit
 import os
 import shutil
 import tempfile
+from pathlib import Path
 
 # The flags the suite is started with reach the processes tests start (helpers.xla_flags):
 # `XLA_FLAGS=--xla_cpu_prefer_vector_width=512 pytest` runs everything in that summation order.
@@ -43,3 +44,43 @@ def straight_run(train_setup, tmp_path_factory):
 
     workdir = tmp_path_factory.mktemp("straight")
     return workdir, train.main(tiny_config(train_setup, steps=STEPS), workdir)
+
+
+@pytest.fixture(scope="session")
+def gcs_bucket(tmp_path_factory):
+    """``gs://jaxembed-test``: a local Google Cloud Storage (tests/fake_gcs.py, in memory,
+    in a process of its own) that gcsfs, google-cloud-storage and TensorStore all talk to,
+    as they would to the real one; local copies of its folders in a temp dir."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen(
+        [sys.executable, str(Path(__file__).with_name("fake_gcs.py")), str(port), "jaxembed-test"],
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(100):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            break
+        except OSError:
+            time.sleep(0.1)
+    env = {
+        "STORAGE_EMULATOR_HOST": url,  # gcsfs and google-cloud-storage
+        "TENSORSTORE_GCS_HTTP_URL": url,  # Orbax's arrays
+        "JAXEMBED_BUCKET_CACHE": str(tmp_path_factory.mktemp("bucket-copies")),
+    }
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    yield "gs://jaxembed-test"
+    server.kill()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v

@@ -186,7 +186,7 @@ def test_tpu_script_creates_installs_runs_and_reports_the_status(tmp_path):
     assert "--version tpu-ubuntu2204-base" in calls  # v4's image
     # The venv's Python (this one, >= 3.11) is kept; jaxembed installed into it by uv.
     uv_calls = [line for line in calls.splitlines() if line.startswith("uv ")]
-    assert uv_calls == ["uv pip install -q --python .venv/bin/python -e . jax[tpu]"], calls
+    assert uv_calls == ["uv pip install -q --python .venv/bin/python -e .[gcs] jax[tpu]"], calls
     assert "--worker=all" in calls
     assert (tmp_path / "home" / "jaxembed" / "jaxembed" / "train.py").exists()  # copied
     # The VM exists now: reused, nothing installed with --no-install; --delete at the end.

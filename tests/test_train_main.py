@@ -85,25 +85,41 @@ def test_sigkill_at_random_points_resumes_exactly(train_setup, straight_run, tmp
     assert_close(final["params"], reference["params"], tol=1e-6)
 
 
-def test_time_limit_ends_training_and_a_rerun_continues_exactly(
-    train_setup, straight_run, tmp_path
+def test_time_limit_ends_training_and_a_rerun_continues_exactly_in_a_bucket(
+    train_setup, straight_run, gcs_bucket, tmp_path, monkeypatch
 ):
-    # A limit already spent at the first step: one step, then the run ends as if done
-    # (checkpoint, eval after); rerunning without it resumes and matches the straight run.
+    """A limit already spent at the first step: one step, then the run ends as if done
+    (checkpoint, eval after); rerunning without it resumes and matches the straight run.
+    The workdir is gs://BUCKET/run (a local GCS): checkpoints, metrics, TensorBoard, the
+    model's files and the loaded model all go through the bucket, nothing to a local gs:/."""
+    from etils import epath
+
+    import jaxembed
+
+    monkeypatch.chdir(tmp_path)
+    workdir = f"{gcs_bucket}/time-limit/run"
     dev = Path(train_setup[3]).name
     limited = train.main(
         tiny_config(train_setup, train__time_limit_minutes=1e-6, eval__groups={"toy": (dev,)}),
-        tmp_path,
+        workdir,
     )
     assert limited["time_limit_step"] == limited["step"] == 1
     # A group of one set reports that set's metrics as its mean.
     assert limited["after"]["eval/toy/ndcg@10"] == limited["after"]["eval/ndcg@10"]
-    assert checkpoint.latest_step(tmp_path) == 1
-    resumed = train.main(tiny_config(train_setup), tmp_path)
+    assert checkpoint.latest_step(workdir) == 1
+    resumed = train.main(tiny_config(train_setup), workdir)
     assert resumed["step"] == STEPS and "time_limit_step" not in resumed
-    reference, losses = read_losses(straight_run[0]), read_losses(tmp_path)
+    reference, losses = read_losses(straight_run[0]), read_losses(workdir)
     assert sorted(losses) == list(range(1, STEPS + 1))
     assert_close(losses, {s: reference[s] for s in losses}, tol=1e-6, what="loss at step ")
+    bucket = epath.Path(workdir)
+    assert checkpoint.all_steps(workdir) == [1, 3, STEPS]
+    assert (bucket / "model" / "tokenizer.json").exists()
+    assert list((bucket / "tensorboard").iterdir())
+    assert list(tmp_path.iterdir()) == []  # no local gs:/ folder
+    texts = ["a query", "another passage"]
+    want = jaxembed.load(straight_run[0]).encode(texts)
+    assert_close(jaxembed.load(workdir).encode(texts), want, tol=1e-5)
 
 
 def test_non_finite_loss_stops_with_the_step(train_setup, tmp_path, monkeypatch):
@@ -369,8 +385,8 @@ def _unraisable(exc):
 
 def test_a_bucket_mounted_by_gcsfuse_commits_checkpoints_without_renames(tmp_path, monkeypatch):
     """gcsfuse renames a folder by copying every object (and refuses by default): on such a
-    mount a step is written in place and committed by Orbax's marker file. A gs:// URL
-    itself is one line (pathlib would fold it into a local gs:/ folder)."""
+    mount a step is written in place and committed by Orbax's marker file. A URL of a
+    storage other than gs:// is one line (pathlib would fold it into a local folder)."""
     from jaxembed import files
 
     mounts = f"/dev/sda1 / ext4 rw 0 0\nmy-bucket {tmp_path / 'bucket'} fuse.gcsfuse rw 0 0\n"
@@ -391,5 +407,5 @@ def test_a_bucket_mounted_by_gcsfuse_commits_checkpoints_without_renames(tmp_pat
     step = tmp_path / "bucket" / "run" / checkpoint.CKPT_DIR / "3"
     assert (step / "commit_success.txt").exists() and checkpoint.latest_step(step.parents[1]) == 3
     mngr.close()
-    with pytest.raises(ValueError, match=r"--workdir gs://b/run: gs:// URLs are not read or"):
-        train.main(config_lib.default_config(), "gs://b/run")
+    with pytest.raises(ValueError, match=r"--workdir s3://b/run: s3:// is not supported; use gs"):
+        train.main(config_lib.default_config(), "s3://b/run")

@@ -12,6 +12,7 @@ from pathlib import Path
 from helpers import save_tiny_with_tokenizer, toy_records, write_jsonl, write_toy_beir, xla_flags
 
 from jaxembed import config as config_lib
+from jaxembed.files import run_path
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 6
@@ -48,7 +49,7 @@ def tiny_config(setup, steps=6, **kw):
 
 def read_losses(workdir):
     out = {}
-    for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines():
+    for line in (run_path(workdir, "workdir") / "metrics.jsonl").read_text().splitlines():
         rec = json.loads(line)
         if "loss" in rec:
             assert rec["step"] not in out, f"step {rec['step']} logged twice"
