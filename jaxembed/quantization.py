@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxembed.choices import QUANTIZATIONS
-from jaxembed.files import atomic_write_text
+from jaxembed.files import atomic_write_text, run_path
 from jaxembed.search import top_k
 
 RANGES_FILE = "quantization_ranges.json"  # in an export: the int8 ranges
@@ -143,7 +143,7 @@ def save_ranges(folder: str | os.PathLike, ranges: np.ndarray) -> None:
 
 
 def load_ranges(folder: str | os.PathLike) -> np.ndarray | None:
-    path = Path(folder) / RANGES_FILE
+    path = run_path(folder, "model") / RANGES_FILE  # a local folder or a bucket's
     if not path.is_file():
         return None
     try:

@@ -248,7 +248,12 @@ def format_table(per_set: dict[str, dict]) -> str:
 
 
 class Evaluator:
-    """The training loop's dev evaluation: metrics with the live parameters (no export)."""
+    """The training loop's dev evaluation: metrics with the live parameters (no export).
+
+    A run trained for a quantized index (``loss.quantization``) also logs that index's
+    metrics, alone and rescored by the float queries (``eval/binary_index/ndcg@10``,
+    ``eval/binary_rescored/...``, and per group), as ``jaxembed.evaluate --quantization``
+    gives them on the checkpoint (int8 ranges calibrated on each corpus)."""
 
     def __init__(
         self, config, model, tokenizer, pooling: str, st, prompts: dict[str, str], head=None
@@ -267,6 +272,7 @@ class Evaluator:
         # `jaxembed.evaluate` gives on the checkpoint.
         self.query_prompt, self.passage_prompt = prompts["query"], prompts["document"]
         self.q_len, self.p_len = config.data.max_query_length, config.data.max_passage_length
+        self.quantization = config.loss.quantization
 
     @staticmethod
     def _mesh_of(params):
@@ -294,12 +300,18 @@ class Evaluator:
                               max_length=self.p_len)  # fmt: skip
 
         docs = reuse_last(docs)  # sets sharing a corpus encode it once
+        q = self.quantization
         per_set = {
-            name: evaluate_beir(queries, docs, None, data=data) for name, data in self.sets.items()
+            name: evaluate_beir(queries, docs, None, data=data, quantization=q)
+            for name, data in self.sets.items()
         }
         out = {f"eval/{name}/{m}": r[m] for name, r in per_set.items() for m in METRICS}
-        out.update({f"eval/{m}": v for m, v in mean_over_sets(per_set).items()})
-        for group, members in self.groups.items():
-            means = mean_over_sets({name: per_set[name] for name in members})
-            out.update({f"eval/{group}/{m}": means[m] for m in METRICS})
+        kinds = {"": ()}  # the float index, and a quantized one's metrics under their names
+        if q != "none":
+            kinds |= {f"{q}_{how}/": (q, how) for how in ("index", "rescored")}
+        for kind, where in kinds.items():
+            out.update({f"eval/{kind}{m}": v for m, v in mean_over_sets(per_set, where).items()})
+            for group, members in self.groups.items():
+                means = mean_over_sets({name: per_set[name] for name in members}, where)
+                out.update({f"eval/{group}/{kind}{m}": means[m] for m in METRICS})
         return out

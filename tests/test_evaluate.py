@@ -253,6 +253,7 @@ def trained(debian_data, tmp_path_factory):
     c.optim.warmup_steps, c.optim.lr = 1, 1e-3
     c.eval.data = tuple(str(p) for p in sorted((debian_data / "dev").iterdir()))
     c.ckpt.every, c.ckpt.async_save, c.log.tensorboard = 2, False, False
+    c.loss.quantization = "binary"  # its index's metrics are logged too
     workdir = base / "run"
     return workdir, train.main(c, workdir), debian_data / "dev"
 
@@ -276,7 +277,8 @@ def no_network(monkeypatch):
 
 def test_cli_on_checkpoint_matches_the_training_loops_evaluation(trained, tmp_path):
     workdir, results, dev = trained
-    out = ev.main(["--model", str(workdir), "--data", str(dev), "--out", str(tmp_path)])
+    args = ["--model", str(workdir), "--data", str(dev), "--out", str(tmp_path)]
+    out = ev.main([*args, "--quantization", "binary"])
     assert out["prompts"] == {"query": "query: ", "document": "passage: "}
     assert json.loads((tmp_path / "metrics.json").read_text())["sets"] == out["sets"]
     after = results["after"]
@@ -284,6 +286,10 @@ def test_cli_on_checkpoint_matches_the_training_loops_evaluation(trained, tmp_pa
         for metric in retrieval.METRICS:
             assert metrics[metric] == pytest.approx(after[f"eval/{name}/{metric}"], abs=1e-6)
     assert out["mean"]["ndcg@10"] == pytest.approx(after["eval/ndcg@10"], abs=1e-6)
+    for how in ("index", "rescored"):  # the binary index of a run trained for one
+        for metric in retrieval.METRICS:
+            want = after[f"eval/binary_{how}/{metric}"]
+            assert out["quantized"][how][metric] == pytest.approx(want, abs=1e-6)
     # A barely trained tiny model: rankings are far from perfect, so agreement means something.
     assert min(m["ndcg@10"] for m in out["sets"].values()) < 0.9
 
