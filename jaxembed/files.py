@@ -33,6 +33,7 @@ def atomic_open(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
     if mode not in ("w", "wb"):
         raise ValueError(f"atomic_open writes whole files: mode 'w' or 'wb', got {mode!r}")
     if is_url(path):  # an object appears whole when uploaded: upload it once, on success
+        path = run_path(path, "file")
         buffer = io.StringIO(newline="\n") if mode == "w" else io.BytesIO()
         yield buffer
         value = buffer.getvalue()
@@ -169,7 +170,7 @@ def local_copy(folder) -> Path:
     if not is_url(folder):
         return Path(folder)
     files = _files_under(folder)
-    listing = [(str(f), f.stat().length) for f in files]
+    listing = [(str(f), st.length, st.mtime) for f in files for st in [f.stat()]]
     digest = hashlib.blake2b(repr(listing).encode(), digest_size=8).hexdigest()
     target = bucket_cache() / os.fspath(folder).split("://", 1)[1] / digest
     if target.is_dir():

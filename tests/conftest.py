@@ -78,7 +78,9 @@ def gcs_bucket(tmp_path_factory):
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     yield "gs://jaxembed-test"
-    server.kill()
+    # The server stays up until this process exits (tests/fake_gcs.py), not just this
+    # session: writers still flush to it at interpreter exit.
+    assert server.poll() is None, "the local GCS server died during the tests"
     for k, v in saved.items():
         if v is None:
             os.environ.pop(k, None)

@@ -6,6 +6,7 @@ its next conditional write on that generation (Orbax's OCDBT manifest); without 
 write fails as "Malformed StorageGeneration", as it never would on the real service.
 """
 
+import os
 import sys
 import time
 
@@ -32,4 +33,9 @@ from gcp_storage_emulator.server import create_server  # noqa: E402
 if __name__ == "__main__":
     port, bucket = int(sys.argv[1]), sys.argv[2]
     create_server("127.0.0.1", port, in_memory=True, default_bucket=bucket).start()
-    time.sleep(1e9)
+    # Serve until the test process is gone: its exit still uploads (tensorboardX's GCS
+    # writers flush at exit, retrying for two minutes if nobody answers).
+    parent = os.getppid()
+    while os.getppid() == parent:
+        time.sleep(0.5)
+    os._exit(0)  # the server's thread is not a daemon
