@@ -63,6 +63,7 @@ is a mistake in how the data was assembled, not one bad line.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import gzip
 import hashlib
@@ -375,6 +376,7 @@ def _decode_line(raw: bytes, where: str) -> Any:
 
 PARALLEL_BYTES = 256 << 20  # a plain JSONL file is validated by one process per this much
 PARALLEL_ROWS = 1 << 19  # a Parquet or Arrow file is validated by one process per this many rows
+ONE_PROCESS = "{}: validated in one process"  # logged when worker processes cannot start
 
 
 def _parallel_workers(parts: int) -> int:
@@ -393,11 +395,16 @@ def _own_parts(path: Path) -> int:
     groups: a file of one row group is one part)."""
     if path.name.endswith(".parquet"):
         try:
-            rows = _parquet_group_rows(path)
+            return _row_parts(_parquet_group_rows(path))
         except (OSError, ValueError):  # not Parquet: its open says so
             return 1
-        return min(sum(1 for r in rows if r), sum(rows) // PARALLEL_ROWS)
     return path.stat().st_size // PARALLEL_BYTES
+
+
+def _row_parts(group_rows: list[int]) -> int:
+    """The parts a file of row groups (rows each) is validated in: one per `PARALLEL_ROWS`,
+    whole groups only."""
+    return min(sum(1 for r in group_rows if r), sum(group_rows) // PARALLEL_ROWS)
 
 
 def _usable_cores() -> int:
@@ -405,20 +412,20 @@ def _usable_cores() -> int:
     return cores or 1
 
 
-def _in_processes(jobs: list, path: Path) -> list[dict] | None:
-    """`_validate_part` of each job, a process each, the outcomes in job order; None when
+def _in_processes(fn, jobs: list, workers: int, instead: str) -> list | None:
+    """``[fn(job) for job in jobs]`` in ``workers`` processes, in job order; None when
     processes cannot start (a script opening data at import time, outside ``if __name__ ==
-    "__main__"``): the caller then validates in one pass."""
+    "__main__"``): ``instead`` is logged and the caller works in this process."""
     import concurrent.futures
     import multiprocessing
 
     # spawn, not fork: the parent may run JAX's threads, which a fork must not copy.
     context = multiprocessing.get_context("spawn")
     try:
-        with concurrent.futures.ProcessPoolExecutor(len(jobs), mp_context=context) as pool:
-            return list(pool.map(_validate_part, jobs))
+        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
+            return list(pool.map(fn, jobs))
     except (RuntimeError, concurrent.futures.process.BrokenProcessPool) as e:
-        log.warning("%s: validated in one process (%s)", path, e)
+        log.warning("%s (%s)", instead, e)
         return None
 
 
@@ -515,7 +522,7 @@ class JsonlSource(RecordSource):
         """`_scan` over byte ranges split at line ends, one process each; the parts are
         joined in file order, so errors and the task / dataset check read as in one pass."""
         jobs = [(self, "_scan_range", r) for r in _line_ranges(self.path, workers)]
-        parts = _in_processes(jobs, self.path)
+        parts = _in_processes(_validate_part, jobs, len(jobs), ONE_PROCESS.format(self.path))
         if parts is None:
             return None, None
         self._join(parts)
@@ -636,7 +643,9 @@ class ParquetSource(RecordSource):
             if len(spans) > 1:
                 pairs = zip(spans, copies, strict=True)
                 jobs = [(self, "_check_rows", (*span, copy)) for span, copy in pairs]
-                parts = _in_processes(jobs, self.path)
+                parts = _in_processes(
+                    _validate_part, jobs, len(jobs), ONE_PROCESS.format(self.path)
+                )
                 if parts is not None:
                     self._join(parts)
             if parts is None:  # one pass, into one copy
@@ -677,7 +686,7 @@ class ParquetSource(RecordSource):
         ``[(0, None)]`` (the whole file, one pass) otherwise."""
         rows = self._group_rows()
         total = sum(rows)
-        workers = _parallel_workers(min(sum(1 for r in rows if r), total // PARALLEL_ROWS))
+        workers = _parallel_workers(_row_parts(rows))
         if workers < 2:
             return [(0, None)]
         ends = np.cumsum(rows)
@@ -1142,7 +1151,6 @@ def _first_opens_in_parallel(jobs: list[tuple[Path, dict]]) -> None:
     when there are two or more and `WARM_MIN_BYTES` in all. A worker that fails is
     ignored: the open that follows reads that file again and raises its error as one pass
     would."""
-    import concurrent.futures
     import multiprocessing
 
     if cache_root() is None or multiprocessing.current_process().daemon:
@@ -1156,20 +1164,15 @@ def _first_opens_in_parallel(jobs: list[tuple[Path, dict]]) -> None:
     total = sum(Path(p).stat().st_size for p, _ in small)
     if len(small) < 2 or total < WARM_MIN_BYTES or cores < 2:
         return
-    context = multiprocessing.get_context("spawn")  # the parent may run JAX's threads
-    try:
-        with concurrent.futures.ProcessPoolExecutor(
-            min(cores, len(small)), mp_context=context
-        ) as pool:
-            for future in [pool.submit(_warm, path, how) for path, how in small]:
-                future.exception()  # waited for; an error is raised by the open that follows
-    except (RuntimeError, concurrent.futures.process.BrokenProcessPool) as e:
-        log.warning("record files opened one after another (%s)", e)
+    _in_processes(_warm, small, min(cores, len(small)), "record files opened one after another")
 
 
-def _warm(path: str, how: dict) -> None:
-    """A worker of `_first_opens_in_parallel`: opening writes the file's cache entry."""
-    open_source(path, **how)
+def _warm(job: tuple[str, dict]) -> None:
+    """A worker of `_first_opens_in_parallel`: opening writes the file's cache entry. An
+    error is left to the open that follows, which raises it as one pass would."""
+    path, how = job
+    with contextlib.suppress(Exception):
+        open_source(path, **how)
 
 
 HUB_PREFIX = "hf://"
