@@ -13,6 +13,8 @@ import numpy as np
 from jaxembed.files import atomic_write_text, is_url
 
 METRICS = "metrics.jsonl"  # WORKDIR/metrics.jsonl: one JSON record per logged step
+# On a bucket a write uploads the whole file again: at most this often (`RunLog.flush`).
+BUCKET_UPLOAD_S = 60.0
 
 
 class RunLog:
@@ -22,6 +24,7 @@ class RunLog:
         self.enabled, self.path = enabled, workdir / METRICS
         self.jsonl = None  # a local file, appended to
         self.lines = None  # on a bucket (no appends there): the file's lines, uploaded whole
+        self._uploaded = time.monotonic()
         if enabled and is_url(self.path):
             self.lines = self.path.read_text().splitlines(True) if self.path.exists() else []
         elif enabled:
@@ -58,9 +61,8 @@ class RunLog:
         if not self.enabled:
             return
         line = json.dumps({"step": step, **values}) + "\n"
-        if self.lines is not None:  # a bucket: the whole file again (a few MB at most)
+        if self.lines is not None:
             self.lines.append(line)
-            atomic_write_text(self.path, "".join(self.lines))
         else:
             self.jsonl.write(line)
             self.jsonl.flush()
@@ -68,6 +70,19 @@ class RunLog:
             for k, v in values.items():
                 # TensorBoard tag names allow no "@": "ndcg@10" becomes "ndcg_at_10".
                 self.tb.add_scalar(k.replace("@", "_at_"), v, step)
+        if self.lines is None or time.monotonic() - self._uploaded >= BUCKET_UPLOAD_S:
+            self.flush()
+
+    def flush(self) -> None:
+        """Writes out what was logged: locally every record (by `scalars`); on a bucket,
+        where each write uploads the whole metrics and TensorBoard files again, at most every
+        `BUCKET_UPLOAD_S`, before each checkpoint (the train loop calls it, so the records up
+        to a saved step are on the bucket with it: a resumed run logs only what follows)
+        and at close."""
+        if self.lines is not None:
+            atomic_write_text(self.path, "".join(self.lines))
+            self._uploaded = time.monotonic()
+        if self.tb is not None:
             self.tb.flush()
 
     def eval(self, step: int, title: str, metrics: dict) -> dict:
@@ -78,6 +93,7 @@ class RunLog:
         return metrics
 
     def close(self):
+        self.flush()
         if self.jsonl is not None:
             self.jsonl.close()
         if self.tb is not None:

@@ -107,6 +107,7 @@ def main(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
                     check_finite(jax.device_get(metrics), at)
                     checkpoint.check_space(mngr, checkpoint.tree_bytes(step.abstract), at)
                     data, force = {"next_batch": at}, stopping or out_of_time
+                    log.flush()  # on a bucket, the records up to this step go with it
                     checkpoint.save(mngr, at, state, data, meta, evaluated, force)
                 if batches.remining and at % batches.remining.every == 0 and not ending:
                     data_iter = batches.start(at, live(state.params), fresh=True)  # after the save

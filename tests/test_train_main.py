@@ -122,6 +122,30 @@ def test_time_limit_ends_training_and_a_rerun_continues_exactly_in_a_bucket(
     assert_close(jaxembed.load(workdir).encode(texts), want, tol=1e-5)
 
 
+def test_a_buckets_metrics_are_uploaded_at_most_once_a_minute_and_when_flushed(
+    gcs_bucket, monkeypatch
+):
+    """Each upload to a bucket rewrites the whole file: records wait for a flush (the train
+    loop's, before each checkpoint; close's) or for a minute since the last upload."""
+    from etils import epath
+
+    from jaxembed import run_log
+
+    workdir = epath.Path(f"{gcs_bucket}/metrics-upload")
+    log = run_log.RunLog(workdir, enabled=True, tensorboard=False)
+    log.scalars(1, {"loss": 1.0})
+    assert not (workdir / run_log.METRICS).exists()  # logged, not uploaded yet
+    log.flush()
+    assert read_losses(workdir) == {1: 1.0}
+    monkeypatch.setattr(run_log, "BUCKET_UPLOAD_S", 0.0)  # a minute has passed
+    log.scalars(2, {"loss": 2.0})
+    assert read_losses(workdir) == {1: 1.0, 2: 2.0}
+    monkeypatch.setattr(run_log, "BUCKET_UPLOAD_S", 60.0)
+    log.scalars(3, {"loss": 3.0})
+    log.close()
+    assert read_losses(workdir) == {1: 1.0, 2: 2.0, 3: 3.0}
+
+
 def test_non_finite_loss_stops_with_the_step(train_setup, tmp_path, monkeypatch):
     original = step_lib.Step.__call__
 
