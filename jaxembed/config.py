@@ -30,6 +30,7 @@ from jaxembed.choices import (
     PACKING_SHAPES,
     QUANTIZATIONS,
     SCHEDULES,
+    SPARSE_MODELS,
     TASKS,
 )
 from jaxembed.mining import MiningError, Rules
@@ -133,6 +134,29 @@ SCHEMA = Group(
             dropout=Field(0.0, "on the adapters' input, in training", at_least=0, below=1),
             targets=Field((), resume=True),
         ),
+        sparse=Field(
+            "none",
+            "csr: append a sparse top-k autoencoder to a dense model (CSR, "
+            "jaxembed.models.sparse; sentence-transformers' SparseEncoder conversion): a "
+            "sparse vector of csr_hidden_dim dimensions, csr_k of them non-zero, scored by dot "
+            "product (logits: dot / loss.temperature; sentence-transformers uses 1.0). A "
+            "folder that already ends in one trains it whatever this says",
+            choices=SPARSE_MODELS,
+            resume=True,
+        ),
+        csr_hidden_dim=Field(0, "0 = 4x the embedding size", at_least=0, resume=True),
+        csr_k=Field(
+            0, "latents kept per text; 0 = a quarter of the embedding size", at_least=0, resume=True
+        ),
+        csr_k_aux=Field(
+            0, "latents of the auxiliary loss; 0 = half the embedding size", at_least=0, resume=True
+        ),
+        csr_dead_threshold=Field(
+            30,
+            "forward passes (2 per tower and step) without firing after which a latent is dead",
+            above=0,
+            resume=True,
+        ),
     ),
     loss=Group(
         "",
@@ -172,6 +196,14 @@ SCHEMA = Group(
             dict.fromkeys(TASKS, 0.0), "per task", at_least=0, keys=TASKS, key_name="task"
         ),
         teacher_temperature=Field(1.0, above=0),
+        csr_beta=Field(
+            0.1,
+            "a sparse (CSR) model's loss: csr_gamma x InfoNCE + the reconstructions of the "
+            "embedding from its top-k and top-4k latents (/8) + csr_beta x the auxiliary "
+            "reconstruction from dead latents (sentence-transformers' CSRLoss)",
+            at_least=0,
+        ),
+        csr_gamma=Field(1.0, at_least=0),
     ),
     optim=Group(
         "AdamW",
@@ -411,6 +443,12 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
             "e.g. ('query', 'key', 'value') for BERT or ('q_proj', 'v_proj') for Qwen3"
         )
     mining_rules(c)
+    if c.model.sparse != "none" and c.mine.every and c.mine.max_score is not None:
+        raise ValueError(
+            f"config.mine.max_score={c.mine.max_score} is a cosine threshold, but a sparse "
+            "model scores by dot product: set config.mine.max_score=None (relative_margin, "
+            "relative to each positive's score, applies as it is)"
+        )
     if c.optim.min_lr > c.optim.lr:
         raise ValueError(
             f"config.optim.min_lr={c.optim.min_lr} exceeds config.optim.lr={c.optim.lr}"

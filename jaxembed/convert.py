@@ -142,7 +142,7 @@ def export_adapters(
             f"{ckpt.name}: not a LoRA run (config.model.lora.rank is 0): there are no "
             "adapters to write; export the model without --adapters-only"
         )
-    if read_st_config(ckpt.model_dir).dense:
+    if read_st_config(ckpt.model_dir).has_weights:
         raise ValueError(
             f"{ckpt.name}: the run also trained Dense layers after pooling, which PEFT "
             "adapters cannot carry; export the merged model without --adapters-only"

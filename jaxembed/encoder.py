@@ -22,9 +22,11 @@ PROGRESS_FROM = 5000  # texts: smaller jobs finish before a progress line would 
 
 
 class Encoder:
-    """A backbone, its tokenizer, pooling and head: ``encode(texts) -> (n, dim)`` unit vectors.
+    """A backbone, its tokenizer, pooling and head: ``encode(texts) -> (n, dim)`` unit vectors
+    (a sparse model's: its sparse vectors, scored by dot product, `sparse`).
 
-    ``head`` holds the folder's Dense layers after pooling (`jaxembed.models.head`), if any.
+    ``head`` holds the folder's Dense layers after pooling (`jaxembed.models.head`), if any,
+    and its sparse autoencoder (CSR), if any.
     """
 
     def __init__(
@@ -41,6 +43,7 @@ class Encoder:
     ):
         self.model = model
         self.head = head
+        self.sparse = head is not None and head.sparse is not None
         self.packing = packing
         self.tokenizer = tokenizer
         self.pooling = check_pooling(pooling)
@@ -63,7 +66,7 @@ class Encoder:
         self.segments = MAX_SEGMENTS if packing else 1
 
         def embed(params, ids, segment_ids, pool_ids):
-            """(rows, segments, dim) unit vectors of a batch of rows (`jaxembed.packing`)."""
+            """(rows, segments, dim) unit (or sparse) vectors of rows (`jaxembed.packing`)."""
             model = nnx.merge(graphdef, params["model"])
             # One text per row is a padded batch: key lengths, not a mask, for fused kernels.
             packed = segment_ids if self.segments > 1 else None
@@ -72,7 +75,7 @@ class Encoder:
             pooled = pool_segments(h, pool_ids, segment_ids, self.pooling, segments)
             if "head" in params:
                 pooled = nnx.merge(head_graphdef, params["head"])(pooled)
-            return l2_normalize(pooled)
+            return pooled if self.sparse else l2_normalize(pooled)
 
         self._embed = embed
         self._jitted = jax.jit(embed)

@@ -27,6 +27,7 @@ from jaxembed.choices import DTYPES, QUANTIZATIONS
 from jaxembed.encoder import load
 from jaxembed.files import atomic_write_text, hf_offline
 from jaxembed.retrieval import (
+    SPARSITY,
     encoder_fns,
     evaluate_beir,
     format_table,
@@ -194,6 +195,7 @@ def _main(args) -> dict:
             quantization=args.quantization,
             ranges=quantization.load_ranges(args.model),
             rescore_multiplier=args.rescore_multiplier,
+            sparse=getattr(model, "sparse", False),
         )
         per_set = {
             name: evaluate_beir(q_fn, d_fn, None, args.split, data=d, **quantized)
@@ -217,6 +219,9 @@ def _main(args) -> dict:
     if not writer:
         return result
     print(format_table(per_set))
+    if active := {m: v for m, v in result["mean"].items() if m in SPARSITY}:
+        print("sparse vectors, mean non-zero dimensions: " + ", ".join(
+            f"{m.split('_')[0]} {v:.1f}" for m, v in active.items()))  # fmt: skip
     for how in result.get("quantized", {}):
         print(
             f"\n{q} index" + (f", rescored x{args.rescore_multiplier}" if how == "rescored" else "")

@@ -112,8 +112,9 @@ def trained_prompts(meta: dict) -> dict[str, str]:
 def trained_st_config(ckpt: Checkpoint, model_config) -> STConfig:
     """The sentence-transformers settings that reproduce the trained encoder.
 
-    Pooling and ``include_prompt`` as trained, the base model's Dense head (trained with
-    the backbone), L2 normalisation (the training losses compare normalised embeddings), the
+    Pooling and ``include_prompt`` as trained, the run's head (the base model's Dense
+    layers, trained with the backbone; a sparse autoencoder, last), L2 normalisation (the
+    training losses compare normalised embeddings; never after a sparse model's top-k), the
     prompts of `trained_prompts`, and the base model's ``max_seq_length`` (else the longer
     of the training query / passage lengths).
     """
@@ -130,5 +131,5 @@ def trained_st_config(ckpt: Checkpoint, model_config) -> STConfig:
         default_prompt_name=None,
         head=source.head,
         head_dirs=source.head_dirs,
-        normalize=True,
+        normalize=not source.sparse,
     )

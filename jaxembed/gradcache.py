@@ -106,7 +106,8 @@ def value_and_grad(
 
     Args:
       encode: ``encode(params, *tower_inputs) -> (rows, dim)`` embeddings.
-      loss_of_embeddings: ``loss(embeddings: dict[name, (rows, dim)], extra) -> scalar``.
+      loss_of_embeddings: ``loss(embeddings: dict[name, (rows, dim)], extra) -> (scalar,
+        aux)``, ``aux`` anything the loss computes besides (returned, not differentiated).
       params: the parameters to differentiate.
       towers: name -> tuple of arrays with a leading row dimension (ids, masks, row keys...).
       extra: other differentiable loss inputs (e.g. a learnable temperature).
@@ -114,7 +115,7 @@ def value_and_grad(
       constrain: applied to each chunk's arrays (a sharding constraint on the mesh).
 
     Returns:
-      ``(loss, (param_grads, extra_grads))``.
+      ``((loss, aux), (param_grads, extra_grads))``.
     """
     n = {
         name: num_chunks(inputs[0].shape[0], chunk_size, f"tower '{name}'")
@@ -124,9 +125,9 @@ def value_and_grad(
         name: chunked_encode(encode, params, inputs, n[name], constrain)
         for name, inputs in towers.items()
     }
-    loss, (emb_grads, extra_grads) = jax.value_and_grad(loss_of_embeddings, argnums=(0, 1))(
-        embeddings, extra
-    )
+    loss, (emb_grads, extra_grads) = jax.value_and_grad(
+        loss_of_embeddings, argnums=(0, 1), has_aux=True
+    )(embeddings, extra)
     grads = None
     for name, inputs in towers.items():
         g = chunked_vjp(encode, params, inputs, emb_grads[name], n[name], constrain)

@@ -38,6 +38,8 @@ from jaxembed.quantization import with_quantization
 # Finite rather than -inf: exp underflows to exactly 0 either way, but -inf turns into NaN
 # as soon as anything subtracts two masked logits or multiplies one by zero.
 _MASKED = -1e9
+# "cosine": the embeddings are L2-normalised first; "dot": a sparse model's raw vectors.
+SIMILARITIES = ("cosine", "dot")
 
 
 def _normalize(x: jax.Array) -> jax.Array:
@@ -50,6 +52,10 @@ def _normalize(x: jax.Array) -> jax.Array:
     x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
     sq = jnp.sum(x * x, axis=-1, keepdims=True)
     return x * jax.lax.rsqrt(jnp.maximum(sq, 1e-24))
+
+
+def _float32(x: jax.Array) -> jax.Array:
+    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
 
 
 def _gathered(x: jax.Array) -> jax.Array:
@@ -84,14 +90,18 @@ def _check_inputs(q, p, n, neg_mask, pos_hash, neg_hash) -> None:
         raise ValueError(f"neg_hash must be [B={b}, K={k}]; got {neg_hash.shape}")
 
 
-def _prepare(q, p, n, temperature, neg_mask, pos_hash, neg_hash):
-    """Validates shapes; returns normalised q, p, n, the float temperature and a [B, K] mask."""
+def _prepare(q, p, n, temperature, neg_mask, pos_hash, neg_hash, similarity="cosine"):
+    """Validates shapes; returns q, p, n normalised (``similarity="cosine"``) or not
+    ("dot": a sparse model's), the float temperature and a [B, K] mask."""
     q, p, n = (_gathered(jnp.asarray(x)) for x in (q, p, n))
     neg_mask = None if neg_mask is None else _gathered(jnp.asarray(neg_mask, bool))
     pos_hash = None if pos_hash is None else _gathered(jnp.asarray(pos_hash))
     neg_hash = None if neg_hash is None else _gathered(jnp.asarray(neg_hash))
     _check_inputs(q, p, n, neg_mask, pos_hash, neg_hash)
-    qn, pn, nn = _normalize(q), _normalize(p), _normalize(n)
+    if similarity not in SIMILARITIES:
+        raise ValueError(f"similarity {similarity!r}; expected one of {SIMILARITIES}")
+    prepare = _normalize if similarity == "cosine" else _float32
+    qn, pn, nn = prepare(q), prepare(p), prepare(n)
     temp = jnp.asarray(temperature, qn.dtype)
     if neg_mask is None:
         neg_mask = jnp.ones(n.shape[:2], bool)
@@ -168,6 +178,7 @@ def retrieval_loss(
     neg_hash=None,
     symmetric: bool = False,
     reduce: bool = True,
+    similarity: str = "cosine",
 ) -> jax.Array:
     """In-batch + hard-negative InfoNCE in one softmax (MultipleNegativesRanking style).
 
@@ -192,7 +203,7 @@ def retrieval_loss(
         Scalar mean loss, or [B] per-example losses when ``reduce`` is False.
     """
     qn, pn, nn, temp, neg_mask, pos_hash, neg_hash = _prepare(
-        q, p, n, temperature, neg_mask, pos_hash, neg_hash
+        q, p, n, temperature, neg_mask, pos_hash, neg_hash, similarity
     )
     per_example = _in_batch_term(
         qn, pn, nn, temp, neg_mask, pos_hash, neg_hash, with_negatives=True, symmetric=symmetric
@@ -211,6 +222,7 @@ def f2llm_retrieval_loss(
     neg_hash=None,
     symmetric: bool = False,
     reduce: bool = True,
+    similarity: str = "cosine",
 ) -> jax.Array:
     """F2LLM retrieval loss: in-batch loss plus hard-negative loss, summed unweighted.
 
@@ -222,7 +234,7 @@ def f2llm_retrieval_loss(
         Scalar mean loss, or [B] per-example losses when ``reduce`` is False.
     """
     qn, pn, nn, temp, neg_mask, pos_hash, neg_hash = _prepare(
-        q, p, n, temperature, neg_mask, pos_hash, neg_hash
+        q, p, n, temperature, neg_mask, pos_hash, neg_hash, similarity
     )
     in_batch = _in_batch_term(
         qn, pn, nn, temp, neg_mask, pos_hash, neg_hash, with_negatives=False, symmetric=symmetric
@@ -242,6 +254,7 @@ def hard_negative_loss(
     neg_hash=None,
     symmetric: bool = False,
     reduce: bool = True,
+    similarity: str = "cosine",
 ) -> jax.Array:
     """Hard-negative-only InfoNCE for classification and clustering tasks.
 
@@ -267,7 +280,7 @@ def hard_negative_loss(
     """
     del symmetric
     qn, pn, nn, temp, neg_mask, pos_hash, neg_hash = _prepare(
-        q, p, n, temperature, neg_mask, pos_hash, neg_hash
+        q, p, n, temperature, neg_mask, pos_hash, neg_hash, similarity
     )
     return _reduce(_hard_term(qn, pn, nn, temp, neg_mask, pos_hash, neg_hash), reduce)
 
@@ -344,9 +357,11 @@ def task_loss(task: str, style: str = "joint") -> Callable[..., jax.Array]:
 # ``teacher_temperature``. Rows without a positive score are left out of the mean.
 
 
-def _candidates(q, p, n, teacher, temperature, teacher_temperature, neg_mask):
+def _candidates(q, p, n, teacher, temperature, teacher_temperature, neg_mask, similarity):
     """Student and teacher logits over [p_i, n_i,0 ..], the valid mask, the rows scored."""
-    qn, pn, nn, temp, neg_mask, _, _ = _prepare(q, p, n, temperature, neg_mask, None, None)
+    qn, pn, nn, temp, neg_mask, _, _ = _prepare(
+        q, p, n, temperature, neg_mask, None, None, similarity
+    )
     teacher = _gathered(jnp.asarray(teacher, jnp.float32))
     b, k = neg_mask.shape
     if teacher.shape != (b, 1 + k):
@@ -367,14 +382,16 @@ def _mean_over(values: jax.Array, rows: jax.Array) -> jax.Array:
     return jnp.sum(jnp.where(rows, values, 0.0)) / jnp.maximum(jnp.sum(rows), 1)
 
 
-def kl_distill_loss(q, p, n, teacher, *, temperature, teacher_temperature=1.0, neg_mask=None):
+def kl_distill_loss(
+    q, p, n, teacher, *, temperature, teacher_temperature=1.0, neg_mask=None, similarity="cosine"
+):
     """KL(teacher || student) between the softmaxes over each query's candidates.
 
     The candidates are the row's positive and hard negatives that the teacher scored; the
     mean is over rows whose positive has a score (the others contribute nothing).
     """
     student, t, valid, scored = _candidates(
-        q, p, n, teacher, temperature, teacher_temperature, neg_mask
+        q, p, n, teacher, temperature, teacher_temperature, neg_mask, similarity
     )
     log_s = jax.nn.log_softmax(jnp.where(valid, student, _MASKED), axis=-1)
     log_t = jax.nn.log_softmax(jnp.where(valid, t, _MASKED), axis=-1)
@@ -382,10 +399,14 @@ def kl_distill_loss(q, p, n, teacher, *, temperature, teacher_temperature=1.0, n
     return _mean_over(per_row, scored)
 
 
-def margin_mse_loss(q, p, n, teacher, *, temperature, teacher_temperature=1.0, neg_mask=None):
+def margin_mse_loss(
+    q, p, n, teacher, *, temperature, teacher_temperature=1.0, neg_mask=None, similarity="cosine"
+):
     """Margin-MSE (Hofstätter et al.): the student's positive-minus-negative margins match the
     teacher's, squared error averaged over the (row, negative) pairs both scored."""
-    student, t, valid, _ = _candidates(q, p, n, teacher, temperature, teacher_temperature, neg_mask)
+    student, t, valid, _ = _candidates(
+        q, p, n, teacher, temperature, teacher_temperature, neg_mask, similarity
+    )
     pairs = valid[:, 1:] & valid[:, :1]
     err = (student[:, :1] - student[:, 1:]) - (t[:, :1] - t[:, 1:])
     return jnp.sum(jnp.where(pairs, err * err, 0.0)) / jnp.maximum(jnp.sum(pairs), 1)
@@ -408,7 +429,8 @@ def with_distillation(
         total = 0.0
         if infonce:
             total = infonce * loss_fn(q, p, n, temperature=temperature, neg_mask=neg_mask, **kwargs)
-        common = dict(temperature=temperature, teacher_temperature=teacher_temperature)
+        common = dict(temperature=temperature, teacher_temperature=teacher_temperature,
+                      similarity=kwargs.get("similarity", "cosine"))  # fmt: skip
         if kl:
             total = total + kl * kl_distill_loss(q, p, n, teacher, neg_mask=neg_mask, **common)
         if margin_mse:
@@ -423,7 +445,7 @@ def with_distillation(
 # --- a run's loss -----------------------------------------------------------------------------
 
 
-def make_loss(cfg, task: str) -> Callable[..., jax.Array]:
+def make_loss(cfg, task: str, similarity: str = "cosine") -> Callable[..., jax.Array]:
     """The training loss of ``task`` per a run's loss settings (``config.loss``), built once:
     the task's InfoNCE (`task_loss`, ``cfg.style``; ``cfg.symmetric``), with KL and
     Margin-MSE on teacher scores (`with_distillation`) where the task's weights ask for them,
@@ -432,7 +454,8 @@ def make_loss(cfg, task: str) -> Callable[..., jax.Array]:
     ``cfg.false_negative_masking``.
 
     Returns ``loss(q, p, n, *, temperature, neg_mask, pos_hash, neg_hash, teacher)``: the
-    hashes are ignored without masking, the teacher scores without distillation.
+    hashes are ignored without masking, the teacher scores without distillation. Scores
+    are cosine similarities, or with ``similarity="dot"`` (a sparse model) dot products.
     """
     fn = task_loss(task, cfg.style)
     weights = (cfg.infonce_weight[task], cfg.kl_weight[task], cfg.margin_mse_weight[task])
@@ -446,7 +469,8 @@ def make_loss(cfg, task: str) -> Callable[..., jax.Array]:
     masking, symmetric = cfg.false_negative_masking, cfg.symmetric
 
     def loss(q, p, n, *, temperature, neg_mask, pos_hash, neg_hash, teacher):
-        kwargs = dict(temperature=temperature, neg_mask=neg_mask, symmetric=symmetric)
+        kwargs = dict(temperature=temperature, neg_mask=neg_mask, symmetric=symmetric,
+                      similarity=similarity)  # fmt: skip
         if masking:
             kwargs.update(pos_hash=pos_hash, neg_hash=neg_hash)
         if distill:

@@ -78,8 +78,9 @@ def flat_params(model: nnx.Module, head) -> dict[str, np.ndarray]:
 
 def load(path: str) -> Loaded:
     model, head, st, tokenizer_dir = trained_model.load_model_or_run(Path(path))
-    # As jaxembed.load reads it: mean pooling when the folder names none, unit vectors.
-    st = dataclasses.replace(st, pooling=st.pooling or "mean", normalize=True)
+    # As jaxembed.load reads it: mean pooling when the folder names none, unit vectors
+    # (a sparse model's: its top-k latents).
+    st = dataclasses.replace(st, pooling=st.pooling or "mean", normalize=not st.sparse)
     ckpt = workdir.find_checkpoint(path) if workdir.is_checkpoint(path) else None
     return Loaded(path, flat_params(model, head), model, head, st, tokenizer_dir, ckpt)
 

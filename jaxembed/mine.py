@@ -194,6 +194,12 @@ def mine(
     data = _read_inputs(input, corpus, split, task, dataset)
     pool = mining.candidate_pool(data.corpus, data.records)
     encoder, mesh = _load_teacher(model, dtype, max_length, packing, mesh, devices)
+    if getattr(encoder, "sparse", False) and rules.max_score is not None:
+        raise MiningError(
+            f"max_score={rules.max_score} is a cosine threshold, but {encoder.name or model} is "
+            "a sparse model scored by dot product: pass max_score=None (--max-score none); "
+            "relative_margin, relative to each positive's score, applies as it is"
+        )
     q_prompt, p_prompt = _prompts(
         encoder, query_prompt, passage_prompt, query_prefix, passage_prefix
     )

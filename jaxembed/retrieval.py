@@ -40,12 +40,15 @@ from jaxembed import sharding
 from jaxembed.beir import EvalDataError, load_beir
 from jaxembed.encoder import Encoder
 from jaxembed.hf.sentence_transformers import DOC_PROMPTS, QUERY_PROMPTS, pick_prompt
+from jaxembed.models.sparse import active_dims
 from jaxembed.search import top_k
 
 METRICS = ("ndcg@10", "mrr@10", "map@100", "recall@1", "recall@10", "recall@100")
 # Where MTEB stores the same numbers in its result files.
 MTEB_KEYS = {m: m.replace("@", "_at_") for m in METRICS}
 K = 100  # ranks kept per query: the deepest cut-off in METRICS
+# A sparse model's statistics: the mean count of non-zero dimensions per query, per document.
+SPARSITY = ("query_active_dims", "corpus_active_dims")
 
 EncodeFn = Callable[[list[str]], np.ndarray]
 
@@ -97,6 +100,7 @@ def evaluate_beir(
     quantization: str = "none",
     ranges: np.ndarray | None = None,
     rescore_multiplier: int = 4,
+    sparse: bool = False,
 ) -> dict:
     """Encodes a BEIR set with the two callables (texts -> unit vectors) and scores it.
 
@@ -105,7 +109,8 @@ def evaluate_beir(
     (``int8`` / ``binary``, `jaxembed.quantization.search`) also, under
     ``quantization``, the metrics of the quantized index alone and rescored by the float
     queries (``rescore_multiplier * k`` candidates); int8 codes use ``ranges``, else ranges
-    calibrated on this corpus.
+    calibrated on this corpus. A ``sparse`` model's vectors (scored exactly, by dot product
+    over every document) also report `SPARSITY`.
     """
     corpus, queries, qrels = data if data is not None else load_beir(folder, split)
     # Sorted by id, descending: search breaks ties by lower index, i.e. by greater id, as
@@ -120,6 +125,8 @@ def evaluate_beir(
         return retrieval_metrics(ranked, qrels)
 
     out = {**metrics(top_k(q, d, k)[1]), "queries": len(qids), "corpus": len(doc_ids)}
+    if sparse:
+        out.update(zip(SPARSITY, (active_dims(q), active_dims(d)), strict=True))
     if quantization != "none":
         if quantization == "int8" and ranges is None:
             ranges = quantization_lib.int8_ranges(d)
@@ -220,15 +227,18 @@ def st_encoder_fns(
 
 
 def mean_over_sets(per_set: dict[str, dict], where: tuple[str, ...] = ()) -> dict:
-    """The unweighted mean of each metric over the sets (how the training loop reports);
-    ``where``: of the metrics nested under these keys (e.g. ``("binary", "rescored")``)."""
+    """The unweighted mean of each metric over the sets (how the training loop reports),
+    and of a sparse model's `SPARSITY`; ``where``: of the metrics nested under these keys
+    (e.g. ``("binary", "rescored")``)."""
 
     def at(r: dict) -> dict:
         for key in where:
             r = r[key]
         return r
 
-    return {m: float(np.mean([at(r)[m] for r in per_set.values()])) for m in METRICS}
+    first = at(next(iter(per_set.values())))
+    names = METRICS + tuple(m for m in SPARSITY if m in first)
+    return {m: float(np.mean([at(r)[m] for r in per_set.values()])) for m in names}
 
 
 def format_table(per_set: dict[str, dict]) -> str:
@@ -273,6 +283,7 @@ class Evaluator:
         self.query_prompt, self.passage_prompt = prompts["query"], prompts["document"]
         self.q_len, self.p_len = config.data.max_query_length, config.data.max_passage_length
         self.quantization = config.loss.quantization
+        self.sparse = self.encoder.sparse
 
     @staticmethod
     def _mesh_of(params):
@@ -302,10 +313,11 @@ class Evaluator:
         docs = reuse_last(docs)  # sets sharing a corpus encode it once
         q = self.quantization
         per_set = {
-            name: evaluate_beir(queries, docs, None, data=data, quantization=q)
+            name: evaluate_beir(queries, docs, None, data=data, quantization=q, sparse=self.sparse)
             for name, data in self.sets.items()
         }
-        out = {f"eval/{name}/{m}": r[m] for name, r in per_set.items() for m in METRICS}
+        names = METRICS + (SPARSITY if self.sparse else ())
+        out = {f"eval/{name}/{m}": r[m] for name, r in per_set.items() for m in names}
         kinds = {"": ()}  # the float index, and a quantized one's metrics under their names
         if q != "none":
             kinds |= {f"{q}_{how}/": (q, how) for how in ("index", "rescored")}
@@ -313,5 +325,5 @@ class Evaluator:
             out.update({f"eval/{kind}{m}": v for m, v in mean_over_sets(per_set, where).items()})
             for group, members in self.groups.items():
                 means = mean_over_sets({name: per_set[name] for name in members}, where)
-                out.update({f"eval/{group}/{kind}{m}": means[m] for m in METRICS})
+                out.update({f"eval/{group}/{kind}{m}": v for m, v in means.items()})
         return out

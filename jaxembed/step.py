@@ -41,7 +41,8 @@ from flax import nnx
 from jaxembed import gradcache, losses, sharding
 from jaxembed.choices import TASKS
 from jaxembed.data import pipeline
-from jaxembed.models import lora
+from jaxembed.models import lora, sparse
+from jaxembed.models.head import HeadLayer
 from jaxembed.models.pooling import pool_segments
 from jaxembed.packing import MAX_SEGMENTS
 from jaxembed.seeds import to_seed
@@ -67,24 +68,39 @@ def train_step(state: TrainState, batch: dict, frozen, *, step: Step, task: str,
     def encode(p, *tower):  # (rows, segments, dim) pooled, per text
         return step.encode(p if frozen is None else lora.join(frozen, p), *tower)
 
-    def objective(emb: dict, extra: dict) -> jax.Array:
+    def objective(emb: dict, extra: dict) -> tuple[jax.Array, dict]:
+        """The loss of the towers' pooled embeddings, and the updated ``buffers``."""
         slots = {t: batch[f"{t}_slot"].reshape(-1, 2) for t in emb}  # (row, segment) per text
         emb = {t: e[slots[t][:, 0], slots[t][:, 1]] for t, e in emb.items()}
-        if step.head is not None:
-            emb = {t: nnx.merge(step.head, extra["head"])(e) for t, e in emb.items()}
+        head = None if step.head is None else nnx.merge(step.head, extra["head"])
+        if head is not None:
+            emb = {t: head.before_sparse(e) for t, e in emb.items()}
         emb = {t: step.constrain(e) for t, e in emb.items()}
         b, k = batch["neg_valid"].shape
+        if step.sparse:  # CSR: the reconstructions of the dense inputs, then the top-k
+            real = {"query": jnp.ones(b, bool), "pos": jnp.ones(b, bool)}
+            real["neg"] = batch["neg_valid"].reshape(-1)
+            # In sentence-transformers' column order (a dict through jax.grad comes back sorted).
+            towers = [(emb[t], real[t]) for t in ("query", "pos", "neg") if t in emb]
+            stats = state.buffers[sparse.STATS]
+            recon, stats = sparse.reconstruction_loss(
+                head.sparse, towers, stats, config.loss.csr_beta
+            )
+            emb = {t: step.constrain(head.sparse(e)) for t, e in emb.items()}
         d = emb["query"].shape[-1]
         negatives = emb["neg"].reshape(b, k, d) if k else jnp.zeros((b, 0, d), emb["query"].dtype)
-        return step.losses[task](
+        loss = step.losses[task](
             emb["query"], emb["pos"], negatives,
             temperature=losses.temperature(extra, config.loss), neg_mask=batch["neg_valid"],
             pos_hash=batch["pos_hash"], neg_hash=batch["neg_hash"], teacher=batch["teacher"],
         )  # fmt: skip
+        if step.sparse:
+            return config.loss.csr_gamma * loss + recon, {sparse.STATS: stats}
+        return loss, {}
 
     if config.train.gradcache:
         chunk = config.train.gradcache_chunk
-        loss, (g_trained, g_extra) = gradcache.value_and_grad(
+        (loss, buffers), (g_trained, g_extra) = gradcache.value_and_grad(
             encode, objective, params[trained], inputs, extra, chunk, step.constrain
         )
     else:
@@ -92,7 +108,9 @@ def train_step(state: TrainState, batch: dict, frozen, *, step: Step, task: str,
         def full(p, extra):
             return objective({t: encode(p, *x) for t, x in inputs.items()}, extra)
 
-        loss, (g_trained, g_extra) = jax.value_and_grad(full, (0, 1))(params[trained], extra)
+        (loss, buffers), (g_trained, g_extra) = jax.value_and_grad(full, (0, 1), has_aux=True)(
+            params[trained], extra
+        )
     grads = {trained: g_trained, **g_extra}
     temperature = losses.temperature(extra, config.loss)
     if not update:
@@ -105,8 +123,12 @@ def train_step(state: TrainState, batch: dict, frozen, *, step: Step, task: str,
         "lr": step.schedule(state.step),
         "temperature": temperature,
     }
+    if step.sparse:  # latents that have not fired for dead_threshold forward passes
+        dead = buffers[sparse.STATS] > step.sparse.dead_threshold
+        metrics["dead_latents"] = jnp.sum(dead).astype(jnp.float32)
     params = optax.apply_updates(params, updates)
-    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+    state = state.replace(params=params, opt_state=opt_state, buffers=buffers)
+    return state.replace(step=state.step + 1), metrics
 
 
 @dataclasses.dataclass(eq=False)
@@ -119,6 +141,7 @@ class Step:
     mesh: jax.sharding.Mesh
     graphdef: nnx.GraphDef
     head: nnx.GraphDef | None  # the Dense head's, if the model has one
+    sparse: HeadLayer | None  # a sparse model's autoencoder (`jaxembed.models.sparse`)
     pooling: str
     tx: optax.GradientTransformation
     schedule: optax.Schedule
@@ -129,7 +152,8 @@ class Step:
     _jitted: dict = dataclasses.field(init=False, default_factory=dict)
 
     def __post_init__(self):
-        self.losses = {task: losses.make_loss(self.config.loss, task) for task in TASKS}
+        similarity = "dot" if self.sparse else "cosine"
+        self.losses = {t: losses.make_loss(self.config.loss, t, similarity) for t in TASKS}
         self.encode = make_encode(self.graphdef, self.pooling, texts_per_row(self.config))
 
     def constrain(self, x):
@@ -188,8 +212,14 @@ def make_step(config, mesh, model: nnx.Module, head=None, pooling: str = "mean")
     tx, schedule = make_optimizer(config.optim, config.train.steps)
     abstract, shardings = abstract_state(model, config, mesh, tx, head)
     head_def = None if head is None else nnx.graphdef(head)
+    csr = None if head is None or head.sparse is None else head.sparse.layer
+    if csr and (config.loss.matryoshka_dims or config.loss.quantization != "none"):
+        raise ValueError(
+            "a sparse (CSR) model's vectors are neither truncated nor quantized: set "
+            "config.loss.matryoshka_dims=() and config.loss.quantization=none"
+        )
     return Step(
-        config, mesh, nnx.graphdef(model), head_def, pooling, tx, schedule, abstract, shardings
+        config, mesh, nnx.graphdef(model), head_def, csr, pooling, tx, schedule, abstract, shardings
     )
 
 

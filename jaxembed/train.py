@@ -33,13 +33,19 @@ from jaxembed.data import pipeline, readers
 from jaxembed.data.pipeline import NO_STOP, PREEMPTED, TIME_LIMIT
 from jaxembed.export_meta import run_meta, trained_prompts
 from jaxembed.files import local_copy, run_path
-from jaxembed.hf.sentence_transformers import load_head, read_st_config
+from jaxembed.hf.sentence_transformers import read_st_config
 from jaxembed.models import attention as attention_lib
 from jaxembed.models import lora
 from jaxembed.retrieval import Evaluator, on_mesh
 from jaxembed.run_log import Progress, RunLog, check_finite
 from jaxembed.tokenizer import load_tokenizer
-from jaxembed.trained_model import abstract_head, abstract_model, lora_spec, with_adapters
+from jaxembed.trained_model import (
+    abstract_head,
+    abstract_model,
+    initial_head,
+    lora_spec,
+    with_adapters,
+)
 from jaxembed.workdir import MODEL_DIR, PARAMETERS, base_folder, prepare_model_dir
 
 
@@ -147,7 +153,10 @@ def open_run(config, workdir, log: RunLog):
     it), its sentence-transformers settings and pooling, this host's batch builder and the
     run's meta (what an export needs)."""
     if jax.process_index() == 0:
-        prepare_model_dir(config.model.path, workdir / MODEL_DIR, config.model.pooling)
+        m = config.model
+        csr = (m.csr_hidden_dim, m.csr_k, m.csr_k_aux, m.csr_dead_threshold)
+        csr = csr if config.model.sparse == "csr" else None
+        prepare_model_dir(config.model.path, workdir / MODEL_DIR, config.model.pooling, csr)
     distributed.barrier("prepare_model_dir")
     model_dir = local_copy(workdir / MODEL_DIR)
     st = read_st_config(model_dir)
@@ -182,7 +191,8 @@ def start_state(config, workdir, model_dir: Path, mesh, st, pooling: str, meta: 
 
     def init():
         source = loaded or load_model()
-        return step.init(source, load_head(base_folder(model_dir), st, source.config.hidden_size))
+        head = initial_head(model_dir, st, source.config.hidden_size, config.train.seed)
+        return step.init(source, head)
 
     mngr = checkpoint.manager(
         workdir, keep=config.ckpt.keep, keep_best=config.ckpt.keep_best,

@@ -15,6 +15,7 @@ from flax import nnx, struct
 
 from jaxembed import sharding
 from jaxembed.models import lora
+from jaxembed.models.sparse import STATS
 
 NO_DECAY = ("bias", "scale")  # LayerNorm / RMSNorm scales and every bias
 
@@ -80,6 +81,16 @@ class TrainState:
     params: dict
     opt_state: optax.OptState
     rng: jax.Array  # base PRNG key data; each step's dropout seed derives from (rng, step)
+    # State the step updates but does not train: a sparse (CSR) head's dead-latent counts
+    # ({"stats_last_nonzero": (hidden,) int32}, `jaxembed.models.sparse`); {} otherwise.
+    buffers: dict
+
+
+def init_buffers(head=None) -> dict:
+    """The train state's ``buffers`` for ``head`` (concrete or abstract)."""
+    if head is None or head.sparse is None:
+        return {}
+    return {STATS: jnp.zeros((head.sparse.layer.out_features,), jnp.int32)}
 
 
 def init_params(model: nnx.Module, config: ml_collections.ConfigDict, head=None) -> tuple:
@@ -116,6 +127,7 @@ def create_state(model: nnx.Module, config: ml_collections.ConfigDict, mesh, tx,
         params=params,
         opt_state=opt_state,
         rng=jax.device_put(jax.random.key_data(jax.random.key(config.train.seed)), repl),
+        buffers=jax.device_put(init_buffers(head), repl),
     )
     return graphdef, state, state_sh
 
@@ -142,8 +154,10 @@ def abstract_state(model: nnx.Module, config: ml_collections.ConfigDict, mesh, t
         params=params,
         opt_state=opt_abstract,
         rng=key_data,
+        buffers=jax.eval_shape(lambda: init_buffers(head)),
     )
-    shardings = TrainState(step=repl, params=param_sh, opt_state=opt_sh, rng=repl)
+    buffers = jax.tree.map(lambda _: repl, state.buffers)
+    shardings = TrainState(step=repl, params=param_sh, opt_state=opt_sh, rng=repl, buffers=buffers)
     with_sh = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), state, shardings
     )

@@ -77,6 +77,21 @@ def abstract_head(model_dir: Path, pooled: int | None = None) -> Head | None:
     return nnx.eval_shape(lambda: build_head(read_st_config(model_dir).head, pooled))
 
 
+def initial_head(model_dir: Path, st: STConfig, pooled: int, seed: int = 0) -> Head | None:
+    """The head a run starts from: the folder it started from's, with its weights; a sparse
+    autoencoder the run appended (``model.sparse="csr"``) starts from a random draw
+    (``seed``), as sentence-transformers' conversion does."""
+    base = base_folder(model_dir)
+    base_st = read_st_config(base)
+    if not st.sparse or base_st.sparse:
+        return load_head(base, st, pooled)
+    head = build_head(st.head, pooled, seed)
+    loaded = load_head(base, base_st, pooled)
+    for new, old in zip(head.dense, loaded.dense if loaded is not None else (), strict=True):
+        nnx.update(new, nnx.state(old))
+    return head
+
+
 def checkpoint_model(ckpt: Checkpoint, dtype: str = "float32") -> nnx.Module:
     """`abstract_model` of a checkpoint's run (adapters included for a LoRA run); an error
     naming the run if it cannot be built."""

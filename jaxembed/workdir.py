@@ -28,7 +28,7 @@ from pathlib import Path
 from jaxembed import checkpoint, hf
 from jaxembed.files import atomic_dir, is_url, local_copy, run_path, upload_dir
 from jaxembed.hf.io import ModelFolderError
-from jaxembed.hf.sentence_transformers import read_st_config
+from jaxembed.hf.sentence_transformers import append_sparse, csr_layer, read_st_config
 from jaxembed.run_log import METRICS
 from jaxembed.tokenizer import append_eos, load_tokenizer
 
@@ -38,7 +38,7 @@ PARAMETERS = "parameters.txt"
 # --- the run's model folder -------------------------------------------------------------------
 
 
-def prepare_model_dir(source: str, target, pooling: str = "") -> Path:
+def prepare_model_dir(source: str, target, pooling: str = "", csr: tuple | None = None) -> Path:
     """The run's own copy of the backbone's non-weight files (config, tokenizer, ST files).
 
     A resumed run, the exporter and `jaxembed.load(workdir)` read this copy, so the original
@@ -46,6 +46,9 @@ def prepare_model_dir(source: str, target, pooling: str = "") -> Path:
     else the folder's own) the copied tokenizer is saved appending EOS (`tokenizer.append_eos`),
     so the data pipeline, evaluation and the exported folder all tokenize the same way.
     ``target`` may be a bucket folder: built locally, then uploaded, config.json last.
+    ``csr``: ``(hidden_dim, k, k_aux)`` (`hf.sentence_transformers.csr_layer`) to make the
+    run a sparse one by appending an autoencoder to a dense model (a folder that has one
+    keeps its own).
     """
     if (target / "config.json").exists():
         return target
@@ -55,15 +58,15 @@ def prepare_model_dir(source: str, target, pooling: str = "") -> Path:
     hf.read_config(src)  # fails early, naming the folder, if it is not a model folder
     if is_url(target):
         with tempfile.TemporaryDirectory() as tmp:
-            _copy_model_files(src, Path(tmp), pooling)
+            _copy_model_files(src, Path(tmp), pooling, csr)
             upload_dir(Path(tmp), target, last="config.json")
         return target
     with atomic_dir(target) as tmp:
-        _copy_model_files(src, tmp, pooling)
+        _copy_model_files(src, tmp, pooling, csr)
     return target
 
 
-def _copy_model_files(src: Path, tmp: Path, pooling: str) -> None:
+def _copy_model_files(src: Path, tmp: Path, pooling: str, csr: tuple | None) -> None:
     for item in src.iterdir():
         if item.name in hf.io.WEIGHT_FILES or item.suffix in (".safetensors", ".bin", ".pt"):
             continue
@@ -80,6 +83,10 @@ def _copy_model_files(src: Path, tmp: Path, pooling: str) -> None:
         "has_pooler": hf.has_pooler(fam, tensors),
     }
     (tmp / "jaxembed.json").write_text(json.dumps(info, indent=2))
+    st = read_st_config(tmp)
+    if csr is not None and not st.sparse:
+        dim = st.output_dim(hf.read_config(src)["hidden_size"])
+        append_sparse(tmp, csr_layer(dim, *csr))
     if (pooling or read_st_config(tmp).pooling) == "lasttoken":
         tokenizer = load_tokenizer(tmp)
         before = tokenizer("a")["input_ids"]

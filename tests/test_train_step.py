@@ -16,8 +16,9 @@ from jaxembed import sharding, train_state
 from jaxembed import step as step_lib
 from jaxembed.data import pipeline
 from jaxembed.models.bert import BertConfig, BertModel
-from jaxembed.models.head import HeadLayer, build_head
+from jaxembed.models.head import SPARSE, HeadLayer, build_head
 from jaxembed.models.lora import LoRASpec, join
+from jaxembed.models.sparse import STATS
 from jaxembed.trained_model import with_adapters
 
 TINY = BertConfig(
@@ -215,6 +216,40 @@ def test_dense_head_trains_the_same_on_every_mesh_and_with_gradcache():
     # The head's kernels get weight decay, its biases do not, as the backbone's.
     mask = train_state.decay_mask(grads1)
     assert mask["head"]["dense"][1]["linear"] == {"kernel": True, "bias": False}
+
+
+def test_a_sparse_csr_head_trains_the_same_on_every_mesh_and_with_gradcache():
+    """A Dense layer, Normalize and a sparse autoencoder (CSR): two optimizer steps on one
+    device and on a 2x4 mesh with GradCache give the same losses, dead-latent counts
+    (exactly: the second step's auxiliary loss reads the first's) and parameters."""
+    layers = [
+        HeadLayer("dense", 32, 48),
+        HeadLayer("normalize"),
+        HeadLayer(SPARSE, 48, 96, k=8, k_aux=16, dead_threshold=2),
+    ]
+    out = []
+    for shape, gradcache in ((MESHES["1x1"], False), (MESHES["2x4"], True)):
+        mesh = sharding.make_mesh(*shape, devices=jax.devices()[: int(np.prod(shape))])
+        c = make_config(gradcache=gradcache, gradcache_chunk=8)
+        c.loss.temperature = 1.0
+        model, head = tiny_model(), build_head(layers, 32, seed=3)
+        step = step_lib.make_step(c, mesh, model, head)
+        state, batch = step.init(model, head), step_batch(random_batch())
+        assert state.buffers[STATS].shape == (96,)
+        run = []
+        for _ in range(2):
+            state, metrics = step(state, sharding.shard_batch(batch, mesh))
+            run.append((float(metrics["loss"]), float(metrics["dead_latents"])))
+        out.append((run, np.asarray(state.buffers[STATS]), jax.tree.map(np.asarray, state.params)))
+    (run1, stats1, params1), (run8, stats8, params8) = out
+    assert_close(run8, run1)
+    np.testing.assert_array_equal(stats8, stats1)
+    assert run1[1][1] > 0 and stats1.max() > 2  # latents died, so the auxiliary loss ran
+    assert_close(params8, params1)
+    with pytest.raises(ValueError, match="neither truncated nor quantized"):
+        c = make_config()
+        c.loss.matryoshka_dims = (16,)
+        step_lib.make_step(c, mesh, tiny_model(), build_head(layers, 32))
 
 
 def test_lora_trains_only_the_adapters_the_same_on_every_mesh():

@@ -29,6 +29,9 @@ bench: mean nDCG@10 over the dev zero-shot languages
   binary index (``loss.quantization="binary"``), each scored in float and as a binary
   index, alone and rescored: how much of post-hoc binarisation's loss the training
   wins back.
+- ``sparse``: the recipe (its ``recipe`` cell's run, dense) against the recipe with a CSR
+  autoencoder appended (``model.sparse="csr"``: 1,536 latents, 96 kept, dot product), at
+  sentence-transformers' scale (``csr``: temperature 1) and at the recipe's (``csr-t0.05``).
 - ``recipe``: the whole recipe (``config.py``: mined-linked groups, symmetric loss with
   false-negative masking, lr 1e-4, dropout off, the Cyrillic rewrite) on mixed positives,
   on synopsis + body positives, and with each choice undone in turn: which of them the
@@ -77,6 +80,7 @@ STUDIES = {
     "format": ("full", "body", "mix"),
     "recipe": tuple(RECIPE_CELLS),
     "quantization": ("float", "binary"),
+    "sparse": ("dense", "csr", "csr-t0.05"),
 }
 DEBIAN = ROOT / "data" / "debian"
 GERMAN = ROOT / "data" / "debian-de"  # the same builder, German as the only trained language
@@ -127,6 +131,12 @@ def cell_data(study: str, cell: str, out: Path, examples: int) -> tuple[list[Pat
     if study == "quantization":
         overrides = ["--config.loss.quantization=binary"] if cell == "binary" else []
         return [mined_pairs(out, examples, "mix")], overrides
+    if study == "sparse":
+        overrides = []
+        if cell != "dense":
+            t = cell.split("-t")[1] if "-t" in cell else "1.0"
+            overrides = ["--config.model.sparse=csr", f"--config.loss.temperature={t}"]
+        return [mined_pairs(out, examples, "mix")], overrides
     if study == "negatives":
         mined = mined_pairs(out, examples)
         if cell == "random":
@@ -158,16 +168,16 @@ def cell_data(study: str, cell: str, out: Path, examples: int) -> tuple[list[Pat
 def run_cell(study, cell, seed, args) -> dict:
     examples = args.steps * args.batch
     files, overrides = cell_data(study, cell, args.out, examples)
-    if study not in ("recipe", "quantization"):
+    if study not in ("recipe", "quantization", "sparse"):
         # Rows shuffled uniformly: the recipe's mined-linked batch groups would put hard
         # negatives into every cell, the "0 negatives" one included.
         overrides = ["--config.data.group_size=0", *overrides]
     # The recipe's Cyrillic-rewritten queries only where they are the thing measured.
-    if study not in ("cyrillic", "recipe", "quantization"):
+    if study not in ("cyrillic", "recipe", "quantization", "sparse"):
         overrides.append("--config.data.query_transform_rate=0")
     # The shape in the name: a cell run at another steps x batch must not resume this one.
     workdir = args.out / study / f"{cell}-seed{seed}-{args.steps}x{args.batch}"
-    if study == "quantization" and cell == "float":  # the recipe cell's run, if there is one
+    if (study, cell) in (("quantization", "float"), ("sparse", "dense")):  # the recipe's run
         workdir = args.out / "recipe" / f"recipe-seed{seed}-{args.steps}x{args.batch}"
     workdir.parent.mkdir(parents=True, exist_ok=True)
     cmd = [

@@ -21,8 +21,9 @@ import numpy as np
 
 from jaxembed.files import atomic_write_text
 from jaxembed.hf.io import WeightsError, read_weights, write_safetensors
-from jaxembed.models.head import Head, HeadLayer, build_head, check_chain
+from jaxembed.models.head import SPARSE, Head, HeadLayer, build_head, check_chain
 from jaxembed.models.pooling import POOLING_MODES
+from jaxembed.models.sparse import STATS
 
 _LEGACY_POOLING = {
     "pooling_mode_cls_token": "cls",
@@ -32,7 +33,8 @@ _LEGACY_POOLING = {
     "pooling_mode_weightedmean_tokens": "weightedmean",
     "pooling_mode_lasttoken": "lasttoken",
 }
-_SUPPORTED_MODULES = ("Transformer", "Pooling", "Dense", "Normalize")
+_SUPPORTED_MODULES = ("Transformer", "Pooling", "Dense", "Normalize", "SparseAutoEncoder")
+_SPARSE_TYPE = "sentence_transformers.sparse_encoder.modules.SparseAutoEncoder"
 # sentence-transformers writes the activation's class path; these are the ones we compute.
 _TORCH_ACTIVATIONS = {
     "torch.nn.modules.linear.Identity": "identity",
@@ -43,6 +45,7 @@ _TORCH_ACTIVATIONS = {
     "torch.nn.modules.activation.Sigmoid": "sigmoid",
 }
 _ACTIVATION_PATHS = {v: k for k, v in _TORCH_ACTIVATIONS.items()}
+_MODULE_NAMES = {"dense": "Dense", "normalize": "Normalize", SPARSE: "SparseAutoEncoder"}
 
 
 @dataclasses.dataclass
@@ -62,26 +65,32 @@ class STConfig:
     normalize: bool = False
 
     @property
-    def dense(self) -> bool:
-        """Whether the folder has Dense layers (parameters beyond the backbone)."""
-        return any(x.kind == "dense" for x in self.head)
+    def has_weights(self) -> bool:
+        """Whether the folder has modules with parameters after pooling (Dense, CSR)."""
+        return any(x.kind != "normalize" for x in self.head)
+
+    @property
+    def sparse(self) -> bool:
+        """A sparse model (a SparseEncoder): the head ends in a sparse autoencoder."""
+        return bool(self.head) and self.head[-1].kind == SPARSE
 
     def output_dim(self, pooled: int) -> int:
-        """The embedding size: the last Dense layer's output, else the pooled size."""
-        sizes = [x.out_features for x in self.head if x.kind == "dense"]
+        """The embedding size: the last Dense (or CSR) layer's output, else the pooled size."""
+        sizes = [x.out_features for x in self.head if x.kind != "normalize"]
         return sizes[-1] if sizes else pooled
 
     def describe_head(self) -> str:
         """The head in words, e.g. "Dense 768->3072 (identity), Dense 3072->768 (identity)"."""
-        return ", ".join(
-            f"Dense {x.in_features}->{x.out_features} ({x.activation}"
-            + (", no bias" if not x.bias else "")
-            + (", residual" if x.residual else "")
-            + ")"
-            if x.kind == "dense"
-            else "Normalize"
-            for x in self.head
-        )
+        return ", ".join(_describe(x) for x in self.head)
+
+
+def _describe(x: HeadLayer) -> str:
+    if x.kind == "normalize":
+        return "Normalize"
+    if x.kind == SPARSE:
+        return f"SparseAutoEncoder {x.in_features}->{x.out_features} (top {x.k})"
+    extra = (", no bias" if not x.bias else "") + (", residual" if x.residual else "")
+    return f"Dense {x.in_features}->{x.out_features} ({x.activation}{extra})"
 
 
 def _read_json(path: Path) -> dict:
@@ -127,7 +136,8 @@ def read_st_config(path: str | Path) -> STConfig:
 
 
 def _read_modules(path: Path, modules_file: Path, st: STConfig) -> None:
-    """Fills ``st`` from ``modules.json``: Transformer, Pooling, then Dense / Normalize."""
+    """Fills ``st`` from ``modules.json``: Transformer, Pooling, then Dense / Normalize,
+    and a SparseAutoEncoder last."""
     head, dirs, pooled = [], [], False
     for module in _read_json(modules_file):
         kind = module["type"].rsplit(".", 1)[-1]
@@ -143,12 +153,16 @@ def _read_modules(path: Path, modules_file: Path, st: STConfig) -> None:
             st.pooling = _pooling_mode(pool_cfg, pool_file)
             st.include_prompt = bool(pool_cfg.get("include_prompt", True))
             pooled = True
-        elif kind in ("Dense", "Normalize"):
+        elif kind in ("Dense", "Normalize", "SparseAutoEncoder"):
             if not pooled:
                 raise ValueError(f"{where}: comes before Pooling (token-level heads unsupported)")
-            dense = kind == "Dense"
-            head.append(_dense_layer(path / module["path"]) if dense else HeadLayer("normalize"))
-            dirs.append(module["path"] if dense else "")
+            if kind == "Normalize":
+                head.append(HeadLayer("normalize"))
+                dirs.append("")
+                continue
+            read = _dense_layer if kind == "Dense" else _sparse_layer
+            head.append(read(path / module["path"]))
+            dirs.append(module["path"])
     # A final Normalize is the `normalize` flag; the rest is the head.
     st.normalize = bool(head) and head[-1].kind == "normalize"
     if st.normalize:
@@ -182,14 +196,37 @@ def _dense_layer(folder: Path) -> HeadLayer:
         raise ValueError(f"{cfg_file}: no {e.args[0]!r} key") from None
 
 
+def _sparse_layer(folder: Path) -> HeadLayer:
+    """A ``SparseAutoEncoder`` module's config (``N_SparseAutoEncoder/config.json``)."""
+    cfg_file = folder / "config.json"
+    cfg = _read_json(cfg_file)
+    if cfg.get("normalize", False):
+        raise ValueError(f"{cfg_file}: normalize=true (a LayerNorm before the encoder) is not "
+                         "supported; supported: false")  # fmt: skip
+    try:
+        return HeadLayer(
+            SPARSE,
+            int(cfg["input_dim"]),
+            int(cfg.get("hidden_dim", 512)),
+            k=int(cfg.get("k", 8)),
+            k_aux=int(cfg.get("k_aux", 512)),
+            dead_threshold=int(cfg.get("dead_threshold", 30)),
+        )
+    except KeyError as e:
+        raise ValueError(f"{cfg_file}: no {e.args[0]!r} key") from None
+
+
 def load_head(path: str | Path, st: STConfig, pooled: int | None = None) -> Head | None:
-    """The folder's Dense layers with their weights (None when it has none).
+    """The folder's Dense layers (and sparse autoencoder) with their weights (None when it
+    has none).
 
     ``pooled``: the backbone's output size, which the first Dense layer must take.
     """
     head = build_head(st.head, pooled)
     if head is None:
         return None
+    if head.sparse is not None:
+        _fill_sparse(head.sparse, Path(path) / st.head_dirs[-1])
     denses = [d for x, d in zip(st.head, st.head_dirs, strict=True) if x.kind == "dense"]
     for module, folder in zip(head.dense, denses, strict=True):
         tensors = read_weights(Path(path) / folder)
@@ -215,6 +252,104 @@ def _fill(linear, tensors: dict, name: str, folder: Path) -> None:
         var.set_value(value.T)
 
 
+# sentence-transformers saves the tied weight once, under the decoder's name.
+_SPARSE_WEIGHT = ("encoder.weight", "decoder.linear.weight")
+
+
+def _fill_sparse(sae, folder: Path) -> None:
+    tensors = read_weights(folder)
+    weight = next((tensors[k] for k in _SPARSE_WEIGHT if k in tensors), None)
+    if weight is None:
+        raise WeightsError(f"{folder}: no tensor {' or '.join(_SPARSE_WEIGHT)}")
+    for var, value, name in (
+        (sae.encoder.kernel, np.asarray(weight, np.float32).T, "encoder.weight (transposed)"),
+        (sae.pre_bias, tensors.get("pre_bias"), "pre_bias"),
+        (sae.latent_bias, tensors.get("latent_bias"), "latent_bias"),
+    ):
+        if value is None:
+            raise WeightsError(f"{folder}: no tensor {name}")
+        if value.shape != var.shape:
+            raise WeightsError(f"{folder}: {name} has shape {value.shape}, expected {var.shape}")
+        var.set_value(np.asarray(value, np.float32))
+
+
+def csr_layer(
+    embedding_dim: int, hidden_dim: int = 0, k: int = 0, k_aux: int = 0, dead_threshold: int = 30
+) -> HeadLayer:
+    """The autoencoder sentence-transformers appends to a dense model of ``embedding_dim``
+    (its defaults, where a size is 0: 4x as many latents, a quarter of the embedding size
+    kept, half of it for the auxiliary loss)."""
+    return HeadLayer(
+        SPARSE,
+        embedding_dim,
+        hidden_dim or 4 * embedding_dim,
+        k=k or max(embedding_dim // 4, 1),
+        k_aux=k_aux or max(embedding_dim // 2, 1),
+        dead_threshold=dead_threshold,
+    )
+
+
+def append_sparse(path: str | Path, layer: HeadLayer) -> None:
+    """Makes the folder's sentence-transformers files those of a SparseEncoder ending in
+    ``layer``'s autoencoder (configuration only: its weights are the run's), after a
+    Normalize, as sentence-transformers converts a dense model; pooling is the folder's,
+    else mean."""
+    path = Path(path)
+    st = read_st_config(path)
+    modules_file = path / "modules.json"
+    if modules_file.exists():
+        modules = _read_json(modules_file)
+    else:
+        kinds = ("Transformer", "Pooling")
+        modules = [
+            {"path": path, "type": f"sentence_transformers.models.{kind}"}
+            for kind, path in zip(kinds, ("", "1_Pooling"), strict=True)
+        ]
+        pooling = {"word_embedding_dimension": layer.in_features}
+        pooling.update({key: mode == "mean" for key, mode in _LEGACY_POOLING.items()})
+        _write_json(path / "1_Pooling" / "config.json", pooling)
+    if not st.normalize:
+        modules.append({"path": "", "type": "sentence_transformers.models.Normalize"})
+    modules.append({"path": "", "type": _SPARSE_TYPE})
+    for i, module in enumerate(modules):
+        module.update(idx=i, name=str(i))
+    folder = f"{len(modules) - 1}_SparseAutoEncoder"
+    modules[-1]["path"] = folder
+    _write_json(modules_file, modules)
+    _write_json(path / folder / "config.json", _sparse_config(layer))
+    st_file = path / "config_sentence_transformers.json"
+    cfg = _read_json(st_file) if st_file.exists() else {}
+    _write_json(st_file, {**cfg, "model_type": "SparseEncoder", "similarity_fn_name": "dot"})
+
+
+def _sparse_config(layer: HeadLayer) -> dict:
+    return {
+        "input_dim": layer.in_features,
+        "hidden_dim": layer.out_features,
+        "k": layer.k,
+        "k_aux": layer.k_aux,
+        "normalize": False,
+        "dead_threshold": layer.dead_threshold,
+    }
+
+
+def _write_sparse(folder: Path, layer: HeadLayer, sae, name: str) -> list[str]:
+    """The ``SparseAutoEncoder`` module's ``config.json`` and ``model.safetensors``.
+
+    ``stats_last_nonzero`` (the dead-latent counts, training bookkeeping a loaded model
+    never reads) is written as 0s, as a fresh torch module starts it.
+    """
+    _write_json(folder / "config.json", _sparse_config(layer))
+    tensors = {
+        "encoder.weight": np.asarray(sae.encoder.kernel[...], np.float32).T,
+        "pre_bias": np.asarray(sae.pre_bias[...], np.float32),
+        "latent_bias": np.asarray(sae.latent_bias[...], np.float32),
+        STATS: np.zeros((layer.out_features,), np.int64),
+    }
+    write_safetensors(folder / "model.safetensors", tensors)
+    return [f"{name}/config.json", f"{name}/model.safetensors"]
+
+
 def _write_json(path: Path, obj) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
@@ -236,16 +371,25 @@ def write_st_config(
     path = Path(path)
     if st.pooling not in POOLING_MODES:
         raise ValueError(f"pooling {st.pooling!r}; supported: {list(POOLING_MODES)}")
-    if st.dense and head is None:
-        raise ValueError("the model has Dense layers after pooling: pass their head to write")
+    if st.has_weights and head is None:
+        raise ValueError("the model has weights after pooling: pass its head to write")
     check_chain(st.head, embedding_dim)
     layers = [*st.head, *([HeadLayer("normalize")] if st.normalize else [])]
     modules = [("Transformer", ""), ("Pooling", "1_Pooling")]
-    modules += [(x.kind.title(), f"{i + 2}_{x.kind.title()}") for i, x in enumerate(layers)]
+    modules += [
+        (_MODULE_NAMES[x.kind], f"{i + 2}_{_MODULE_NAMES[x.kind]}") for i, x in enumerate(layers)
+    ]
     _write_json(
         path / "modules.json",
         [
-            {"idx": i, "name": str(i), "path": p, "type": f"sentence_transformers.models.{kind}"}
+            {
+                "idx": i,
+                "name": str(i),
+                "path": p,
+                "type": _SPARSE_TYPE
+                if kind == "SparseAutoEncoder"
+                else f"sentence_transformers.models.{kind}",
+            }
             for i, (kind, p) in enumerate(modules)
         ],
     )
@@ -258,6 +402,8 @@ def write_st_config(
     for layer, (_, folder) in zip(layers, modules[2:], strict=True):
         if layer.kind == "dense":
             written += _write_dense(path / folder, layer, next(dense), folder)
+        elif layer.kind == SPARSE:
+            written += _write_sparse(path / folder, layer, head.sparse, folder)
         else:
             # Normalize has no parameters; sentence-transformers itself saves an empty folder.
             (path / folder).mkdir(exist_ok=True)
@@ -275,10 +421,10 @@ def write_st_config(
     _write_json(
         path / "config_sentence_transformers.json",
         {
-            "model_type": "SentenceTransformer",
+            "model_type": "SparseEncoder" if st.sparse else "SentenceTransformer",
             "prompts": dict(st.prompts),
             "default_prompt_name": st.default_prompt_name,
-            "similarity_fn_name": "cosine",
+            "similarity_fn_name": "dot" if st.sparse else "cosine",
         },
     )
     written.append("config_sentence_transformers.json")

@@ -1,10 +1,13 @@
-"""The layers sentence-transformers applies after pooling: ``Dense`` projections, ``Normalize``.
+"""The layers sentence-transformers applies after pooling: ``Dense`` projections, ``Normalize``
+and, last, a ``SparseAutoEncoder`` (CSR, `jaxembed.models.sparse`).
 
 LaBSE has a tanh ``Dense`` after CLS pooling; EmbeddingGemma two bias-free ``Dense`` layers
 (768 -> 3072 -> 768) after mean pooling. `Head` runs such a stack on pooled (..., dim)
 vectors, in fp32 whatever the backbone's compute dtype: it is a few small matrices applied
-once per text. Its parameters train with the backbone's (their own logical axes, so they
-shard like any weight) and export back to the same ``N_Dense`` folders
+once per text. A head ending in a sparse autoencoder makes a sparse model: its output is
+the autoencoder's top-k latents, scored by dot product, never L2-normalised. Its
+parameters train with the backbone's (their own logical axes, so they shard like any
+weight) and export back to the same ``N_Dense`` / ``N_SparseAutoEncoder`` folders
 (`jaxembed.hf.sentence_transformers`).
 """
 
@@ -19,13 +22,17 @@ from flax import nnx
 
 from jaxembed.models.layers import ACTIVATIONS, Linear
 from jaxembed.models.pooling import l2_normalize
+from jaxembed.models.sparse import SparseAutoEncoder
 
 HEAD_ACTIVATIONS = ("identity", "tanh", "relu", "gelu", "silu", "sigmoid")
+SPARSE = "sparse_autoencoder"
+HEAD_KINDS = ("dense", "normalize", SPARSE)
 
 
 @dataclasses.dataclass(frozen=True)
 class HeadLayer:
-    """One module after pooling: ``kind`` "dense" (with its shape) or "normalize".
+    """One module after pooling: ``kind`` "dense" (with its shape), "normalize" or
+    "sparse_autoencoder" (input size, hidden size and ``k``, ``k_aux``, ``dead_threshold``).
 
     A dense layer is sentence-transformers' ``Dense``: ``act(x @ W + b)``, plus ``x`` (or a
     bias-free projection of ``x`` when the sizes differ) with ``residual``.
@@ -37,10 +44,17 @@ class HeadLayer:
     bias: bool = True
     activation: str = "identity"
     residual: bool = False
+    k: int = 0  # sparse_autoencoder: the latents kept, those kept for the auxiliary loss,
+    k_aux: int = 0  # and the forward passes without firing after which a latent is dead
+    dead_threshold: int = 30
 
     def __post_init__(self):
-        if self.kind not in ("dense", "normalize"):
-            raise ValueError(f"head layer kind {self.kind!r}; expected 'dense' or 'normalize'")
+        if self.kind not in HEAD_KINDS:
+            raise ValueError(f"head layer kind {self.kind!r}; expected one of {HEAD_KINDS}")
+        if self.kind == SPARSE and not 0 < self.k <= self.out_features:
+            raise ValueError(
+                f"SparseAutoEncoder k={self.k} must be in 1..hidden_dim={self.out_features}"
+            )
         if self.kind == "dense" and self.activation not in HEAD_ACTIVATIONS:
             raise ValueError(
                 f"Dense activation {self.activation!r}; supported: {list(HEAD_ACTIVATIONS)}"
@@ -78,35 +92,54 @@ class Dense(nnx.Module):
 
 
 class Head(nnx.Module):
-    """The post-pooling stack: its dense layers in ``dense``, in order, normalisations between."""
+    """The post-pooling stack: its dense layers in ``dense``, in order, normalisations
+    between, and its sparse autoencoder, last, in ``sparse`` (None: a dense model)."""
 
     def __init__(self, layers: Sequence[HeadLayer], *, rngs: nnx.Rngs):
         self.layers = tuple(layers)
         check_chain(self.layers)
         self.dense = nnx.List([Dense(x, rngs=rngs) for x in self.layers if x.kind == "dense"])
+        last = self.layers[-1] if self.layers else None
+        self.sparse = nnx.data(
+            SparseAutoEncoder(last, rngs=rngs) if last is not None and last.kind == SPARSE else None
+        )
 
     @property
     def out_features(self) -> int | None:
         """The embedding size after the head (None: no dense layer, the pooled size)."""
+        if self.sparse is not None:
+            return self.sparse.layer.out_features
         return self.dense[-1].layer.out_features if len(self.dense) else None
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def before_sparse(self, x: jax.Array) -> jax.Array:
+        """The layers before the sparse autoencoder (all of them in a dense model)."""
         x = x.astype(jnp.float32)
         dense = iter(self.dense)
         for layer in self.layers:
-            x = next(dense)(x) if layer.kind == "dense" else l2_normalize(x)
+            if layer.kind == "dense":
+                x = next(dense)(x)
+            elif layer.kind == "normalize":
+                x = l2_normalize(x)
         return x
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = self.before_sparse(x)
+        return x if self.sparse is None else self.sparse(x)
 
 
 def check_chain(layers: Sequence[HeadLayer], pooled: int | None = None) -> None:
-    """Each dense layer must take the previous one's output size (the first: ``pooled``)."""
+    """Each dense layer (and the sparse autoencoder) must take the previous one's output
+    size (the first: ``pooled``); a sparse autoencoder can only be last."""
     size = pooled
     for i, layer in enumerate(layers):
-        if layer.kind != "dense":
+        if layer.kind == "normalize":
             continue
+        if layer.kind == SPARSE and i != len(layers) - 1:
+            raise ValueError(f"head layer {i} (SparseAutoEncoder) must be the last module")
+        name = "Dense" if layer.kind == "dense" else "SparseAutoEncoder"
         if size is not None and layer.in_features != size:
             raise ValueError(
-                f"head layer {i} (Dense) takes {layer.in_features} features but receives {size}"
+                f"head layer {i} ({name}) takes {layer.in_features} features but receives {size}"
             )
         size = layer.out_features
 
@@ -114,7 +147,7 @@ def check_chain(layers: Sequence[HeadLayer], pooled: int | None = None) -> None:
 def build_head(
     layers: Sequence[HeadLayer], pooled: int | None = None, seed: int = 0
 ) -> Head | None:
-    """A randomly initialised `Head` of ``layers``; None when they hold no dense layer.
+    """A randomly initialised `Head` of ``layers``; None when they have no parameters.
 
     ``pooled``, if given, is the size of the pooled vectors the head receives.
 
@@ -122,6 +155,6 @@ def build_head(
     in the end anyway, and a normalisation of a normalised vector changes nothing.
     """
     check_chain(layers, pooled)
-    if not any(x.kind == "dense" for x in layers):
+    if all(x.kind == "normalize" for x in layers):
         return None
     return Head(layers, rngs=nnx.Rngs(seed))

@@ -1,0 +1,216 @@
+"""CSR (a sparse autoencoder over a dense model): against sentence-transformers' own module,
+loss and SparseEncoder, trained on the mesh, resumed, exported and loaded back.
+
+The references are the torch implementations themselves (``SparseAutoEncoder``,
+``CSRReconstructionLoss``, ``SparseMultipleNegativesRankingLoss``) in float64, on the same
+weights; the folders are written by sentence-transformers where it writes them.
+"""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from helpers import assert_close
+
+from jaxembed import losses
+from jaxembed.hf.sentence_transformers import _fill_sparse
+from jaxembed.models import sparse
+from jaxembed.models.head import SPARSE, HeadLayer, build_head
+
+torch = pytest.importorskip("torch")
+st_sparse = pytest.importorskip("sentence_transformers.sparse_encoder")
+
+DIM, HIDDEN, K, K_AUX = 12, 40, 5, 9
+
+
+def torch_sae(tmp_path, seed=0):
+    """sentence-transformers' module with random biases and dead counts, saved by itself,
+    and ours read from its folder."""
+    from sentence_transformers.sparse_encoder.modules import SparseAutoEncoder
+
+    torch.manual_seed(seed)
+    ref = SparseAutoEncoder(DIM, HIDDEN, k=K, k_aux=K_AUX, dead_threshold=30)
+    with torch.no_grad():
+        ref.pre_bias.normal_(0, 0.1)
+        ref.latent_bias.normal_(0, 0.1)
+        # Around the threshold (dead: > 30 after the top-k's update), and some long dead.
+        ref.stats_last_nonzero.copy_(torch.tensor([29, 30, 31, 2, 60] * (HIDDEN // 5)))
+    ref.save(str(tmp_path))
+    head = build_head([HeadLayer(SPARSE, DIM, HIDDEN, k=K, k_aux=K_AUX)])
+    _fill_sparse(head.sparse, tmp_path)
+    return ref.double(), head
+
+
+def inputs(seed, rows=6):
+    x = np.random.default_rng(seed).normal(size=(rows, DIM))
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)  # unit vectors, as after Normalize
+
+
+def test_the_sparse_vectors_are_sentence_transformers(tmp_path):
+    ref, head = torch_sae(tmp_path)
+    x = inputs(0, 8)
+    with torch.inference_mode():
+        want = ref({"sentence_embedding": torch.tensor(x)})["sentence_embedding"].numpy()
+    got = np.asarray(head(jnp.asarray(x, jnp.float32)))
+    assert_close(got, want, what="top-k latents")
+    assert (got != 0).sum(-1).max() <= K and sparse.active_dims(got) > 0
+    assert head.out_features == HIDDEN
+
+
+def test_the_csr_loss_and_dead_counts_are_sentence_transformers(tmp_path):
+    """Three towers (queries, positives, negatives with two padded rows): the
+    reconstruction terms, the dead counts after the step and the InfoNCE on dot products
+    equal CSRLoss's, and so do their gradients in the autoencoder's weights and the inputs."""
+    from sentence_transformers.sparse_encoder.losses import CSRReconstructionLoss
+    from sentence_transformers.sparse_encoder.losses.sparse_multiple_negatives_ranking import (
+        SparseMultipleNegativesRankingLoss,
+    )
+
+    ref, head = torch_sae(tmp_path)
+    stats0 = ref.stats_last_nonzero.clone()
+    q, p, n = inputs(1), inputs(2), inputs(3, 8)
+    real_n = np.arange(8) < 6  # the last two negatives are padding: no part in anything
+    beta = 0.1
+
+    # The reference: each tower a column, the padding left out.
+    ref.train()
+    cols = [torch.tensor(a, requires_grad=True) for a in (q, p, n[real_n])]
+    outs = [ref({"sentence_embedding": c}) for c in cols]
+    recon = CSRReconstructionLoss(model=None, beta=beta).compute_loss_from_embeddings(outs)
+    mnrl = SparseMultipleNegativesRankingLoss(model=None)  # dot product, scale 1
+    # Six queries, each with one negative: sentence-transformers' (anchor, positive, negative).
+    info = mnrl.compute_loss_from_embeddings([o["sentence_embedding"] for o in outs], None)
+    total = sum(recon.values()) + info
+    total.backward()
+    want_grads = {
+        "encoder": {"kernel": ref.encoder.weight.grad.numpy().T},
+        "latent_bias": ref.latent_bias.grad.numpy(),
+        "pre_bias": ref.pre_bias.grad.numpy(),
+        "q": cols[0].grad.numpy(),
+    }
+
+    graphdef = nnx.graphdef(head.sparse)
+
+    def ours(params, q, p, n):
+        sae = nnx.merge(graphdef, params)
+        towers = [(q, jnp.ones(6, bool)), (p, jnp.ones(6, bool)), (n, jnp.asarray(real_n))]
+        stats = jnp.asarray(stats0.numpy(), jnp.int32)
+        rec, stats = sparse.reconstruction_loss(sae, towers, stats, beta)
+        zq, zp, zn = sae(q), sae(p), sae(n[:6])  # the real negatives, one per query
+        loss = losses.retrieval_loss(zq, zp, zn[:, None], temperature=1.0, similarity="dot")
+        return rec + loss, (rec, stats)
+
+    params = nnx.to_pure_dict(nnx.state(head.sparse))
+    f32 = [jnp.asarray(a, jnp.float32) for a in (q, p, n)]
+    (value, (rec, stats)), grads = jax.value_and_grad(ours, (0, 1), has_aux=True)(params, *f32)
+    assert_close(float(rec), sum(recon.values()).item(), what="reconstruction")
+    assert_close(float(value), total.item(), what="CSR loss")
+    np.testing.assert_array_equal(np.asarray(stats), ref.stats_last_nonzero.numpy())
+    assert_close({**grads[0], "q": grads[1]}, want_grads, what="gradients")
+
+
+TEXTS = [
+    "how do I sync files between machines?",
+    "A fast, scalable, distributed revision control system.",
+    "Ein schnelles, verteiltes Versionskontrollsystem.",
+    "?!",
+]
+
+
+@pytest.fixture(scope="module")
+def csr_runs(train_setup, tmp_path_factory):
+    """CSR appended to the tiny dense BERT (a bare HF folder: mean pooling, Normalize), four
+    steps of retrieval straight, and the same stopped by its time limit at step 1 and
+    resumed. Latents die after 3 forward passes, so the auxiliary loss and the dead counts
+    are in play from the second step."""
+    from trainrun import tiny_config
+
+    from jaxembed import train
+
+    base = tmp_path_factory.mktemp("csr")
+
+    def config(**kw):
+        return tiny_config(
+            train_setup, steps=4, model__sparse="csr", model__csr_hidden_dim=64, model__csr_k=6,
+            model__csr_dead_threshold=3, loss__temperature=1.0, ckpt__every=2,
+            data__train=train_setup[2][:1], **kw,
+        )  # fmt: skip
+
+    straight = train.main(config(), base / "straight")
+    limited = train.main(config(train__time_limit_minutes=1e-6), base / "resumed")
+    resumed = train.main(config(), base / "resumed")
+    assert limited["step"] == 1 and resumed["step"] == 4
+    return base, straight
+
+
+def test_csr_trains_logs_its_sparsity_and_resumes_exactly(csr_runs):
+    from trainrun import read_losses
+
+    base, straight = csr_runs
+    after = straight["after"]
+    assert 0 < after["eval/query_active_dims"] <= 6 and 0 < after["eval/corpus_active_dims"] <= 6
+    assert after["eval/ndcg@10"] > 0
+    logs = [json.loads(x) for x in (base / "straight" / "metrics.jsonl").read_text().splitlines()]
+    dead = {r["step"]: r["dead_latents"] for r in logs if "dead_latents" in r}
+    assert max(dead.values()) > 0  # the auxiliary loss had latents to revive
+    resumed = [json.loads(x) for x in (base / "resumed" / "metrics.jsonl").read_text().splitlines()]
+    assert {r["step"]: r["dead_latents"] for r in resumed if "dead_latents" in r} == dead
+    want, got = read_losses(base / "straight"), read_losses(base / "resumed")
+    assert_close(got, want, tol=1e-6, what="loss at step ")
+
+
+def test_csr_exports_as_a_sparse_encoder_with_the_same_vectors(csr_runs, tmp_path):
+    """sentence-transformers' SparseEncoder loads the export: its sparse vectors and dot
+    scores are ours (the run's and the exported folder's through jaxembed.load)."""
+    from sentence_transformers import SparseEncoder
+
+    import jaxembed
+    from jaxembed import convert
+    from jaxembed.hf.sentence_transformers import read_st_config
+
+    base, _ = csr_runs
+    out = tmp_path / "export"
+    assert convert.main(["--checkpoint", str(base / "straight"), "--out", str(out)]) == 0
+    st = read_st_config(out)
+    assert st.sparse and [x.kind for x in st.head] == ["normalize", SPARSE]
+    assert st.head[-1] == HeadLayer(SPARSE, 32, 64, k=6, k_aux=16, dead_threshold=3)
+    cfg = json.loads((out / "config_sentence_transformers.json").read_text())
+    assert (cfg["model_type"], cfg["similarity_fn_name"]) == ("SparseEncoder", "dot")
+    ours = jaxembed.load(base / "straight")
+    assert ours.sparse and ours.dim == 64
+    mine = ours.encode(TEXTS)
+    assert_close(jaxembed.load(out).encode(TEXTS), mine)
+    ref = SparseEncoder(str(out), device="cpu")
+    theirs = ref.encode(TEXTS, convert_to_tensor=True).to_dense().numpy()
+    assert_close(theirs, mine)
+    assert 0 < sparse.active_dims(mine) <= 6
+    scores = ref.similarity(torch.tensor(theirs[:2]), torch.tensor(theirs[2:])).numpy()
+    assert_close(scores, mine[:2] @ mine[2:].T)
+    assert "SparseAutoEncoder 32->64 (top 6)" in (out / "README.md").read_text()
+
+
+def test_csr_mines_by_dot_product_and_refuses_a_cosine_threshold(csr_runs, train_setup, tmp_path):
+    """A sparse model mines hard negatives (exact search over its sparse vectors); the
+    default max_score, a cosine threshold, is refused in one line before anything is read."""
+    from jaxembed import mine
+    from jaxembed.mining import MiningError
+
+    base, _ = csr_runs
+    retr = train_setup[2][0]
+    with pytest.raises(MiningError, match=r"max_score=0.8 is a cosine threshold.*sparse model"):
+        mine.mine(str(base / "straight"), retr, tmp_path / "refused.jsonl")
+    out = tmp_path / "mined.jsonl"
+    stats = mine.mine(
+        str(base / "straight"), retr, out, max_score=None, num_negatives=2, skip_top=0
+    )
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    kept = [len(r["negatives"]) for r in rows]
+    # The barely trained model scores many candidates within 5% of (or above) a row's
+    # positive, which the relative margin drops: a few rows keep fewer.
+    assert len(rows) == 48 and max(kept) == 2 and sum(k == 2 for k in kept) >= 24, kept
+    assert stats["records_out"] == 48
