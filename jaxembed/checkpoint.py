@@ -22,6 +22,7 @@ when complete), so a run killed at any moment resumes from the last complete che
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import json
 import logging
@@ -205,13 +206,28 @@ class Restored(NamedTuple):
 
 
 def restore(mngr: ocp.CheckpointManager, step: int, abstract_state) -> Restored:
-    """The whole step, the state in ``abstract_state``'s shardings (any mesh, any hosts)."""
-    args = {
-        "state": ocp.args.StandardRestore(abstract_state),
-        "data": ocp.args.JsonRestore(),
-        "meta": ocp.args.JsonRestore(),
-    }
-    out = mngr.restore(step, args=ocp.args.Composite(**args))
+    """The whole step, the state in ``abstract_state``'s shardings (any mesh, any hosts).
+
+    A step saved before the train state had ``buffers`` (a dense run's are empty) is
+    restored as it was written, its empty ``buffers`` added."""
+
+    def read(state):
+        args = {"state": ocp.args.StandardRestore(state), "data": ocp.args.JsonRestore(),
+                "meta": ocp.args.JsonRestore()}  # fmt: skip
+        return mngr.restore(step, args=ocp.args.Composite(**args))
+
+    try:
+        out = read(abstract_state)
+    except ValueError as error:
+        if getattr(abstract_state, "buffers", None) != {}:
+            raise
+        fields = dataclasses.fields(abstract_state)
+        before = {f.name: getattr(abstract_state, f.name) for f in fields if f.name != "buffers"}
+        try:
+            out = read(before)
+        except ValueError:
+            raise error from None
+        return Restored(abstract_state.replace(**out["state"]), out["data"], out["meta"], step)
     return Restored(out["state"], out["data"], out["meta"], step)
 
 

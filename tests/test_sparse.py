@@ -214,3 +214,36 @@ def test_csr_mines_by_dot_product_and_refuses_a_cosine_threshold(csr_runs, train
     # positive, which the relative margin drops: a few rows keep fewer.
     assert len(rows) == 48 and max(kept) == 2 and sum(k == 2 for k in kept) >= 24, kept
     assert stats["records_out"] == 48
+
+
+def test_a_step_saved_before_the_state_had_buffers_still_restores(tmp_path):
+    """Checkpoints written before the train state carried ``buffers`` (every dense run's
+    are empty) resume after the upgrade; a CSR state, whose buffers they lack, does not."""
+    from flax import struct
+
+    from jaxembed import checkpoint
+    from jaxembed.train_state import TrainState
+
+    @struct.dataclass
+    class Before:  # the train state's fields until then
+        step: jax.Array
+        params: dict
+        opt_state: tuple
+        rng: jax.Array
+
+    old = Before(jnp.int32(7), {"w": jnp.arange(3.0)}, (jnp.ones(2),), jnp.zeros(2, jnp.uint32))
+    with checkpoint.manager(tmp_path, async_save=False) as mngr:
+        checkpoint.save(mngr, 7, old, {"next_batch": 7}, {"k": 1}, force=True)
+        mngr.wait_until_finished()
+
+    def abstract(buffers):
+        state = TrainState(old.step, old.params, old.opt_state, old.rng, buffers)
+        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
+
+    with checkpoint.manager(tmp_path, read_only=True) as mngr:
+        restored = checkpoint.restore(mngr, 7, abstract({}))
+        assert restored.state.buffers == {} and int(restored.state.step) == 7
+        np.testing.assert_array_equal(restored.state.params["w"], [0.0, 1.0, 2.0])
+        assert restored.data == {"next_batch": 7} and restored.meta == {"k": 1}
+        with pytest.raises(ValueError):
+            checkpoint.restore(mngr, 7, abstract({sparse.STATS: jnp.zeros(4, jnp.int32)}))
