@@ -14,6 +14,12 @@ every host (FSDP), then gathered and written one tensor at a time, by process 0 
 neither a device nor the host ever holds the whole model beyond its shards. Run the same
 command on every host for a multi-host export (``launch/``; `jaxembed.distributed`).
 
+``--calibration CORPUS`` also writes the int8 ranges of the exported model's document
+embeddings on the corpus's first documents (``quantization_ranges.json``,
+`jaxembed.quantization.save_ranges`): an int8 index then codes queries and documents with
+ranges fixed at export, which `jaxembed.evaluate --quantization int8` and
+`jaxembed.quantization.search` read.
+
 A LoRA run exports merged (``W + (alpha / r) A B``: a plain folder, no PEFT needed);
 ``--adapters-only`` writes the adapters alone in PEFT's format instead.
 
@@ -36,12 +42,16 @@ import numpy as np
 
 from jaxembed import cli, hf, sharding
 from jaxembed.choices import DTYPES, check
+from jaxembed.encoder import load
 from jaxembed.export_meta import trained_st_config
 from jaxembed.files import atomic_dir
 from jaxembed.hf.peft import adapter_tensors, write_adapters
 from jaxembed.hf.sentence_transformers import read_st_config
+from jaxembed.mining import CorpusFile
 from jaxembed.model_card import model_card
 from jaxembed.model_folder import write_model_folder
+from jaxembed.quantization import RANGES_FILE, int8_ranges, save_ranges
+from jaxembed.retrieval import encoder_fns
 from jaxembed.trained_model import lora_spec, restore_adapted, restore_head, restore_model
 from jaxembed.workdir import Checkpoint, find_checkpoint
 
@@ -175,10 +185,12 @@ def main(argv: list[str] | None = None) -> int:
         (
             "Export a jaxembed training checkpoint as a Hugging Face / sentence-transformers "
             "folder: config.json, safetensors weights, tokenizer, modules.json, 1_Pooling "
-            "(pooling as trained), the Dense layers if the base model had them, Normalize, "
+            "(pooling as trained), the Dense layers if the base model had them, Normalize (a "
+            "sparse model: its SparseAutoEncoder instead, as a SparseEncoder folder), "
             "config_sentence_transformers.json (the prompts "
             "used in training) and a README.md model card. It loads with "
-            "SentenceTransformer(DIR) or transformers.AutoModel.from_pretrained(DIR) and "
+            "SentenceTransformer(DIR) (SparseEncoder(DIR)) or "
+            "transformers.AutoModel.from_pretrained(DIR) and "
             "embeds as jaxembed.load(WORKDIR) does."
         ),
         epilog=(
@@ -211,6 +223,20 @@ def main(argv: list[str] | None = None) -> int:
         "adapter_model.safetensors) instead of the merged model",
     )
     parser.add_argument(
+        "--calibration",
+        metavar="CORPUS",
+        help="a corpus file as jaxembed.mine --corpus reads it (JSONL {text[, title]}, else "
+        "one document per line): the exported model's document embeddings of its first "
+        f"--calibration-size documents give the int8 ranges, written to {RANGES_FILE}",
+    )
+    parser.add_argument(
+        "--calibration-size",
+        type=int,
+        default=10_000,
+        metavar="N",
+        help="documents of --calibration encoded (default 10000)",
+    )
+    parser.add_argument(
         "--max-shard-size",
         type=parse_size,
         default=5 << 30,
@@ -228,6 +254,11 @@ def _main(args) -> int:
         if jax.process_index() == 0:
             print(f"wrote {out} (PEFT LoRA adapters)")
         return 0
+    calibration = None
+    if args.calibration is not None:  # a bad corpus stops here, before anything is written
+        if args.calibration_size < 2:
+            raise ValueError(f"--calibration-size={args.calibration_size}: at least 2 documents")
+        calibration = CorpusFile(args.calibration)
     out = export(
         args.checkpoint,
         args.out,
@@ -237,7 +268,21 @@ def _main(args) -> int:
     )
     if jax.process_index() == 0:
         print(f"wrote {out}")
+        if calibration is not None:
+            n = calibrate(out, calibration, args.calibration_size)
+            print(f"wrote {out / RANGES_FILE} (int8 ranges of {n} documents of {args.calibration})")
     return 0
+
+
+def calibrate(folder: Path, corpus, size: int) -> int:
+    """Writes the int8 ranges of ``folder``'s document embeddings of the first ``size``
+    texts of ``corpus`` (a sequence of texts) into ``folder``; returns how many."""
+    texts = [corpus[i] for i in range(min(size, len(corpus)))]
+    if len(texts) < 2:
+        raise ValueError(f"{getattr(corpus, 'path', 'the corpus')}: int8 ranges need 2 documents")
+    _, docs, _ = encoder_fns(load(folder), batch_size=64)
+    save_ranges(folder, int8_ranges(docs(texts)))
+    return len(texts)
 
 
 if __name__ == "__main__":

@@ -416,3 +416,30 @@ def test_sentence_transformers_files_round_trip(tmp_path):
     )
     write_st_config(tmp_path, st, embedding_dim=8)
     assert read_st_config(tmp_path) == st
+
+
+def test_int8_ranges_are_calibrated_at_export(trained, tmp_path, capsys):
+    """--calibration writes the int8 ranges of the exported model's document embeddings of
+    the corpus's first documents; evaluate and search read them. A bad corpus stops before
+    anything is written."""
+    import jaxembed
+    from jaxembed import quantization
+    from jaxembed.retrieval import encoder_fns
+
+    workdir, _ = trained["bert"]
+    corpus = tmp_path / "corpus.txt"
+    texts = [f"document number {i} about packages" for i in range(7)]
+    corpus.write_text("\n".join(texts) + "\n")
+    out = tmp_path / "export"
+    args = ["--checkpoint", str(workdir), "--out", str(out), "--calibration", str(corpus)]
+    assert convert.main([*args, "--calibration-size", "5"]) == 0
+    assert "int8 ranges of 5 documents" in capsys.readouterr().out
+    _, docs, _ = encoder_fns(jaxembed.load(out), batch_size=64)
+    want = quantization.int8_ranges(docs(texts[:5]))
+    np.testing.assert_allclose(quantization.load_ranges(out), want, rtol=1e-6)
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n")
+    with pytest.raises(SystemExit):
+        convert.main([*args[:3], str(tmp_path / "other"), "--calibration", str(empty)])
+    assert "the corpus is empty" in capsys.readouterr().err
+    assert not (tmp_path / "other").exists()
