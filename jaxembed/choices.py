@@ -26,7 +26,7 @@ PACKING_SHAPES = ("few", "exact")
 # Output embeddings trained for (and evaluated as) a quantized index (`jaxembed.quantization`).
 QUANTIZATIONS = ("none", "int8", "binary")
 # A sparse output appended to a dense model (`jaxembed.models.sparse`).
-SPARSE_MODELS = ("none", "csr")
+SPARSE_MODELS = ("none", "csr", "splade")
 
 
 def check(value, allowed: tuple, name: str):

@@ -136,11 +136,13 @@ SCHEMA = Group(
         ),
         sparse=Field(
             "none",
-            "csr: append a sparse top-k autoencoder to a dense model (CSR, "
-            "jaxembed.models.sparse; sentence-transformers' SparseEncoder conversion): a "
-            "sparse vector of csr_hidden_dim dimensions, csr_k of them non-zero, scored by dot "
-            "product (logits: dot / loss.temperature; sentence-transformers uses 1.0). A "
-            "folder that already ends in one trains it whatever this says",
+            "a sparse model (sentence-transformers' SparseEncoder), scored by dot product "
+            "(logits: dot / loss.temperature; sentence-transformers uses 1.0). csr: a "
+            "sparse top-k autoencoder appended to a dense model (jaxembed.models.sparse): "
+            "csr_hidden_dim dimensions, csr_k of them non-zero. splade: the max over a text's "
+            "tokens of log(1 + ReLU(MLM logits)), a vocabulary-sized vector (a *ForMaskedLM "
+            "checkpoint of BERT, RoBERTa, XLM-R), kept sparse by loss.splade_* FLOPS "
+            "regularisers. A folder that is already sparse trains as it is",
             choices=SPARSE_MODELS,
             resume=True,
         ),
@@ -204,6 +206,16 @@ SCHEMA = Group(
             at_least=0,
         ),
         csr_gamma=Field(1.0, at_least=0),
+        splade_query_weight=Field(
+            5e-5,
+            "a SPLADE model's FLOPS regularisers (sum over the vocabulary of the squared mean "
+            "activation over the global batch) on queries and on documents (positives and "
+            "hard negatives), added to InfoNCE, each weight ramped up quadratically over "
+            "splade_warmup_steps (sentence-transformers' SpladeLoss and its scheduler)",
+            at_least=0,
+        ),
+        splade_document_weight=Field(3e-5, at_least=0),
+        splade_warmup_steps=Field(0, "0 = a third of train.steps", at_least=0),
     ),
     optim=Group(
         "AdamW",
@@ -443,6 +455,11 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
             "e.g. ('query', 'key', 'value') for BERT or ('q_proj', 'v_proj') for Qwen3"
         )
     mining_rules(c)
+    if c.model.sparse == "splade" and c.model.pooling not in ("", "splade"):
+        raise ValueError(
+            f"config.model.pooling={c.model.pooling!r}: a SPLADE model (model.sparse=splade) "
+            "pools its MLM logits; leave model.pooling empty"
+        )
     if c.model.sparse != "none" and c.mine.every and c.mine.max_score is not None:
         raise ValueError(
             f"config.mine.max_score={c.mine.max_score} is a cosine threshold, but a sparse "

@@ -7,13 +7,20 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+import scipy.sparse
 from flax import nnx
 
 from jaxembed import sharding, trained_model
 from jaxembed.choices import DTYPES, check
 from jaxembed.hf.sentence_transformers import STConfig, pick_prompt
 from jaxembed.models.head import Head
-from jaxembed.models.pooling import check_pooling, l2_normalize, pool_segments
+from jaxembed.models.pooling import (
+    SPLADE,
+    check_pooling,
+    l2_normalize,
+    pool_segments,
+    splade_inputs,
+)
 from jaxembed.packing import MAX_SEGMENTS, bucket, fill, length_buckets, pack_rows
 from jaxembed.progress import Progress
 from jaxembed.tokenizer import append_eos, load_tokenizer
@@ -43,10 +50,12 @@ class Encoder:
     ):
         self.model = model
         self.head = head
-        self.sparse = head is not None and head.sparse is not None
         self.packing = packing
         self.tokenizer = tokenizer
         self.pooling = check_pooling(pooling)
+        # A sparse model (CSR's autoencoder or SPLADE's pooling): its vectors are never
+        # normalised, and score by dot product.
+        self.sparse = (head is not None and head.sparse is not None) or pooling == SPLADE
         self.max_length = int(max_length)
         self.st = st or STConfig()
         self.prompts = dict(self.st.prompts)
@@ -70,7 +79,7 @@ class Encoder:
             model = nnx.merge(graphdef, params["model"])
             # One text per row is a padded batch: key lengths, not a mask, for fused kernels.
             packed = segment_ids if self.segments > 1 else None
-            h = model(ids, segment_ids > 0, segment_ids=packed)
+            h = splade_inputs(model, model(ids, segment_ids > 0, segment_ids=packed), self.pooling)
             segments = min(self.segments, ids.shape[1])
             pooled = pool_segments(h, pool_ids, segment_ids, self.pooling, segments)
             if "head" in params:
@@ -141,6 +150,8 @@ class Encoder:
         """The embedding size: the last Dense layer's output, else the backbone's."""
         if self.head is not None and self.head.out_features is not None:
             return self.head.out_features
+        if self.pooling == SPLADE:
+            return self.model.config.vocab_size
         return self.model.config.hidden_size
 
     def resolve_prompt(self, prompt_name: str | None, prompt: str | None = None) -> str:
@@ -177,8 +188,10 @@ class Encoder:
         prompt: str | None = None,
         truncate_dim: int | None = None,
         max_length: int | None = None,
+        as_sparse: bool = False,
     ) -> np.ndarray:
-        """Embeds ``texts`` as float32 unit vectors, shape (len(texts), dim).
+        """Embeds ``texts`` as float32 unit vectors, shape (len(texts), dim) (a sparse
+        model's: its sparse vectors, not normalised).
 
         Texts are sorted by length and padded to a few bucket lengths, and every batch but a
         lone short one has ``batch_size`` rows, so only a handful of shapes are compiled.
@@ -193,6 +206,8 @@ class Encoder:
           truncate_dim: keep the first ``truncate_dim`` features (Matryoshka), renormalised.
           max_length: tokens per text for this call (default: the encoder's ``max_length``;
             at most the model's positions), e.g. queries shorter than passages.
+          as_sparse: return a ``scipy.sparse.csr_matrix``, never holding the vectors dense
+            (for a sparse model: SPLADE's have the vocabulary's size, 122 KB a text dense).
         """
         if isinstance(texts, str):
             raise TypeError("encode() takes a list of strings, not a single string")
@@ -203,13 +218,16 @@ class Encoder:
         limit = max_length or self.max_length
         if not 0 < limit <= self.model.config.max_tokens:
             raise ValueError(f"max_length={limit} must be in 1..{self.model.config.max_tokens}")
+        if as_sparse and truncate_dim is not None:
+            raise ValueError("truncate_dim: a sparse vector's first dimensions mean nothing")
         dim = truncate_dim or self.dim
         if len(texts) == 0:
-            return np.zeros((0, dim), np.float32)
+            empty = np.zeros((0, dim), np.float32)
+            return scipy.sparse.csr_matrix(empty) if as_sparse else empty
         prompt_text = self.resolve_prompt(prompt_name, prompt)
         skip = self._prompt_length(prompt_text) if prompt_text and not self.st.include_prompt else 0
         ids = self.tokenize(list(texts), prompt_text, limit)
-        out = self._encode_rows(ids, batch_size, skip, limit)
+        out = self._encode_rows(ids, batch_size, skip, limit, as_sparse)
         if truncate_dim is not None:
             out = out[:, :truncate_dim]
             out /= np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
@@ -236,8 +254,9 @@ class Encoder:
             for i in range(0, len(rows), per_batch)
         ]
 
-    def _encode_rows(self, ids, batch_size: int, skip: int, max_length: int) -> np.ndarray:
-        out = np.zeros((len(ids), self.dim), np.float32)
+    def _encode_rows(self, ids, batch_size: int, skip: int, max_length: int, as_sparse=False):
+        out = None if as_sparse else np.zeros((len(ids), self.dim), np.float32)
+        blocks, order = [], []  # as_sparse: each batch's vectors, and their texts
         # Only jobs that take a while report, and only process 0 of a multi-host run.
         loud = len(ids) >= PROGRESS_FROM and jax.process_index() == 0
         with Progress(len(ids), "encoding", enabled=loud) as progress:
@@ -245,8 +264,14 @@ class Encoder:
                 *arrays, where = fill(ids, rows, per_batch, length, self.pad_id, skip)
                 emb = np.asarray(self._forward(*arrays))
                 text, row, segment = where.T
-                out[text] = emb[row, segment]
+                if as_sparse:
+                    blocks.append(scipy.sparse.csr_matrix(emb[row, segment]))
+                    order.append(text)
+                else:
+                    out[text] = emb[row, segment]
                 progress.update(len(text))
+        if as_sparse:  # back in the texts' order
+            return scipy.sparse.vstack(blocks, format="csr")[np.argsort(np.concatenate(order))]
         return out
 
 

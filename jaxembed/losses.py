@@ -442,6 +442,19 @@ def with_distillation(
     return loss
 
 
+def flops(x: jax.Array, rows: jax.Array | None = None) -> jax.Array:
+    """The FLOPS regulariser (Paria et al., 2020; SPLADE): the sum over dimensions of the
+    squared mean activation over the batch's real ``rows`` ((N,) bool; None: all). The
+    mean is over the GLOBAL batch, as it must be: a per-device mean squared and averaged
+    over devices is another, larger penalty (Tevatron #36)."""
+    x = _float32(_gathered(jnp.asarray(x)))
+    if rows is None:
+        return jnp.sum(jnp.mean(x, axis=0) ** 2)
+    rows = _gathered(jnp.asarray(rows, bool))
+    mean = jnp.sum(jnp.where(rows[:, None], x, 0.0), axis=0) / jnp.maximum(jnp.sum(rows), 1)
+    return jnp.sum(mean**2)
+
+
 # --- a run's loss -----------------------------------------------------------------------------
 
 

@@ -34,6 +34,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
+import scipy.sparse
 
 from jaxembed import quantization as quantization_lib
 from jaxembed import sharding
@@ -41,7 +42,7 @@ from jaxembed.beir import EvalDataError, load_beir
 from jaxembed.encoder import Encoder
 from jaxembed.hf.sentence_transformers import DOC_PROMPTS, QUERY_PROMPTS, pick_prompt
 from jaxembed.models.sparse import active_dims
-from jaxembed.search import top_k
+from jaxembed.search import sparse_top_k, top_k
 
 METRICS = ("ndcg@10", "mrr@10", "map@100", "recall@1", "recall@10", "recall@100")
 # Where MTEB stores the same numbers in its result files.
@@ -124,10 +125,15 @@ def evaluate_beir(
         ranked = {qid: [doc_ids[j] for j in row] for qid, row in zip(qids, idx, strict=True)}
         return retrieval_metrics(ranked, qrels)
 
-    out = {**metrics(top_k(q, d, k)[1]), "queries": len(qids), "corpus": len(doc_ids)}
+    search = sparse_top_k if scipy.sparse.issparse(d) else top_k
+    out = {**metrics(search(q, d, k)[1]), "queries": len(qids), "corpus": len(doc_ids)}
     if sparse:
         out.update(zip(SPARSITY, (active_dims(q), active_dims(d)), strict=True))
     if quantization != "none":
+        if scipy.sparse.issparse(d):
+            raise ValueError(
+                f"--quantization {quantization}: a sparse model's vectors are not quantized"
+            )
         if quantization == "int8" and ranges is None:
             ranges = quantization_lib.int8_ranges(d)
         # One index search: its first k are the index's ranking, all of them the candidates.
@@ -152,19 +158,27 @@ def reuse_last(encode: EncodeFn) -> EncodeFn:
     def cached(texts: list[str]) -> np.ndarray:
         nonlocal last
         new = list(dict.fromkeys(t for t in texts if t not in last))
-        vectors = dict(zip(new, np.asarray(encode(new)), strict=True)) if new else {}
+        out = encode(new) if new else None
+        sparse = scipy.sparse.issparse(out)  # a sparse model's: rows of a sparse matrix
+        rows = [out[i] for i in range(len(new))] if sparse else np.asarray(out)
+        vectors = dict(zip(new, rows, strict=True)) if new else {}
         known = {t: last[t] for t in texts if t in last}
         last = known | vectors
-        return np.stack([last[t] for t in texts]) if texts else np.asarray(encode([]))
+        if not texts:
+            return encode([])
+        kept = [last[t] for t in texts]
+        is_sparse = scipy.sparse.issparse(kept[0])
+        return scipy.sparse.vstack(kept, format="csr") if is_sparse else np.stack(kept)
 
     return cached
 
 
 def _check_embeddings(x: np.ndarray, n: int, what: str) -> np.ndarray:
-    x = np.asarray(x, np.float32)
-    if x.ndim != 2 or len(x) != n:
+    sparse = scipy.sparse.issparse(x)
+    x = scipy.sparse.csr_matrix(x, dtype=np.float32) if sparse else np.asarray(x, np.float32)
+    if x.ndim != 2 or x.shape[0] != n:
         raise ValueError(f"encoding the {what}: expected {n} rows, got shape {x.shape}")
-    if not np.isfinite(x).all():
+    if not np.isfinite(x.data if sparse else x).all():
         raise FloatingPointError(f"encoding the {what}: non-finite embeddings")
     return x
 
@@ -195,11 +209,13 @@ def encoder_fns(
     q_text = pick_prompt(encoder.prompts, query_prompt, QUERY_PROMPTS, encoder.name)
     d_text = pick_prompt(encoder.prompts, doc_prompt, DOC_PROMPTS, encoder.name)
 
+    sparse = getattr(encoder, "sparse", False)  # kept as sparse matrices
+
     def queries(texts):
-        return encoder.encode(texts, batch_size=batch_size, prompt=q_text)
+        return encoder.encode(texts, batch_size=batch_size, prompt=q_text, as_sparse=sparse)
 
     def docs(texts):
-        return encoder.encode(texts, batch_size=batch_size, prompt=d_text)
+        return encoder.encode(texts, batch_size=batch_size, prompt=d_text, as_sparse=sparse)
 
     return queries, docs, {"query": q_text, "document": d_text}
 
@@ -304,11 +320,11 @@ class Evaluator:
 
         def queries(texts):
             return enc.encode(texts, batch_size=self.batch_size, prompt=self.query_prompt,
-                              max_length=self.q_len)  # fmt: skip
+                              max_length=self.q_len, as_sparse=self.sparse)  # fmt: skip
 
         def docs(texts):
             return enc.encode(texts, batch_size=self.batch_size, prompt=self.passage_prompt,
-                              max_length=self.p_len)  # fmt: skip
+                              max_length=self.p_len, as_sparse=self.sparse)  # fmt: skip
 
         docs = reuse_last(docs)  # sets sharing a corpus encode it once
         q = self.quantization

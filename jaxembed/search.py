@@ -18,6 +18,7 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+import scipy.sparse
 
 
 @functools.partial(jax.jit, static_argnames=("k",))
@@ -171,3 +172,27 @@ def nearest_non_positives(
         cand_i[lo:hi] = np.where(keep, np.take_along_axis(i, order, 1), -1)
         lo = hi
     return cand_s, cand_i
+
+
+def sparse_top_k(queries, docs, k: int, query_block: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """`top_k` for ``scipy.sparse`` vectors (a sparse model's): ``(scores, indices)``.
+
+    A block of queries is multiplied with the sparse corpus (only shared non-zero
+    dimensions cost anything: an inverted index's work), its scores made dense (``query_block
+    x len(docs)`` floats), and each row's best ``k`` kept, equal scores ranking the lower
+    document index first, as `top_k` does.
+    """
+    queries, docs = scipy.sparse.csr_matrix(queries), scipy.sparse.csr_matrix(docs).T.tocsc()
+    k = min(k, docs.shape[1])
+    out_s = np.zeros((queries.shape[0], k), np.float32)
+    out_i = np.zeros((queries.shape[0], k), np.int64)
+    for start in range(0, queries.shape[0], query_block):
+        s = np.asarray((queries[start : start + query_block] @ docs).todense(), np.float32)
+        # The k-th best score per row, then everything at least as good, by (score, index).
+        part = np.argpartition(-s, k - 1, axis=1)[:, :k]
+        kth = np.take_along_axis(s, part, axis=1).min(axis=1, keepdims=True)
+        for r, row in enumerate(s):
+            cand = np.flatnonzero(row >= kth[r])
+            best = cand[np.lexsort((cand, -row[cand]))][:k]
+            out_s[start + r], out_i[start + r] = row[best], best
+    return out_s, out_i

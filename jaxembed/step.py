@@ -43,7 +43,7 @@ from jaxembed.choices import TASKS
 from jaxembed.data import pipeline
 from jaxembed.models import lora, sparse
 from jaxembed.models.head import HeadLayer
-from jaxembed.models.pooling import pool_segments
+from jaxembed.models.pooling import SPLADE, pool_segments, splade_inputs
 from jaxembed.packing import MAX_SEGMENTS
 from jaxembed.seeds import to_seed
 from jaxembed.train_state import TrainState, abstract_state, create_state, make_optimizer
@@ -77,7 +77,7 @@ def train_step(state: TrainState, batch: dict, frozen, *, step: Step, task: str,
             emb = {t: head.before_sparse(e) for t, e in emb.items()}
         emb = {t: step.constrain(e) for t, e in emb.items()}
         b, k = batch["neg_valid"].shape
-        if step.sparse:  # CSR: the reconstructions of the dense inputs, then the top-k
+        if step.csr:  # CSR: the reconstructions of the dense inputs, then the top-k
             real = {"query": jnp.ones(b, bool), "pos": jnp.ones(b, bool)}
             real["neg"] = batch["neg_valid"].reshape(-1)
             # In sentence-transformers' column order (a dict through jax.grad comes back sorted).
@@ -94,8 +94,17 @@ def train_step(state: TrainState, batch: dict, frozen, *, step: Step, task: str,
             temperature=losses.temperature(extra, config.loss), neg_mask=batch["neg_valid"],
             pos_hash=batch["pos_hash"], neg_hash=batch["neg_hash"], teacher=batch["teacher"],
         )  # fmt: skip
-        if step.sparse:
+        if step.csr:
             return config.loss.csr_gamma * loss + recon, {sparse.STATS: stats}
+        if step.pooling == SPLADE:  # FLOPS on queries and on documents, weights ramped up
+            docs = jnp.concatenate([emb["pos"], negatives.reshape(b * k, d)])
+            real = jnp.concatenate([jnp.ones(b, bool), batch["neg_valid"].reshape(-1)])
+            warmup = config.loss.splade_warmup_steps or max(config.train.steps // 3, 1)
+            ramp = jnp.minimum(state.step / warmup, 1.0) ** 2
+            loss = loss + ramp * (
+                config.loss.splade_query_weight * losses.flops(emb["query"])
+                + config.loss.splade_document_weight * losses.flops(docs, real)
+            )
         return loss, {}
 
     if config.train.gradcache:
@@ -123,8 +132,8 @@ def train_step(state: TrainState, batch: dict, frozen, *, step: Step, task: str,
         "lr": step.schedule(state.step),
         "temperature": temperature,
     }
-    if step.sparse:  # latents that have not fired for dead_threshold forward passes
-        dead = buffers[sparse.STATS] > step.sparse.dead_threshold
+    if step.csr:  # latents that have not fired for dead_threshold forward passes
+        dead = buffers[sparse.STATS] > step.csr.dead_threshold
         metrics["dead_latents"] = jnp.sum(dead).astype(jnp.float32)
     params = optax.apply_updates(params, updates)
     state = state.replace(params=params, opt_state=opt_state, buffers=buffers)
@@ -141,7 +150,7 @@ class Step:
     mesh: jax.sharding.Mesh
     graphdef: nnx.GraphDef
     head: nnx.GraphDef | None  # the Dense head's, if the model has one
-    sparse: HeadLayer | None  # a sparse model's autoencoder (`jaxembed.models.sparse`)
+    csr: HeadLayer | None  # a CSR model's autoencoder (`jaxembed.models.sparse`)
     pooling: str
     tx: optax.GradientTransformation
     schedule: optax.Schedule
@@ -152,7 +161,8 @@ class Step:
     _jitted: dict = dataclasses.field(init=False, default_factory=dict)
 
     def __post_init__(self):
-        similarity = "dot" if self.sparse else "cosine"
+        sparse = self.csr is not None or self.pooling == SPLADE
+        similarity = "dot" if sparse else "cosine"  # a sparse model's vectors: never normalised
         self.losses = {t: losses.make_loss(self.config.loss, t, similarity) for t in TASKS}
         self.encode = make_encode(self.graphdef, self.pooling, texts_per_row(self.config))
 
@@ -213,9 +223,10 @@ def make_step(config, mesh, model: nnx.Module, head=None, pooling: str = "mean")
     abstract, shardings = abstract_state(model, config, mesh, tx, head)
     head_def = None if head is None else nnx.graphdef(head)
     csr = None if head is None or head.sparse is None else head.sparse.layer
-    if csr and (config.loss.matryoshka_dims or config.loss.quantization != "none"):
+    sparse = csr is not None or pooling == SPLADE
+    if sparse and (config.loss.matryoshka_dims or config.loss.quantization != "none"):
         raise ValueError(
-            "a sparse (CSR) model's vectors are neither truncated nor quantized: set "
+            "a sparse model's vectors are neither truncated nor quantized: set "
             "config.loss.matryoshka_dims=() and config.loss.quantization=none"
         )
     return Step(
@@ -247,6 +258,7 @@ def make_encode(graphdef, pooling: str, segments: int) -> Callable:
         # One text per row is a padded batch: key lengths, not a mask, for fused kernels.
         packed = seg if segments > 1 else None
         hidden = model(ids, seg > 0, segment_ids=packed, dropout_seed=seeds)
+        hidden = splade_inputs(model, hidden, pooling)  # SPLADE pools the MLM logits
         return pool_segments(hidden, pool_seg, seg, pooling, min(segments, ids.shape[1]))
 
     return encode

@@ -155,8 +155,7 @@ def open_run(config, workdir, log: RunLog):
     if jax.process_index() == 0:
         m = config.model
         csr = (m.csr_hidden_dim, m.csr_k, m.csr_k_aux, m.csr_dead_threshold)
-        csr = csr if config.model.sparse == "csr" else None
-        prepare_model_dir(config.model.path, workdir / MODEL_DIR, config.model.pooling, csr)
+        prepare_model_dir(m.path, workdir / MODEL_DIR, m.pooling, m.sparse, csr)
     distributed.barrier("prepare_model_dir")
     model_dir = local_copy(workdir / MODEL_DIR)
     st = read_st_config(model_dir)
@@ -183,7 +182,10 @@ def start_state(config, workdir, model_dir: Path, mesh, st, pooling: str, meta: 
 
     def load_model():  # from the folder the run started from, as a restore reads a LoRA base
         dtype = jnp.dtype(config.model.dtype)
-        loaded = hf.load_model(base_folder(model_dir), dtype=dtype, remat=config.model.remat)
+        mlm_head = getattr(model.config, "add_mlm_head", False)  # SPLADE's (the run's folder)
+        loaded = hf.load_model(
+            base_folder(model_dir), dtype=dtype, remat=config.model.remat, mlm_head=mlm_head
+        )
         return with_adapters(loaded, adapters, config.train.seed)
 
     loaded = load_model() if adapters else None

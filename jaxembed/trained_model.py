@@ -24,6 +24,7 @@ from jaxembed.hf.io import ModelFolderError
 from jaxembed.hf.sentence_transformers import STConfig, load_head, read_st_config
 from jaxembed.models import lora
 from jaxembed.models.head import Head, build_head
+from jaxembed.models.pooling import SPLADE
 from jaxembed.workdir import Checkpoint, base_folder, find_checkpoint, is_checkpoint
 
 
@@ -59,7 +60,8 @@ def abstract_model(
     hf_cfg = hf.read_config(model_dir)
     fam = hf.family(hf_cfg["model_type"])
     info = json.loads((model_dir / "jaxembed.json").read_text())
-    cfg = fam.config_from_hf(hf_cfg, has_pooler=info["has_pooler"])
+    extra = {"mlm_head": True} if info.get("mlm_head") else {}  # SPLADE's
+    cfg = fam.config_from_hf(hf_cfg, has_pooler=info["has_pooler"], **extra)
 
     def build():
         model = fam.build(cfg, dtype=jnp.dtype(dtype), remat=remat, rngs=nnx.Rngs(0))
@@ -83,7 +85,7 @@ def initial_head(model_dir: Path, st: STConfig, pooled: int, seed: int = 0) -> H
     (``seed``), as sentence-transformers' conversion does."""
     base = base_folder(model_dir)
     base_st = read_st_config(base)
-    if not st.sparse or base_st.sparse:
+    if not st.csr or base_st.csr:
         return load_head(base, st, pooled)
     head = build_head(st.head, pooled, seed)
     loaded = load_head(base, base_st, pooled)
@@ -127,7 +129,9 @@ def restore_adapted(ckpt: Checkpoint, *, dtype: str = "float32", mesh=None) -> n
     model = checkpoint_model(ckpt, dtype)
     source = base_folder(ckpt.model_dir)
     adapters, base = lora.split(model)
-    base_params = nnx.to_pure_dict(nnx.state(hf.load_model(source, dtype=jnp.dtype(dtype))))
+    mlm_head = model.config.add_mlm_head if hasattr(model.config, "add_mlm_head") else False
+    loaded = hf.load_model(source, dtype=jnp.dtype(dtype), mlm_head=mlm_head)
+    base_params = nnx.to_pure_dict(nnx.state(loaded))
     if mesh is not None:
         shardings = nnx.to_pure_dict(sharding.state_shardings(base, mesh))
         base_params = jax.device_put(base_params, shardings)
@@ -171,8 +175,8 @@ def load_model_or_run(
         if is_url(path) and not path.exists():
             raise ModelFolderError(f"{path}: no such folder")
         path = local_copy(path)  # a bucket's: a local copy, for transformers
-        model = hf.load_model(path, dtype=jnp.dtype(dtype))
         st = read_st_config(path)
+        model = hf.load_model(path, dtype=jnp.dtype(dtype), mlm_head=st.pooling == SPLADE)
         return model, load_head(path, st, model.config.hidden_size), st, path
     ckpt = find_checkpoint(path)
     model = restore_model(ckpt, dtype=dtype)

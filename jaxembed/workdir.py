@@ -28,7 +28,13 @@ from pathlib import Path
 from jaxembed import checkpoint, hf
 from jaxembed.files import atomic_dir, is_url, local_copy, run_path, upload_dir
 from jaxembed.hf.io import ModelFolderError
-from jaxembed.hf.sentence_transformers import append_sparse, csr_layer, read_st_config
+from jaxembed.hf.sentence_transformers import (
+    append_sparse,
+    csr_layer,
+    read_st_config,
+    write_st_config,
+)
+from jaxembed.models.pooling import SPLADE
 from jaxembed.run_log import METRICS
 from jaxembed.tokenizer import append_eos, load_tokenizer
 
@@ -38,7 +44,9 @@ PARAMETERS = "parameters.txt"
 # --- the run's model folder -------------------------------------------------------------------
 
 
-def prepare_model_dir(source: str, target, pooling: str = "", csr: tuple | None = None) -> Path:
+def prepare_model_dir(
+    source: str, target, pooling: str = "", sparse: str = "none", csr: tuple = ()
+) -> Path:
     """The run's own copy of the backbone's non-weight files (config, tokenizer, ST files).
 
     A resumed run, the exporter and `jaxembed.load(workdir)` read this copy, so the original
@@ -46,9 +54,10 @@ def prepare_model_dir(source: str, target, pooling: str = "", csr: tuple | None 
     else the folder's own) the copied tokenizer is saved appending EOS (`tokenizer.append_eos`),
     so the data pipeline, evaluation and the exported folder all tokenize the same way.
     ``target`` may be a bucket folder: built locally, then uploaded, config.json last.
-    ``csr``: ``(hidden_dim, k, k_aux)`` (`hf.sentence_transformers.csr_layer`) to make the
-    run a sparse one by appending an autoencoder to a dense model (a folder that has one
-    keeps its own).
+    ``sparse`` (``model.sparse``) makes the run a sparse one: "csr" appends an autoencoder
+    of ``csr`` = ``(hidden_dim, k, k_aux, dead_threshold)`` (`hf.sentence_transformers.
+    csr_layer`) to a dense model, "splade" pools the MLM head's logits (a folder that is
+    already sparse keeps its own).
     """
     if (target / "config.json").exists():
         return target
@@ -58,15 +67,15 @@ def prepare_model_dir(source: str, target, pooling: str = "", csr: tuple | None 
     hf.read_config(src)  # fails early, naming the folder, if it is not a model folder
     if is_url(target):
         with tempfile.TemporaryDirectory() as tmp:
-            _copy_model_files(src, Path(tmp), pooling, csr)
+            _copy_model_files(src, Path(tmp), pooling, sparse, csr)
             upload_dir(Path(tmp), target, last="config.json")
         return target
     with atomic_dir(target) as tmp:
-        _copy_model_files(src, tmp, pooling, csr)
+        _copy_model_files(src, tmp, pooling, sparse, csr)
     return target
 
 
-def _copy_model_files(src: Path, tmp: Path, pooling: str, csr: tuple | None) -> None:
+def _copy_model_files(src: Path, tmp: Path, pooling: str, sparse: str, csr: tuple) -> None:
     for item in src.iterdir():
         if item.name in hf.io.WEIGHT_FILES or item.suffix in (".safetensors", ".bin", ".pt"):
             continue
@@ -82,11 +91,22 @@ def _copy_model_files(src: Path, tmp: Path, pooling: str, csr: tuple | None) -> 
         "source": str(src.absolute()),
         "has_pooler": hf.has_pooler(fam, tensors),
     }
-    (tmp / "jaxembed.json").write_text(json.dumps(info, indent=2))
     st = read_st_config(tmp)
-    if csr is not None and not st.sparse:
+    if sparse == "splade" or st.pooling == SPLADE:
+        hf_cfg = hf.read_config(src)
+        if not getattr(fam, "has_mlm_head", lambda *_: False)(hf_cfg, tensors):
+            raise ModelFolderError(
+                f"{src}: model.sparse=splade needs a masked-language-model head, and this "
+                f"{hf_cfg['model_type']} checkpoint has none (a *ForMaskedLM checkpoint of "
+                "BERT, RoBERTa or XLM-R has one; for a dense model use model.sparse=csr)"
+            )
+        info["mlm_head"] = True
+        if st.pooling != SPLADE:
+            write_st_config(tmp, dataclasses.replace(st, pooling=SPLADE, head=(), head_dirs=()), 0)
+    elif sparse == "csr" and not st.sparse:
         dim = st.output_dim(hf.read_config(src)["hidden_size"])
         append_sparse(tmp, csr_layer(dim, *csr))
+    (tmp / "jaxembed.json").write_text(json.dumps(info, indent=2))
     if (pooling or read_st_config(tmp).pooling) == "lasttoken":
         tokenizer = load_tokenizer(tmp)
         before = tokenizer("a")["input_ids"]

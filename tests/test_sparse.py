@@ -247,3 +247,154 @@ def test_a_step_saved_before_the_state_had_buffers_still_restores(tmp_path):
         assert restored.data == {"next_batch": 7} and restored.meta == {"k": 1}
         with pytest.raises(ValueError):
             checkpoint.restore(mngr, 7, abstract({sparse.STATS: jnp.zeros(4, jnp.int32)}))
+
+
+# --- SPLADE ----------------------------------------------------------------------------------
+
+
+def save_tiny_mlm(folder, model_type="bert", seed=0):
+    """A random tiny *ForMaskedLM (its head's biases random too) with all-MiniLM-L6-v2's
+    tokenizer (vocab 30522), saved by transformers."""
+    import shutil
+
+    import transformers
+    from helpers import TINY, TOKENIZER_FILES, minilm_path
+
+    torch.manual_seed(seed)
+    kwargs = dict(TINY, vocab_size=30522, num_hidden_layers=1)
+    if model_type != "bert":
+        kwargs.update(pad_token_id=1, type_vocab_size=1)
+        kwargs["max_position_embeddings"] += 2
+    cfg = transformers.AutoConfig.for_model(model_type, **kwargs)
+    model = transformers.AutoModelForMaskedLM.from_config(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):  # random biases; the vocabulary's below 0, as trained
+                p.normal_(-1.5 if p.shape == (30522,) else 0.0, 0.5)  # ones are: most are 0
+    model.save_pretrained(folder)
+    for name in TOKENIZER_FILES:
+        shutil.copy(minilm_path() / name, folder / name)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def splade_folder(tmp_path_factory):
+    """The tiny BERT MLM as sentence-transformers 6 saves a SPLADE model."""
+    from sentence_transformers import SparseEncoder
+    from sentence_transformers.base.modules import Transformer
+    from sentence_transformers.sparse_encoder.modules import SpladePooling
+
+    root = tmp_path_factory.mktemp("splade")
+    mlm = save_tiny_mlm(root / "mlm")
+    modules = [Transformer(str(mlm), transformer_task="fill-mask"), SpladePooling("max")]
+    SparseEncoder(modules=modules, device="cpu").save(str(root / "st"))
+    return mlm, root / "st"
+
+
+def test_splade_vectors_are_sentence_transformers(splade_folder):
+    """A SPLADE folder written by sentence-transformers encodes as its SparseEncoder does,
+    padded and packed; both BERT's and XLM-R's MLM heads give transformers' logits."""
+    from sentence_transformers import SparseEncoder
+
+    import jaxembed
+    from jaxembed import hf
+
+    _, folder = splade_folder
+    ref = SparseEncoder(str(folder), device="cpu")
+    want = ref.encode(TEXTS, convert_to_tensor=True).to_dense().numpy()
+    ours = jaxembed.load(folder)
+    assert ours.sparse and ours.dim == 30522
+    assert_close(ours.encode(TEXTS), want)
+    assert_close(jaxembed.load(folder, packing=True).encode(TEXTS, batch_size=2), want)
+    assert 0 < sparse.active_dims(want) < 30522 / 2
+
+    import transformers
+
+    for model_type in ("bert", "xlm-roberta"):
+        path = save_tiny_mlm(folder.parent / f"mlm-{model_type}", model_type, seed=1)
+        ids = np.array([[3, 50, 700, 9000, 2]])
+        torch_model = transformers.AutoModelForMaskedLM.from_pretrained(path).eval()
+        logits = torch_model(torch.tensor(ids)).logits.detach().numpy()
+        model = hf.load_model(path, mlm_head=True)
+        got = model.mlm_logits(model(jnp.asarray(ids), jnp.ones_like(ids)))
+        assert_close(np.asarray(got), logits, what=model_type)
+
+
+def test_flops_is_the_mean_over_the_global_batch():
+    from sentence_transformers.sparse_encoder.losses import FlopsLoss
+
+    x = np.abs(np.random.default_rng(0).normal(size=(10, 7)))
+    want = FlopsLoss(model=None).compute_loss_from_embeddings(torch.tensor(x)).item()
+    assert_close(float(losses.flops(jnp.asarray(x, jnp.float32))), want)
+    rows = np.arange(10) < 6  # padded rows take no part
+    assert_close(float(losses.flops(jnp.asarray(x), jnp.asarray(rows))), float(
+        FlopsLoss(model=None).compute_loss_from_embeddings(torch.tensor(x[:6])).item()
+    ))  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def splade_run(splade_folder, train_setup, tmp_path_factory):
+    """Three steps of SPLADE from the plain *ForMaskedLM folder (no sentence-transformers
+    files), the FLOPS regularisers at full weight from the second step."""
+    from trainrun import tiny_config
+
+    from jaxembed import train
+
+    config = tiny_config(
+        train_setup, steps=3, model__path=str(splade_folder[0]), model__sparse="splade",
+        loss__temperature=1.0, loss__splade_warmup_steps=1, data__train=train_setup[2][:1],
+    )  # fmt: skip
+    workdir = tmp_path_factory.mktemp("splade-run")
+    return workdir, train.main(config, workdir)
+
+
+def test_splade_trains_exports_and_mines(splade_run, splade_folder, train_setup, tmp_path):
+    from sentence_transformers import SparseEncoder
+
+    import jaxembed
+    from jaxembed import convert, mine
+    from jaxembed.hf.sentence_transformers import read_st_config
+
+    workdir, result = splade_run
+    after = result["after"]
+    assert 0 < after["eval/corpus_active_dims"] < 30522 and after["eval/ndcg@10"] > 0
+    out = tmp_path / "export"
+    assert convert.main(["--checkpoint", str(workdir), "--out", str(out)]) == 0
+    assert read_st_config(out).pooling == "splade"
+    assert json.loads((out / "config.json").read_text())["architectures"] == ["BertForMaskedLM"]
+    ours = jaxembed.load(workdir).encode(TEXTS)
+    ref = SparseEncoder(str(out), device="cpu")
+    assert_close(ref.encode(TEXTS, convert_to_tensor=True).to_dense().numpy(), ours)
+    assert_close(jaxembed.load(out).encode(TEXTS), ours)
+    before = jaxembed.load(splade_folder[1]).encode(TEXTS)  # the same weights, untrained
+    assert np.abs(before - ours).max() > 1e-3
+    mined = tmp_path / "mined.jsonl"  # and it mines, by dot product
+    retr = train_setup[2][0]
+    stats = mine.mine(str(workdir), retr, mined, max_score=None, num_negatives=2, skip_top=0)
+    assert stats["records_out"] == 48 and mined.stat().st_size > 0
+
+
+def test_splade_needs_an_mlm_head(train_setup, tmp_path):
+    from jaxembed.hf.io import ModelFolderError
+    from jaxembed.workdir import prepare_model_dir
+
+    dense = train_setup[1]  # a BertModel: no MLM head
+    with pytest.raises(ModelFolderError, match=r"model.sparse=splade needs a masked-language"):
+        prepare_model_dir(str(dense), tmp_path / "model", sparse="splade")
+    assert not (tmp_path / "model").exists()
+
+
+def test_sparse_search_ranks_as_the_dense_search():
+    """Exact search over sparse matrices: the dense search's ranking, ties (integer scores,
+    many) broken alike by the lower document index, across query blocks."""
+    import scipy.sparse
+
+    from jaxembed.search import sparse_top_k, top_k
+
+    rng = np.random.default_rng(0)
+    d = rng.integers(0, 3, (300, 50)).astype(np.float32) * (rng.random((300, 50)) < 0.2)
+    q = rng.integers(0, 3, (40, 50)).astype(np.float32) * (rng.random((40, 50)) < 0.3)
+    want_s, want_i = top_k(q, d, 20)
+    got_s, got_i = sparse_top_k(scipy.sparse.csr_matrix(q), scipy.sparse.csr_matrix(d), 20, 7)
+    np.testing.assert_array_equal(got_i, want_i)
+    np.testing.assert_array_equal(got_s, want_s)

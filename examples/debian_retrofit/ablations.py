@@ -26,9 +26,9 @@ bench: mean nDCG@10 over the dev zero-shot languages
   (``full``: the synopsis translates the query), the body alone (``body``), or a coin per
   row (``mix``); no hard negatives.
 - ``quantization``: the recipe (its ``recipe`` cell's run) and the recipe trained for a
-  binary index (``loss.quantization="binary"``), each scored in float and as a binary
-  index, alone and rescored: how much of post-hoc binarisation's loss the training
-  wins back.
+  binary index (``loss.quantization="binary"``, its loss weighted 1, 2 or 4:
+  ``binary``, ``binary-w2``, ``binary-w4``), each scored in float and as a binary index,
+  alone and rescored: how much of post-hoc binarisation's loss the training wins back.
 - ``sparse``: the recipe (its ``recipe`` cell's run, dense) against the recipe with a CSR
   autoencoder appended (``model.sparse="csr"``: 1,536 latents, 96 kept, dot product), at
   sentence-transformers' scale (``csr``: temperature 1) and at the recipe's (``csr-t0.05``).
@@ -79,7 +79,7 @@ STUDIES = {
     "cyrillic": ("0", "0.25", "0.5", "0.75", "1"),
     "format": ("full", "body", "mix"),
     "recipe": tuple(RECIPE_CELLS),
-    "quantization": ("float", "binary"),
+    "quantization": ("float", "binary", "binary-w2", "binary-w4"),
     "sparse": ("dense", "csr", "csr-t0.05"),
 }
 DEBIAN = ROOT / "data" / "debian"
@@ -129,7 +129,11 @@ def cell_data(study: str, cell: str, out: Path, examples: int) -> tuple[list[Pat
         mined = mined_pairs(out, examples, "full" if cell == "full-positives" else "mix")
         return [mined], RECIPE_CELLS[cell]
     if study == "quantization":
-        overrides = ["--config.loss.quantization=binary"] if cell == "binary" else []
+        overrides = []
+        if cell.startswith("binary"):  # binary-wN: the quantized loss weighted N (default 1)
+            weight = cell.split("-w")[1] if "-w" in cell else "1.0"
+            overrides = ["--config.loss.quantization=binary",
+                         f"--config.loss.quantization_weight={weight}"]  # fmt: skip
         return [mined_pairs(out, examples, "mix")], overrides
     if study == "sparse":
         overrides = []
@@ -247,12 +251,17 @@ def quantization_table(results: dict, shape: str) -> str:
             e = r["eval"]
             vals = [" / ".join(f"{e[g + how]:.4f}" for how in hows) for g in groups]
             lines.append(f"| {cell} | " + " | ".join(vals) + " |")
-    if all(runs.values()):
-        f, b = runs["float"]["eval"], runs["binary"]["eval"]
+    if runs["float"] is None:
+        return "\n".join(lines)
+    f = runs["float"]["eval"]
+    for cell, r in runs.items():
+        if r is None or cell == "float":
+            continue
         for how in ("index", "rescored"):
+            b = r["eval"]
             won = [(b[f"{g}/{how}"] - f[f"{g}/{how}"]) / (f[g] - f[f"{g}/{how}"]) for g in groups]
             lines.append(
-                f"\nbinary {how}: share of the post-hoc loss won back: "
+                f"\n{cell} {how}: share of the post-hoc loss won back: "
                 + ", ".join(f"{g} {w:+.0%}" for g, w in zip(groups, won, strict=True))
             )
     return "\n".join(lines)

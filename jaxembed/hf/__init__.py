@@ -74,8 +74,11 @@ def has_pooler(fam: ModuleType, keys) -> bool:
     return fam.POOLER_KEY is not None and any(k.endswith(fam.POOLER_KEY) for k in keys)
 
 
-def load_model(path: str | os.PathLike, *, dtype=jnp.float32, remat: bool = False) -> nnx.Module:
-    """Builds the NNX backbone of an HF folder and fills it with the folder's weights.
+def load_model(
+    path: str | os.PathLike, *, dtype=jnp.float32, remat: bool = False, mlm_head: bool = False
+) -> nnx.Module:
+    """Builds the NNX backbone of an HF folder and fills it with the folder's weights
+    (``mlm_head``: with its masked-language-model head, which SPLADE needs).
 
     Parameters are fp32 whatever the file's dtype; ``dtype`` is the compute dtype. The model
     is first built abstractly (`nnx.eval_shape`), so no random initialisation is computed
@@ -85,7 +88,20 @@ def load_model(path: str | os.PathLike, *, dtype=jnp.float32, remat: bool = Fals
     hf_cfg = read_config(path)
     fam = family(hf_cfg["model_type"])
     tensors = read_weights(path)
-    cfg = fam.config_from_hf(hf_cfg, has_pooler=has_pooler(fam, tensors))
+    extra = {}
+    if mlm_head:
+        if not hasattr(fam, "has_mlm_head"):
+            raise ModelFolderError(
+                f"{path}: model_type {hf_cfg['model_type']!r} has no masked-language-model "
+                "head here (SPLADE needs one: BERT, RoBERTa, XLM-R, CamemBERT)"
+            )
+        if not fam.has_mlm_head(hf_cfg, tensors):
+            raise ModelFolderError(
+                f"{path}: no masked-language-model head among its weights (SPLADE needs a "
+                "*ForMaskedLM checkpoint; a sentence-transformers model has none: use CSR)"
+            )
+        extra["mlm_head"] = True
+    cfg = fam.config_from_hf(hf_cfg, has_pooler=has_pooler(fam, tensors), **extra)
     model = nnx.eval_shape(lambda: fam.build(cfg, dtype=dtype, remat=remat, rngs=nnx.Rngs(0)))
     rows = expand(fam.table(cfg), fam.num_layers(cfg))
     load_params(model, rows, tensors, source=str(path))

@@ -29,6 +29,7 @@ class Row:
     hf: str  # HF state-dict key, without the model-class prefix ("bert.", "roberta.")
     transform: str = "none"
     stacked: int = 0  # > 0: the Flax parameter stacks this many per-layer HF tensors
+    prefixed: bool = True  # False: a task head's key, beside the base model ("cls.", "lm_head.")
 
 
 def _transpose(x):
@@ -129,7 +130,7 @@ def load_params(
                 [fetch(prefix + row.hf.format(i=i), row, shape[1:]) for i in range(row.stacked)]
             )
         else:
-            value = fetch(prefix + row.hf, row, shape)
+            value = fetch((prefix if row.prefixed else "") + row.hf, row, shape)
         # Host memory: the caller places parameters (one device, or sharded over a mesh).
         var.set_value(value)
     unused = [k for k in tensors if k.startswith(prefix) and k not in used]

@@ -22,7 +22,7 @@ import numpy as np
 from jaxembed.files import atomic_write_text
 from jaxembed.hf.io import WeightsError, read_weights, write_safetensors
 from jaxembed.models.head import SPARSE, Head, HeadLayer, build_head, check_chain
-from jaxembed.models.pooling import POOLING_MODES
+from jaxembed.models.pooling import POOLING_MODES, SPLADE
 from jaxembed.models.sparse import STATS
 
 _LEGACY_POOLING = {
@@ -33,7 +33,11 @@ _LEGACY_POOLING = {
     "pooling_mode_weightedmean_tokens": "weightedmean",
     "pooling_mode_lasttoken": "lasttoken",
 }
-_SUPPORTED_MODULES = ("Transformer", "Pooling", "Dense", "Normalize", "SparseAutoEncoder")
+_SUPPORTED_MODULES = (
+    "Transformer", "MLMTransformer", "Pooling", "SpladePooling", "Dense", "Normalize",
+    "SparseAutoEncoder",
+)  # fmt: skip
+_SPLADE_TYPE = "sentence_transformers.sparse_encoder.modules.SpladePooling"
 _SPARSE_TYPE = "sentence_transformers.sparse_encoder.modules.SparseAutoEncoder"
 # sentence-transformers writes the activation's class path; these are the ones we compute.
 _TORCH_ACTIVATIONS = {
@@ -70,9 +74,14 @@ class STConfig:
         return any(x.kind != "normalize" for x in self.head)
 
     @property
-    def sparse(self) -> bool:
-        """A sparse model (a SparseEncoder): the head ends in a sparse autoencoder."""
+    def csr(self) -> bool:
+        """The head ends in a sparse autoencoder (CSR)."""
         return bool(self.head) and self.head[-1].kind == SPARSE
+
+    @property
+    def sparse(self) -> bool:
+        """A sparse model (a SparseEncoder): SPLADE pooling, or CSR."""
+        return self.pooling == SPLADE or self.csr
 
     def output_dim(self, pooled: int) -> int:
         """The embedding size: the last Dense (or CSR) layer's output, else the pooled size."""
@@ -147,7 +156,9 @@ def _read_modules(path: Path, modules_file: Path, st: STConfig) -> None:
                 f"{modules_file}: module {module['type']!r} is not supported "
                 f"(supported: {', '.join(_SUPPORTED_MODULES)})"
             )
-        if kind == "Pooling":
+        if kind == "SpladePooling":
+            st.pooling, pooled = _splade_pooling(path / module["path"] / "config.json"), True
+        elif kind == "Pooling":
             pool_file = path / module["path"] / "config.json"
             pool_cfg = _read_json(pool_file)
             st.pooling = _pooling_mode(pool_cfg, pool_file)
@@ -169,6 +180,17 @@ def _read_modules(path: Path, modules_file: Path, st: STConfig) -> None:
         head, dirs = head[:-1], dirs[:-1]
     check_chain(head)
     st.head, st.head_dirs = tuple(head), tuple(dirs)
+
+
+def _splade_pooling(cfg_file: Path) -> str:
+    """`SPLADE`, if the ``SpladePooling`` module's settings are the ones computed here."""
+    cfg = _read_json(cfg_file) if cfg_file.exists() else {}
+    got = (cfg.get("pooling_strategy", "max"), cfg.get("activation_function", "relu"))
+    if got != ("max", "relu"):
+        raise ValueError(
+            f"{cfg_file}: SpladePooling {got[0]} of {got[1]}; supported: max of relu (SPLADE v2)"
+        )
+    return SPLADE
 
 
 def _dense_layer(folder: Path) -> HeadLayer:
@@ -369,6 +391,8 @@ def write_st_config(
     convert them). Returns the paths written, relative to ``path``.
     """
     path = Path(path)
+    if st.pooling == SPLADE:
+        return _write_splade(path, st)
     if st.pooling not in POOLING_MODES:
         raise ValueError(f"pooling {st.pooling!r}; supported: {list(POOLING_MODES)}")
     if st.has_weights and head is None:
@@ -413,22 +437,45 @@ def write_st_config(
             {"max_seq_length": int(st.max_seq_length), "do_lower_case": st.do_lower_case},
         )
         written.append("sentence_bert_config.json")
+    _write_json(path / "config_sentence_transformers.json", _st_settings(st))
+    written.append("config_sentence_transformers.json")
+    return written
+
+
+def _st_settings(st: STConfig) -> dict:
+    """``config_sentence_transformers.json``: the model type, prompts, similarity."""
     if st.default_prompt_name is not None and st.default_prompt_name not in st.prompts:
         raise ValueError(
             f"default_prompt_name {st.default_prompt_name!r} is not among the prompts "
             f"{sorted(st.prompts)}"
         )
+    return {
+        "model_type": "SparseEncoder" if st.sparse else "SentenceTransformer",
+        "prompts": dict(st.prompts),
+        "default_prompt_name": st.default_prompt_name,
+        "similarity_fn_name": "dot" if st.sparse else "cosine",
+    }
+
+
+def _write_splade(path: Path, st: STConfig) -> list[str]:
+    """A SPLADE model's files, as sentence-transformers 6 saves them: a fill-mask
+    Transformer (the MLM logits) and SpladePooling (max of relu)."""
+    modules = [
+        {"path": "", "type": "sentence_transformers.models.Transformer"},
+        {"path": "1_SpladePooling", "type": _SPLADE_TYPE},
+    ]
     _write_json(
-        path / "config_sentence_transformers.json",
-        {
-            "model_type": "SparseEncoder" if st.sparse else "SentenceTransformer",
-            "prompts": dict(st.prompts),
-            "default_prompt_name": st.default_prompt_name,
-            "similarity_fn_name": "dot" if st.sparse else "cosine",
-        },
+        path / "modules.json", [{"idx": i, "name": str(i), **m} for i, m in enumerate(modules)]
     )
-    written.append("config_sentence_transformers.json")
-    return written
+    splade = {"pooling_strategy": "max", "activation_function": "relu", "embedding_dimension": None}
+    _write_json(path / "1_SpladePooling" / "config.json", splade)
+    transformer = {"transformer_task": "fill-mask", "do_lower_case": st.do_lower_case}
+    if st.max_seq_length is not None:
+        transformer["max_seq_length"] = int(st.max_seq_length)
+    _write_json(path / "sentence_bert_config.json", transformer)
+    _write_json(path / "config_sentence_transformers.json", _st_settings(st))
+    return ["modules.json", "1_SpladePooling/config.json", "sentence_bert_config.json",
+            "config_sentence_transformers.json"]  # fmt: skip
 
 
 def _write_dense(folder: Path, layer: HeadLayer, module, name: str) -> list[str]:

@@ -25,6 +25,7 @@ from jaxembed.models.layers import (
     activation,
     call_layer,
     dropout,
+    param,
     segment_positions,
 )
 from jaxembed.seeds import split_rng, to_seed
@@ -51,6 +52,8 @@ class BertConfig:
     layer_norm_eps: float = 1e-12
     pad_token_id: int = 0
     add_pooling_layer: bool = True
+    # The masked-language-model head (HF *ForMaskedLM), loaded only for SPLADE.
+    add_mlm_head: bool = False
     # The HF config.json as loaded, kept so export writes back every key we do not model.
     hf_config: dict[str, Any] = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
@@ -217,6 +220,23 @@ class BertPooler(nnx.Module):
         self.dense = Linear(h, h, axes=("embed", None), dtype=dtype, rngs=rngs)
 
 
+class BertMLMHead(nnx.Module):
+    """HF's MLM head (BERT's ``cls.predictions``, RoBERTa's ``lm_head``): dense, activation,
+    LayerNorm, then the word embeddings (tied, as every HF BERT-family checkpoint ties
+    them) plus a bias: a logit per vocabulary entry and token."""
+
+    def __init__(self, cfg: BertConfig, *, dtype, rngs: nnx.Rngs):
+        h = cfg.hidden_size
+        self.dense = Linear(h, h, axes=("embed", "mlp"), dtype=dtype, rngs=rngs)
+        self.LayerNorm = LayerNorm(h, eps=cfg.layer_norm_eps, dtype=dtype)
+        self.bias = param(jnp.zeros((cfg.vocab_size,), jnp.float32), ("vocab",))
+        self.act = activation(cfg.hidden_act)
+
+    def __call__(self, hidden: jax.Array, embedding: jax.Array) -> jax.Array:
+        x = self.LayerNorm(self.act(self.dense(hidden)))
+        return jnp.einsum("blh,vh->blv", x, embedding.astype(x.dtype)) + self.bias[...]
+
+
 class BertModel(nnx.Module):
     """The encoder stack; returns the last hidden states (batch, length, hidden)."""
 
@@ -233,6 +253,7 @@ class BertModel(nnx.Module):
         self.embeddings = BertEmbeddings(cfg, dtype=dtype, rngs=rngs)
         self.encoder = BertEncoder(cfg, dtype=dtype, remat=remat, rngs=rngs)
         self.pooler = BertPooler(cfg, dtype=dtype, rngs=rngs) if cfg.add_pooling_layer else None
+        self.mlm = BertMLMHead(cfg, dtype=dtype, rngs=rngs) if cfg.add_mlm_head else None
         self.attention = "auto"  # `jaxembed.models.attention`: set by model.attention
 
     def __call__(
@@ -266,3 +287,11 @@ class BertModel(nnx.Module):
         x = self.embeddings(input_ids, token_type_ids, r_emb, positions)
         mask = Mask.of(attention_mask, segment_ids, impl=self.attention)
         return self.encoder(x, mask, r_enc)
+
+    def mlm_logits(self, hidden: jax.Array) -> jax.Array:
+        """The MLM head's logits (batch, length, vocab) of the last hidden states."""
+        if self.mlm is None:
+            raise ValueError(
+                "this model was loaded without its MLM head (hf.load_model(mlm_head=True))"
+            )
+        return self.mlm(hidden, self.embeddings.word_embeddings.embedding[...])

@@ -13,12 +13,21 @@ from jaxembed.models.layers import segment_positions
 
 # The names sentence-transformers uses in 1_Pooling/config.json.
 POOLING_MODES = ("cls", "mean", "max", "mean_sqrt_len_tokens", "weightedmean", "lasttoken")
+# SPLADE (sentence-transformers' SpladePooling, max, relu): the max over a text's tokens of
+# log(1 + ReLU(x)), x the MLM head's logits (the model computes them, `splade_inputs`): a
+# vector of the vocabulary's size, mostly zeros.
+SPLADE = "splade"
 
 
 def check_pooling(mode: str) -> str:
-    if mode not in POOLING_MODES:
-        raise ValueError(f"unsupported pooling {mode!r}; supported: {list(POOLING_MODES)}")
+    if mode not in (*POOLING_MODES, SPLADE):
+        raise ValueError(f"unsupported pooling {mode!r}; supported: {[*POOLING_MODES, SPLADE]}")
     return mode
+
+
+def splade_inputs(model, hidden: jax.Array, mode: str) -> jax.Array:
+    """What a pooling mode pools: the last hidden states, or for SPLADE the MLM logits."""
+    return model.mlm_logits(hidden) if mode == SPLADE else hidden
 
 
 def pool(
@@ -44,6 +53,8 @@ def pool(
         return jnp.take_along_axis(h, last[:, None, None], axis=1)[:, 0]
     if mode == "max":
         return jnp.max(jnp.where(m > 0, h, jnp.finfo(jnp.float32).min), axis=1)
+    if mode == SPLADE:  # every value is >= 0: padding's 0 never wins over a real token's
+        return jnp.max(jnp.log1p(jax.nn.relu(h)) * m, axis=1)
     if mode == "weightedmean":
         full = mask if attention_mask is None else attention_mask
         start = jnp.argmax(full > 0, axis=1)  # left padding shifts the weights
@@ -74,10 +85,12 @@ def pool_segments(
         pick = jnp.argmax(jnp.where(member, score, jnp.iinfo(jnp.int32).min), axis=-1)
         out = jnp.take_along_axis(h, pick[..., None], axis=1)  # (rows, segments, hidden)
         return jnp.where(member.any(-1)[..., None], out, 0.0)
-    if mode == "max":
+    if mode in ("max", SPLADE):  # one segment at a time: (rows, length, vocab) is large
 
         def one(s):
             m = (pool_ids == s)[..., None]
+            if mode == SPLADE:
+                return jnp.max(jnp.where(m, jnp.log1p(jax.nn.relu(h)), 0.0), axis=1)
             return jnp.max(jnp.where(m, h, jnp.finfo(jnp.float32).min), axis=1)
 
         out = jax.lax.map(one, segs).transpose(1, 0, 2)

@@ -132,5 +132,10 @@ def reconstruction_loss(
 
 
 def active_dims(x) -> float:
-    """The mean count of non-zero dimensions per row of ``x`` (a NumPy or JAX array)."""
-    return float((x != 0).sum(-1).mean()) if len(x) else 0.0
+    """The mean count of non-zero dimensions per row of ``x`` (a NumPy, JAX or
+    ``scipy.sparse`` array)."""
+    if x.shape[0] == 0:
+        return 0.0
+    if hasattr(x, "getnnz"):  # scipy.sparse: its stored values may include explicit zeros
+        return float((abs(x) > 0).sum(axis=1).mean())
+    return float((x != 0).sum(-1).mean())
