@@ -253,7 +253,7 @@ def test_recipe_configs_validate_and_name_their_eval_sets(train_setup):
     names = ("demo.py", "retrofit_xlmr_base.py", "retrofit_mmbert.py", "f2llm_qwen3.py:0.6b")
     names += ("f2llm_qwen3.py:4b", "f2llm_qwen3.py:0.6b-lora", "embeddinggemma.py")
     names += ("embeddinggemma.py:lora", "../examples/debian_retrofit/config.py")
-    names += ("../examples/debian_retrofit/config.py:st",)
+    names += ("../examples/debian_retrofit/config.py:st", "sparse.py", "sparse.py:splade")
     for name in names:
         config_lib.validate(config_lib.load(str(ROOT / "configs" / name)))
     recipe = config_lib.load(str(ROOT / "examples" / "debian_retrofit" / "config.py"))
