@@ -426,6 +426,12 @@ def check(key: str, value):
     return FIELDS[key].check(value, key)
 
 
+def csr_sizes(c: ml_collections.ConfigDict) -> tuple:
+    """``model.csr_*``: the CSR autoencoder's (hidden_dim, k, k_aux, dead_threshold)."""
+    m = c.model
+    return (m.csr_hidden_dim, m.csr_k, m.csr_k_aux, m.csr_dead_threshold)
+
+
 def mining_rules(c: ml_collections.ConfigDict) -> Rules:
     """The mining rules of ``config.mine`` (checked by `Rules`, the errors naming the group)."""
     names = {f.name for f in dataclasses.fields(Rules)}

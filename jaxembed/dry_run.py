@@ -31,13 +31,15 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxembed import config as config_lib
 from jaxembed import hf, sharding, trained_model
 from jaxembed import step as step_lib
 from jaxembed.data import pipeline
-from jaxembed.hf.sentence_transformers import read_st_config
+from jaxembed.hf.sentence_transformers import read_st_config, sparse_settings
 from jaxembed.models import attention as attention_lib
 from jaxembed.models import lora
 from jaxembed.models.head import build_head
+from jaxembed.models.pooling import SPLADE
 
 PLATFORMS = ("tpu", "gpu", "cpu")
 KERNELS = {"gpu": "__cudnn$fmha", "tpu": "tpu_custom_call"}
@@ -139,7 +141,8 @@ def abstract_model(config) -> tuple[nnx.Module, nnx.Module | None]:
     folder = Path(config.model.path)
     hf_cfg = hf.read_config(folder)
     fam = hf.family(hf_cfg["model_type"])
-    cfg = fam.config_from_hf(hf_cfg)
+    st = run_settings(config)
+    cfg = fam.config_from_hf(hf_cfg, **({"mlm_head": True} if st.pooling == SPLADE else {}))
 
     def build():
         dtype = jnp.dtype(config.model.dtype)
@@ -147,9 +150,17 @@ def abstract_model(config) -> tuple[nnx.Module, nnx.Module | None]:
         model.attention = config.model.attention
         return trained_model.with_adapters(model, trained_model.lora_spec(config))
 
-    layers = read_st_config(folder).head
+    layers = st.head
     head = nnx.eval_shape(lambda: build_head(layers, cfg.hidden_size)) if layers else None
     return nnx.eval_shape(build), head
+
+
+def run_settings(config):
+    """The sentence-transformers settings the run will have (`model.sparse` applied)."""
+    folder = Path(config.model.path)
+    hidden = hf.read_config(folder)["hidden_size"]
+    sizes = config_lib.csr_sizes(config)
+    return sparse_settings(read_st_config(folder), config.model.sparse, sizes, hidden)
 
 
 def abstract(tree, shardings):
@@ -208,7 +219,7 @@ def dry_run(config, target: str) -> list[str]:
     devices = use_host_devices(count)
     model, head = abstract_model(config)
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices)
-    pooling = config.model.pooling or read_st_config(Path(config.model.path)).pooling or "mean"
+    pooling = config.model.pooling or run_settings(config).pooling or "mean"
     dp, impl = sharding.data_parallel_size(mesh), config.model.attention
     step = step_lib.make_step(config, mesh, model, head, pooling)
     lines = header(platform, count, mesh, config, step.abstract, frozen(model, mesh))

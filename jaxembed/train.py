@@ -153,8 +153,7 @@ def open_run(config, workdir, log: RunLog):
     it), its sentence-transformers settings and pooling, this host's batch builder and the
     run's meta (what an export needs)."""
     if jax.process_index() == 0:
-        m = config.model
-        csr = (m.csr_hidden_dim, m.csr_k, m.csr_k_aux, m.csr_dead_threshold)
+        m, csr = config.model, config_lib.csr_sizes(config)
         prepare_model_dir(m.path, workdir / MODEL_DIR, m.pooling, m.sparse, csr)
     distributed.barrier("prepare_model_dir")
     model_dir = local_copy(workdir / MODEL_DIR)

@@ -30,8 +30,8 @@ from jaxembed.files import atomic_dir, is_url, local_copy, run_path, upload_dir
 from jaxembed.hf.io import ModelFolderError
 from jaxembed.hf.sentence_transformers import (
     append_sparse,
-    csr_layer,
     read_st_config,
+    sparse_settings,
     write_st_config,
 )
 from jaxembed.models.pooling import SPLADE
@@ -91,9 +91,9 @@ def _copy_model_files(src: Path, tmp: Path, pooling: str, sparse: str, csr: tupl
         "source": str(src.absolute()),
         "has_pooler": hf.has_pooler(fam, tensors),
     }
-    st = read_st_config(tmp)
-    if sparse == "splade" or st.pooling == SPLADE:
-        hf_cfg = hf.read_config(src)
+    hf_cfg, source_st = hf.read_config(src), read_st_config(tmp)
+    st = sparse_settings(source_st, sparse, csr, hf_cfg["hidden_size"])
+    if st.pooling == SPLADE:
         if not getattr(fam, "has_mlm_head", lambda *_: False)(hf_cfg, tensors):
             raise ModelFolderError(
                 f"{src}: model.sparse=splade needs a masked-language-model head, and this "
@@ -101,11 +101,10 @@ def _copy_model_files(src: Path, tmp: Path, pooling: str, sparse: str, csr: tupl
                 "BERT, RoBERTa or XLM-R has one; for a dense model use model.sparse=csr)"
             )
         info["mlm_head"] = True
-        if st.pooling != SPLADE:
-            write_st_config(tmp, dataclasses.replace(st, pooling=SPLADE, head=(), head_dirs=()), 0)
-    elif sparse == "csr" and not st.sparse:
-        dim = st.output_dim(hf.read_config(src)["hidden_size"])
-        append_sparse(tmp, csr_layer(dim, *csr))
+        if source_st.pooling != SPLADE:
+            write_st_config(tmp, st, 0)
+    elif st.csr and not source_st.csr:
+        append_sparse(tmp, st.head[-1])
     (tmp / "jaxembed.json").write_text(json.dumps(info, indent=2))
     if (pooling or read_st_config(tmp).pooling) == "lasttoken":
         tokenizer = load_tokenizer(tmp)

@@ -398,3 +398,26 @@ def test_sparse_search_ranks_as_the_dense_search():
     got_s, got_i = sparse_top_k(scipy.sparse.csr_matrix(q), scipy.sparse.csr_matrix(d), 20, 7)
     np.testing.assert_array_equal(got_i, want_i)
     np.testing.assert_array_equal(got_s, want_s)
+
+
+@pytest.mark.parametrize("kind", ["csr", "splade"])
+def test_dry_run_lowers_a_sparse_run_for_a_tpu_slice(kind, splade_folder):
+    """`--dry-run` builds what the run will train (the autoencoder appended, or the MLM
+    head loaded and the logits pooled) from the folder's config files, and lowers it."""
+    from jaxembed import config as config_lib
+    from jaxembed import dry_run
+
+    c = config_lib.default_config()
+    c.model.path, c.model.sparse = str(splade_folder[0]), kind
+    c.train.global_batch, c.eval.batch_size = 16, 16
+    c.data.max_query_length = c.data.max_passage_length = 32
+    c.data.query_buckets = c.data.passage_buckets = (32,)
+    model, head = dry_run.abstract_model(c)
+    if kind == "csr":
+        assert head.sparse.layer == HeadLayer(SPARSE, 32, 128, k=8, k_aux=16)
+    else:
+        assert head is None and model.mlm is not None
+    report = "\n".join(dry_run.dry_run(config_lib.validate(c), "tpu:8"))
+    assert "train step (rows x tokens" in report and "encoder (16 rows" in report, report
+    if kind == "splade":  # the step holds the MLM logits of a tower's rows: rows x 32 x vocab
+        assert "largest tensor: 112x32x30522xf32" in report, report

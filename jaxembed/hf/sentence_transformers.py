@@ -311,6 +311,22 @@ def csr_layer(
     )
 
 
+def sparse_settings(st: STConfig, sparse: str, csr: tuple, hidden_size: int) -> STConfig:
+    """The sentence-transformers settings of a run with ``model.sparse`` = ``sparse``
+    started from a folder with ``st``: SPLADE pooling, or the folder's head, a Normalize
+    and `csr_layer` (``csr``: its sizes), or ``st`` itself (dense, or already sparse)."""
+    if sparse == "splade" and st.pooling != SPLADE:
+        return dataclasses.replace(st, pooling=SPLADE, head=(), head_dirs=(), normalize=False)
+    if sparse == "csr" and not st.sparse:
+        layer = csr_layer(st.output_dim(hidden_size), *csr)
+        n = 2 + len(st.head) + 1  # Transformer, Pooling, the head, Normalize: then this
+        head, dirs = (*st.head, HeadLayer("normalize"), layer), (*st.head_dirs, "")
+        return dataclasses.replace(
+            st, head=head, head_dirs=(*dirs, f"{n}_SparseAutoEncoder"), normalize=False
+        )
+    return st
+
+
 def append_sparse(path: str | Path, layer: HeadLayer) -> None:
     """Makes the folder's sentence-transformers files those of a SparseEncoder ending in
     ``layer``'s autoencoder (configuration only: its weights are the run's), after a
