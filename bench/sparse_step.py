@@ -23,8 +23,8 @@ from jaxembed import config as config_lib
 from jaxembed import hf, sharding
 from jaxembed import step as step_lib
 from jaxembed.data import pipeline
-from jaxembed.hf.sentence_transformers import csr_layer, load_head, read_st_config
-from jaxembed.models.head import HeadLayer, build_head
+from jaxembed.hf.sentence_transformers import load_head, read_st_config, sparse_settings
+from jaxembed.models.head import build_head
 
 LQ, LP = 64, 128
 
@@ -49,12 +49,12 @@ def make(folder, sparse: bool, batch: int, mesh):
     c.train.global_batch, c.train.steps, c.train.dropout = batch, 1000, False
     c.loss.temperature = 1.0 if sparse else 0.05
     model = hf.load_model(folder)
+    hidden = model.config.hidden_size
     st = read_st_config(folder)
-    head = load_head(folder, st, model.config.hidden_size)
-    if sparse:  # the folder's head (none for all-MiniLM-L6-v2), Normalize, the autoencoder
-        dim = st.output_dim(model.config.hidden_size)
-        layers = (*st.head, HeadLayer("normalize"), csr_layer(dim))
-        head = build_head(layers, model.config.hidden_size)
+    head = load_head(folder, st, hidden)
+    if sparse:  # the run's settings (`model.sparse="csr"`, default sizes), a fresh autoencoder
+        st = sparse_settings(st, "csr", (0, 0, 0, 30), hidden)
+        head = build_head(st.head, hidden)
     step = step_lib.make_step(config_lib.validate(c), mesh, model, head, "mean")
     return step, step.init(model, head)
 

@@ -466,11 +466,10 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
             f"config.model.pooling={c.model.pooling!r}: a SPLADE model (model.sparse=splade) "
             "pools its MLM logits; leave model.pooling empty"
         )
-    if c.model.sparse != "none" and c.mine.every and c.mine.max_score is not None:
+    if c.model.pooling == "splade" and c.model.sparse != "splade":
         raise ValueError(
-            f"config.mine.max_score={c.mine.max_score} is a cosine threshold, but a sparse "
-            "model scores by dot product: set config.mine.max_score=None (relative_margin, "
-            "relative to each positive's score, applies as it is)"
+            "config.model.pooling='splade' pools an MLM head, which only model.sparse=splade "
+            "loads: set config.model.sparse=splade (a SPLADE folder needs neither)"
         )
     if c.optim.min_lr > c.optim.lr:
         raise ValueError(

@@ -152,10 +152,12 @@ def export_adapters(
             f"{ckpt.name}: not a LoRA run (config.model.lora.rank is 0): there are no "
             "adapters to write; export the model without --adapters-only"
         )
-    if read_st_config(ckpt.model_dir).has_weights:
+    st = read_st_config(ckpt.model_dir)
+    if st.has_weights or st.sparse:
         raise ValueError(
-            f"{ckpt.name}: the run also trained Dense layers after pooling, which PEFT "
-            "adapters cannot carry; export the merged model without --adapters-only"
+            f"{ckpt.name}: the run also trained layers after pooling (Dense, a sparse "
+            "autoencoder) or pools an MLM head (SPLADE), which PEFT adapters cannot carry; "
+            "export the merged model without --adapters-only"
         )
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not overwrite:
@@ -249,6 +251,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(args) -> int:
     # Bad input is the same on every host (the checkpoint is on shared storage): all stop.
+    if args.calibration is not None and args.adapters_only:
+        raise ValueError("--calibration: the int8 ranges belong with a model; not --adapters-only")
     if args.adapters_only:
         out = export_adapters(args.checkpoint, args.out, overwrite=args.overwrite)
         if jax.process_index() == 0:
@@ -258,6 +262,8 @@ def _main(args) -> int:
     if args.calibration is not None:  # a bad corpus stops here, before anything is written
         if args.calibration_size < 2:
             raise ValueError(f"--calibration-size={args.calibration_size}: at least 2 documents")
+        if read_st_config(find_checkpoint(args.checkpoint).model_dir).sparse:
+            raise ValueError("--calibration: a sparse model's vectors are not quantized")
         calibration = CorpusFile(args.calibration)
     out = export(
         args.checkpoint,

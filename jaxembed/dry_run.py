@@ -142,7 +142,9 @@ def abstract_model(config) -> tuple[nnx.Module, nnx.Module | None]:
     hf_cfg = hf.read_config(folder)
     fam = hf.family(hf_cfg["model_type"])
     st = run_settings(config)
-    cfg = fam.config_from_hf(hf_cfg, **({"mlm_head": True} if st.pooling == SPLADE else {}))
+    # The MLM head's presence in the weights is checked when the run starts: none read here.
+    mlm_head = st.pooling == SPLADE
+    cfg = hf.model_config(hf_cfg, mlm_head=mlm_head, source=folder)
 
     def build():
         dtype = jnp.dtype(config.model.dtype)

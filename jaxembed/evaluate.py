@@ -26,11 +26,13 @@ from jaxembed.beir import EvalDataError, find_sets, load_beir
 from jaxembed.choices import DTYPES, QUANTIZATIONS
 from jaxembed.encoder import load
 from jaxembed.files import atomic_write_text, hf_offline
+from jaxembed.hf.sentence_transformers import read_st_config
 from jaxembed.retrieval import (
     SPARSITY,
     encoder_fns,
     evaluate_beir,
     format_table,
+    is_sparse,
     mean_over_sets,
     on_mesh,
     reuse_last,
@@ -139,9 +141,11 @@ def _parser() -> argparse.ArgumentParser:
 
 def _load_backend(args):
     if args.backend == "sentence-transformers":
-        from sentence_transformers import SentenceTransformer
+        import sentence_transformers
 
-        model = SentenceTransformer(args.model, device="cpu", local_files_only=True)
+        # A sparse folder is a SparseEncoder: as a SentenceTransformer it would load dense.
+        cls = getattr(sentence_transformers, read_st_config(args.model).model_class)
+        model = cls(args.model, device="cpu", local_files_only=True)
         if args.max_length:
             model.max_seq_length = args.max_length
         return model
@@ -195,7 +199,7 @@ def _main(args) -> dict:
             quantization=args.quantization,
             ranges=quantization.load_ranges(args.model),
             rescore_multiplier=args.rescore_multiplier,
-            sparse=getattr(model, "sparse", False),
+            sparse=is_sparse(model),
         )
         per_set = {
             name: evaluate_beir(q_fn, d_fn, None, args.split, data=d, **quantized)

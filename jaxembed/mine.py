@@ -161,8 +161,9 @@ def mine(
       query_prefix, passage_prefix: literal prompt text, overriding the names.
       instruction_template: how a record's ``instruction`` and query are joined.
       task, dataset: for records that lack them (dataset default: the input's file name).
-      with_scores: also write each record's ``scores``: the teacher's cosine of the
-        positive, then of each negative (what distillation trains on).
+      with_scores: also write each record's ``scores``: the teacher's score (cosine; a
+        sparse model's dot product) of the positive, then of each negative (what
+        distillation trains on).
       overwrite: replace an existing ``out``.
       batch_size: texts per forward pass (split over the mesh's devices).
       dtype, max_length, packing: passed to `jaxembed.load` when ``model`` is a path
@@ -194,12 +195,7 @@ def mine(
     data = _read_inputs(input, corpus, split, task, dataset)
     pool = mining.candidate_pool(data.corpus, data.records)
     encoder, mesh = _load_teacher(model, dtype, max_length, packing, mesh, devices)
-    if getattr(encoder, "sparse", False) and rules.max_score is not None:
-        raise MiningError(
-            f"max_score={rules.max_score} is a cosine threshold, but {encoder.name or model} is "
-            "a sparse model scored by dot product: pass max_score=None (--max-score none); "
-            "relative_margin, relative to each positive's score, applies as it is"
-        )
+    mining.check_scores(rules, retrieval.is_sparse(encoder), encoder.name or model)
     q_prompt, p_prompt = _prompts(
         encoder, query_prompt, passage_prompt, query_prefix, passage_prefix
     )
@@ -428,7 +424,7 @@ def _row(record: dict, negatives: list[str], positive_score: float, scores, with
     if record.get("instruction"):
         row["instruction"] = record["instruction"]
     if with_scores:
-        # The record's "scores" field: the teacher's cosine of the positive, then of each
+        # The record's "scores" field: the teacher's score of the positive, then of each
         # negative; the distillation losses train on it (`jaxembed.data.records`).
         row["scores"] = [round(positive_score, 6), *(round(float(x), 6) for x in scores)]
     return row
@@ -782,7 +778,8 @@ def _add_text_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--with-scores",
         action="store_true",
-        help="also write each record's scores (the positive's, then each negative's cosine), "
+        help="also write each record's scores (the positive's, then each negative's cosine; "
+        "a sparse model's dot product), "
         "the field distillation trains on (loss.kl_weight, loss.margin_mse_weight)",
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUT")

@@ -136,6 +136,16 @@ class Rules:
 # --- the pool and the queries ------------------------------------------------------------------
 
 
+def check_scores(rules: Rules, sparse: bool, model, flag: str = "max_score") -> None:
+    """A sparse model (dot products) with ``max_score``, a cosine threshold: one line."""
+    if sparse and rules.max_score is not None:
+        raise MiningError(
+            f"{flag}={rules.max_score} is a cosine threshold, but {model} is a sparse model "
+            f"scored by dot product: set {flag} to none (relative_margin, relative to each "
+            "positive's score, applies as it is)"
+        )
+
+
 def text_key(text: str) -> int:
     """A 63-bit hash of a text: how the pool tells texts apart (duplicates, and a query's
     positives among its candidates) without holding them. Any collision among 10^7 texts

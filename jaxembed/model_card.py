@@ -52,7 +52,7 @@ def model_card(ckpt: Checkpoint, model, st: STConfig, dtype: str, files: list[st
     info = json.loads(info_file.read_text()) if info_file.exists() else {}
     base = info.get("source") or ckpt.config.get("model", {}).get("path", "?")
     sections = (
-        _usage(ckpt, model.config, st.output_dim(model.config.hidden_size), dtype, base),
+        _usage(ckpt, model.config, st, dtype, base),
         _prompts(ckpt.meta, st),
         _embedding(ckpt.config.get("data", {}), st, files),
         _training(ckpt, base),
@@ -75,7 +75,8 @@ FRONT_MATTER = [
 ]
 
 
-def _usage(ckpt: Checkpoint, mc, dim: int, dtype: str, base: str) -> list[str]:
+def _usage(ckpt: Checkpoint, mc, st: STConfig, dtype: str, base: str) -> list[str]:
+    dim = st.output_dim(mc.hidden_size, mc.vocab_size)
     return [
         *FRONT_MATTER,
         f"# {_base_title(ckpt.model_dir, base)} fine-tuned with jaxembed (step {ckpt.step})",
@@ -87,9 +88,9 @@ def _usage(ckpt: Checkpoint, mc, dim: int, dtype: str, base: str) -> list[str]:
         "## Usage",
         "",
         "```python",
-        "from sentence_transformers import SentenceTransformer",
+        f"from sentence_transformers import {st.model_class}",
         "",
-        'model = SentenceTransformer("path/to/this/folder")',
+        f'model = {st.model_class}("path/to/this/folder")',
         'queries = model.encode(["how do I ...?"], prompt_name="query")',
         'passages = model.encode(["A package that ..."], prompt_name="document")',
         "scores = model.similarity(queries, passages)",
@@ -134,14 +135,24 @@ def _prompts(meta: dict, st: STConfig) -> list[str]:
 
 
 def _embedding(data: dict, st: STConfig, files: list[str]) -> list[str]:
+    if st.pooling == "splade":
+        pooling = ("- pooling: SPLADE, the max over the text's tokens of log(1 + ReLU) of the "
+                   "MLM head's logits: a sparse vector of the vocabulary's size, ")  # fmt: skip
+    else:
+        pooling = (
+            f"- pooling: `{st.pooling}` over the transformer's last hidden states, "
+            f"`include_prompt={st.include_prompt}` (prompt tokens are "
+            f"{'' if st.include_prompt else 'not '}pooled, as in training), "
+        )
+    head = f"then {st.describe_head()} (trained with the transformer), " if st.head else ""
+    if st.sparse:
+        last = "scored by dot product (sentence-transformers' SparseEncoder), not normalised."
+    else:
+        last = "then L2 normalisation (compare with cosine or dot product)."
     return [
         "## Embedding",
         "",
-        f"- pooling: `{st.pooling}` over the transformer's last hidden states, "
-        f"`include_prompt={st.include_prompt}` (prompt tokens are "
-        f"{'' if st.include_prompt else 'not '}pooled, as in training), "
-        + (f"then {st.describe_head()} (trained with the transformer), " if st.head else "")
-        + "then L2 normalisation (compare with cosine or dot product).",
+        pooling + head + last,
         f"- max_seq_length: {st.max_seq_length} tokens "
         f"(training truncated queries at {data.get('max_query_length')} and passages at "
         f"{data.get('max_passage_length')}).",
@@ -240,7 +251,8 @@ def merge_card(recipe: dict, mc, st: STConfig, dtype: str, files: list[str]) -> 
                 *FRONT_MATTER,
                 f"# A merge of {len(rows)} `{mc.model_type}` models (jaxembed.merge)",
                 "",
-                f"{st.output_dim(mc.hidden_size)}-dimensional embeddings, {dtype} weights, made "
+                f"{st.output_dim(mc.hidden_size, mc.vocab_size)}-dimensional embeddings, {dtype} "
+                "weights, made "
                 f"with `python -m jaxembed.merge` by {how} of {scope}.",
                 "",
                 "## Recipe",
@@ -252,9 +264,9 @@ def merge_card(recipe: dict, mc, st: STConfig, dtype: str, files: list[str]) -> 
                 "## Usage",
                 "",
                 "```python",
-                "from sentence_transformers import SentenceTransformer",
+                f"from sentence_transformers import {st.model_class}",
                 "",
-                'model = SentenceTransformer("path/to/this/folder")',
+                f'model = {st.model_class}("path/to/this/folder")',
                 "```",
                 "",
                 *_embedding({}, st, files),

@@ -105,7 +105,10 @@ class MTEBEncoder(AbsEncoder):
                 revision=revision,
                 embed_dim=encoder.dim,
                 max_tokens=encoder.max_length,
-                similarity_fn_name=ScoringFunction.COSINE,
+                # A sparse model's vectors are compared as its loss compared them.
+                similarity_fn_name=(
+                    ScoringFunction.DOT_PRODUCT if encoder.sparse else ScoringFunction.COSINE
+                ),
                 framework=["JAX"],
                 modalities=["text"],
             )

@@ -198,6 +198,11 @@ def on_mesh(encoder, mesh=None):
     return encoder.use_mesh(mesh)
 
 
+def is_sparse(model) -> bool:
+    """A sparse model: jaxembed's sparse `Encoder`, or sentence-transformers' SparseEncoder."""
+    return getattr(model, "sparse", False) is True or type(model).__name__ == "SparseEncoder"
+
+
 def encoder_fns(
     encoder, query_prompt: str | None = None, doc_prompt: str | None = None, batch_size: int = 32
 ) -> tuple[EncodeFn, EncodeFn, dict]:
@@ -209,7 +214,7 @@ def encoder_fns(
     q_text = pick_prompt(encoder.prompts, query_prompt, QUERY_PROMPTS, encoder.name)
     d_text = pick_prompt(encoder.prompts, doc_prompt, DOC_PROMPTS, encoder.name)
 
-    sparse = getattr(encoder, "sparse", False)  # kept as sparse matrices
+    sparse = is_sparse(encoder)  # kept as sparse matrices
 
     def queries(texts):
         return encoder.encode(texts, batch_size=batch_size, prompt=q_text, as_sparse=sparse)
@@ -229,6 +234,11 @@ def st_encoder_fns(
     d_text = pick_prompt(prompts, doc_prompt, DOC_PROMPTS)
 
     def run(texts, prompt):
+        if is_sparse(model):  # a SparseEncoder: its sparse tensor as a scipy matrix
+            out = model.encode(texts, prompt=prompt, batch_size=batch_size, convert_to_tensor=True)
+            out = out.to_sparse_coo().coalesce()
+            (rows, cols), values = out.indices().numpy(), out.values().float().numpy()
+            return scipy.sparse.csr_matrix((values, (rows, cols)), shape=tuple(out.shape))
         return model.encode(texts, prompt=prompt, batch_size=batch_size, normalize_embeddings=True)
 
     return (

@@ -9,7 +9,10 @@ picks its embedding, the Dense head maps it, and the task's loss compares the (B
 queries with the positives of the whole *global* batch (sharded: in-batch negatives come
 from every device and host, gradients flow to every gathered passage) and each row's hard
 negatives. With ``train.gradcache`` the same loss is differentiated chunk by chunk
-(`jaxembed.gradcache`), with the same result.
+(`jaxembed.gradcache`), with the same result. A sparse model's terms join it there, on the
+same gathered vectors, scored by dot product: CSR's reconstructions (`csr_reconstruction`,
+its dead-latent counts returned as the state's new ``buffers``) or SPLADE's FLOPS
+regularisers (`splade_flops`).
 
 A batch is rows of token ids with segment ids (`jaxembed.packing`; packed from a host's
 texts by `jaxembed.data.pipeline.Packing`): attention and pooling stay within each text,
@@ -78,14 +81,7 @@ def train_step(state: TrainState, batch: dict, frozen, *, step: Step, task: str,
         emb = {t: step.constrain(e) for t, e in emb.items()}
         b, k = batch["neg_valid"].shape
         if step.csr:  # CSR: the reconstructions of the dense inputs, then the top-k
-            real = {"query": jnp.ones(b, bool), "pos": jnp.ones(b, bool)}
-            real["neg"] = batch["neg_valid"].reshape(-1)
-            # In sentence-transformers' column order (a dict through jax.grad comes back sorted).
-            towers = [(emb[t], real[t]) for t in ("query", "pos", "neg") if t in emb]
-            stats = state.buffers[sparse.STATS]
-            recon, stats = sparse.reconstruction_loss(
-                head.sparse, towers, stats, config.loss.csr_beta
-            )
+            recon, stats = csr_reconstruction(head.sparse, emb, batch, state.buffers, config)
             emb = {t: step.constrain(head.sparse(e)) for t, e in emb.items()}
         d = emb["query"].shape[-1]
         negatives = emb["neg"].reshape(b, k, d) if k else jnp.zeros((b, 0, d), emb["query"].dtype)
@@ -96,15 +92,8 @@ def train_step(state: TrainState, batch: dict, frozen, *, step: Step, task: str,
         )  # fmt: skip
         if step.csr:
             return config.loss.csr_gamma * loss + recon, {sparse.STATS: stats}
-        if step.pooling == SPLADE:  # FLOPS on queries and on documents, weights ramped up
-            docs = jnp.concatenate([emb["pos"], negatives.reshape(b * k, d)])
-            real = jnp.concatenate([jnp.ones(b, bool), batch["neg_valid"].reshape(-1)])
-            warmup = config.loss.splade_warmup_steps or max(config.train.steps // 3, 1)
-            ramp = jnp.minimum(state.step / warmup, 1.0) ** 2
-            loss = loss + ramp * (
-                config.loss.splade_query_weight * losses.flops(emb["query"])
-                + config.loss.splade_document_weight * losses.flops(docs, real)
-            )
+        if step.pooling == SPLADE:
+            loss = loss + splade_flops(emb["query"], emb["pos"], negatives, batch, state, config)
         return loss, {}
 
     if config.train.gradcache:
@@ -138,6 +127,35 @@ def train_step(state: TrainState, batch: dict, frozen, *, step: Step, task: str,
     params = optax.apply_updates(params, updates)
     state = state.replace(params=params, opt_state=opt_state, buffers=buffers)
     return state.replace(step=state.step + 1), metrics
+
+
+def csr_reconstruction(sae, emb: dict, batch: dict, buffers: dict, config):
+    """CSR's reconstruction terms of the towers' dense embeddings and the updated
+    dead-latent counts (`jaxembed.models.sparse`), over sentence-transformers' columns in
+    its order: queries, positives, then each row's first, second, ... hard negative
+    (padded negatives left out). A dict through jax.grad comes back with sorted keys:
+    the order is spelled out here."""
+    b, k = batch["neg_valid"].shape
+    columns = [(emb["query"], jnp.ones(b, bool)), (emb["pos"], jnp.ones(b, bool))]
+    if k:
+        negatives = emb["neg"].reshape(b, k, -1)
+        columns += [(negatives[:, j], batch["neg_valid"][:, j]) for j in range(k)]
+    return sparse.reconstruction_loss(sae, columns, buffers[sparse.STATS], config.loss.csr_beta)
+
+
+def splade_flops(queries, positives, negatives, batch: dict, state, config) -> jax.Array:
+    """SPLADE's FLOPS regularisers on the queries and on the documents (positives and real
+    hard negatives), their weights ramped up quadratically (sentence-transformers' rule:
+    ``(step / warmup) ** 2``, the step counted from 0)."""
+    b, k, d = negatives.shape
+    docs = jnp.concatenate([positives, negatives.reshape(b * k, d)])
+    real = jnp.concatenate([jnp.ones(b, bool), batch["neg_valid"].reshape(-1)])
+    warmup = config.loss.splade_warmup_steps or max(config.train.steps // 3, 1)
+    ramp = jnp.minimum(state.step / warmup, 1.0) ** 2
+    return ramp * (
+        config.loss.splade_query_weight * losses.flops(queries)
+        + config.loss.splade_document_weight * losses.flops(docs, real)
+    )
 
 
 @dataclasses.dataclass(eq=False)

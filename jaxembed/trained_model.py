@@ -60,8 +60,8 @@ def abstract_model(
     hf_cfg = hf.read_config(model_dir)
     fam = hf.family(hf_cfg["model_type"])
     info = json.loads((model_dir / "jaxembed.json").read_text())
-    extra = {"mlm_head": True} if info.get("mlm_head") else {}  # SPLADE's
-    cfg = fam.config_from_hf(hf_cfg, has_pooler=info["has_pooler"], **extra)
+    mlm_head = info.get("mlm_head", False)  # SPLADE's
+    cfg = hf.model_config(hf_cfg, has_pooler=info["has_pooler"], mlm_head=mlm_head)
 
     def build():
         model = fam.build(cfg, dtype=jnp.dtype(dtype), remat=remat, rngs=nnx.Rngs(0))

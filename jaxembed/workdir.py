@@ -94,7 +94,7 @@ def _copy_model_files(src: Path, tmp: Path, pooling: str, sparse: str, csr: tupl
     hf_cfg, source_st = hf.read_config(src), read_st_config(tmp)
     st = sparse_settings(source_st, sparse, csr, hf_cfg["hidden_size"])
     if st.pooling == SPLADE:
-        if not getattr(fam, "has_mlm_head", lambda *_: False)(hf_cfg, tensors):
+        if not hf.has_mlm_head(hf_cfg, tensors):
             raise ModelFolderError(
                 f"{src}: model.sparse=splade needs a masked-language-model head, and this "
                 f"{hf_cfg['model_type']} checkpoint has none (a *ForMaskedLM checkpoint of "

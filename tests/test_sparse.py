@@ -63,7 +63,8 @@ def test_the_sparse_vectors_are_sentence_transformers(tmp_path):
 
 
 def test_the_csr_loss_and_dead_counts_are_sentence_transformers(tmp_path):
-    """Three towers (queries, positives, negatives with two padded rows): the
+    """sentence-transformers' columns: queries, positives, a first hard negative per row, a
+    second one (two rows padded) and a third (all padding: no column at all). The
     reconstruction terms, the dead counts after the step and the InfoNCE on dot products
     equal CSRLoss's, and so do their gradients in the autoencoder's weights and the inputs."""
     from sentence_transformers.sparse_encoder.losses import CSRReconstructionLoss
@@ -73,19 +74,19 @@ def test_the_csr_loss_and_dead_counts_are_sentence_transformers(tmp_path):
 
     ref, head = torch_sae(tmp_path)
     stats0 = ref.stats_last_nonzero.clone()
-    q, p, n = inputs(1), inputs(2), inputs(3, 8)
-    real_n = np.arange(8) < 6  # the last two negatives are padding: no part in anything
+    q, p, n1, n2, n3 = (inputs(seed) for seed in range(1, 6))
+    real2 = np.arange(6) < 4  # the second negatives of rows 4 and 5 are padding
     beta = 0.1
 
-    # The reference: each tower a column, the padding left out.
+    # The reference: each real column, its padding left out.
     ref.train()
-    cols = [torch.tensor(a, requires_grad=True) for a in (q, p, n[real_n])]
+    cols = [torch.tensor(a, requires_grad=True) for a in (q, p, n1, n2[real2])]
     outs = [ref({"sentence_embedding": c}) for c in cols]
     recon = CSRReconstructionLoss(model=None, beta=beta).compute_loss_from_embeddings(outs)
     mnrl = SparseMultipleNegativesRankingLoss(model=None)  # dot product, scale 1
-    # Six queries, each with one negative: sentence-transformers' (anchor, positive, negative).
-    info = mnrl.compute_loss_from_embeddings([o["sentence_embedding"] for o in outs], None)
-    total = sum(recon.values()) + info
+    # InfoNCE on (anchor, positive, negative): the first negatives.
+    emb = [o["sentence_embedding"] for o in outs[:3]]
+    total = sum(recon.values()) + mnrl.compute_loss_from_embeddings(emb, None)
     total.backward()
     want_grads = {
         "encoder": {"kernel": ref.encoder.weight.grad.numpy().T},
@@ -95,18 +96,19 @@ def test_the_csr_loss_and_dead_counts_are_sentence_transformers(tmp_path):
     }
 
     graphdef = nnx.graphdef(head.sparse)
+    real = [np.ones(6, bool)] * 3 + [real2, np.zeros(6, bool)]
 
-    def ours(params, q, p, n):
+    def ours(params, *x):
         sae = nnx.merge(graphdef, params)
-        towers = [(q, jnp.ones(6, bool)), (p, jnp.ones(6, bool)), (n, jnp.asarray(real_n))]
+        towers = [(a, jnp.asarray(r)) for a, r in zip(x, real, strict=True)]
         stats = jnp.asarray(stats0.numpy(), jnp.int32)
         rec, stats = sparse.reconstruction_loss(sae, towers, stats, beta)
-        zq, zp, zn = sae(q), sae(p), sae(n[:6])  # the real negatives, one per query
+        zq, zp, zn = sae(x[0]), sae(x[1]), sae(x[2])
         loss = losses.retrieval_loss(zq, zp, zn[:, None], temperature=1.0, similarity="dot")
         return rec + loss, (rec, stats)
 
     params = nnx.to_pure_dict(nnx.state(head.sparse))
-    f32 = [jnp.asarray(a, jnp.float32) for a in (q, p, n)]
+    f32 = [jnp.asarray(a, jnp.float32) for a in (q, p, n1, n2, n3)]
     (value, (rec, stats)), grads = jax.value_and_grad(ours, (0, 1), has_aux=True)(params, *f32)
     assert_close(float(rec), sum(recon.values()).item(), what="reconstruction")
     assert_close(float(value), total.item(), what="CSR loss")

@@ -221,21 +221,23 @@ def test_dense_head_trains_the_same_on_every_mesh_and_with_gradcache():
 
 def test_a_sparse_csr_head_trains_the_same_on_every_mesh_and_with_gradcache():
     """A Dense layer, Normalize and a sparse autoencoder (CSR): two optimizer steps on one
-    device and on a 2x4 mesh with GradCache give the same losses, dead-latent counts
-    (exactly: the second step's auxiliary loss reads the first's) and parameters."""
+    device and on a 2x4 mesh with GradCache and packed rows give the same losses,
+    dead-latent counts (exactly: the second step's auxiliary loss reads the first's) and
+    parameters."""
     layers = [
         HeadLayer("dense", 32, 48),
         HeadLayer("normalize"),
         HeadLayer(SPARSE, 48, 96, k=8, k_aux=16, dead_threshold=2),
     ]
     out = []
-    for shape, gradcache in ((MESHES["1x1"], False), (MESHES["2x4"], True)):
+    for shape, gradcache, segments in ((MESHES["1x1"], False, 1), (MESHES["2x4"], True, 4)):
         mesh = sharding.make_mesh(*shape, devices=jax.devices()[: int(np.prod(shape))])
-        c = make_config(gradcache=gradcache, gradcache_chunk=8)
+        # Dropout off: packing moves texts to other rows, whose seeds draw other masks.
+        c = make_config(gradcache=gradcache, gradcache_chunk=8, packing=segments > 1, dropout=False)
         c.loss.temperature = 1.0
         model, head = tiny_model(), build_head(layers, 32, seed=3)
         step = step_lib.make_step(c, mesh, model, head)
-        state, batch = step.init(model, head), step_batch(random_batch())
+        state, batch = step.init(model, head), step_batch(random_batch(), segments)
         assert state.buffers[STATS].shape == (96,)
         run = []
         for _ in range(2):

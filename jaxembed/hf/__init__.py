@@ -74,6 +74,28 @@ def has_pooler(fam: ModuleType, keys) -> bool:
     return fam.POOLER_KEY is not None and any(k.endswith(fam.POOLER_KEY) for k in keys)
 
 
+def has_mlm_head(hf_cfg: dict, keys) -> bool:
+    """Whether a checkpoint's tensors (``keys``) hold its family's MLM head (SPLADE's)."""
+    fam = family(hf_cfg["model_type"])
+    return hasattr(fam, "has_mlm_head") and fam.has_mlm_head(hf_cfg, keys)
+
+
+def model_config(hf_cfg: dict, *, has_pooler=None, mlm_head: bool = False, source=""):
+    """The family's model config of an HF ``config.json`` dict (``has_pooler`` None: the
+    family's default), with the MLM head if asked (a family without one here: one line
+    naming the folder ``source``)."""
+    fam = family(hf_cfg["model_type"])
+    pooler = {} if has_pooler is None else {"has_pooler": has_pooler}
+    if not mlm_head:
+        return fam.config_from_hf(hf_cfg, **pooler)
+    if not hasattr(fam, "has_mlm_head"):
+        raise ModelFolderError(
+            f"{source}: model_type {hf_cfg['model_type']!r} has no masked-language-model head "
+            "here (SPLADE needs one: BERT, RoBERTa, XLM-R, CamemBERT)"
+        )
+    return fam.config_from_hf(hf_cfg, **pooler, mlm_head=True)
+
+
 def load_model(
     path: str | os.PathLike, *, dtype=jnp.float32, remat: bool = False, mlm_head: bool = False
 ) -> nnx.Module:
@@ -88,20 +110,12 @@ def load_model(
     hf_cfg = read_config(path)
     fam = family(hf_cfg["model_type"])
     tensors = read_weights(path)
-    extra = {}
-    if mlm_head:
-        if not hasattr(fam, "has_mlm_head"):
-            raise ModelFolderError(
-                f"{path}: model_type {hf_cfg['model_type']!r} has no masked-language-model "
-                "head here (SPLADE needs one: BERT, RoBERTa, XLM-R, CamemBERT)"
-            )
-        if not fam.has_mlm_head(hf_cfg, tensors):
-            raise ModelFolderError(
-                f"{path}: no masked-language-model head among its weights (SPLADE needs a "
-                "*ForMaskedLM checkpoint; a sentence-transformers model has none: use CSR)"
-            )
-        extra["mlm_head"] = True
-    cfg = fam.config_from_hf(hf_cfg, has_pooler=has_pooler(fam, tensors), **extra)
+    if mlm_head and not has_mlm_head(hf_cfg, tensors):
+        raise ModelFolderError(
+            f"{path}: no masked-language-model head among its weights (SPLADE needs a "
+            "*ForMaskedLM checkpoint; a sentence-transformers model has none: use CSR)"
+        )
+    cfg = model_config(hf_cfg, has_pooler=has_pooler(fam, tensors), mlm_head=mlm_head, source=path)
     model = nnx.eval_shape(lambda: fam.build(cfg, dtype=dtype, remat=remat, rngs=nnx.Rngs(0)))
     rows = expand(fam.table(cfg), fam.num_layers(cfg))
     load_params(model, rows, tensors, source=str(path))

@@ -83,8 +83,16 @@ class STConfig:
         """A sparse model (a SparseEncoder): SPLADE pooling, or CSR."""
         return self.pooling == SPLADE or self.csr
 
-    def output_dim(self, pooled: int) -> int:
-        """The embedding size: the last Dense (or CSR) layer's output, else the pooled size."""
+    @property
+    def model_class(self) -> str:
+        """The sentence-transformers class that loads the folder."""
+        return "SparseEncoder" if self.sparse else "SentenceTransformer"
+
+    def output_dim(self, pooled: int, vocab_size: int = 0) -> int:
+        """The embedding size: the last Dense (or CSR) layer's output, SPLADE's vocabulary
+        (``vocab_size``), else the pooled size."""
+        if self.pooling == SPLADE:
+            return vocab_size
         sizes = [x.out_features for x in self.head if x.kind != "normalize"]
         return sizes[-1] if sizes else pooled
 
@@ -466,7 +474,7 @@ def _st_settings(st: STConfig) -> dict:
             f"{sorted(st.prompts)}"
         )
     return {
-        "model_type": "SparseEncoder" if st.sparse else "SentenceTransformer",
+        "model_type": st.model_class,
         "prompts": dict(st.prompts),
         "default_prompt_name": st.default_prompt_name,
         "similarity_fn_name": "dot" if st.sparse else "cosine",

@@ -25,6 +25,10 @@ def check_pooling(mode: str) -> str:
     return mode
 
 
+def _splade(logits: jax.Array) -> jax.Array:
+    return jnp.log1p(jax.nn.relu(logits))
+
+
 def splade_inputs(model, hidden: jax.Array, mode: str) -> jax.Array:
     """What a pooling mode pools: the last hidden states, or for SPLADE the MLM logits."""
     return model.mlm_logits(hidden) if mode == SPLADE else hidden
@@ -54,7 +58,7 @@ def pool(
     if mode == "max":
         return jnp.max(jnp.where(m > 0, h, jnp.finfo(jnp.float32).min), axis=1)
     if mode == SPLADE:  # every value is >= 0: padding's 0 never wins over a real token's
-        return jnp.max(jnp.log1p(jax.nn.relu(h)) * m, axis=1)
+        return jnp.max(_splade(h) * m, axis=1)
     if mode == "weightedmean":
         full = mask if attention_mask is None else attention_mask
         start = jnp.argmax(full > 0, axis=1)  # left padding shifts the weights
@@ -90,7 +94,7 @@ def pool_segments(
         def one(s):
             m = (pool_ids == s)[..., None]
             if mode == SPLADE:
-                return jnp.max(jnp.where(m, jnp.log1p(jax.nn.relu(h)), 0.0), axis=1)
+                return jnp.max(jnp.where(m, _splade(h), 0.0), axis=1)
             return jnp.max(jnp.where(m, h, jnp.finfo(jnp.float32).min), axis=1)
 
         out = jax.lax.map(one, segs).transpose(1, 0, 2)

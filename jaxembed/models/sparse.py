@@ -2,21 +2,24 @@
 "Beyond Matryoshka: Revisiting Sparse Coding for Adaptive Representation").
 
 sentence-transformers 6 turns a dense model into a `SparseEncoder` by appending its
-``SparseAutoEncoder`` module after the last one (Normalize): the unit embedding ``x`` goes
-through ``(x - pre_bias) @ W + latent_bias``, of which the ``k`` largest latents are kept
-(ReLU'd) and the rest set to 0: a vector of ``hidden`` dimensions with at most ``k``
-non-zeros, scored by dot product. ``W`` is tied: the decoder reads the latents back with
-its transpose, ``latents @ W.T + pre_bias``.
+``SparseAutoEncoder`` module: the unit embedding ``x`` goes through ``(x - pre_bias) @ W +
+latent_bias``, of which the ``k`` largest latents are kept (ReLU'd) and the rest set to 0:
+a vector of ``hidden`` dimensions with at most ``k`` non-zeros, scored by dot product.
+``W`` is tied: the decoder reads the latents back with its transpose, ``latents @ W.T +
+pre_bias``. (sentence-transformers appends it after a SentenceTransformer folder's last
+module, its Normalize, and to a bare transformer folder after mean pooling without one;
+here the input is always the unit embedding: a Normalize is added where a folder has none.)
 
-Training (`csr_loss`) is sentence-transformers' ``CSRLoss``: InfoNCE on the sparse vectors
-(``gamma``) plus the reconstructions of ``x`` from its top-k and top-4k latents (the second
-weighted 1/8) and, weighted ``beta``, the auxiliary loss that revives dead latents: the
-``k_aux`` largest of the latents that have not fired for ``dead_threshold`` forward passes
-reconstruct what the top-k missed. Which latents are dead is a count per latent
-(``stats_last_nonzero``), updated as the torch module updates its buffer: twice per tower
-and step (after the top-k and after the top-4k), reset to 1 where a latent fired. The count
-is state but not a parameter: the train state keeps it in ``buffers``, computed from the
-global batch, so it is the same on every mesh.
+Training is sentence-transformers' ``CSRLoss``: InfoNCE on the sparse vectors (``gamma``,
+in `jaxembed.step`) plus the reconstructions of ``x`` (`reconstruction_loss`) from its
+top-k and top-4k latents (the second weighted 1/8) and, weighted ``beta``, the auxiliary
+loss that revives dead latents: the ``k_aux`` largest of the latents that have not fired
+for ``dead_threshold`` forward passes reconstruct what the top-k missed. Which latents are
+dead is a count per latent (``stats_last_nonzero``), updated as the torch module updates
+its buffer: twice per column (queries, positives, each hard negative) and step, after the
+top-k and after the top-4k, reset to 1 where a latent fired. The count is state but not a
+parameter: the train state keeps it in ``buffers``, computed from the global batch, so it
+is the same on every mesh.
 """
 
 from __future__ import annotations
@@ -102,24 +105,26 @@ def _normalized_mse(recon: jax.Array, x: jax.Array, rows: jax.Array) -> jax.Arra
 def reconstruction_loss(
     sae: SparseAutoEncoder, towers: list[tuple[jax.Array, jax.Array]], stats: jax.Array, beta
 ) -> tuple[jax.Array, jax.Array]:
-    """CSR's reconstruction terms, averaged over the towers, and the updated dead counts.
+    """CSR's reconstruction terms, averaged over the columns, and the updated dead counts.
 
-    ``towers``: ``(x, rows)`` per tower in the order sentence-transformers runs its columns
-    (queries, positives, negatives): x the (n, dim) inputs of the autoencoder, rows the
-    (n,) bool of real texts (padded negatives take no part). Returns ``(L_k + L_4k / 8 +
-    beta * L_aux, stats)``.
+    ``towers``: ``(x, rows)`` per column in the order sentence-transformers runs them
+    (queries, positives, each hard negative): x the (n, dim) inputs of the autoencoder,
+    rows the (n,) bool of real texts (padded negatives take no part; a column without one
+    is no column: neither averaged nor counted). Returns ``(L_k + L_4k / 8 + beta * L_aux,
+    stats)``.
     """
     layer = sae.layer
     hidden = layer.out_features
-    total = 0.0
+    total, columns = 0.0, 0
     for x, rows in towers:
+        present = jnp.any(rows)
         x = x.astype(jnp.float32)
         pre = sae.pre_activation(x)
         latents_k, idx, vals = top_k(pre, layer.k)
-        stats = _update(stats, _fired(idx, vals, rows, hidden))
+        stats = jnp.where(present, _update(stats, _fired(idx, vals, rows, hidden)), stats)
         dead = stats > layer.dead_threshold  # read after the top-k's update, as torch does
         latents_4k, idx4, vals4 = top_k(pre, min(4 * layer.k, hidden))
-        stats = _update(stats, _fired(idx4, vals4, rows, hidden))
+        stats = jnp.where(present, _update(stats, _fired(idx4, vals4, rows, hidden)), stats)
         bias = sae.pre_bias[...]
         recon_k = sae.decode(latents_k)  # before the bias: the auxiliary target needs it
         term = _mse(x, recon_k + bias, rows) + _mse(x, sae.decode(latents_4k) + bias, rows) / 8
@@ -127,8 +132,8 @@ def reconstruction_loss(
             aux = top_k(pre * dead, min(layer.k_aux, hidden))[0]
             target = x - jax.lax.stop_gradient(recon_k)
             term = term + beta * _normalized_mse(sae.decode(aux) + bias, target, rows)
-        total = total + term
-    return total / len(towers), stats
+        total, columns = total + jnp.where(present, term, 0.0), columns + present
+    return total / jnp.maximum(columns, 1), stats
 
 
 def active_dims(x) -> float:
