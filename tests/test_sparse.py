@@ -166,13 +166,14 @@ def test_csr_trains_logs_its_sparsity_and_resumes_exactly(csr_runs):
     assert_close(got, want, tol=1e-6, what="loss at step ")
 
 
-def test_csr_exports_as_a_sparse_encoder_with_the_same_vectors(csr_runs, tmp_path):
+def test_csr_exports_as_a_sparse_encoder_with_the_same_vectors(csr_runs, train_setup, tmp_path):
     """sentence-transformers' SparseEncoder loads the export: its sparse vectors and dot
-    scores are ours (the run's and the exported folder's through jaxembed.load)."""
+    scores are ours (the run's and the exported folder's through jaxembed.load), and so are
+    `jaxembed.evaluate`'s metrics and sparsity through either backend."""
     from sentence_transformers import SparseEncoder
 
     import jaxembed
-    from jaxembed import convert
+    from jaxembed import convert, evaluate
     from jaxembed.hf.sentence_transformers import read_st_config
 
     base, _ = csr_runs
@@ -193,7 +194,17 @@ def test_csr_exports_as_a_sparse_encoder_with_the_same_vectors(csr_runs, tmp_pat
     assert 0 < sparse.active_dims(mine) <= 6
     scores = ref.similarity(torch.tensor(theirs[:2]), torch.tensor(theirs[2:])).numpy()
     assert_close(scores, mine[:2] @ mine[2:].T)
-    assert "SparseAutoEncoder 32->64 (top 6)" in (out / "README.md").read_text()
+    card = (out / "README.md").read_text()
+    assert "SparseAutoEncoder 32->64 (top 6)" in card and "SparseEncoder(" in card
+    dev = ["--data", str(train_setup[3]), "--model", str(out)]
+    jax_side = evaluate.main([*dev, "--backend", "jax"])["mean"]
+    torch_side = evaluate.main([*dev, "--backend", "sentence-transformers"])["mean"]
+    assert 0 < jax_side["corpus_active_dims"] <= 6
+    assert_close(torch_side, jax_side, tol=1e-4)
+    with pytest.raises(SystemExit):  # int8 ranges of a sparse model: refused, nothing written
+        convert.main(["--checkpoint", str(base / "straight"), "--out", str(tmp_path / "q"),
+                      "--calibration", str(train_setup[2][0])])  # fmt: skip
+    assert not (tmp_path / "q").exists()
 
 
 def test_csr_mines_by_dot_product_and_refuses_a_cosine_threshold(csr_runs, train_setup, tmp_path):
