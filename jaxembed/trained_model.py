@@ -129,7 +129,7 @@ def restore_adapted(ckpt: Checkpoint, *, dtype: str = "float32", mesh=None) -> n
     model = checkpoint_model(ckpt, dtype)
     source = base_folder(ckpt.model_dir)
     adapters, base = lora.split(model)
-    mlm_head = model.config.add_mlm_head if hasattr(model.config, "add_mlm_head") else False
+    mlm_head = getattr(model.config, "add_mlm_head", False)  # SPLADE's, as in training
     loaded = hf.load_model(source, dtype=jnp.dtype(dtype), mlm_head=mlm_head)
     base_params = nnx.to_pure_dict(nnx.state(loaded))
     if mesh is not None:

@@ -28,12 +28,7 @@ from pathlib import Path
 from jaxembed import checkpoint, hf
 from jaxembed.files import atomic_dir, is_url, local_copy, run_path, upload_dir
 from jaxembed.hf.io import ModelFolderError
-from jaxembed.hf.sentence_transformers import (
-    append_sparse,
-    read_st_config,
-    sparse_settings,
-    write_st_config,
-)
+from jaxembed.hf.sentence_transformers import read_st_config, sparse_settings, write_st_config
 from jaxembed.models.pooling import SPLADE
 from jaxembed.run_log import METRICS
 from jaxembed.tokenizer import append_eos, load_tokenizer
@@ -101,10 +96,8 @@ def _copy_model_files(src: Path, tmp: Path, pooling: str, sparse: str, csr: tupl
                 "BERT, RoBERTa or XLM-R has one; for a dense model use model.sparse=csr)"
             )
         info["mlm_head"] = True
-        if source_st.pooling != SPLADE:
-            write_st_config(tmp, st, 0)
-    elif st.csr and not source_st.csr:
-        append_sparse(tmp, st.head[-1])
+    if st != source_st:  # the run's own sparse settings (configurations: weights are the run's)
+        write_st_config(tmp, st, hf_cfg["hidden_size"], weights=False)
     (tmp / "jaxembed.json").write_text(json.dumps(info, indent=2))
     if (pooling or read_st_config(tmp).pooling) == "lasttoken":
         tokenizer = load_tokenizer(tmp)

@@ -326,46 +326,16 @@ def sparse_settings(st: STConfig, sparse: str, csr: tuple, hidden_size: int) -> 
     if sparse == "splade" and st.pooling != SPLADE:
         return dataclasses.replace(st, pooling=SPLADE, head=(), head_dirs=(), normalize=False)
     if sparse == "csr" and not st.sparse:
-        layer = csr_layer(st.output_dim(hidden_size), *csr)
-        n = 2 + len(st.head) + 1  # Transformer, Pooling, the head, Normalize: then this
-        head, dirs = (*st.head, HeadLayer("normalize"), layer), (*st.head_dirs, "")
-        return dataclasses.replace(
-            st, head=head, head_dirs=(*dirs, f"{n}_SparseAutoEncoder"), normalize=False
-        )
+        head = (*st.head, HeadLayer("normalize"), csr_layer(st.output_dim(hidden_size), *csr))
+        dirs = tuple("" if x.kind == "normalize" else _module_dir(i, x) for i, x in enumerate(head))
+        pooling = st.pooling or "mean"  # a bare folder's, as `jaxembed.load` reads it
+        return dataclasses.replace(st, pooling=pooling, head=head, head_dirs=dirs, normalize=False)
     return st
 
 
-def append_sparse(path: str | Path, layer: HeadLayer) -> None:
-    """Makes the folder's sentence-transformers files those of a SparseEncoder ending in
-    ``layer``'s autoencoder (configuration only: its weights are the run's), after a
-    Normalize, as sentence-transformers converts a dense model; pooling is the folder's,
-    else mean."""
-    path = Path(path)
-    st = read_st_config(path)
-    modules_file = path / "modules.json"
-    if modules_file.exists():
-        modules = _read_json(modules_file)
-    else:
-        kinds = ("Transformer", "Pooling")
-        modules = [
-            {"path": path, "type": f"sentence_transformers.models.{kind}"}
-            for kind, path in zip(kinds, ("", "1_Pooling"), strict=True)
-        ]
-        pooling = {"word_embedding_dimension": layer.in_features}
-        pooling.update({key: mode == "mean" for key, mode in _LEGACY_POOLING.items()})
-        _write_json(path / "1_Pooling" / "config.json", pooling)
-    if not st.normalize:
-        modules.append({"path": "", "type": "sentence_transformers.models.Normalize"})
-    modules.append({"path": "", "type": _SPARSE_TYPE})
-    for i, module in enumerate(modules):
-        module.update(idx=i, name=str(i))
-    folder = f"{len(modules) - 1}_SparseAutoEncoder"
-    modules[-1]["path"] = folder
-    _write_json(modules_file, modules)
-    _write_json(path / folder / "config.json", _sparse_config(layer))
-    st_file = path / "config_sentence_transformers.json"
-    cfg = _read_json(st_file) if st_file.exists() else {}
-    _write_json(st_file, {**cfg, "model_type": "SparseEncoder", "similarity_fn_name": "dot"})
+def _module_dir(i: int, layer: HeadLayer) -> str:
+    """The folder of the ``i``-th module after pooling, as sentence-transformers names it."""
+    return f"{i + 2}_{_MODULE_NAMES[layer.kind]}"
 
 
 def _sparse_config(layer: HeadLayer) -> dict:
@@ -380,12 +350,15 @@ def _sparse_config(layer: HeadLayer) -> dict:
 
 
 def _write_sparse(folder: Path, layer: HeadLayer, sae, name: str) -> list[str]:
-    """The ``SparseAutoEncoder`` module's ``config.json`` and ``model.safetensors``.
+    """The ``SparseAutoEncoder`` module's ``config.json`` and ``model.safetensors`` (the
+    configuration only without ``sae``).
 
     ``stats_last_nonzero`` (the dead-latent counts, training bookkeeping a loaded model
     never reads) is written as 0s, as a fresh torch module starts it.
     """
     _write_json(folder / "config.json", _sparse_config(layer))
+    if sae is None:
+        return [f"{name}/config.json"]
     tensors = {
         "encoder.weight": np.asarray(sae.encoder.kernel[...], np.float32).T,
         "pre_bias": np.asarray(sae.pre_bias[...], np.float32),
@@ -402,7 +375,7 @@ def _write_json(path: Path, obj) -> None:
 
 
 def write_st_config(
-    path: str | Path, st: STConfig, embedding_dim: int, head: Head | None = None
+    path: str | Path, st: STConfig, embedding_dim: int, head: Head | None = None, weights=True
 ) -> list[str]:
     """Writes the sentence-transformers files of ``st`` around the backbone in ``path``.
 
@@ -412,21 +385,23 @@ def write_st_config(
     ``config_sentence_transformers.json`` (prompts). `read_st_config` reads them back to the
     same `STConfig`, `load_head` to the same head. The pooling file uses the legacy
     ``pooling_mode_*`` booleans, which every sentence-transformers version reads (newer ones
-    convert them). Returns the paths written, relative to ``path``.
+    convert them). ``weights=False`` writes the modules' configurations only (a run's own
+    model folder: the weights are the run's). Returns the paths written, relative to
+    ``path``.
     """
     path = Path(path)
     if st.pooling == SPLADE:
         return _write_splade(path, st)
     if st.pooling not in POOLING_MODES:
         raise ValueError(f"pooling {st.pooling!r}; supported: {list(POOLING_MODES)}")
-    if st.has_weights and head is None:
+    if weights and st.has_weights and head is None:
         raise ValueError("the model has weights after pooling: pass its head to write")
+    if not weights:
+        head = None
     check_chain(st.head, embedding_dim)
     layers = [*st.head, *([HeadLayer("normalize")] if st.normalize else [])]
     modules = [("Transformer", ""), ("Pooling", "1_Pooling")]
-    modules += [
-        (_MODULE_NAMES[x.kind], f"{i + 2}_{_MODULE_NAMES[x.kind]}") for i, x in enumerate(layers)
-    ]
+    modules += [(_MODULE_NAMES[x.kind], _module_dir(i, x)) for i, x in enumerate(layers)]
     _write_json(
         path / "modules.json",
         [
@@ -449,9 +424,10 @@ def write_st_config(
     dense = iter(head.dense if head is not None else ())
     for layer, (_, folder) in zip(layers, modules[2:], strict=True):
         if layer.kind == "dense":
-            written += _write_dense(path / folder, layer, next(dense), folder)
+            written += _write_dense(path / folder, layer, next(dense, None), folder)
         elif layer.kind == SPARSE:
-            written += _write_sparse(path / folder, layer, head.sparse, folder)
+            sae = head.sparse if head is not None else None
+            written += _write_sparse(path / folder, layer, sae, folder)
         else:
             # Normalize has no parameters; sentence-transformers itself saves an empty folder.
             (path / folder).mkdir(exist_ok=True)
@@ -503,7 +479,8 @@ def _write_splade(path: Path, st: STConfig) -> list[str]:
 
 
 def _write_dense(folder: Path, layer: HeadLayer, module, name: str) -> list[str]:
-    """One Dense module's ``config.json`` and ``model.safetensors`` (PyTorch layouts)."""
+    """One Dense module's ``config.json`` and ``model.safetensors`` (PyTorch layouts; the
+    configuration only without ``module``)."""
     cfg = {
         "in_features": layer.in_features,
         "out_features": layer.out_features,
@@ -513,6 +490,8 @@ def _write_dense(folder: Path, layer: HeadLayer, module, name: str) -> list[str]
     if layer.residual:  # omitted when False, as sentence-transformers does for old readers
         cfg["use_residual"] = True
     _write_json(folder / "config.json", cfg)
+    if module is None:
+        return [f"{name}/config.json"]
     tensors = {"linear.weight": np.asarray(module.linear.kernel[...], np.float32).T}
     if module.linear.bias is not None:
         tensors["linear.bias"] = np.asarray(module.linear.bias[...], np.float32)
