@@ -40,6 +40,11 @@ from jaxembed.quantization import with_quantization
 _MASKED = -1e9
 # "cosine": the embeddings are L2-normalised first; "dot": a sparse model's raw vectors.
 SIMILARITIES = ("cosine", "dot")
+# The similarity products in true fp32. At JAX's default precision an fp32 product runs as
+# one bf16 pass on TPU and in TF32 on GPU (~3 significant digits): divided by a temperature
+# of 0.02 a cosine's error of 4e-3 is 0.2 in the logit. Here the products are B x B x D,
+# a sliver of the encoder's FLOPs, so exact costs nothing (bench/RESULTS.md, first GPU run).
+EXACT = jax.lax.Precision.HIGHEST
 
 
 def _normalize(x: jax.Array) -> jax.Array:
@@ -134,14 +139,14 @@ def _in_batch_term(qn, pn, nn, temp, neg_mask, pos_hash, neg_hash, *, with_negat
     passages, so they have no place there).
     """
     b = qn.shape[0]
-    qp = (qn @ pn.T) / temp  # [B, B]
+    qp = jnp.matmul(qn, pn.T, precision=EXACT) / temp  # [B, B]
     valid = _in_batch_valid(pos_hash)
     qp_masked = qp if valid is None else jnp.where(valid, qp, _MASKED)
     target = jnp.diagonal(qp)
     logits = qp_masked
     if with_negatives:
         flat = nn.reshape(-1, nn.shape[-1])  # [B*K, D]: the global pool of hard negatives
-        qn_logits = (qn @ flat.T) / temp  # [B, B*K]
+        qn_logits = jnp.matmul(qn, flat.T, precision=EXACT) / temp  # [B, B*K]
         neg_valid = jnp.broadcast_to(neg_mask.reshape(1, -1), (b, flat.shape[0]))
         if pos_hash is not None and neg_hash is not None:
             neg_valid = neg_valid & (neg_hash.reshape(1, -1) != pos_hash[:, None])
@@ -155,7 +160,7 @@ def _in_batch_term(qn, pn, nn, temp, neg_mask, pos_hash, neg_hash, *, with_negat
 def _hard_term(qn, pn, nn, temp, neg_mask, pos_hash, neg_hash):
     """Per-example loss of query i against [p_i, n_i,0 .. n_i,K-1]."""
     pos = jnp.sum(qn * pn, axis=-1) / temp  # [B]
-    neg = jnp.einsum("bd,bkd->bk", qn, nn) / temp  # [B, K]
+    neg = jnp.einsum("bd,bkd->bk", qn, nn, precision=EXACT) / temp  # [B, K]
     valid = neg_mask
     if pos_hash is not None and neg_hash is not None:
         valid = valid & (neg_hash != pos_hash[:, None])
@@ -368,7 +373,11 @@ def _candidates(q, p, n, teacher, temperature, teacher_temperature, neg_mask, si
         raise ValueError(f"teacher scores must be [B={b}, 1+K={1 + k}]; got {teacher.shape}")
     student = (
         jnp.concatenate(
-            [jnp.sum(qn * pn, -1, keepdims=True), jnp.einsum("bd,bkd->bk", qn, nn)], axis=1
+            [
+                jnp.sum(qn * pn, -1, keepdims=True),
+                jnp.einsum("bd,bkd->bk", qn, nn, precision=EXACT),
+            ],
+            axis=1,
         )
         / temp
     )

@@ -509,3 +509,24 @@ def test_distillation_gradients_match_finite_differences():
             np.testing.assert_allclose(np.sum(grad * v), fd, rtol=1e-6, atol=1e-8)
     # A row without teacher scores gets no gradient from distillation.
     assert np.abs(grad[1]).max() == 0.0
+
+
+def test_every_similarity_product_is_exact_fp32_on_tpu_and_gpu():
+    """At JAX's default precision an fp32 product runs as one bf16 pass on TPU and in TF32 on
+    GPU (the first GPU run's resumed and exported values moved by 5e-5 to 2e-4 for it): every
+    product of every loss, forward and backward, distillation too, asks for HIGHEST. Lowered
+    for TPU and CUDA on this host; CPU computes fp32 either way, so only the program shows it."""
+    batch = make_batch()
+    q, p, n = (np.asarray(batch[k], np.float32) for k in "qpn")
+    masks = _masks(batch, True)
+    cases = [
+        (all_grads, (q, p, n, np.float32(0.05), masks)),
+        (_distill_losses, (q, p, n, _teacher(batch), batch["neg_mask"])),
+    ]
+    for platform in ("tpu", "cuda"):
+        for fn, args in cases:
+            text = fn.trace(*args).lower(lowering_platforms=(platform,)).as_text()
+            dots = [line for line in text.splitlines() if "dot_general" in line]
+            assert dots, f"no products in {fn.__name__}"
+            loose = [d.strip()[:160] for d in dots if "HIGHEST" not in d]
+            assert not loose, f"{platform} {fn.__name__}: {len(loose)} of {len(dots)}: {loose[0]}"
