@@ -81,11 +81,21 @@ def _gathered(x: jax.Array) -> jax.Array:
 
 
 def _check_inputs(q, p, n, neg_mask, pos_hash, neg_hash) -> None:
-    if q.ndim != 2 or p.shape != q.shape:
-        raise ValueError(f"q and p must both be [B, D]; got q {q.shape}, p {p.shape}")
-    b, d = q.shape
-    if n.ndim != 3 or n.shape[0] != b or n.shape[2] != d:
-        raise ValueError(f"n must be [B={b}, K, D={d}]; got {n.shape}")
+    """One vector per text ([B, D]) or one per token ([B, L, D], late interaction)."""
+    if (
+        q.ndim not in (2, 3)
+        or p.ndim != q.ndim
+        or (q.shape[0], q.shape[-1])
+        != (
+            p.shape[0],
+            p.shape[-1],
+        )
+    ):
+        raise ValueError(f"q and p must be [B, D] or [B, L, D]; got q {q.shape}, p {p.shape}")
+    b, d = q.shape[0], q.shape[-1]
+    each = f"L={p.shape[1]}, D={d}" if p.ndim == 3 else f"D={d}"
+    if n.ndim != p.ndim + 1 or n.shape[0] != b or n.shape[2:] != p.shape[1:]:
+        raise ValueError(f"n must be [B={b}, K, {each}]; got {n.shape}")
     k = n.shape[1]
     if neg_mask is not None and neg_mask.shape != (b, k):
         raise ValueError(f"neg_mask must be [B={b}, K={k}]; got {neg_mask.shape}")
@@ -111,6 +121,57 @@ def _prepare(q, p, n, temperature, neg_mask, pos_hash, neg_hash, similarity="cos
     if neg_mask is None:
         neg_mask = jnp.ones(n.shape[:2], bool)
     return qn, pn, nn, temp, neg_mask, pos_hash, neg_hash
+
+
+# Documents whose token similarities are computed at once by `maxsim`: the (A, chunk, La, Lb)
+# block is all it holds, forward and backward (each chunk is recomputed for the gradient).
+MAXSIM_CHUNK = 32
+
+
+def maxsim(a: jax.Array, b: jax.Array) -> jax.Array:
+    """[A, B] late-interaction scores (ColBERT's MaxSim): for every token of text a_i its
+    best similarity with a token of b_j, summed over a_i's tokens.
+
+    ``a`` [A, La, D] and ``b`` [B, Lb, D] are token vectors (normalised for cosine); a's
+    padding tokens are zero vectors (they add 0), b's copies of one of its real tokens (the
+    max is unchanged): the step lays them out so (`step.token_sets`), and no mask is needed.
+    Memory: the (A, chunk, La, Lb) fp32 similarities of `MAXSIM_CHUNK` documents at a time,
+    never (A, B, La, Lb); under `jax.checkpoint` the backward recomputes each chunk.
+    """
+    n = b.shape[0]
+    c = max(1, min(MAXSIM_CHUNK, n))
+    blocks = jnp.pad(b, ((0, -n % c), (0, 0), (0, 0))).reshape(-1, c, *b.shape[1:])
+
+    def one(block):  # (A, c): the block's similarities never leave this function
+        s = jnp.einsum("aid,cjd->acij", a, block, precision=EXACT)
+        return jnp.sum(jnp.max(s, axis=-1), axis=-1)
+
+    scores = jax.lax.map(jax.checkpoint(one), blocks)  # (blocks, A, c)
+    return jnp.moveaxis(scores, 0, 1).reshape(a.shape[0], -1)[:, :n]
+
+
+def token_sets(tokens: jax.Array, mask: jax.Array, *, query: bool) -> jax.Array:
+    """The layout `maxsim` scores without a mask, from token vectors [..., L, D] and their
+    real tokens [..., L]: a query's padding as zero vectors, a document's as copies of its
+    first real token. A document without any stays as it is (a padded negative: masked)."""
+    if query:
+        return jnp.where(mask[..., None], tokens, 0.0)
+    first = jnp.argmax(mask, axis=-1)[..., None, None]
+    return jnp.where(mask[..., None], tokens, jnp.take_along_axis(tokens, first, axis=-2))
+
+
+def _all_pairs(a: jax.Array, b: jax.Array) -> jax.Array:
+    """[A, B] similarities of every a_i with every b_j: dot products of one vector per
+    text, MaxSim of token vectors."""
+    return jnp.matmul(a, b.T, precision=EXACT) if a.ndim == 2 else maxsim(a, b)
+
+
+def _own(a: jax.Array, b: jax.Array) -> jax.Array:
+    """[B, K] similarities of a_i with each of its own b_i,k (b: [B, K, ...])."""
+    if a.ndim == 2:
+        return jnp.einsum("bd,bkd->bk", a, b, precision=EXACT)
+    s = jnp.einsum("bid,bkjd->bkij", a, b, precision=EXACT)
+    return jnp.sum(jnp.max(s, axis=-1), axis=-1)
 
 
 def _cross_entropy(logits: jax.Array, target: jax.Array) -> jax.Array:
@@ -139,14 +200,14 @@ def _in_batch_term(qn, pn, nn, temp, neg_mask, pos_hash, neg_hash, *, with_negat
     passages, so they have no place there).
     """
     b = qn.shape[0]
-    qp = jnp.matmul(qn, pn.T, precision=EXACT) / temp  # [B, B]
+    qp = _all_pairs(qn, pn) / temp  # [B, B]
     valid = _in_batch_valid(pos_hash)
     qp_masked = qp if valid is None else jnp.where(valid, qp, _MASKED)
     target = jnp.diagonal(qp)
     logits = qp_masked
     if with_negatives:
-        flat = nn.reshape(-1, nn.shape[-1])  # [B*K, D]: the global pool of hard negatives
-        qn_logits = jnp.matmul(qn, flat.T, precision=EXACT) / temp  # [B, B*K]
+        flat = nn.reshape(-1, *nn.shape[2:])  # [B*K, ...]: the global pool of hard negatives
+        qn_logits = _all_pairs(qn, flat) / temp  # [B, B*K]
         neg_valid = jnp.broadcast_to(neg_mask.reshape(1, -1), (b, flat.shape[0]))
         if pos_hash is not None and neg_hash is not None:
             neg_valid = neg_valid & (neg_hash.reshape(1, -1) != pos_hash[:, None])
@@ -159,8 +220,8 @@ def _in_batch_term(qn, pn, nn, temp, neg_mask, pos_hash, neg_hash, *, with_negat
 
 def _hard_term(qn, pn, nn, temp, neg_mask, pos_hash, neg_hash):
     """Per-example loss of query i against [p_i, n_i,0 .. n_i,K-1]."""
-    pos = jnp.sum(qn * pn, axis=-1) / temp  # [B]
-    neg = jnp.einsum("bd,bkd->bk", qn, nn, precision=EXACT) / temp  # [B, K]
+    pos = _own(qn, pn[:, None])[:, 0] / temp  # [B]
+    neg = _own(qn, nn) / temp  # [B, K]
     valid = neg_mask
     if pos_hash is not None and neg_hash is not None:
         valid = valid & (neg_hash != pos_hash[:, None])
@@ -371,16 +432,7 @@ def _candidates(q, p, n, teacher, temperature, teacher_temperature, neg_mask, si
     b, k = neg_mask.shape
     if teacher.shape != (b, 1 + k):
         raise ValueError(f"teacher scores must be [B={b}, 1+K={1 + k}]; got {teacher.shape}")
-    student = (
-        jnp.concatenate(
-            [
-                jnp.sum(qn * pn, -1, keepdims=True),
-                jnp.einsum("bd,bkd->bk", qn, nn, precision=EXACT),
-            ],
-            axis=1,
-        )
-        / temp
-    )
+    student = _own(qn, jnp.concatenate([pn[:, None], nn], axis=1)) / temp
     valid = jnp.concatenate([jnp.ones((b, 1), bool), neg_mask], axis=1) & jnp.isfinite(teacher)
     scored = valid[:, 0]
     t = jnp.where(valid, teacher, 0.0) / jnp.asarray(teacher_temperature, jnp.float32)

@@ -530,3 +530,105 @@ def test_every_similarity_product_is_exact_fp32_on_tpu_and_gpu():
             assert dots, f"no products in {fn.__name__}"
             loose = [d.strip()[:160] for d in dots if "HIGHEST" not in d]
             assert not loose, f"{platform} {fn.__name__}: {len(loose)} of {len(dots)}: {loose[0]}"
+
+
+# --- late interaction (multi-vector): token vectors, MaxSim -----------------------------------
+
+
+def _token_batch(seed=0, b=B, k=K, lq=5, lp=7, d=D):
+    """``make_batch``'s rows and masks with token vectors: every text 1..L real tokens, a
+    padded negative with none."""
+    batch = make_batch(seed, b, k, d)
+    rng = np.random.default_rng(seed + 1)
+    q, p, n = (
+        rng.normal(size=(b, lq, d)),
+        rng.normal(size=(b, lp, d)),
+        rng.normal(size=(b, k, lp, d)),
+    )
+    p += 0.5 * q.mean(1, keepdims=True)
+
+    def real(shape, length):
+        return np.arange(length) < rng.integers(1, length + 1, shape)[..., None]
+
+    masks = dict(q=real(b, lq), p=real(b, lp), n=real((b, k), lp))
+    masks["n"][6] = False  # row 6's negatives are padding: no tokens at all
+    return batch, dict(q=q, p=p, n=n), masks
+
+
+def _ref_maxsim(a, a_mask, b, b_mask):
+    """float64 MaxSim of one query's real tokens against one document's real tokens."""
+    s = _unit(a[a_mask]) @ _unit(b[b_mask]).T
+    return s.max(axis=1).sum() if b_mask.any() else 0.0
+
+
+def _ref_token_losses(x, m, batch, t):
+    """Per-example joint, symmetric-joint and hard-only losses, candidates dropped (not
+    masked) as in `reference`."""
+    b, k = batch["neg_mask"].shape
+    pos_hash, neg_hash, neg_mask = batch["pos_hash"], batch["neg_hash"], batch["neg_mask"]
+    qp = np.array([[_ref_maxsim(x["q"][i], m["q"][i], x["p"][j], m["p"][j]) for j in range(b)]
+                   for i in range(b)]) / t  # fmt: skip
+    qn = np.array([[[_ref_maxsim(x["q"][i], m["q"][i], x["n"][j, c], m["n"][j, c])
+                     for c in range(k)] for j in range(b)] for i in range(b)]) / t  # fmt: skip
+    joint, back, hard = [], [], []
+    for i in range(b):
+        keep = (np.arange(b) == i) | (pos_hash != pos_hash[i])
+        live = neg_mask & (neg_hash != pos_hash[i])
+        joint.append(_nll(qp[i, i], np.concatenate([qp[i][keep], qn[i][live]])))
+        back.append(_nll(qp[i, i], qp[:, i][keep]))
+        own = neg_mask[i] & (neg_hash[i] != pos_hash[i])
+        hard.append(_nll(qp[i, i], np.concatenate([[qp[i, i]], qn[i, i][own]])))
+    joint, back = np.array(joint), np.array(back)
+    return {"joint": joint, "symmetric": (joint + back) / 2, "hard": np.array(hard)}
+
+
+def _token_losses_fn(x, m, masks, t):
+    q = losses.token_sets(x["q"], m["q"], query=True)
+    p, n = (losses.token_sets(x[s], m[s], query=False) for s in "pn")
+    kw = dict(temperature=t, reduce=False, **masks)
+    return {
+        "joint": losses.retrieval_loss(q, p, n, **kw),
+        "symmetric": losses.retrieval_loss(q, p, n, symmetric=True, **kw),
+        "hard": losses.hard_negative_loss(q, p, n, **kw),
+    }
+
+
+_token_losses = jax.jit(_token_losses_fn)
+
+
+def test_late_interaction_losses_match_a_float64_reference(monkeypatch):
+    """MaxSim InfoNCE (ColBERT): query tokens against the in-batch positives' and every hard
+    negative's tokens, padding on either side never scored, false and padded negatives
+    left out; in float64 against a reference that drops what the library masks. The
+    in-batch scores run in chunks of 3 documents (8 padded to 9)."""
+    batch, x, m = _token_batch()
+    with jax.enable_x64(True):
+        masks = _masks(batch, True)
+        got = _token_losses(x, m, masks, 0.05)
+        monkeypatch.setattr(losses, "MAXSIM_CHUNK", 3)
+        chunked = jax.jit(lambda *a: _token_losses_fn(*a))(x, m, masks, 0.05)  # a new trace
+    want = _ref_token_losses(x, m, batch, 0.05)
+    for name in want:
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-10, err_msg=name)
+        np.testing.assert_allclose(chunked[name], want[name], rtol=1e-10, err_msg=name)
+
+
+def test_late_interaction_gradients_match_finite_differences():
+    """Gradients through MaxSim's max, the chunked map and its recomputation (float64),
+    against central differences of the loss along a random direction of every input."""
+    batch, x, m = _token_batch(seed=2)
+    rng = np.random.default_rng(7)
+    with jax.enable_x64(True):
+        masks = _masks(batch, True)
+
+        def mean_loss(x):
+            return jnp.mean(_token_losses(x, m, masks, 0.1)["symmetric"])
+
+        grads = jax.grad(mean_loss)(x)
+        for name in "qpn":
+            direction = rng.normal(size=x[name].shape)
+            step = {**x, name: x[name] + 1e-6 * direction}
+            back = {**x, name: x[name] - 1e-6 * direction}
+            numeric = (mean_loss(step) - mean_loss(back)) / 2e-6
+            np.testing.assert_allclose(np.sum(grads[name] * direction), numeric, rtol=1e-6,
+                                       err_msg=name)  # fmt: skip
