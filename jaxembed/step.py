@@ -12,7 +12,9 @@ negatives. With ``train.gradcache`` the same loss is differentiated chunk by chu
 (`jaxembed.gradcache`), with the same result. A sparse model's terms join it there, on the
 same gathered vectors, scored by dot product: CSR's reconstructions (`csr_reconstruction`,
 its dead-latent counts returned as the state's new ``buffers``) or SPLADE's FLOPS
-regularisers (`splade_flops`).
+regularisers (`splade_flops`). A multi-vector model (pooling `TOKENS`) keeps every token:
+each text's token vectors out of its row (`text_tokens`), the head applied per token, the
+loss's MaxSim over them (`losses.maxsim`).
 
 A batch is rows of token ids with segment ids (`jaxembed.packing`; packed from a host's
 texts by `jaxembed.data.pipeline.Packing`): attention and pooling stay within each text,
@@ -46,7 +48,7 @@ from jaxembed.choices import TASKS
 from jaxembed.data import pipeline
 from jaxembed.models import lora, sparse
 from jaxembed.models.head import HeadLayer
-from jaxembed.models.pooling import SPLADE, pool_segments, splade_inputs
+from jaxembed.models.pooling import SPLADE, TOKENS, pool_segments, splade_inputs
 from jaxembed.packing import MAX_SEGMENTS
 from jaxembed.seeds import to_seed
 from jaxembed.train_state import TrainState, abstract_state, create_state, make_optimizer
@@ -68,23 +70,29 @@ def train_step(state: TrainState, batch: dict, frozen, *, step: Step, task: str,
         seed = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     inputs = towers(batch, to_seed(seed))
 
-    def encode(p, *tower):  # (rows, segments, dim) pooled, per text
+    def encode(p, *tower):  # (rows, segments, dim) pooled per text; (rows, L, dim) tokens
         return step.encode(p if frozen is None else lora.join(frozen, p), *tower)
 
     def objective(emb: dict, extra: dict) -> tuple[jax.Array, dict]:
-        """The loss of the towers' pooled embeddings, and the updated ``buffers``."""
+        """The loss of the towers' embeddings, and the updated ``buffers``."""
         slots = {t: batch[f"{t}_slot"].reshape(-1, 2) for t in emb}  # (row, segment) per text
-        emb = {t: e[slots[t][:, 0], slots[t][:, 1]] for t, e in emb.items()}
+        if step.pooling == TOKENS:  # each text's token vectors, its row's other texts masked
+            real = {t: text_tokens(batch[f"{t}_seg"], slots[t]) for t in emb}
+            emb = {t: e[slots[t][:, 0]] for t, e in emb.items()}
+        else:
+            emb = {t: e[slots[t][:, 0], slots[t][:, 1]] for t, e in emb.items()}
         head = None if step.head is None else nnx.merge(step.head, extra["head"])
         if head is not None:
             emb = {t: head.before_sparse(e) for t, e in emb.items()}
+        if step.pooling == TOKENS:
+            emb = {t: losses.token_sets(e, real[t], query=t == "query") for t, e in emb.items()}
         emb = {t: step.constrain(e) for t, e in emb.items()}
         b, k = batch["neg_valid"].shape
         if step.csr:  # CSR: the reconstructions of the dense inputs, then the top-k
             recon, stats = csr_reconstruction(head.sparse, emb, batch, state.buffers, config)
             emb = {t: step.constrain(head.sparse(e)) for t, e in emb.items()}
-        d = emb["query"].shape[-1]
-        negatives = emb["neg"].reshape(b, k, d) if k else jnp.zeros((b, 0, d), emb["query"].dtype)
+        shape = emb["pos"].shape[1:]  # (dim,) or (L, dim)
+        negatives = emb["neg"].reshape(b, k, *shape) if k else jnp.zeros((b, 0, *shape))
         loss = step.losses[task](
             emb["query"], emb["pos"], negatives,
             temperature=losses.temperature(extra, config.loss), neg_mask=batch["neg_valid"],
@@ -247,6 +255,11 @@ def make_step(config, mesh, model: nnx.Module, head=None, pooling: str = "mean")
             "a sparse model's vectors are neither truncated nor quantized: set "
             "config.loss.matryoshka_dims=() and config.loss.quantization=none"
         )
+    if pooling == TOKENS and config.loss.quantization != "none":
+        raise ValueError(
+            "a multi-vector model's token vectors are not quantized: set "
+            "config.loss.quantization=none"
+        )
     return Step(
         config, mesh, nnx.graphdef(model), head_def, csr, pooling, tx, schedule, abstract, shardings
     )
@@ -261,7 +274,8 @@ def texts_per_row(config) -> int:
 
 
 def make_encode(graphdef, pooling: str, segments: int) -> Callable:
-    """``encode(model_params, ids, seg, pool_seg, seeds) -> (rows, segments, hidden)``, fp32.
+    """``encode(model_params, ids, seg, pool_seg, seeds) -> (rows, segments, hidden)``, fp32;
+    with `TOKENS` pooling (late interaction) every token's: ``(rows, length, hidden)``.
 
     Rows of texts (`jaxembed.packing`): every text is pooled on its own, as if alone in its
     row. ``seeds`` (one per row, or None: no dropout) make each row's dropout masks depend
@@ -276,10 +290,18 @@ def make_encode(graphdef, pooling: str, segments: int) -> Callable:
         # One text per row is a padded batch: key lengths, not a mask, for fused kernels.
         packed = seg if segments > 1 else None
         hidden = model(ids, seg > 0, segment_ids=packed, dropout_seed=seeds)
+        if pooling == TOKENS:  # late interaction: every token's vector
+            return hidden.astype(jnp.float32)
         hidden = splade_inputs(model, hidden, pooling)  # SPLADE pools the MLM logits
         return pool_segments(hidden, pool_seg, seg, pooling, min(segments, ids.shape[1]))
 
     return encode
+
+
+def text_tokens(seg: jax.Array, slots: jax.Array) -> jax.Array:
+    """(texts, L) bool: each text's tokens in its row (``slots``: (row, segment - 1) per
+    text), prompt tokens included, as sentence-transformers' MultiVectorMask scores them."""
+    return seg[slots[:, 0]] == slots[:, 1:] + 1
 
 
 def towers(batch: dict, seed) -> dict[str, tuple]:

@@ -17,11 +17,15 @@ POOLING_MODES = ("cls", "mean", "max", "mean_sqrt_len_tokens", "weightedmean", "
 # log(1 + ReLU(x)), x the MLM head's logits (the model computes them, `splade_inputs`): a
 # vector of the vocabulary's size, mostly zeros.
 SPLADE = "splade"
+# Late interaction (ColBERT; sentence-transformers' MultiVectorEncoder): no pooling, every
+# token's vector is kept, projected by the head and scored by MaxSim (`losses.maxsim`).
+TOKENS = "tokens"
 
 
 def check_pooling(mode: str) -> str:
-    if mode not in (*POOLING_MODES, SPLADE):
-        raise ValueError(f"unsupported pooling {mode!r}; supported: {[*POOLING_MODES, SPLADE]}")
+    if mode not in (*POOLING_MODES, SPLADE, TOKENS):
+        supported = [*POOLING_MODES, SPLADE, TOKENS]
+        raise ValueError(f"unsupported pooling {mode!r}; supported: {supported}")
     return mode
 
 
