@@ -23,7 +23,7 @@ from jaxembed import config as config_lib
 from jaxembed import hf, sharding
 from jaxembed import step as step_lib
 from jaxembed.data import pipeline
-from jaxembed.hf.sentence_transformers import load_head, read_st_config, sparse_settings
+from jaxembed.hf.sentence_transformers import load_head, output_settings, read_st_config
 from jaxembed.models.head import build_head
 
 LQ, LP = 64, 128
@@ -53,7 +53,7 @@ def make(folder, sparse: bool, batch: int, mesh):
     st = read_st_config(folder)
     head = load_head(folder, st, hidden)
     if sparse:  # the run's settings (`model.sparse="csr"`, default sizes), a fresh autoencoder
-        st = sparse_settings(st, "csr", (0, 0, 0, 30), hidden)
+        st = output_settings(st, hidden, "csr", (0, 0, 0, 30))
         head = build_head(st.head, hidden)
     step = step_lib.make_step(config_lib.validate(c), mesh, model, head, "mean")
     return step, step.init(model, head)

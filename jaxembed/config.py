@@ -146,6 +146,24 @@ SCHEMA = Group(
             choices=SPARSE_MODELS,
             resume=True,
         ),
+        multi_vector_dim=Field(
+            0,
+            "> 0: a multi-vector (late-interaction, ColBERT) model, sentence-transformers' "
+            "MultiVectorEncoder: every token's last hidden state through a bias-free Dense to "
+            "this many dimensions, normalised, a query scored against a document by MaxSim "
+            "(the sum over query tokens of the best document token's cosine; logits: MaxSim / "
+            "loss.temperature). 0: one vector per text. A multi-vector folder trains as it is",
+            at_least=0,
+            resume=True,
+        ),
+        query_expansion=Field(
+            0,
+            "a multi-vector model's queries cut or padded with the mask token to this many "
+            "tokens, all attended and scored (ColBERT's query augmentation; 32 in ColBERT). "
+            "data.max_query_length must equal it. 0: none (a multi-vector folder's own)",
+            at_least=0,
+            resume=True,
+        ),
         csr_hidden_dim=Field(0, "0 = 4x the embedding size", at_least=0, resume=True),
         csr_k=Field(
             0, "latents kept per text; 0 = a quarter of the embedding size", at_least=0, resume=True
@@ -426,10 +444,16 @@ def check(key: str, value):
     return FIELDS[key].check(value, key)
 
 
-def csr_sizes(c: ml_collections.ConfigDict) -> tuple:
-    """``model.csr_*``: the CSR autoencoder's (hidden_dim, k, k_aux, dead_threshold)."""
+def output_type(c: ml_collections.ConfigDict) -> dict:
+    """The model type ``config.model`` asks for, as `hf.sentence_transformers.output_settings`
+    takes it: ``sparse``, ``csr`` (the autoencoder's hidden_dim, k, k_aux, dead_threshold)
+    and ``multi_vector`` (dim, query expansion)."""
     m = c.model
-    return (m.csr_hidden_dim, m.csr_k, m.csr_k_aux, m.csr_dead_threshold)
+    return dict(
+        sparse=m.sparse,
+        csr=(m.csr_hidden_dim, m.csr_k, m.csr_k_aux, m.csr_dead_threshold),
+        multi_vector=(m.multi_vector_dim, m.query_expansion),
+    )
 
 
 def mining_rules(c: ml_collections.ConfigDict) -> Rules:
@@ -465,6 +489,11 @@ def validate(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         raise ValueError(
             f"config.model.pooling={c.model.pooling!r}: a SPLADE model (model.sparse=splade) "
             "pools its MLM logits; leave model.pooling empty"
+        )
+    if c.model.multi_vector_dim and (c.model.sparse != "none" or c.model.pooling):
+        raise ValueError(
+            "config.model.multi_vector_dim: a multi-vector model keeps every token (no "
+            "pooling) and is dense: leave model.pooling empty and model.sparse=none"
         )
     if c.model.pooling == "splade" and c.model.sparse != "splade":
         raise ValueError(

@@ -35,7 +35,7 @@ from jaxembed import config as config_lib
 from jaxembed import hf, sharding, trained_model
 from jaxembed import step as step_lib
 from jaxembed.data import pipeline
-from jaxembed.hf.sentence_transformers import read_st_config, sparse_settings
+from jaxembed.hf.sentence_transformers import output_settings, read_st_config
 from jaxembed.models import attention as attention_lib
 from jaxembed.models import lora
 from jaxembed.models.head import build_head
@@ -158,11 +158,10 @@ def abstract_model(config) -> tuple[nnx.Module, nnx.Module | None]:
 
 
 def run_settings(config):
-    """The sentence-transformers settings the run will have (`model.sparse` applied)."""
+    """The sentence-transformers settings the run will have (its model type applied)."""
     folder = Path(config.model.path)
     hidden = hf.read_config(folder)["hidden_size"]
-    sizes = config_lib.csr_sizes(config)
-    return sparse_settings(read_st_config(folder), config.model.sparse, sizes, hidden)
+    return output_settings(read_st_config(folder), hidden, **config_lib.output_type(config))
 
 
 def abstract(tree, shardings):

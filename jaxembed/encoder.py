@@ -10,12 +10,13 @@ import numpy as np
 import scipy.sparse
 from flax import nnx
 
-from jaxembed import sharding, trained_model
+from jaxembed import search, sharding, trained_model
 from jaxembed.choices import DTYPES, check
 from jaxembed.hf.sentence_transformers import STConfig, pick_prompt
 from jaxembed.models.head import Head
 from jaxembed.models.pooling import (
     SPLADE,
+    TOKENS,
     check_pooling,
     l2_normalize,
     pool_segments,
@@ -23,14 +24,15 @@ from jaxembed.models.pooling import (
 )
 from jaxembed.packing import MAX_SEGMENTS, bucket, fill, length_buckets, pack_rows
 from jaxembed.progress import Progress
-from jaxembed.tokenizer import append_eos, load_tokenizer
+from jaxembed.tokenizer import append_eos, expand_queries, load_tokenizer
 
 PROGRESS_FROM = 5000  # texts: smaller jobs finish before a progress line would help
 
 
 class Encoder:
     """A backbone, its tokenizer, pooling and head: ``encode(texts) -> (n, dim)`` unit vectors
-    (a sparse model's: its sparse vectors, scored by dot product, `sparse`).
+    (a sparse model's: its sparse vectors, scored by dot product, `sparse`); a multi-vector
+    model's (`multi_vector`) a unit vector per token, `encode_tokens`.
 
     ``head`` holds the folder's Dense layers after pooling (`jaxembed.models.head`), if any,
     and its sparse autoencoder (CSR), if any.
@@ -56,6 +58,7 @@ class Encoder:
         # A sparse model (CSR's autoencoder or SPLADE's pooling): its vectors are never
         # normalised, and score by dot product.
         self.sparse = (head is not None and head.sparse is not None) or pooling == SPLADE
+        self.multi_vector = pooling == TOKENS
         self.max_length = int(max_length)
         self.st = st or STConfig()
         self.prompts = dict(self.st.prompts)
@@ -80,6 +83,11 @@ class Encoder:
             # One text per row is a padded batch: key lengths, not a mask, for fused kernels.
             packed = segment_ids if self.segments > 1 else None
             h = splade_inputs(model, model(ids, segment_ids > 0, segment_ids=packed), self.pooling)
+            if self.multi_vector:  # (rows, length, dim): every token, through the head
+                h = h.astype(jnp.float32)
+                if "head" in params:
+                    h = nnx.merge(head_graphdef, params["head"])(h)
+                return l2_normalize(h)
             segments = min(self.segments, ids.shape[1])
             pooled = pool_segments(h, pool_ids, segment_ids, self.pooling, segments)
             if "head" in params:
@@ -209,6 +217,9 @@ class Encoder:
           as_sparse: return a ``scipy.sparse.csr_matrix``, never holding the vectors dense
             (for a sparse model: SPLADE's have the vocabulary's size, 122 KB a text dense).
         """
+        if self.multi_vector:
+            raise ValueError(f"{self.name or 'the model'} is a multi-vector model (a vector per "
+                             "token): use encode_tokens")  # fmt: skip
         if isinstance(texts, str):
             raise TypeError("encode() takes a list of strings, not a single string")
         if batch_size < 1:
@@ -232,6 +243,51 @@ class Encoder:
             out = out[:, :truncate_dim]
             out /= np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
         return out
+
+    def encode_tokens(
+        self,
+        texts: list[str],
+        prompt_name: str | None = None,
+        batch_size: int = 32,
+        *,
+        prompt: str | None = None,
+        max_length: int | None = None,
+        query: bool = False,
+        padded: bool = False,
+    ) -> list[np.ndarray] | np.ndarray:
+        """A multi-vector model's token vectors: per text a float32 (tokens, dim) array of
+        unit vectors, every real token's (prompt and special tokens included), as
+        sentence-transformers' MultiVectorEncoder returns them.
+
+        ``query``: the texts are queries, expanded with the mask token to the model's query
+        expansion, if it has one (``encode_query``'s side). ``padded``: one (n, length, dim)
+        array, ``length`` the most tokens a text may have (so every call has the same), in
+        the layout `search.maxsim` scores without masks (a query's padding zero, a
+        document's a copy of its first token): what the search takes. Other arguments as in
+        `encode`.
+        """
+        if not self.multi_vector:
+            raise ValueError(f"{self.name or 'the model'} is not a multi-vector model: use encode")
+        limit = max_length or self.max_length
+        expansion = self.st.query_expansion if query else 0
+        prompt_text = self.resolve_prompt(prompt_name, prompt)
+        ids = self.tokenize(list(texts), prompt_text, expansion or limit)
+        if expansion:
+            ids = expand_queries(ids, expansion, self.tokenizer)
+        out: list = [None] * len(ids)
+        for rows, per_batch, length in self.batches(ids, batch_size, expansion or limit):
+            *arrays, where = fill(ids, rows, per_batch, length, self.pad_id, 0)
+            emb, seg = np.asarray(self._forward(*arrays)), arrays[1]
+            for text, row, segment in where:
+                out[text] = emb[row][seg[row] == segment + 1]
+        if not padded:
+            return out
+        width = expansion or limit
+        tokens = np.zeros((len(out), width, self.dim), np.float32)
+        real = np.zeros((len(out), width), bool)
+        for i, x in enumerate(out):
+            tokens[i, : len(x)], real[i, : len(x)] = x, True
+        return np.asarray(search.token_sets(tokens, real, query=query))
 
     def batches(
         self, ids: list[list[int]], batch_size: int, max_length: int | None = None

@@ -34,17 +34,13 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 from jaxembed.choices import LOSS_STYLES, TASKS
 from jaxembed.quantization import with_quantization
+from jaxembed.search import EXACT, all_pairs
 
 # Finite rather than -inf: exp underflows to exactly 0 either way, but -inf turns into NaN
 # as soon as anything subtracts two masked logits or multiplies one by zero.
 _MASKED = -1e9
 # "cosine": the embeddings are L2-normalised first; "dot": a sparse model's raw vectors.
 SIMILARITIES = ("cosine", "dot")
-# The similarity products in true fp32. At JAX's default precision an fp32 product runs as
-# one bf16 pass on TPU and in TF32 on GPU (~3 significant digits): divided by a temperature
-# of 0.02 a cosine's error of 4e-3 is 0.2 in the logit. Here the products are B x B x D,
-# a sliver of the encoder's FLOPs, so exact costs nothing (bench/RESULTS.md, first GPU run).
-EXACT = jax.lax.Precision.HIGHEST
 
 
 def _normalize(x: jax.Array) -> jax.Array:
@@ -123,49 +119,6 @@ def _prepare(q, p, n, temperature, neg_mask, pos_hash, neg_hash, similarity="cos
     return qn, pn, nn, temp, neg_mask, pos_hash, neg_hash
 
 
-# Documents whose token similarities are computed at once by `maxsim`: the (A, chunk, La, Lb)
-# block is all it holds, forward and backward (each chunk is recomputed for the gradient).
-MAXSIM_CHUNK = 32
-
-
-def maxsim(a: jax.Array, b: jax.Array) -> jax.Array:
-    """[A, B] late-interaction scores (ColBERT's MaxSim): for every token of text a_i its
-    best similarity with a token of b_j, summed over a_i's tokens.
-
-    ``a`` [A, La, D] and ``b`` [B, Lb, D] are token vectors (normalised for cosine); a's
-    padding tokens are zero vectors (they add 0), b's copies of one of its real tokens (the
-    max is unchanged): the step lays them out so (`step.token_sets`), and no mask is needed.
-    Memory: the (A, chunk, La, Lb) fp32 similarities of `MAXSIM_CHUNK` documents at a time,
-    never (A, B, La, Lb); under `jax.checkpoint` the backward recomputes each chunk.
-    """
-    n = b.shape[0]
-    c = max(1, min(MAXSIM_CHUNK, n))
-    blocks = jnp.pad(b, ((0, -n % c), (0, 0), (0, 0))).reshape(-1, c, *b.shape[1:])
-
-    def one(block):  # (A, c): the block's similarities never leave this function
-        s = jnp.einsum("aid,cjd->acij", a, block, precision=EXACT)
-        return jnp.sum(jnp.max(s, axis=-1), axis=-1)
-
-    scores = jax.lax.map(jax.checkpoint(one), blocks)  # (blocks, A, c)
-    return jnp.moveaxis(scores, 0, 1).reshape(a.shape[0], -1)[:, :n]
-
-
-def token_sets(tokens: jax.Array, mask: jax.Array, *, query: bool) -> jax.Array:
-    """The layout `maxsim` scores without a mask, from token vectors [..., L, D] and their
-    real tokens [..., L]: a query's padding as zero vectors, a document's as copies of its
-    first real token. A document without any stays as it is (a padded negative: masked)."""
-    if query:
-        return jnp.where(mask[..., None], tokens, 0.0)
-    first = jnp.argmax(mask, axis=-1)[..., None, None]
-    return jnp.where(mask[..., None], tokens, jnp.take_along_axis(tokens, first, axis=-2))
-
-
-def _all_pairs(a: jax.Array, b: jax.Array) -> jax.Array:
-    """[A, B] similarities of every a_i with every b_j: dot products of one vector per
-    text, MaxSim of token vectors."""
-    return jnp.matmul(a, b.T, precision=EXACT) if a.ndim == 2 else maxsim(a, b)
-
-
 def _own(a: jax.Array, b: jax.Array) -> jax.Array:
     """[B, K] similarities of a_i with each of its own b_i,k (b: [B, K, ...])."""
     if a.ndim == 2:
@@ -200,14 +153,14 @@ def _in_batch_term(qn, pn, nn, temp, neg_mask, pos_hash, neg_hash, *, with_negat
     passages, so they have no place there).
     """
     b = qn.shape[0]
-    qp = _all_pairs(qn, pn) / temp  # [B, B]
+    qp = all_pairs(qn, pn) / temp  # [B, B]
     valid = _in_batch_valid(pos_hash)
     qp_masked = qp if valid is None else jnp.where(valid, qp, _MASKED)
     target = jnp.diagonal(qp)
     logits = qp_masked
     if with_negatives:
         flat = nn.reshape(-1, *nn.shape[2:])  # [B*K, ...]: the global pool of hard negatives
-        qn_logits = _all_pairs(qn, flat) / temp  # [B, B*K]
+        qn_logits = all_pairs(qn, flat) / temp  # [B, B*K]
         neg_valid = jnp.broadcast_to(neg_mask.reshape(1, -1), (b, flat.shape[0]))
         if pos_hash is not None and neg_hash is not None:
             neg_valid = neg_valid & (neg_hash.reshape(1, -1) != pos_hash[:, None])

@@ -1,5 +1,6 @@
 """Exact top-k search by inner product: one search for evaluation (`jaxembed.retrieval`) and
-mining (`jaxembed.mining`, `jaxembed.mine`, re-mining in training).
+mining (`jaxembed.mining`, `jaxembed.mine`, re-mining in training), and the similarities it
+and the losses share: exact fp32 products (`EXACT`), MaxSim over token vectors (`maxsim`).
 
 `top_k` scans a corpus in blocks on the default device (memory ``query_block * (block +
 k)`` floats whatever the corpus size); `search_shards` runs it over embedding shards (e.g.
@@ -20,12 +21,62 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.sparse
 
+# The similarity products in true fp32. At JAX's default precision an fp32 product runs as
+# one bf16 pass on TPU and in TF32 on GPU (~3 significant digits): divided by a temperature
+# of 0.02 a cosine's error of 4e-3 is 0.2 in the logit. Here the products are B x B x D,
+# a sliver of the encoder's FLOPs, so exact costs nothing (bench/RESULTS.md, first GPU
+# run); search ranks by the same products..
+EXACT = jax.lax.Precision.HIGHEST
+
+# Documents whose token similarities are computed at once by `maxsim`: the (A, chunk, La, Lb)
+# block is all it holds, forward and backward (each chunk is recomputed for the gradient).
+MAXSIM_CHUNK = 32
+
+
+def maxsim(a: jax.Array, b: jax.Array) -> jax.Array:
+    """[A, B] late-interaction scores (ColBERT's MaxSim): for every token of text a_i its
+    best similarity with a token of b_j, summed over a_i's tokens.
+
+    ``a`` [A, La, D] and ``b`` [B, Lb, D] are token vectors (normalised for cosine); a's
+    padding tokens are zero vectors (they add 0), b's copies of one of its real tokens (the
+    max is unchanged): the step lays them out so (`step.token_sets`), and no mask is needed.
+    Memory: the (A, chunk, La, Lb) fp32 similarities of `MAXSIM_CHUNK` documents at a time,
+    never (A, B, La, Lb); under `jax.checkpoint` the backward recomputes each chunk.
+    """
+    n = b.shape[0]
+    c = max(1, min(MAXSIM_CHUNK, n))
+    blocks = jnp.pad(b, ((0, -n % c), (0, 0), (0, 0))).reshape(-1, c, *b.shape[1:])
+
+    def one(block):  # (A, c): the block's similarities never leave this function
+        s = jnp.einsum("aid,cjd->acij", a, block, precision=EXACT)
+        return jnp.sum(jnp.max(s, axis=-1), axis=-1)
+
+    scores = jax.lax.map(jax.checkpoint(one), blocks)  # (blocks, A, c)
+    return jnp.moveaxis(scores, 0, 1).reshape(a.shape[0], -1)[:, :n]
+
+
+def token_sets(tokens: jax.Array, mask: jax.Array, *, query: bool) -> jax.Array:
+    """The layout `maxsim` scores without a mask, from token vectors [..., L, D] and their
+    real tokens [..., L]: a query's padding as zero vectors, a document's as copies of its
+    first real token. A document without any stays as it is (a padded negative: masked)."""
+    if query:
+        return jnp.where(mask[..., None], tokens, 0.0)
+    first = jnp.argmax(mask, axis=-1)[..., None, None]
+    return jnp.where(mask[..., None], tokens, jnp.take_along_axis(tokens, first, axis=-2))
+
+
+def all_pairs(a: jax.Array, b: jax.Array) -> jax.Array:
+    """[A, B] similarities of every a_i with every b_j: dot products of one vector per
+    text, MaxSim of token vectors."""
+    return jnp.matmul(a, b.T, precision=EXACT) if a.ndim == 2 else maxsim(a, b)
+
 
 @functools.partial(jax.jit, static_argnames=("k",))
 def _merge_block(best_s, best_i, q, d, n_valid, offset, k):
     """Folds one corpus block into the running top-k (ties: lower corpus index first)."""
-    # HIGHEST: no TF32/bf16 passes on accelerators, so near-ties rank as in float32.
-    s = jnp.matmul(q, d.T, precision=jax.lax.Precision.HIGHEST)
+    # Exact fp32 (no TF32/bf16 passes on accelerators), so near-ties rank as in float32;
+    # token vectors ([n, L, D], a multi-vector model's) score by MaxSim.
+    s = all_pairs(q, d)
     col = jnp.arange(d.shape[0])
     s = jnp.where(col[None, :] < n_valid, s, -jnp.inf)
     cand_s = jnp.concatenate([best_s, s], axis=1)
@@ -52,10 +103,15 @@ def top_k(
     Scans ``docs`` in blocks of ``block`` rows and ``queries`` in blocks of ``query_block``
     (both padded to a power of two, so few shapes compile), so memory stays at about
     ``query_block * (block + k)`` floats. Equal scores rank the lower document index first,
-    whatever the block sizes.
+    whatever the block sizes. Token vectors (``[n, L, D]``, laid out as `token_sets`
+    does) are scored by MaxSim, exactly; then a block of queries holds at most 2^26
+    similarities at a time (`MAXSIM_CHUNK` documents of ``Ld`` tokens each).
     """
     queries = np.asarray(queries, np.float32)
     docs = np.asarray(docs, np.float32)
+    if queries.ndim == 3:
+        per_query = MAXSIM_CHUNK * queries.shape[1] * docs.shape[1]
+        query_block = min(query_block, max(1, (1 << 26) // per_query))
     k = min(k, len(docs))
     n_q = len(queries)
     out_s = np.zeros((n_q, k), np.float32)
@@ -65,9 +121,9 @@ def top_k(
     d_rows = min(_pow2_at_least(block), _pow2_at_least(len(docs)))
     q_rows = min(_pow2_at_least(query_block), _pow2_at_least(n_q))
     n_docs = len(docs)
-    docs = np.concatenate([docs, np.zeros((-n_docs % d_rows, docs.shape[1]), np.float32)])
+    docs = np.concatenate([docs, np.zeros((-n_docs % d_rows, *docs.shape[1:]), np.float32)])
     for qs in range(0, n_q, q_rows):
-        q = np.zeros((q_rows, queries.shape[1]), np.float32)
+        q = np.zeros((q_rows, *queries.shape[1:]), np.float32)
         q[: min(q_rows, n_q - qs)] = queries[qs : qs + q_rows]
         q = jnp.asarray(q)
         best_s = jnp.full((q_rows, k), -jnp.inf, jnp.float32)

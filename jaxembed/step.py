@@ -14,7 +14,7 @@ same gathered vectors, scored by dot product: CSR's reconstructions (`csr_recons
 its dead-latent counts returned as the state's new ``buffers``) or SPLADE's FLOPS
 regularisers (`splade_flops`). A multi-vector model (pooling `TOKENS`) keeps every token:
 each text's token vectors out of its row (`text_tokens`), the head applied per token, the
-loss's MaxSim over them (`losses.maxsim`).
+loss's MaxSim over them (`search.maxsim`).
 
 A batch is rows of token ids with segment ids (`jaxembed.packing`; packed from a host's
 texts by `jaxembed.data.pipeline.Packing`): attention and pooling stay within each text,
@@ -43,7 +43,7 @@ import ml_collections
 import optax
 from flax import nnx
 
-from jaxembed import gradcache, losses, sharding
+from jaxembed import gradcache, losses, search, sharding
 from jaxembed.choices import TASKS
 from jaxembed.data import pipeline
 from jaxembed.models import lora, sparse
@@ -85,7 +85,7 @@ def train_step(state: TrainState, batch: dict, frozen, *, step: Step, task: str,
         if head is not None:
             emb = {t: head.before_sparse(e) for t, e in emb.items()}
         if step.pooling == TOKENS:
-            emb = {t: losses.token_sets(e, real[t], query=t == "query") for t, e in emb.items()}
+            emb = {t: search.token_sets(e, real[t], query=t == "query") for t, e in emb.items()}
         emb = {t: step.constrain(e) for t, e in emb.items()}
         b, k = batch["neg_valid"].shape
         if step.csr:  # CSR: the reconstructions of the dense inputs, then the top-k

@@ -62,3 +62,17 @@ def append_eos(tokenizer, pooling: str):
     if tokenizer("a")["input_ids"][-1:] != [tokenizer.eos_token_id]:
         raise ValueError(f"{type(tokenizer).__name__} did not start appending EOS")
     return tokenizer
+
+
+def expand_queries(ids: list[list[int]], length: int, tokenizer) -> list[list[int]]:
+    """ColBERT's query augmentation on queries tokenized to at most ``length`` tokens: each
+    padded to exactly ``length`` with the mask token, which the encoder attends to and
+    MaxSim scores (sentence-transformers' ``query_expansion``: fixed, attended, the mask
+    token). A query that fills ``length`` is the truncated one sentence-transformers reads."""
+    mask = tokenizer.mask_token_id
+    if mask is None:
+        raise ValueError(
+            f"{type(tokenizer).__name__} has no mask token: query expansion pads queries "
+            "with it (set model.query_expansion=0)"
+        )
+    return [list(x) + [mask] * (length - len(x)) for x in ids]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import signal
@@ -153,13 +154,18 @@ def open_run(config, workdir, log: RunLog):
     it), its sentence-transformers settings and pooling, this host's batch builder and the
     run's meta (what an export needs)."""
     if jax.process_index() == 0:
-        m, csr = config.model, config_lib.csr_sizes(config)
-        prepare_model_dir(m.path, workdir / MODEL_DIR, m.pooling, m.sparse, csr)
+        m, output = config.model, config_lib.output_type(config)
+        prepare_model_dir(m.path, workdir / MODEL_DIR, m.pooling, **output)
     distributed.barrier("prepare_model_dir")
     model_dir = local_copy(workdir / MODEL_DIR)
     st = read_st_config(model_dir)
     pooling = config.model.pooling or st.pooling or "mean"
-    sources, builder = open_data(config, model_dir, log)
+    if st.query_expansion and config.data.max_query_length != st.query_expansion:
+        raise ValueError(
+            f"config.data.max_query_length={config.data.max_query_length}: queries are "
+            f"{st.query_expansion} tokens with the model's query expansion; set it to that"
+        )
+    sources, builder = open_data(config, model_dir, log, st.query_expansion)
     return model_dir, st, pooling, builder, run_meta(config, model_dir, pooling, sources)
 
 
@@ -269,8 +275,11 @@ def run_step(step, state, batch: dict, task: str, frozen, compiled: set, log):
     return state, metrics
 
 
-def open_data(config, model_dir: Path, log) -> tuple[list, pipeline.BatchBuilder]:
-    """The training sources (checked the same on every host) and this host's batch builder."""
+def open_data(
+    config, model_dir: Path, log, query_expansion: int = 0
+) -> tuple[list, pipeline.BatchBuilder]:
+    """The training sources (checked the same on every host) and this host's batch builder
+    (queries expanded to ``query_expansion`` tokens, a multi-vector model's, if not 0)."""
     sources = readers.open_sources(
         list(config.data.train), skip_bad=config.data.skip_bad, columns=dict(config.data.columns)
     )
@@ -292,7 +301,9 @@ def open_data(config, model_dir: Path, log) -> tuple[list, pipeline.BatchBuilder
     builder = pipeline.BatchBuilder(
         sources,
         str(model_dir),
-        pipeline.PipelineConfig.from_config(config),
+        dataclasses.replace(
+            pipeline.PipelineConfig.from_config(config), query_expansion=query_expansion
+        ),
         config.train.steps,
         jax.process_index(),
         jax.process_count(),

@@ -80,17 +80,19 @@ def abstract_head(model_dir: Path, pooled: int | None = None) -> Head | None:
 
 
 def initial_head(model_dir: Path, st: STConfig, pooled: int, seed: int = 0) -> Head | None:
-    """The head a run starts from: the folder it started from's, with its weights; a sparse
-    autoencoder the run appended (``model.sparse="csr"``) starts from a random draw
-    (``seed``), as sentence-transformers' conversion does."""
+    """The head a run starts from: the folder it started from's, with its weights; layers
+    the run appended start from a random draw (``seed``), as sentence-transformers'
+    conversions do: a sparse autoencoder (``model.sparse="csr"``, after the folder's own
+    Dense layers, loaded) or a multi-vector projection (``model.multi_vector_dim``)."""
     base = base_folder(model_dir)
     base_st = read_st_config(base)
-    if not st.csr or base_st.csr:
+    if st.head == base_st.head:
         return load_head(base, st, pooled)
     head = build_head(st.head, pooled, seed)
-    loaded = load_head(base, base_st, pooled)
-    for new, old in zip(head.dense, loaded.dense if loaded is not None else (), strict=True):
-        nnx.update(new, nnx.state(old))
+    if st.csr:
+        loaded = load_head(base, base_st, pooled)
+        for new, old in zip(head.dense, loaded.dense if loaded is not None else (), strict=True):
+            nnx.update(new, nnx.state(old))
     return head
 
 

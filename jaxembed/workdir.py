@@ -28,7 +28,7 @@ from pathlib import Path
 from jaxembed import checkpoint, hf
 from jaxembed.files import atomic_dir, is_url, local_copy, run_path, upload_dir
 from jaxembed.hf.io import ModelFolderError
-from jaxembed.hf.sentence_transformers import read_st_config, sparse_settings, write_st_config
+from jaxembed.hf.sentence_transformers import output_settings, read_st_config, write_st_config
 from jaxembed.models.pooling import SPLADE
 from jaxembed.run_log import METRICS
 from jaxembed.tokenizer import append_eos, load_tokenizer
@@ -39,9 +39,7 @@ PARAMETERS = "parameters.txt"
 # --- the run's model folder -------------------------------------------------------------------
 
 
-def prepare_model_dir(
-    source: str, target, pooling: str = "", sparse: str = "none", csr: tuple = ()
-) -> Path:
+def prepare_model_dir(source: str, target, pooling: str = "", **output) -> Path:
     """The run's own copy of the backbone's non-weight files (config, tokenizer, ST files).
 
     A resumed run, the exporter and `jaxembed.load(workdir)` read this copy, so the original
@@ -49,10 +47,10 @@ def prepare_model_dir(
     else the folder's own) the copied tokenizer is saved appending EOS (`tokenizer.append_eos`),
     so the data pipeline, evaluation and the exported folder all tokenize the same way.
     ``target`` may be a bucket folder: built locally, then uploaded, config.json last.
-    ``sparse`` (``model.sparse``) makes the run a sparse one: "csr" appends an autoencoder
-    of ``csr`` = ``(hidden_dim, k, k_aux, dead_threshold)`` (`hf.sentence_transformers.
-    csr_layer`) to a dense model, "splade" pools the MLM head's logits (a folder that is
-    already sparse keeps its own).
+    ``output`` (`config.output_type`) makes the run another model type (`hf.
+    sentence_transformers.output_settings`): ``sparse="csr"`` appends an autoencoder to a
+    dense model, ``"splade"`` pools the MLM head's logits, ``multi_vector=(dim, expansion)``
+    keeps every token (a folder already of the type keeps its own).
     """
     if (target / "config.json").exists():
         return target
@@ -62,15 +60,15 @@ def prepare_model_dir(
     hf.read_config(src)  # fails early, naming the folder, if it is not a model folder
     if is_url(target):
         with tempfile.TemporaryDirectory() as tmp:
-            _copy_model_files(src, Path(tmp), pooling, sparse, csr)
+            _copy_model_files(src, Path(tmp), pooling, output)
             upload_dir(Path(tmp), target, last="config.json")
         return target
     with atomic_dir(target) as tmp:
-        _copy_model_files(src, tmp, pooling, sparse, csr)
+        _copy_model_files(src, tmp, pooling, output)
     return target
 
 
-def _copy_model_files(src: Path, tmp: Path, pooling: str, sparse: str, csr: tuple) -> None:
+def _copy_model_files(src: Path, tmp: Path, pooling: str, output: dict) -> None:
     for item in src.iterdir():
         if item.name in hf.io.WEIGHT_FILES or item.suffix in (".safetensors", ".bin", ".pt"):
             continue
@@ -87,7 +85,7 @@ def _copy_model_files(src: Path, tmp: Path, pooling: str, sparse: str, csr: tupl
         "has_pooler": hf.has_pooler(fam, tensors),
     }
     hf_cfg, source_st = hf.read_config(src), read_st_config(tmp)
-    st = sparse_settings(source_st, sparse, csr, hf_cfg["hidden_size"])
+    st = output_settings(source_st, hf_cfg["hidden_size"], **output)
     if st.pooling == SPLADE:
         if not hf.has_mlm_head(hf_cfg, tensors):
             raise ModelFolderError(
@@ -96,7 +94,7 @@ def _copy_model_files(src: Path, tmp: Path, pooling: str, sparse: str, csr: tupl
                 "BERT, RoBERTa or XLM-R has one; for a dense model use model.sparse=csr)"
             )
         info["mlm_head"] = True
-    if st != source_st:  # the run's own sparse settings (configurations: weights are the run's)
+    if st != source_st:  # the run's own model type (configurations: weights are the run's)
         write_st_config(tmp, st, hf_cfg["hidden_size"], weights=False)
     (tmp / "jaxembed.json").write_text(json.dumps(info, indent=2))
     if (pooling or read_st_config(tmp).pooling) == "lasttoken":

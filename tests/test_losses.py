@@ -7,7 +7,7 @@ import pytest
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxembed import losses
+from jaxembed import losses, search
 
 B, K, D = 8, 3, 16
 LOSSES = {
@@ -583,8 +583,8 @@ def _ref_token_losses(x, m, batch, t):
 
 
 def _token_losses_fn(x, m, masks, t):
-    q = losses.token_sets(x["q"], m["q"], query=True)
-    p, n = (losses.token_sets(x[s], m[s], query=False) for s in "pn")
+    q = search.token_sets(x["q"], m["q"], query=True)
+    p, n = (search.token_sets(x[s], m[s], query=False) for s in "pn")
     kw = dict(temperature=t, reduce=False, **masks)
     return {
         "joint": losses.retrieval_loss(q, p, n, **kw),
@@ -605,7 +605,7 @@ def test_late_interaction_losses_match_a_float64_reference(monkeypatch):
     with jax.enable_x64(True):
         masks = _masks(batch, True)
         got = _token_losses(x, m, masks, 0.05)
-        monkeypatch.setattr(losses, "MAXSIM_CHUNK", 3)
+        monkeypatch.setattr(search, "MAXSIM_CHUNK", 3)
         chunked = jax.jit(lambda *a: _token_losses_fn(*a))(x, m, masks, 0.05)  # a new trace
     want = _ref_token_losses(x, m, batch, 0.05)
     for name in want:

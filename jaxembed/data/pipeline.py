@@ -40,7 +40,7 @@ import numpy as np
 
 from jaxembed import config as config_lib
 from jaxembed.packing import bucket, fill, pack_rows, text_hash
-from jaxembed.tokenizer import load_tokenizer
+from jaxembed.tokenizer import expand_queries, load_tokenizer
 
 _DATA = config_lib.default_config().data  # the defaults live in jaxembed.config, once
 
@@ -104,6 +104,9 @@ class PipelineConfig:
     query_prefix: str = _DATA.query_prefix
     passage_prefix: str = _DATA.passage_prefix
     instruction_template: str = _DATA.instruction_template
+    # A multi-vector model's query expansion (the run folder's, not config.data's): queries
+    # padded with the mask token to this many tokens (`tokenizer.expand_queries`); 0: none.
+    query_expansion: int = 0
 
     @classmethod
     def from_config(cls, config) -> PipelineConfig:
@@ -421,6 +424,8 @@ class BatchBuilder:
         ]
         texts = [self.query_text(r, g) for r, g in zip(records, rngs, strict=True)]
         q_ids = self._tokenize(texts, cfg.max_query_length)
+        if cfg.query_expansion:
+            q_ids = expand_queries(q_ids, cfg.query_expansion, self.tokenizer)
         p_ids = self._tokenize(
             [cfg.passage_prefix + r["positive"] for r in records], cfg.max_passage_length
         )

@@ -5,9 +5,11 @@
 ``Normalize`` modules after pooling (`jaxembed.models.head`), ``sentence_bert_config.json``
 and ``config_sentence_transformers.json``; `load_head` reads the Dense weights;
 `write_st_config` writes it all back in the same module layout (the exporter,
-`jaxembed.convert`). A pipeline we cannot reproduce exactly (a module we do not know,
-several pooling modes concatenated, a Dense on token embeddings) is an error, never a
-silent difference.
+`jaxembed.convert`). A ``MultiVectorEncoder`` folder (Transformer -> Dense on token
+embeddings -> MultiVectorMask -> Normalize, ColBERT's query expansion in the Transformer's
+settings) reads as pooling `TOKENS`. A pipeline we cannot reproduce exactly (a module we do
+not know, several pooling modes concatenated, a skiplist) is an error, never a silent
+difference.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import numpy as np
 from jaxembed.files import atomic_write_text
 from jaxembed.hf.io import WeightsError, read_weights, write_safetensors
 from jaxembed.models.head import SPARSE, Head, HeadLayer, build_head, check_chain
-from jaxembed.models.pooling import POOLING_MODES, SPLADE
+from jaxembed.models.pooling import POOLING_MODES, SPLADE, TOKENS
 from jaxembed.models.sparse import STATS
 
 _LEGACY_POOLING = {
@@ -35,10 +37,13 @@ _LEGACY_POOLING = {
 }
 _SUPPORTED_MODULES = (
     "Transformer", "MLMTransformer", "Pooling", "SpladePooling", "Dense", "Normalize",
-    "SparseAutoEncoder",
+    "SparseAutoEncoder", "MultiVectorMask",
 )  # fmt: skip
 _SPLADE_TYPE = "sentence_transformers.sparse_encoder.modules.SpladePooling"
 _SPARSE_TYPE = "sentence_transformers.sparse_encoder.modules.SparseAutoEncoder"
+_MASK_TYPE = "sentence_transformers.multi_vector_encoder.modules.MultiVectorMask"
+# sentence-transformers' names for a module's input: one vector per text, or per token.
+_TEXT, _TOKEN = "sentence_embedding", "token_embeddings"
 # sentence-transformers writes the activation's class path; these are the ones we compute.
 _TORCH_ACTIVATIONS = {
     "torch.nn.modules.linear.Identity": "identity",
@@ -67,6 +72,9 @@ class STConfig:
     head: tuple[HeadLayer, ...] = ()
     head_dirs: tuple[str, ...] = ()
     normalize: bool = False
+    # A multi-vector model's query expansion (ColBERT): every query cut or padded with the
+    # mask token to this many tokens, all attended and scored (0: none).
+    query_expansion: int = 0
 
     @property
     def has_weights(self) -> bool:
@@ -84,8 +92,15 @@ class STConfig:
         return self.pooling == SPLADE or self.csr
 
     @property
+    def multi_vector(self) -> bool:
+        """A multi-vector (late-interaction) model: a vector per token, scored by MaxSim."""
+        return self.pooling == TOKENS
+
+    @property
     def model_class(self) -> str:
         """The sentence-transformers class that loads the folder."""
+        if self.multi_vector:
+            return "MultiVectorEncoder"
         return "SparseEncoder" if self.sparse else "SentenceTransformer"
 
     def output_dim(self, pooled: int, vocab_size: int = 0) -> int:
@@ -144,6 +159,7 @@ def read_st_config(path: str | Path) -> STConfig:
         cfg = _read_json(bert_cfg)
         st.max_seq_length = cfg.get("max_seq_length")
         st.do_lower_case = bool(cfg.get("do_lower_case", False))
+        st.query_expansion = _query_expansion(cfg, bert_cfg)
     st_cfg = path / "config_sentence_transformers.json"
     if st_cfg.exists():
         cfg = _read_json(st_cfg)
@@ -154,7 +170,8 @@ def read_st_config(path: str | Path) -> STConfig:
 
 def _read_modules(path: Path, modules_file: Path, st: STConfig) -> None:
     """Fills ``st`` from ``modules.json``: Transformer, Pooling, then Dense / Normalize,
-    and a SparseAutoEncoder last."""
+    and a SparseAutoEncoder last; or a multi-vector model's Transformer, Dense layers on
+    token embeddings, MultiVectorMask and Normalize."""
     head, dirs, pooled = [], [], False
     for module in _read_json(modules_file):
         kind = module["type"].rsplit(".", 1)[-1]
@@ -164,6 +181,8 @@ def _read_modules(path: Path, modules_file: Path, st: STConfig) -> None:
                 f"{modules_file}: module {module['type']!r} is not supported "
                 f"(supported: {', '.join(_SUPPORTED_MODULES)})"
             )
+        if kind in ("SpladePooling", "Pooling") and head:
+            raise ValueError(f"{where}: after a Dense on token embeddings (unsupported)")
         if kind == "SpladePooling":
             st.pooling, pooled = _splade_pooling(path / module["path"] / "config.json"), True
         elif kind == "Pooling":
@@ -172,8 +191,12 @@ def _read_modules(path: Path, modules_file: Path, st: STConfig) -> None:
             st.pooling = _pooling_mode(pool_cfg, pool_file)
             st.include_prompt = bool(pool_cfg.get("include_prompt", True))
             pooled = True
+        elif kind == "MultiVectorMask":
+            _check_mask(path / module["path"] / "config.json")
+            st.pooling, pooled = TOKENS, True
         elif kind in ("Dense", "Normalize", "SparseAutoEncoder"):
-            if not pooled:
+            tokens = _input_name(path / module["path"] / "config.json") == _TOKEN
+            if not pooled and not (kind == "Dense" and tokens):
                 raise ValueError(f"{where}: comes before Pooling (token-level heads unsupported)")
             if kind == "Normalize":
                 head.append(HeadLayer("normalize"))
@@ -182,12 +205,46 @@ def _read_modules(path: Path, modules_file: Path, st: STConfig) -> None:
             read = _dense_layer if kind == "Dense" else _sparse_layer
             head.append(read(path / module["path"]))
             dirs.append(module["path"])
+    if head and not pooled:
+        raise ValueError(f"{modules_file}: Dense layers on token embeddings without a "
+                         "MultiVectorMask (a MultiVectorEncoder's); unsupported")  # fmt: skip
     # A final Normalize is the `normalize` flag; the rest is the head.
     st.normalize = bool(head) and head[-1].kind == "normalize"
     if st.normalize:
         head, dirs = head[:-1], dirs[:-1]
     check_chain(head)
     st.head, st.head_dirs = tuple(head), tuple(dirs)
+
+
+def _input_name(cfg_file: Path) -> str:
+    """A module's ``module_input_name``: one vector per text, or per token."""
+    return _read_json(cfg_file).get("module_input_name", _TEXT) if cfg_file.exists() else _TEXT
+
+
+def _check_mask(cfg_file: Path) -> None:
+    """A MultiVectorMask that scores every real token (no skiplist, no allowlist)."""
+    cfg = _read_json(cfg_file) if cfg_file.exists() else {}
+    for key in ("skiplist_words", "keep_only_token_ids"):
+        if cfg.get(key):
+            raise ValueError(f"{cfg_file}: {key}={cfg[key]!r}; supported: none (every token)")
+
+
+def _query_expansion(cfg: dict, cfg_file: Path) -> int:
+    """The Transformer's ``query_expansion`` as its length (0: none); only ColBERT's fixed
+    width with the expansion tokens attended, by the tokenizer's mask token."""
+    for key in ("query_length", "document_length"):
+        if cfg.get(key) is not None:
+            raise ValueError(f"{cfg_file}: {key}={cfg[key]!r}; supported: null (max_seq_length)")
+    qe = cfg.get("query_expansion")
+    if qe is None:
+        return 0
+    got = (qe.get("strategy"), qe.get("attend", False), qe.get("token"))
+    if got[:2] != ("fixed", True) or got[2] is not None or not qe.get("length"):
+        raise ValueError(
+            f"{cfg_file}: query_expansion {qe}; supported: strategy fixed, attend true, token "
+            "null (the mask token), a length"
+        )
+    return int(qe["length"])
 
 
 def _splade_pooling(cfg_file: Path) -> str:
@@ -205,9 +262,10 @@ def _dense_layer(folder: Path) -> HeadLayer:
     """A ``Dense`` module's config (``N_Dense/config.json``) as a `HeadLayer`."""
     cfg_file = folder / "config.json"
     cfg = _read_json(cfg_file)
-    for key in ("module_input_name", "module_output_name"):
-        if cfg.get(key, "sentence_embedding") != "sentence_embedding":
-            raise ValueError(f"{cfg_file}: {key}={cfg[key]!r}; supported: sentence_embedding")
+    names = {cfg.get(key, _TEXT) for key in ("module_input_name", "module_output_name")}
+    if names not in ({_TEXT}, {_TOKEN}):
+        raise ValueError(f"{cfg_file}: module_input_name and module_output_name {sorted(names)}; "
+                         f"supported: both {_TEXT} or both {_TOKEN}")  # fmt: skip
     act = cfg.get("activation_function", "torch.nn.modules.activation.Tanh")
     if act not in _TORCH_ACTIVATIONS:
         raise ValueError(
@@ -319,10 +377,25 @@ def csr_layer(
     )
 
 
-def sparse_settings(st: STConfig, sparse: str, csr: tuple, hidden_size: int) -> STConfig:
-    """The sentence-transformers settings of a run with ``model.sparse`` = ``sparse``
-    started from a folder with ``st``: SPLADE pooling, or the folder's head, a Normalize
-    and `csr_layer` (``csr``: its sizes), or ``st`` itself (dense, or already sparse)."""
+def output_settings(
+    st: STConfig, hidden_size: int, sparse: str = "none", csr: tuple = (), multi_vector=(0, 0)
+) -> STConfig:
+    """The sentence-transformers settings of a run started from a folder with ``st``, per
+    the model type its config asks for: ``sparse`` (``model.sparse``) SPLADE pooling, or the
+    folder's head, a Normalize and `csr_layer` (``csr``: its sizes); ``multi_vector`` =
+    (``model.multi_vector_dim``, ``model.query_expansion``) a MultiVectorEncoder: every
+    token's last hidden state through a bias-free Dense to that many dimensions, normalised
+    (sentence-transformers' default head). A folder already of the asked type keeps its own
+    (a multi-vector one takes a new query expansion); without either, ``st`` itself."""
+    dim, expansion = multi_vector
+    if expansion and not (dim or st.multi_vector):
+        raise ValueError("model.query_expansion is ColBERT's: it needs model.multi_vector_dim")
+    if dim and not st.multi_vector:
+        head = (HeadLayer("dense", hidden_size, dim, bias=False),)
+        return dataclasses.replace(st, pooling=TOKENS, head=head, head_dirs=("1_Dense",),
+                                   normalize=True, query_expansion=expansion)  # fmt: skip
+    if st.multi_vector:
+        return dataclasses.replace(st, query_expansion=expansion or st.query_expansion)
     if sparse == "splade" and st.pooling != SPLADE:
         return dataclasses.replace(st, pooling=SPLADE, head=(), head_dirs=(), normalize=False)
     if sparse == "csr" and not st.sparse:
@@ -392,6 +465,8 @@ def write_st_config(
     path = Path(path)
     if st.pooling == SPLADE:
         return _write_splade(path, st)
+    if st.multi_vector:
+        return _write_multi_vector(path, st, head if weights else None)
     if st.pooling not in POOLING_MODES:
         raise ValueError(f"pooling {st.pooling!r}; supported: {list(POOLING_MODES)}")
     if weights and st.has_weights and head is None:
@@ -453,8 +528,54 @@ def _st_settings(st: STConfig) -> dict:
         "model_type": st.model_class,
         "prompts": dict(st.prompts),
         "default_prompt_name": st.default_prompt_name,
-        "similarity_fn_name": "dot" if st.sparse else "cosine",
+        "similarity_fn_name": "maxsim" if st.multi_vector else "dot" if st.sparse else "cosine",
     }
+
+
+def _write_multi_vector(path: Path, st: STConfig, head: Head | None) -> list[str]:
+    """A MultiVectorEncoder's files, as sentence-transformers 6 saves them: the Transformer's
+    token embeddings (with its query expansion), the Dense layers on them, MultiVectorMask
+    (every real token scored) and Normalize; the Dense weights with ``head``."""
+    if st.head_dirs != tuple(f"{i + 1}_Dense" for i in range(len(st.head))) or not all(
+        x.kind == "dense" for x in st.head
+    ):
+        raise ValueError(f"a multi-vector head of Dense layers only; got {st.describe_head()}")
+    n = len(st.head)
+    names = ["", *st.head_dirs, f"{n + 1}_MultiVectorMask", f"{n + 2}_Normalize"]
+    types = ["sentence_transformers.base.modules.transformer.Transformer"]
+    types += ["sentence_transformers.base.modules.dense.Dense"] * n
+    types += [_MASK_TYPE, "sentence_transformers.base.modules.normalize.Normalize"]
+    modules = enumerate(zip(names, types, strict=True))
+    _write_json(
+        path / "modules.json",
+        [{"idx": i, "name": str(i), "path": d, "type": t} for i, (d, t) in modules],
+    )
+    written = ["modules.json"]
+    for layer, folder, module in zip(st.head, st.head_dirs, head.dense if head else [None] * n,
+                                     strict=True):  # fmt: skip
+        written += _write_dense(path / folder, layer, module, folder, _TOKEN)
+    mask = {"skiplist_words": [], "skiplist_tasks": ["document"], "keep_only_token_ids": None}
+    _write_json(path / names[-2] / "config.json", mask)
+    _write_json(path / names[-1] / "config.json", {"module_input_name": _TOKEN,
+                                                   "module_output_name": _TOKEN})  # fmt: skip
+    expansion = None
+    if st.query_expansion:
+        expansion = {"strategy": "fixed", "attend": True, "token": None,
+                     "length": st.query_expansion}  # fmt: skip
+    transformer = {
+        "transformer_task": "feature-extraction",
+        "modality_config": {"text": {"method": "forward",
+                                     "method_output_name": "last_hidden_state"}},
+        "module_output_name": _TOKEN,
+        "query_expansion": expansion,
+        "do_lower_case": st.do_lower_case,
+    }  # fmt: skip
+    if st.max_seq_length is not None:
+        transformer["max_seq_length"] = int(st.max_seq_length)
+    _write_json(path / "sentence_bert_config.json", transformer)
+    _write_json(path / "config_sentence_transformers.json", _st_settings(st))
+    written += [f"{d}/config.json" for d in names[-2:]]
+    return [*written, "sentence_bert_config.json", "config_sentence_transformers.json"]
 
 
 def _write_splade(path: Path, st: STConfig) -> list[str]:
@@ -478,15 +599,18 @@ def _write_splade(path: Path, st: STConfig) -> list[str]:
             "config_sentence_transformers.json"]  # fmt: skip
 
 
-def _write_dense(folder: Path, layer: HeadLayer, module, name: str) -> list[str]:
+def _write_dense(folder: Path, layer: HeadLayer, module, name: str, on=_TEXT) -> list[str]:
     """One Dense module's ``config.json`` and ``model.safetensors`` (PyTorch layouts; the
-    configuration only without ``module``)."""
+    configuration only without ``module``); ``on`` what it maps (each text's vector, or
+    each token's)."""
     cfg = {
         "in_features": layer.in_features,
         "out_features": layer.out_features,
         "bias": layer.bias,
         "activation_function": _ACTIVATION_PATHS[layer.activation],
     }
+    if on == _TOKEN:  # the default (a text's) is omitted, as sentence-transformers does
+        cfg.update(module_input_name=_TOKEN, module_output_name=_TOKEN)
     if layer.residual:  # omitted when False, as sentence-transformers does for old readers
         cfg["use_residual"] = True
     _write_json(folder / "config.json", cfg)
