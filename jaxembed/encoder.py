@@ -282,12 +282,7 @@ class Encoder:
                 out[text] = emb[row][seg[row] == segment + 1]
         if not padded:
             return out
-        width = expansion or limit
-        tokens = np.zeros((len(out), width, self.dim), np.float32)
-        real = np.zeros((len(out), width), bool)
-        for i, x in enumerate(out):
-            tokens[i, : len(x)], real[i, : len(x)] = x, True
-        return np.asarray(search.token_sets(tokens, real, query=query))
+        return search.padded_tokens(out, query, width=expansion or limit)
 
     def batches(
         self, ids: list[list[int]], batch_size: int, max_length: int | None = None

@@ -42,7 +42,7 @@ from jaxembed.beir import EvalDataError, load_beir
 from jaxembed.encoder import Encoder
 from jaxembed.hf.sentence_transformers import DOC_PROMPTS, QUERY_PROMPTS, pick_prompt
 from jaxembed.models.sparse import active_dims
-from jaxembed.search import sparse_top_k, top_k
+from jaxembed.search import padded_tokens, sparse_top_k, top_k
 
 METRICS = ("ndcg@10", "mrr@10", "map@100", "recall@1", "recall@10", "recall@100")
 # Where MTEB stores the same numbers in its result files.
@@ -103,7 +103,8 @@ def evaluate_beir(
     rescore_multiplier: int = 4,
     sparse: bool = False,
 ) -> dict:
-    """Encodes a BEIR set with the two callables (texts -> unit vectors) and scores it.
+    """Encodes a BEIR set with the two callables (texts -> unit vectors, or a multi-vector
+    model's token vectors, `search.token_sets`'s layout, scored by MaxSim) and scores it.
 
     ``data`` may pass an already loaded `load_beir` result (the training loop keeps it).
     Returns the `METRICS` and the query and document counts; with ``quantization``
@@ -130,9 +131,10 @@ def evaluate_beir(
     if sparse:
         out.update(zip(SPARSITY, (active_dims(q), active_dims(d)), strict=True))
     if quantization != "none":
-        if scipy.sparse.issparse(d):
+        if scipy.sparse.issparse(d) or d.ndim == 3:
+            kind = "multi-vector" if d.ndim == 3 else "sparse"
             raise ValueError(
-                f"--quantization {quantization}: a sparse model's vectors are not quantized"
+                f"--quantization {quantization}: a {kind} model's vectors are not quantized"
             )
         if quantization == "int8" and ranges is None:
             ranges = quantization_lib.int8_ranges(d)
@@ -174,9 +176,10 @@ def reuse_last(encode: EncodeFn) -> EncodeFn:
 
 
 def _check_embeddings(x: np.ndarray, n: int, what: str) -> np.ndarray:
+    """Vectors (n, dim), a sparse model's matrix, or token vectors (n, length, dim)."""
     sparse = scipy.sparse.issparse(x)
     x = scipy.sparse.csr_matrix(x, dtype=np.float32) if sparse else np.asarray(x, np.float32)
-    if x.ndim != 2 or x.shape[0] != n:
+    if x.ndim not in (2, 3) or x.shape[0] != n:
         raise ValueError(f"encoding the {what}: expected {n} rows, got shape {x.shape}")
     if not np.isfinite(x.data if sparse else x).all():
         raise FloatingPointError(f"encoding the {what}: non-finite embeddings")
@@ -203,6 +206,19 @@ def is_sparse(model) -> bool:
     return getattr(model, "sparse", False) is True or type(model).__name__ == "SparseEncoder"
 
 
+def encode_fn(
+    encoder, prompt: str, *, query: bool, batch_size: int, max_length: int | None = None
+) -> EncodeFn:
+    """texts -> what the search takes from a `jaxembed.Encoder`: unit vectors, a sparse
+    model's sparse matrix, a multi-vector model's token vectors in `search.token_sets`'s
+    layout (``query``: expanded and laid out as queries)."""
+    kw = dict(batch_size=batch_size, prompt=prompt, max_length=max_length)
+    if encoder.multi_vector:
+        return lambda texts: encoder.encode_tokens(texts, query=query, padded=True, **kw)
+    sparse = is_sparse(encoder)  # kept as sparse matrices
+    return lambda texts: encoder.encode(texts, as_sparse=sparse, **kw)
+
+
 def encoder_fns(
     encoder, query_prompt: str | None = None, doc_prompt: str | None = None, batch_size: int = 32
 ) -> tuple[EncodeFn, EncodeFn, dict]:
@@ -213,16 +229,11 @@ def encoder_fns(
     """
     q_text = pick_prompt(encoder.prompts, query_prompt, QUERY_PROMPTS, encoder.name)
     d_text = pick_prompt(encoder.prompts, doc_prompt, DOC_PROMPTS, encoder.name)
-
-    sparse = is_sparse(encoder)  # kept as sparse matrices
-
-    def queries(texts):
-        return encoder.encode(texts, batch_size=batch_size, prompt=q_text, as_sparse=sparse)
-
-    def docs(texts):
-        return encoder.encode(texts, batch_size=batch_size, prompt=d_text, as_sparse=sparse)
-
-    return queries, docs, {"query": q_text, "document": d_text}
+    return (
+        encode_fn(encoder, q_text, query=True, batch_size=batch_size),
+        encode_fn(encoder, d_text, query=False, batch_size=batch_size),
+        {"query": q_text, "document": d_text},
+    )
 
 
 def st_encoder_fns(
@@ -233,7 +244,13 @@ def st_encoder_fns(
     q_text = pick_prompt(prompts, query_prompt, QUERY_PROMPTS)
     d_text = pick_prompt(prompts, doc_prompt, DOC_PROMPTS)
 
-    def run(texts, prompt):
+    def run(texts, prompt, query=False):
+        if type(model).__name__ == "MultiVectorEncoder":  # token vectors, laid out as ours
+            encode = model.encode_query if query else model.encode_document
+            out = encode(texts, prompt=prompt, batch_size=batch_size)
+            # Documents as wide as the longest allowed: every call alike (`reuse_last`).
+            width = 0 if query else model.max_seq_length or 0
+            return padded_tokens([x.float().numpy() for x in out], query, width)
         if is_sparse(model):  # a SparseEncoder: its sparse tensor as a scipy matrix
             out = model.encode(texts, prompt=prompt, batch_size=batch_size, convert_to_tensor=True)
             out = out.to_sparse_coo().coalesce()
@@ -242,7 +259,7 @@ def st_encoder_fns(
         return model.encode(texts, prompt=prompt, batch_size=batch_size, normalize_embeddings=True)
 
     return (
-        lambda t: run(t, q_text),
+        lambda t: run(t, q_text, query=True),
         lambda t: run(t, d_text),
         {"query": q_text, "document": d_text},
     )
@@ -328,14 +345,9 @@ class Evaluator:
             # on its own mesh; the parameters stay where training keeps them.
             on_mesh(enc, mesh)
 
-        def queries(texts):
-            return enc.encode(texts, batch_size=self.batch_size, prompt=self.query_prompt,
-                              max_length=self.q_len, as_sparse=self.sparse)  # fmt: skip
-
-        def docs(texts):
-            return enc.encode(texts, batch_size=self.batch_size, prompt=self.passage_prompt,
-                              max_length=self.p_len, as_sparse=self.sparse)  # fmt: skip
-
+        b = self.batch_size
+        queries = encode_fn(enc, self.query_prompt, query=True, batch_size=b, max_length=self.q_len)
+        docs = encode_fn(enc, self.passage_prompt, query=False, batch_size=b, max_length=self.p_len)
         docs = reuse_last(docs)  # sets sharing a corpus encode it once
         q = self.quantization
         per_set = {

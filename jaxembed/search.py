@@ -65,6 +65,18 @@ def token_sets(tokens: jax.Array, mask: jax.Array, *, query: bool) -> jax.Array:
     return jnp.where(mask[..., None], tokens, jnp.take_along_axis(tokens, first, axis=-2))
 
 
+def padded_tokens(texts: Sequence[np.ndarray], query: bool, width: int = 0) -> np.ndarray:
+    """Texts' token vectors (each (tokens, D)) as one (n, width, D) array in `token_sets`'s
+    layout (``width``: at least the longest text's tokens; 0: exactly that)."""
+    width = max(width, *(len(x) for x in texts), 1)
+    dim = texts[0].shape[-1] if len(texts) else 1
+    tokens = np.zeros((len(texts), width, dim), np.float32)
+    real = np.zeros((len(texts), width), bool)
+    for i, x in enumerate(texts):
+        tokens[i, : len(x)], real[i, : len(x)] = x, True
+    return np.asarray(token_sets(tokens, real, query=query))
+
+
 def all_pairs(a: jax.Array, b: jax.Array) -> jax.Array:
     """[A, B] similarities of every a_i with every b_j: dot products of one vector per
     text, MaxSim of token vectors."""
