@@ -9,6 +9,7 @@ settings (prompts, pooling, normalisation, lengths) that reproduce the trained e
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -122,14 +123,12 @@ def trained_st_config(ckpt: Checkpoint, model_config) -> STConfig:
     data = ckpt.config.get("data", {})
     trained_len = max(data.get("max_query_length", 0), data.get("max_passage_length", 0))
     max_len = source.max_seq_length or min(trained_len, model_config.max_tokens) or None
-    return STConfig(
+    return dataclasses.replace(  # the rest (head, lower case, query expansion) as the run's
+        source,
         pooling=ckpt.meta["pooling"],
         include_prompt=bool(ckpt.meta.get("include_prompt", True)),
         max_seq_length=max_len,
-        do_lower_case=source.do_lower_case,
         prompts=trained_prompts(ckpt.meta),
         default_prompt_name=None,
-        head=source.head,
-        head_dirs=source.head_dirs,
         normalize=not source.sparse,
     )

@@ -1,0 +1,119 @@
+"""Multi-vector (late-interaction, ColBERT) models: trained, evaluated by exact MaxSim,
+resumed, exported as sentence-transformers' MultiVectorEncoder and loaded back there.
+
+The loss's MaxSim against a float64 reference is in test_losses, the step on the mesh with
+GradCache, packing and distillation in test_train_step."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from helpers import assert_close
+
+QUERIES = ["what installs packages", "a longer query about the debian package manager and its tools"]
+DOCS = ["apt installs packages.", "dpkg is the low-level tool under apt", "x"]
+
+
+@pytest.fixture(scope="module")
+def colbert_runs(train_setup, tmp_path_factory):
+    """A 16-dimension token projection on the tiny BERT, queries expanded to 16 tokens,
+    prompts as markers; four steps straight, and a copy cut back to its step 2 and resumed."""
+    from trainrun import tiny_config
+
+    from jaxembed import train
+
+    base = tmp_path_factory.mktemp("colbert")
+
+    def config():
+        return tiny_config(
+            train_setup, steps=4, model__multi_vector_dim=16, model__query_expansion=16,
+            data__query_prefix="[Q] ", data__passage_prefix="[D] ", loss__temperature=1.0,
+            ckpt__every=2, data__train=train_setup[2][:1],
+        )  # fmt: skip
+
+    straight = train.main(config(), base / "straight")
+    shutil.copytree(base / "straight", base / "resumed")
+    shutil.rmtree(base / "resumed" / "checkpoints" / "4")  # steps 3 and 4 train again
+    assert train.main(config(), base / "resumed")["step"] == 4
+    return base, straight
+
+
+def test_a_multi_vector_run_trains_evaluates_and_resumes_exactly(colbert_runs):
+    from trainrun import read_losses
+
+    base, straight = colbert_runs
+    assert straight["after"]["eval/ndcg@10"] > 0
+    assert straight["after"]["eval/ndcg@10"] != straight["before"]["eval/ndcg@10"]
+    assert_close(read_losses(base / "resumed"), read_losses(base / "straight"), tol=1e-6,
+                 what="loss at step ")  # fmt: skip
+
+
+def test_the_export_is_a_multi_vector_encoder_with_our_tokens_and_scores(
+    colbert_runs, train_setup, tmp_path
+):
+    """sentence-transformers 6's MultiVectorEncoder loads the export: its query tokens
+    (markers, expansion to 16) and document tokens, and its MaxSim scores, are ours (the
+    run's and the exported folder's through jaxembed.load); `jaxembed.evaluate` gives the
+    same metrics through either backend."""
+    from sentence_transformers import MultiVectorEncoder
+
+    import jaxembed
+    from jaxembed import convert, evaluate, search
+    from jaxembed.hf.sentence_transformers import read_st_config
+
+    base, _ = colbert_runs
+    out = tmp_path / "export"
+    assert convert.main(["--checkpoint", str(base / "straight"), "--out", str(out)]) == 0
+    st = read_st_config(out)
+    assert st.multi_vector and st.query_expansion == 16 and st.normalize
+    assert [(x.kind, x.in_features, x.out_features, x.bias) for x in st.head] == [
+        ("dense", 32, 16, False)
+    ]
+    cfg = json.loads((out / "config_sentence_transformers.json").read_text())
+    assert cfg["model_type"] == "MultiVectorEncoder" and cfg["similarity_fn_name"] == "maxsim"
+    assert cfg["prompts"] == {"query": "[Q] ", "document": "[D] "}
+    ours = jaxembed.load(base / "straight")
+    q = ours.encode_tokens(QUERIES, "query", query=True)
+    d = ours.encode_tokens(DOCS, "document")
+    assert [len(x) for x in q] == [16, 16] and all(x.shape[1] == 16 for x in d)
+    exported = jaxembed.load(out)
+    for a, b in zip(exported.encode_tokens(QUERIES, "query", query=True), q, strict=True):
+        assert_close(a, b)
+    ref = MultiVectorEncoder(str(out), device="cpu")
+    theirs_q, theirs_d = ref.encode_query(QUERIES), ref.encode_document(DOCS)
+    for a, b in zip([*theirs_q, *theirs_d], [*q, *d], strict=True):
+        assert a.shape == b.shape
+        assert_close(a.numpy(), b)
+    scores = np.asarray(search.maxsim(search.padded_tokens(q, True), search.padded_tokens(d, False)))
+    assert_close(ref.similarity(theirs_q, theirs_d).numpy(), scores)
+    assert scores.shape == (2, 3) and (scores > 0).all()
+    card = (out / "README.md").read_text()
+    assert "MultiVectorEncoder(" in card
+    dev = ["--data", str(train_setup[3]), "--model", str(out)]
+    jax_side = evaluate.main([*dev, "--backend", "jax"])["mean"]
+    torch_side = evaluate.main([*dev, "--backend", "sentence-transformers"])["mean"]
+    assert_close(torch_side, jax_side, tol=1e-4)
+    assert torch.is_tensor(theirs_q[0])
+
+
+def test_multi_vector_settings_are_checked_in_one_line(train_setup, tmp_path):
+    from trainrun import tiny_config
+
+    from jaxembed import config as config_lib
+    from jaxembed import train
+
+    bad = tiny_config(train_setup, model__multi_vector_dim=8, model__pooling="cls")
+    with pytest.raises(ValueError, match=r"multi_vector_dim: a multi-vector model keeps every"):
+        config_lib.validate(bad)
+    with pytest.raises(ValueError, match=r"query_expansion is ColBERT's: it needs"):
+        train.main(tiny_config(train_setup, model__query_expansion=8), tmp_path / "a")
+    with pytest.raises(ValueError, match=r"max_query_length=16: queries are 8 tokens"):
+        c = tiny_config(train_setup, model__multi_vector_dim=8, model__query_expansion=8)
+        train.main(c, tmp_path / "b")
+    c = tiny_config(train_setup, model__multi_vector_dim=8, loss__quantization="binary")
+    with pytest.raises(ValueError, match=r"multi-vector model's token vectors are not quantized"):
+        train.main(c, tmp_path / "c")
