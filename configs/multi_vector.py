@@ -36,7 +36,7 @@ def get_config():
     c = load(str(RECIPE))
     c.model.multi_vector_dim = 128
     c.model.query_expansion = c.data.max_query_length = 32
-    c.data.query_buckets = ()  # every query is 32 tokens: one bucket
+    c.data.query_buckets = (32,)  # every query is 32 tokens
     c.data.query_prefix, c.data.passage_prefix = "[Q] ", "[D] "
     c.loss.temperature = 1.0
     return c

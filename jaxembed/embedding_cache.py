@@ -95,16 +95,19 @@ def encode_cached(
     batch_size: int,
     desc: str,
     progress: bool = True,
+    query: bool = False,
 ) -> tuple[list[np.ndarray], dict]:
-    """Embeddings of ``texts`` (each read with its prompt) as shards cached in ``folder``.
+    """Embeddings of ``texts`` (each read with its prompt) as shards cached in ``folder``:
+    what the search scores (`Encoder.encode_for_search`; ``query``: the texts are queries).
 
-    Returns ``(shards, info)``: ``(rows, dim)`` float32 arrays in order (memory-mapped,
+    Returns ``(shards, info)``: ``(rows, dim)`` float32 arrays in order (a multi-vector
+    model's ``(rows, tokens, dim)``, `Encoder.row_shape`) (memory-mapped,
     but for those a process other than 0 just encoded: it does not write), and
     ``{"shards", "encoded", "reused", "encoded_rows", "seconds"}``.
     ``key`` (e.g. `encoder_key`) goes into the manifest with the texts' hash: see the
     module docstring for when the folder's shards are reused.
     """
-    n, dim = len(texts), int(encoder.dim)
+    n, shape = len(texts), tuple(encoder.row_shape(query))
     writer = jax.process_index() == 0
     manifest = {
         "version": VERSION,
@@ -112,12 +115,14 @@ def encode_cached(
         "texts_sha256": texts_sha256(texts, prompts),
         "count": n,
         "shard_size": int(shard_size),
-        "dim": dim,
+        "dim": shape[-1],
     }
+    if len(shape) > 1:  # a multi-vector model's tokens per text (absent: one vector)
+        manifest["tokens"] = shape[0]
     _open_folder(folder, manifest, writer)
     rows = [min(shard_size, n - lo) for lo in range(0, n, shard_size)]
     paths = [folder / f"shard_{s:06d}.npy" for s in range(len(rows))]
-    shards = _cached_shards(paths, rows, dim)
+    shards = _cached_shards(paths, rows, shape)
     todo = [s for s, a in enumerate(shards) if a is None]
     if len(todo) < len(rows):
         log.info(
@@ -130,10 +135,11 @@ def encode_cached(
         for s in todo:
             lo = s * shard_size
             t0 = time.perf_counter()
-            emb = _encode_rows(encoder, texts, prompts, lo, lo + rows[s], dim, batch_size, bar)
+            emb = _encode_rows(encoder, texts, prompts, (lo, lo + rows[s]), shape, batch_size,
+                               bar, query)  # fmt: skip
             seconds += time.perf_counter() - t0
             if not np.isfinite(emb).all():
-                bad = lo + int(np.flatnonzero(~np.isfinite(emb).all(1))[0])
+                bad = lo + int(np.flatnonzero(~np.isfinite(emb.reshape(len(emb), -1)).all(1))[0])
                 raise FloatingPointError(f"encoding the {desc}: non-finite embedding (row {bad})")
             shards[s] = write_shard(paths[s], emb) if writer else emb
     info = {
@@ -159,8 +165,8 @@ def write_shard(path: Path, emb: np.ndarray) -> np.ndarray:
 def gather(shards: Sequence[np.ndarray], shard_size: int, idx: np.ndarray) -> np.ndarray:
     """Rows ``idx`` (global) of the concatenated shards, touching only the shards they are in."""
     idx = np.asarray(idx, np.int64)
-    dim = shards[0].shape[1] if shards else 0
-    out = np.empty((len(idx), dim), np.float32)
+    shape = shards[0].shape[1:] if shards else (0,)
+    out = np.empty((len(idx), *shape), np.float32)
     for s in np.unique(idx // shard_size):
         sel = np.flatnonzero(idx // shard_size == s)
         out[sel] = shards[int(s)][idx[sel] - int(s) * shard_size]
@@ -194,7 +200,7 @@ def _open_folder(folder: Path, manifest: dict, writer: bool) -> None:
     distributed.barrier("embedding cache manifest")
 
 
-def _cached_shards(paths: Sequence[Path], rows: Sequence[int], dim: int) -> list:
+def _cached_shards(paths: Sequence[Path], rows: Sequence[int], shape: tuple) -> list:
     """The shards already on disk (memory-mapped), None for each one to encode.
 
     A shard of the wrong shape or dtype is one a crash or another writer left behind: it
@@ -208,21 +214,22 @@ def _cached_shards(paths: Sequence[Path], rows: Sequence[int], dim: int) -> list
             arr = np.load(path, mmap_mode="r")
         except (OSError, ValueError):
             return None
-        return arr if arr.shape == (n_rows, dim) and arr.dtype == np.float32 else None
+        return arr if arr.shape == (n_rows, *shape) and arr.dtype == np.float32 else None
 
     present = [load(p, r) for p, r in zip(paths, rows, strict=True)]
     readable = distributed.gather(np.array([a is not None for a in present], bool)).all(0)
     return [a if ok else None for a, ok in zip(present, readable, strict=True)]
 
 
-def _encode_rows(encoder, texts, prompts, lo: int, hi: int, dim: int, batch_size: int, bar):
+def _encode_rows(encoder, texts, prompts, span, shape, batch_size: int, bar, query: bool):
     """Embeddings of ``texts[lo:hi]``, in calls of a few thousand texts, one per prompt.
 
     Sub-batches keep the progress bar moving; the encoder sorts texts by length within each
     call, so calls of a few thousand texts waste little padding. Grouping by prompt lets
     the encoder skip the prompt tokens when pooling, once per call.
     """
-    out = np.empty((hi - lo, dim), np.float32)
+    lo, hi = span
+    out = np.empty((hi - lo, *shape), np.float32)
     chunk = max(batch_size * 32, 1024)
     for c in range(lo, hi, chunk):
         c_hi = min(hi, c + chunk)
@@ -230,7 +237,9 @@ def _encode_rows(encoder, texts, prompts, lo: int, hi: int, dim: int, batch_size
         for j in range(c, c_hi):
             by_prompt.setdefault(prompts[j], []).append(j)
         for prompt, idx in by_prompt.items():
-            emb = encoder.encode([texts[j] for j in idx], batch_size=batch_size, prompt=prompt)
+            emb = encoder.encode_for_search(
+                [texts[j] for j in idx], prompt, query=query, batch_size=batch_size
+            )
             out[np.asarray(idx) - lo] = emb
         bar.update(c_hi - c)
     return out

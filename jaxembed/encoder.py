@@ -282,7 +282,35 @@ class Encoder:
                 out[text] = emb[row][seg[row] == segment + 1]
         if not padded:
             return out
-        return search.padded_tokens(out, query, width=expansion or limit)
+        return search.padded_tokens(out, query, self.row_shape(query, limit)[0])
+
+    def encode_for_search(
+        self,
+        texts: list[str],
+        prompt: str = "",
+        *,
+        query: bool = False,
+        batch_size: int = 32,
+        max_length: int | None = None,
+        as_sparse: bool = False,
+    ):
+        """What the search (`jaxembed.search.top_k`) scores, as evaluation and mining read
+        it: unit vectors (a sparse model's, with ``as_sparse``, a sparse matrix), or a
+        multi-vector model's token vectors padded to `row_shape` (``query``: as queries)."""
+        kw = dict(prompt=prompt, batch_size=batch_size, max_length=max_length)
+        if self.multi_vector:
+            return self.encode_tokens(texts, query=query, padded=True, **kw)
+        return self.encode(texts, as_sparse=as_sparse, **kw)
+
+    def row_shape(self, query: bool = False, max_length: int | None = None) -> tuple[int, ...]:
+        """One text's shape in `encode_for_search`'s output: (dim,), or a multi-vector
+        model's (tokens, dim), every text as long as the longest allowed."""
+        if not self.multi_vector:
+            return (self.dim,)
+        return (
+            (self.st.query_expansion if query else 0) or max_length or self.max_length,
+            self.dim,
+        )
 
     def batches(
         self, ids: list[list[int]], batch_size: int, max_length: int | None = None

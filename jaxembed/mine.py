@@ -195,7 +195,7 @@ def mine(
     data = _read_inputs(input, corpus, split, task, dataset)
     pool = mining.candidate_pool(data.corpus, data.records)
     encoder, mesh = _load_teacher(model, dtype, max_length, packing, mesh, devices)
-    mining.check_scores(rules, retrieval.is_sparse(encoder), encoder.name or model)
+    mining.check_scores(rules, retrieval.scored_by(encoder), encoder.name or model)
     q_prompt, p_prompt = _prompts(
         encoder, query_prompt, passage_prompt, query_prefix, passage_prefix
     )
@@ -214,7 +214,14 @@ def mine(
         encoder, pool.texts, d_prompts, cache / "corpus", key, desc="corpus", **enc_kw
     )
     q_shards, q_info = encode_cached(
-        encoder, queries.texts, queries.prompts, cache / "queries", key, desc="queries", **enc_kw
+        encoder,
+        queries.texts,
+        queries.prompts,
+        cache / "queries",
+        key,
+        desc="queries",
+        query=True,
+        **enc_kw,
     )
 
     top_k = min(rules.top_k, len(pool.texts))

@@ -39,6 +39,7 @@ import numpy as np
 
 from jaxembed.beir import EvalDataError, corpus_text
 from jaxembed.packing import text_hash
+from jaxembed.search import paired
 
 SAMPLING = ("top", "random")
 TOO_FEW = ("keep", "drop")
@@ -136,12 +137,14 @@ class Rules:
 # --- the pool and the queries ------------------------------------------------------------------
 
 
-def check_scores(rules: Rules, sparse: bool, model, flag: str = "max_score") -> None:
-    """A sparse model (dot products) with ``max_score``, a cosine threshold: one line."""
-    if sparse and rules.max_score is not None:
+def check_scores(rules: Rules, scored_by: str, model, flag: str = "max_score") -> None:
+    """``max_score``, a cosine threshold, for a model scored otherwise (`retrieval.
+    scored_by`: a sparse model's dot products, a multi-vector model's MaxSim): one line."""
+    if scored_by != "cosine" and rules.max_score is not None:
+        kind = "sparse" if scored_by == "dot product" else "multi-vector"
         raise MiningError(
-            f"{flag}={rules.max_score} is a cosine threshold, but {model} is a sparse model "
-            f"scored by dot product: set {flag} to none (relative_margin, relative to each "
+            f"{flag}={rules.max_score} is a cosine threshold, but {model} is a {kind} model "
+            f"scored by {scored_by}: set {flag} to none (relative_margin, relative to each "
             "positive's score, applies as it is)"
         )
 
@@ -256,7 +259,7 @@ def group_queries(
 
 
 def positive_scores(query_rows, pool_rows, queries: Queries, pool: Candidates, chunk: int):
-    """Each record's query-positive cosine (the relative margin's reference), gathered
+    """Each record's query-positive score (the relative margin's reference), gathered
     ``chunk`` records at a time: ``query_rows(idx)`` / ``pool_rows(idx)`` return the
     embeddings of those query / pool indices."""
     n = len(pool.positive)
@@ -264,7 +267,7 @@ def positive_scores(query_rows, pool_rows, queries: Queries, pool: Candidates, c
     for lo in range(0, n, chunk):
         sl = slice(lo, lo + chunk)
         q, d = query_rows(queries.of_record[sl]), pool_rows(pool.positive[sl])
-        out[sl] = np.einsum("nd,nd->n", q, d)
+        out[sl] = np.asarray(paired(q, d))
     return out
 
 

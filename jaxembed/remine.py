@@ -92,8 +92,8 @@ def remine(encoder, builder, settings: Settings, step: int, batch_size: int, log
     corpus = [t for path in settings.corpus for t in mining.read_corpus(path)[0]] or None
     every = [r for rows in records.values() for r in rows]
     pool = mining.candidate_pool(corpus, every)
-    docs = encoder.encode(pool.texts, batch_size=batch_size, prompt=cfg.passage_prefix,
-                          max_length=cfg.max_passage_length)  # fmt: skip
+    docs = encoder.encode_for_search(pool.texts, cfg.passage_prefix, batch_size=batch_size,
+                                     max_length=cfg.max_passage_length)  # fmt: skip
     negatives, start = {}, 0
     for d, rows in records.items():
         mine_pool = dataclasses.replace(pool, positive=pool.positive[start : start + len(rows)])
@@ -112,8 +112,8 @@ def _negatives(encoder, builder, records, pool, docs, rules: mining.Rules, batch
     """(rows, K) indices into the pool: each row's selected negatives, -1 padded."""
     cfg = builder.cfg
     queries = mining.group_queries(records, pool, lambda r: ("", builder.query_text(r)))
-    q_emb = encoder.encode(queries.texts, batch_size=batch_size, prompt="",
-                           max_length=cfg.max_query_length)  # fmt: skip
+    q_emb = encoder.encode_for_search(queries.texts, "", query=True, batch_size=batch_size,
+                                      max_length=cfg.max_query_length)  # fmt: skip
     top_k = min(rules.top_k, len(pool.texts))
     candidates = search.nearest_non_positives([q_emb], [docs], pool.hashes,
                                               queries.positive_hashes, top_k)  # fmt: skip

@@ -209,14 +209,20 @@ def is_sparse(model) -> bool:
 def encode_fn(
     encoder, prompt: str, *, query: bool, batch_size: int, max_length: int | None = None
 ) -> EncodeFn:
-    """texts -> what the search takes from a `jaxembed.Encoder`: unit vectors, a sparse
-    model's sparse matrix, a multi-vector model's token vectors in `search.token_sets`'s
-    layout (``query``: expanded and laid out as queries)."""
-    kw = dict(batch_size=batch_size, prompt=prompt, max_length=max_length)
-    if encoder.multi_vector:
-        return lambda texts: encoder.encode_tokens(texts, query=query, padded=True, **kw)
-    sparse = is_sparse(encoder)  # kept as sparse matrices
-    return lambda texts: encoder.encode(texts, as_sparse=sparse, **kw)
+    """texts -> what the search takes from a `jaxembed.Encoder` (`Encoder.encode_for_search`;
+    a sparse model's kept as a sparse matrix)."""
+    kw = dict(
+        query=query, batch_size=batch_size, max_length=max_length, as_sparse=is_sparse(encoder)
+    )
+    return lambda texts: encoder.encode_for_search(texts, prompt, **kw)
+
+
+def scored_by(model) -> str:
+    """How ``model`` scores a query and a document: "cosine", "dot product" (a sparse
+    model) or "MaxSim" (a multi-vector model: a sum over the query's tokens)."""
+    if getattr(model, "multi_vector", False) or type(model).__name__ == "MultiVectorEncoder":
+        return "MaxSim"
+    return "dot product" if is_sparse(model) else "cosine"
 
 
 def encoder_fns(

@@ -65,6 +65,15 @@ def token_sets(tokens: jax.Array, mask: jax.Array, *, query: bool) -> jax.Array:
     return jnp.where(mask[..., None], tokens, jnp.take_along_axis(tokens, first, axis=-2))
 
 
+def paired(a, b) -> jax.Array:
+    """(n,) scores of each a_i with its own b_i: cosines of unit vectors, or MaxSim of token
+    vectors in `token_sets`'s layout."""
+    a, b = jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32)
+    if a.ndim == 2:
+        return jnp.einsum("nd,nd->n", a, b, precision=EXACT)
+    return jnp.sum(jnp.max(jnp.einsum("nid,njd->nij", a, b, precision=EXACT), -1), -1)
+
+
 def padded_tokens(texts: Sequence[np.ndarray], query: bool, width: int = 0) -> np.ndarray:
     """Texts' token vectors (each (tokens, D)) as one (n, width, D) array in `token_sets`'s
     layout (``width``: at least the longest text's tokens; 0: exactly that)."""

@@ -24,7 +24,7 @@ import numpy as np
 from absl import logging as absl_logging
 from flax import nnx
 
-from jaxembed import checkpoint, distributed, hf, mining, remine, sharding
+from jaxembed import checkpoint, distributed, hf, mining, remine, retrieval, sharding
 from jaxembed import cli as jaxembed_cli
 from jaxembed import config as config_lib
 from jaxembed import dry_run as dry_runs
@@ -232,9 +232,9 @@ class Batches:
         self.config, self.workdir, self.builder = config, workdir, builder
         self.evaluator, self.mesh, self.log = evaluator, mesh, log
         self.remining = remine.Settings.from_config(config)
-        if self.remining is not None:  # a sparse model's scores are dot products
-            rules, sparse = self.remining.rules, evaluator.encoder.sparse
-            mining.check_scores(rules, sparse, config.model.path, "config.mine.max_score")
+        if self.remining is not None:  # a sparse or multi-vector model: no cosine threshold
+            rules, scores = self.remining.rules, retrieval.scored_by(evaluator.encoder)
+            mining.check_scores(rules, scores, config.model.path, "config.mine.max_score")
 
     def start(self, step: int, live_params: dict, fresh: bool = False):
         """The iterator from ``step``; the pool of the last re-mining is read back, or mined

@@ -14,7 +14,10 @@ import pytest
 import torch
 from helpers import assert_close
 
-QUERIES = ["what installs packages", "a longer query about the debian package manager and its tools"]
+QUERIES = [
+    "what installs packages",
+    "a longer query about the debian package manager and its tools",
+]
 DOCS = ["apt installs packages.", "dpkg is the low-level tool under apt", "x"]
 
 
@@ -88,7 +91,9 @@ def test_the_export_is_a_multi_vector_encoder_with_our_tokens_and_scores(
     for a, b in zip([*theirs_q, *theirs_d], [*q, *d], strict=True):
         assert a.shape == b.shape
         assert_close(a.numpy(), b)
-    scores = np.asarray(search.maxsim(search.padded_tokens(q, True), search.padded_tokens(d, False)))
+    scores = np.asarray(
+        search.maxsim(search.padded_tokens(q, True), search.padded_tokens(d, False))
+    )
     assert_close(ref.similarity(theirs_q, theirs_d).numpy(), scores)
     assert scores.shape == (2, 3) and (scores > 0).all()
     card = (out / "README.md").read_text()
@@ -117,3 +122,49 @@ def test_multi_vector_settings_are_checked_in_one_line(train_setup, tmp_path):
     c = tiny_config(train_setup, model__multi_vector_dim=8, loss__quantization="binary")
     with pytest.raises(ValueError, match=r"multi-vector model's token vectors are not quantized"):
         train.main(c, tmp_path / "c")
+
+
+def test_a_multi_vector_model_mines_by_maxsim(colbert_runs, train_setup, tmp_path):
+    """Mining with a multi-vector model: every query's tokens (expanded) against every
+    document's by exact MaxSim, cached as (texts, tokens, dim) shards; the cosine default
+    of max_score is refused in one line, before anything is read."""
+    from jaxembed import mine
+    from jaxembed.mining import MiningError
+
+    base, _ = colbert_runs
+    retr = train_setup[2][0]
+    with pytest.raises(MiningError, match=r"max_score=0.8 is a cosine threshold.*multi-vector"):
+        mine.mine(str(base / "straight"), retr, tmp_path / "refused.jsonl")
+    out = tmp_path / "mined.jsonl"
+    stats = mine.mine(str(base / "straight"), retr, out, max_score=None, num_negatives=2,
+                      skip_top=0, relative_margin=0.0, cache=tmp_path / "cache")  # fmt: skip
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert len(rows) == stats["records_out"] == 48
+    kept = [len(r["negatives"]) for r in rows]
+    # The barely trained model scores many candidates above a row's positive, which the
+    # margin drops (relative_margin=0: below the positive): some rows keep fewer.
+    assert max(kept) == 2 and sum(k == 2 for k in kept) >= 12, kept
+    assert all(r["positive"] not in r["negatives"] for r in rows)
+    shard = np.load(next((tmp_path / "cache" / "queries").glob("shard_*.npy")))
+    assert shard.shape[1:] == (16, 16)  # 16 expanded query tokens of 16 dimensions
+
+
+def test_maxsim_search_ranks_as_a_float64_brute_force():
+    """`search.top_k` on token vectors (padded as `search.padded_tokens` lays them out) in
+    blocks of 4 documents and 3 queries ranks as MaxSim over the real tokens in float64;
+    `search.paired` scores each query with its own document alike."""
+    from jaxembed import search
+
+    rng = np.random.default_rng(0)
+
+    def texts(n, longest):
+        out = [rng.normal(size=(rng.integers(1, longest + 1), 8)) for _ in range(n)]
+        return [(x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32) for x in out]
+
+    q, d = texts(7, 5), texts(13, 9)
+    want = np.array([[(a.astype(np.float64) @ b.T).max(1).sum() for b in d] for a in q])
+    qp, dp = search.padded_tokens(q, query=True), search.padded_tokens(d, query=False, width=12)
+    scores, idx = search.top_k(qp, dp, k=5, block=4, query_block=3)
+    assert_close(scores, np.sort(want, 1)[:, ::-1][:, :5])
+    np.testing.assert_array_equal(idx, np.argsort(-want, 1, kind="stable")[:, :5])
+    assert_close(np.asarray(search.paired(qp, dp[:7])), want[np.arange(7), np.arange(7)])
