@@ -28,7 +28,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from jaxembed import distributed
+from jaxembed import distributed, search
 from jaxembed.files import atomic_open, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -240,6 +240,8 @@ def _encode_rows(encoder, texts, prompts, span, shape, batch_size: int, bar, que
             emb = encoder.encode_for_search(
                 [texts[j] for j in idx], prompt, query=query, batch_size=batch_size
             )
+            if len(shape) > 1:  # token vectors: every row as wide as the longest allowed
+                emb = search.widen(emb, shape[0], query)
             out[np.asarray(idx) - lo] = emb
         bar.update(c_hi - c)
     return out

@@ -226,9 +226,7 @@ class Encoder:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if truncate_dim is not None and not 0 < truncate_dim <= self.dim:
             raise ValueError(f"truncate_dim={truncate_dim} must be in 1..{self.dim}")
-        limit = max_length or self.max_length
-        if not 0 < limit <= self.model.config.max_tokens:
-            raise ValueError(f"max_length={limit} must be in 1..{self.model.config.max_tokens}")
+        limit = self._limit(max_length)
         if as_sparse and truncate_dim is not None:
             raise ValueError("truncate_dim: a sparse vector's first dimensions mean nothing")
         dim = truncate_dim or self.dim
@@ -261,14 +259,13 @@ class Encoder:
 
         ``query``: the texts are queries, expanded with the mask token to the model's query
         expansion, if it has one (``encode_query``'s side). ``padded``: one (n, length, dim)
-        array, ``length`` the most tokens a text may have (so every call has the same), in
-        the layout `search.maxsim` scores without masks (a query's padding zero, a
-        document's a copy of its first token): what the search takes. Other arguments as in
-        `encode`.
+        array (``length``: the longest text's tokens, the expansion's for queries) in the
+        layout `search.maxsim` scores without masks (a query's padding zero, a document's
+        a copy of its first token): what the search takes. Other arguments as in `encode`.
         """
         if not self.multi_vector:
             raise ValueError(f"{self.name or 'the model'} is not a multi-vector model: use encode")
-        limit = max_length or self.max_length
+        limit = self._limit(max_length)
         expansion = self.st.query_expansion if query else 0
         prompt_text = self.resolve_prompt(prompt_name, prompt)
         ids = self.tokenize(list(texts), prompt_text, expansion or limit)
@@ -282,7 +279,16 @@ class Encoder:
                 out[text] = emb[row][seg[row] == segment + 1]
         if not padded:
             return out
-        return search.padded_tokens(out, query, self.row_shape(query, limit)[0])
+        if not out:
+            return np.zeros((0, expansion or 1, self.dim), np.float32)
+        return search.padded_tokens(out, query, expansion)
+
+    def _limit(self, max_length: int | None) -> int:
+        """Tokens per text for a call: ``max_length``, else the encoder's, checked."""
+        limit = max_length or self.max_length
+        if not 0 < limit <= self.model.config.max_tokens:
+            raise ValueError(f"max_length={limit} must be in 1..{self.model.config.max_tokens}")
+        return limit
 
     def encode_for_search(
         self,
@@ -296,15 +302,15 @@ class Encoder:
     ):
         """What the search (`jaxembed.search.top_k`) scores, as evaluation and mining read
         it: unit vectors (a sparse model's, with ``as_sparse``, a sparse matrix), or a
-        multi-vector model's token vectors padded to `row_shape` (``query``: as queries)."""
+        multi-vector model's padded token vectors (`encode_tokens`; ``query``: as queries)."""
         kw = dict(prompt=prompt, batch_size=batch_size, max_length=max_length)
         if self.multi_vector:
             return self.encode_tokens(texts, query=query, padded=True, **kw)
         return self.encode(texts, as_sparse=as_sparse, **kw)
 
     def row_shape(self, query: bool = False, max_length: int | None = None) -> tuple[int, ...]:
-        """One text's shape in `encode_for_search`'s output: (dim,), or a multi-vector
-        model's (tokens, dim), every text as long as the longest allowed."""
+        """One text's shape, the same for every text: (dim,), or a multi-vector model's
+        (tokens, dim), ``tokens`` the most a text may have (`search.widen` pads to it)."""
         if not self.multi_vector:
             return (self.dim,)
         return (

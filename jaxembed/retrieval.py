@@ -37,7 +37,7 @@ import numpy as np
 import scipy.sparse
 
 from jaxembed import quantization as quantization_lib
-from jaxembed import sharding
+from jaxembed import search, sharding
 from jaxembed.beir import EvalDataError, load_beir
 from jaxembed.encoder import Encoder
 from jaxembed.hf.sentence_transformers import DOC_PROMPTS, QUERY_PROMPTS, pick_prompt
@@ -149,7 +149,8 @@ def evaluate_beir(
 
 
 def reuse_last(encode: EncodeFn) -> EncodeFn:
-    """``encode`` that reuses the vectors of the texts it encoded in its previous call.
+    """``encode`` that reuses the vectors of the texts it encoded in its previous call (of
+    documents: a multi-vector model's are padded as documents).
 
     Evaluation sets often share a corpus (Debian's ``xling-*`` sets all search the same
     English descriptions): consecutive sets then encode it once. Only the last call's
@@ -169,8 +170,12 @@ def reuse_last(encode: EncodeFn) -> EncodeFn:
         if not texts:
             return encode([])
         kept = [last[t] for t in texts]
-        is_sparse = scipy.sparse.issparse(kept[0])
-        return scipy.sparse.vstack(kept, format="csr") if is_sparse else np.stack(kept)
+        if scipy.sparse.issparse(kept[0]):
+            return scipy.sparse.vstack(kept, format="csr")
+        if kept[0].ndim == 2:  # documents' token vectors of calls padded to their own longest
+            width = max(len(x) for x in kept)
+            return np.concatenate([search.widen(x[None], width, query=False) for x in kept])
+        return np.stack(kept)
 
     return cached
 
@@ -254,9 +259,7 @@ def st_encoder_fns(
         if type(model).__name__ == "MultiVectorEncoder":  # token vectors, laid out as ours
             encode = model.encode_query if query else model.encode_document
             out = encode(texts, prompt=prompt, batch_size=batch_size)
-            # Documents as wide as the longest allowed: every call alike (`reuse_last`).
-            width = 0 if query else model.max_seq_length or 0
-            return padded_tokens([x.float().numpy() for x in out], query, width)
+            return padded_tokens([x.float().numpy() for x in out], query)
         if is_sparse(model):  # a SparseEncoder: its sparse tensor as a scipy matrix
             out = model.encode(texts, prompt=prompt, batch_size=batch_size, convert_to_tensor=True)
             out = out.to_sparse_coo().coalesce()

@@ -86,6 +86,20 @@ def padded_tokens(texts: Sequence[np.ndarray], query: bool, width: int = 0) -> n
     return np.asarray(token_sets(tokens, real, query=query))
 
 
+def widen(tokens: np.ndarray, width: int, query: bool) -> np.ndarray:
+    """Token vectors in `token_sets`'s layout, (n, L, D), widened to ``width`` tokens with
+    the layout kept: a query's with zero vectors, a document's with copies of its first
+    token (real: a text's tokens start at position 0)."""
+    extra = width - tokens.shape[1]
+    if extra <= 0:
+        return tokens
+    if query:
+        fill = np.zeros((len(tokens), extra, tokens.shape[2]), tokens.dtype)
+    else:
+        fill = np.repeat(tokens[:, :1], extra, axis=1)
+    return np.concatenate([tokens, fill], axis=1)
+
+
 def all_pairs(a: jax.Array, b: jax.Array) -> jax.Array:
     """[A, B] similarities of every a_i with every b_j: dot products of one vector per
     text, MaxSim of token vectors."""

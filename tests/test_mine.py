@@ -102,6 +102,12 @@ class WordEncoder:
                 out[n, self.vocab.setdefault(w, len(self.vocab))] += 1
         return out / np.linalg.norm(out, axis=1, keepdims=True)
 
+    def row_shape(self, query=False):
+        return (self.dim,)
+
+    def encode_for_search(self, texts, prompt="", *, query=False, batch_size=32):
+        return self.encode(texts, batch_size=batch_size, prompt=prompt)
+
 
 def words(prefix: str, n: int) -> str:
     return " ".join(f"{prefix}{i}" for i in range(n))

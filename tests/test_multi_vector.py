@@ -168,3 +168,22 @@ def test_maxsim_search_ranks_as_a_float64_brute_force():
     assert_close(scores, np.sort(want, 1)[:, ::-1][:, :5])
     np.testing.assert_array_equal(idx, np.argsort(-want, 1, kind="stable")[:, :5])
     assert_close(np.asarray(search.paired(qp, dp[:7])), want[np.arange(7), np.arange(7)])
+
+
+def test_reused_document_tokens_score_as_fresh_ones(colbert_runs):
+    """`retrieval.reuse_last` on a multi-vector model's documents: a call mixing texts kept
+    from the previous call (padded to their own call's longest) with new, longer ones
+    scores by MaxSim exactly as encoding them afresh."""
+    import jaxembed
+    from jaxembed import retrieval, search
+
+    base, _ = colbert_runs
+    enc = jaxembed.load(base / "straight")
+    queries, docs, _ = retrieval.encoder_fns(enc)
+    cached = retrieval.reuse_last(docs)
+    cached(DOCS[2:])  # "x": a call of short documents
+    mixed = cached(DOCS[::-1])  # "x" kept, two longer ones new
+    q = queries(QUERIES)
+    assert_close(
+        np.asarray(search.maxsim(q, mixed)), np.asarray(search.maxsim(q, docs(DOCS[::-1])))
+    )

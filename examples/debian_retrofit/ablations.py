@@ -32,6 +32,11 @@ bench: mean nDCG@10 over the dev zero-shot languages
 - ``sparse``: the recipe (its ``recipe`` cell's run, dense) against the recipe with a CSR
   autoencoder appended (``model.sparse="csr"``: 1,536 latents, 96 kept, dot product), at
   sentence-transformers' scale (``csr``: temperature 1) and at the recipe's (``csr-t0.05``).
+- ``multi_vector``: the recipe (its ``recipe`` cell's run, dense) against the recipe as a
+  multi-vector model (``configs/multi_vector.py``: 128 dimensions a token, 32-token expanded
+  queries, MaxSim, temperature 1; ``colbert``), at ``--steps`` of its own (equal wall time:
+  the steps the dense run's time buys); zero-shot languages only for ``colbert`` (exact
+  MaxSim search is slow on 2 cores).
 - ``recipe``: the whole recipe (``config.py``: mined-linked groups, symmetric loss with
   false-negative masking, lr 1e-4, dropout off, the Cyrillic rewrite) on mixed positives,
   on synopsis + body positives, and with each choice undone in turn: which of them the
@@ -52,6 +57,7 @@ import os
 import subprocess
 import sys
 import time
+from math import nan
 from pathlib import Path
 
 from examples.debian_retrofit.bench import evaluate, last_metrics, run_logged, take_rows
@@ -81,7 +87,11 @@ STUDIES = {
     "recipe": tuple(RECIPE_CELLS),
     "quantization": ("float", "binary", "binary-w2", "binary-w4"),
     "sparse": ("dense", "csr", "csr-t0.05"),
+    "multi_vector": ("dense", "colbert"),
 }
+# Recipe-based studies: the recipe's batches and query rewrite, its run as the dense cell.
+RECIPE_STUDIES = ("recipe", "quantization", "sparse", "multi_vector")
+DENSE_CELLS = (("quantization", "float"), ("sparse", "dense"), ("multi_vector", "dense"))
 DEBIAN = ROOT / "data" / "debian"
 GERMAN = ROOT / "data" / "debian-de"  # the same builder, German as the only trained language
 
@@ -135,6 +145,8 @@ def cell_data(study: str, cell: str, out: Path, examples: int) -> tuple[list[Pat
             overrides = ["--config.loss.quantization=binary",
                          f"--config.loss.quantization_weight={weight}"]  # fmt: skip
         return [mined_pairs(out, examples, "mix")], overrides
+    if study == "multi_vector":
+        return [mined_pairs(out, examples, "mix")], []
     if study == "sparse":
         overrides = []
         if cell != "dense":
@@ -172,23 +184,26 @@ def cell_data(study: str, cell: str, out: Path, examples: int) -> tuple[list[Pat
 def run_cell(study, cell, seed, args) -> dict:
     examples = args.steps * args.batch
     files, overrides = cell_data(study, cell, args.out, examples)
-    if study not in ("recipe", "quantization", "sparse"):
+    if study not in RECIPE_STUDIES:
         # Rows shuffled uniformly: the recipe's mined-linked batch groups would put hard
         # negatives into every cell, the "0 negatives" one included.
         overrides = ["--config.data.group_size=0", *overrides]
     # The recipe's Cyrillic-rewritten queries only where they are the thing measured.
-    if study not in ("cyrillic", "recipe", "quantization", "sparse"):
+    if study not in ("cyrillic", *RECIPE_STUDIES):
         overrides.append("--config.data.query_transform_rate=0")
     # The shape in the name: a cell run at another steps x batch must not resume this one.
     workdir = args.out / study / f"{cell}-seed{seed}-{args.steps}x{args.batch}"
-    if (study, cell) in (("quantization", "float"), ("sparse", "dense")):  # the recipe's run
+    if (study, cell) in DENSE_CELLS:  # the recipe's run
         workdir = args.out / "recipe" / f"recipe-seed{seed}-{args.steps}x{args.batch}"
+    config = HERE / "config.py"
+    if (study, cell) == ("multi_vector", "colbert"):  # the recipe, a vector per token
+        config = ROOT / "configs" / "multi_vector.py"
     workdir.parent.mkdir(parents=True, exist_ok=True)
     cmd = [
         sys.executable,
         "-m",
         "jaxembed.train",
-        f"--config={HERE / 'config.py'}",
+        f"--config={config}",
         f"--workdir={workdir}",
         "--config.data.train=(" + "".join(f"'{f}'," for f in files) + ")",
         f"--config.train.steps={args.steps}",
@@ -203,7 +218,12 @@ def run_cell(study, cell, seed, args) -> dict:
     return {
         "seconds": seconds,
         "steps": int(last_metrics(workdir)["step"]),
-        "eval": evaluate(str(workdir), DEBIAN, "binary" if study == "quantization" else "none"),
+        "eval": evaluate(
+            str(workdir),
+            DEBIAN,
+            "binary" if study == "quantization" else "none",
+            zero_shot_only=cell == "colbert",
+        ),
     }
 
 
@@ -222,7 +242,7 @@ def table(results: dict, study: str, shape: str) -> str:
         if not runs:
             continue
         z = [r["eval"]["zero_shot"] for r in runs]
-        t = [r["eval"]["trained"] for r in runs]
+        t = [r["eval"].get("trained", float("nan")) for r in runs]  # nan: not evaluated
         spread = f"{max(z) - min(z):.4f}" if len(z) > 1 else "-"
         body = [(r["eval"].get("zero_shot_body"), r["eval"].get("trained_body")) for r in runs]
         zb, tb = (
@@ -296,8 +316,9 @@ def main() -> None:
             atomic_write_text(results_file, json.dumps(results, indent=1) + "\n")
             e = results[key]["eval"]
             print(
-                f"{key}: zero-shot {e['zero_shot']:.4f} trained {e['trained']:.4f} "
-                f"body: zero-shot {e['zero_shot_body']:.4f} trained {e['trained_body']:.4f}",
+                f"{key}: zero-shot {e['zero_shot']:.4f} trained {e.get('trained', nan):.4f} "
+                f"body: zero-shot {e['zero_shot_body']:.4f} "
+                f"trained {e.get('trained_body', nan):.4f}",
                 flush=True,
             )
     shape = f"{args.steps}x{args.batch}"

@@ -165,6 +165,9 @@ def read_st_config(path: str | Path) -> STConfig:
         cfg = _read_json(st_cfg)
         st.prompts = dict(cfg.get("prompts") or {})
         st.default_prompt_name = cfg.get("default_prompt_name")
+        score = cfg.get("similarity_fn_name")
+        if st.multi_vector and score not in (None, "maxsim"):
+            raise ValueError(f"{st_cfg}: similarity_fn_name={score!r}; supported: maxsim")
     return st
 
 
