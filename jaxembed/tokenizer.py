@@ -69,10 +69,16 @@ def expand_queries(ids: list[list[int]], length: int, tokenizer) -> list[list[in
     padded to exactly ``length`` with the mask token, which the encoder attends to and
     MaxSim scores (sentence-transformers' ``query_expansion``: fixed, attended, the mask
     token). A query that fills ``length`` is the truncated one sentence-transformers reads."""
-    mask = tokenizer.mask_token_id
-    if mask is None:
-        raise ValueError(
-            f"{type(tokenizer).__name__} has no mask token: query expansion pads queries "
-            "with it (set model.query_expansion=0)"
-        )
+    mask = expansion_token(tokenizer)
     return [list(x) + [mask] * (length - len(x)) for x in ids]
+
+
+def expansion_token(tokenizer) -> int:
+    """The mask token's id, which query expansion pads queries with; a tokenizer without
+    one (Qwen3's, Gemma3's) is an error in one line."""
+    if tokenizer.mask_token_id is None:
+        raise ValueError(
+            f"{type(tokenizer).__name__} has no mask token, which query expansion pads "
+            "queries with: set model.query_expansion=0"
+        )
+    return tokenizer.mask_token_id

@@ -39,7 +39,7 @@ from jaxembed.models import attention as attention_lib
 from jaxembed.models import lora
 from jaxembed.retrieval import Evaluator, on_mesh
 from jaxembed.run_log import Progress, RunLog, check_finite
-from jaxembed.tokenizer import load_tokenizer
+from jaxembed.tokenizer import expansion_token, load_tokenizer
 from jaxembed.trained_model import (
     abstract_head,
     abstract_model,
@@ -160,6 +160,8 @@ def open_run(config, workdir, log: RunLog):
     model_dir = local_copy(workdir / MODEL_DIR)
     st = read_st_config(model_dir)
     pooling = config.model.pooling or st.pooling or "mean"
+    if st.query_expansion:  # before any batch: a tokenizer without a mask token stops here
+        expansion_token(load_tokenizer(model_dir))
     if st.query_expansion and config.data.max_query_length != st.query_expansion:
         raise ValueError(
             f"config.data.max_query_length={config.data.max_query_length}: queries are "

@@ -12,7 +12,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from helpers import assert_close
+from helpers import assert_close, save_tiny_qwen3
 
 QUERIES = [
     "what installs packages",
@@ -122,6 +122,11 @@ def test_multi_vector_settings_are_checked_in_one_line(train_setup, tmp_path):
     c = tiny_config(train_setup, model__multi_vector_dim=8, loss__quantization="binary")
     with pytest.raises(ValueError, match=r"multi-vector model's token vectors are not quantized"):
         train.main(c, tmp_path / "c")
+    qwen = save_tiny_qwen3(tmp_path / "qwen")  # its tokenizer has no mask token to expand with
+    c = tiny_config(train_setup, model__path=str(qwen), model__multi_vector_dim=8,
+                    model__query_expansion=16)  # fmt: skip
+    with pytest.raises(ValueError, match=r"has no mask token, which query expansion pads"):
+        train.main(c, tmp_path / "d")
 
 
 def test_a_multi_vector_model_mines_by_maxsim(colbert_runs, train_setup, tmp_path):
