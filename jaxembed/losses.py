@@ -34,7 +34,7 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 from jaxembed.choices import LOSS_STYLES, TASKS
 from jaxembed.quantization import with_quantization
-from jaxembed.search import EXACT, all_pairs
+from jaxembed.search import all_pairs, own
 
 # Finite rather than -inf: exp underflows to exactly 0 either way, but -inf turns into NaN
 # as soon as anything subtracts two masked logits or multiplies one by zero.
@@ -119,14 +119,6 @@ def _prepare(q, p, n, temperature, neg_mask, pos_hash, neg_hash, similarity="cos
     return qn, pn, nn, temp, neg_mask, pos_hash, neg_hash
 
 
-def _own(a: jax.Array, b: jax.Array) -> jax.Array:
-    """[B, K] similarities of a_i with each of its own b_i,k (b: [B, K, ...])."""
-    if a.ndim == 2:
-        return jnp.einsum("bd,bkd->bk", a, b, precision=EXACT)
-    s = jnp.einsum("bid,bkjd->bkij", a, b, precision=EXACT)
-    return jnp.sum(jnp.max(s, axis=-1), axis=-1)
-
-
 def _cross_entropy(logits: jax.Array, target: jax.Array) -> jax.Array:
     """-log softmax(logits)[target] per row, given the target's logit (already in logits)."""
     return jax.nn.logsumexp(logits, axis=-1) - target
@@ -173,8 +165,8 @@ def _in_batch_term(qn, pn, nn, temp, neg_mask, pos_hash, neg_hash, *, with_negat
 
 def _hard_term(qn, pn, nn, temp, neg_mask, pos_hash, neg_hash):
     """Per-example loss of query i against [p_i, n_i,0 .. n_i,K-1]."""
-    pos = _own(qn, pn[:, None])[:, 0] / temp  # [B]
-    neg = _own(qn, nn) / temp  # [B, K]
+    pos = own(qn, pn[:, None])[:, 0] / temp  # [B]
+    neg = own(qn, nn) / temp  # [B, K]
     valid = neg_mask
     if pos_hash is not None and neg_hash is not None:
         valid = valid & (neg_hash != pos_hash[:, None])
@@ -385,7 +377,7 @@ def _candidates(q, p, n, teacher, temperature, teacher_temperature, neg_mask, si
     b, k = neg_mask.shape
     if teacher.shape != (b, 1 + k):
         raise ValueError(f"teacher scores must be [B={b}, 1+K={1 + k}]; got {teacher.shape}")
-    student = _own(qn, jnp.concatenate([pn[:, None], nn], axis=1)) / temp
+    student = own(qn, jnp.concatenate([pn[:, None], nn], axis=1)) / temp
     valid = jnp.concatenate([jnp.ones((b, 1), bool), neg_mask], axis=1) & jnp.isfinite(teacher)
     scored = valid[:, 0]
     t = jnp.where(valid, teacher, 0.0) / jnp.asarray(teacher_temperature, jnp.float32)

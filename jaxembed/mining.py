@@ -39,7 +39,7 @@ import numpy as np
 
 from jaxembed.beir import EvalDataError, corpus_text
 from jaxembed.packing import text_hash
-from jaxembed.search import paired
+from jaxembed.search import own
 
 SAMPLING = ("top", "random")
 TOO_FEW = ("keep", "drop")
@@ -267,7 +267,7 @@ def positive_scores(query_rows, pool_rows, queries: Queries, pool: Candidates, c
     for lo in range(0, n, chunk):
         sl = slice(lo, lo + chunk)
         q, d = query_rows(queries.of_record[sl]), pool_rows(pool.positive[sl])
-        out[sl] = np.asarray(paired(q, d))
+        out[sl] = np.asarray(own(q, d[:, None]))[:, 0]
     return out
 
 

@@ -25,7 +25,7 @@ import scipy.sparse
 # one bf16 pass on TPU and in TF32 on GPU (~3 significant digits): divided by a temperature
 # of 0.02 a cosine's error of 4e-3 is 0.2 in the logit. Here the products are B x B x D,
 # a sliver of the encoder's FLOPs, so exact costs nothing (bench/RESULTS.md, first GPU
-# run); search ranks by the same products..
+# run); the search ranks by the same products.
 EXACT = jax.lax.Precision.HIGHEST
 
 # Documents whose token similarities are computed at once by `maxsim`: the (A, chunk, La, Lb)
@@ -39,7 +39,7 @@ def maxsim(a: jax.Array, b: jax.Array) -> jax.Array:
 
     ``a`` [A, La, D] and ``b`` [B, Lb, D] are token vectors (normalised for cosine); a's
     padding tokens are zero vectors (they add 0), b's copies of one of its real tokens (the
-    max is unchanged): the step lays them out so (`step.token_sets`), and no mask is needed.
+    max is unchanged), as `token_sets` lays them out: no mask is needed.
     Memory: the (A, chunk, La, Lb) fp32 similarities of `MAXSIM_CHUNK` documents at a time,
     never (A, B, La, Lb); under `jax.checkpoint` the backward recomputes each chunk.
     """
@@ -65,13 +65,14 @@ def token_sets(tokens: jax.Array, mask: jax.Array, *, query: bool) -> jax.Array:
     return jnp.where(mask[..., None], tokens, jnp.take_along_axis(tokens, first, axis=-2))
 
 
-def paired(a, b) -> jax.Array:
-    """(n,) scores of each a_i with its own b_i: cosines of unit vectors, or MaxSim of token
-    vectors in `token_sets`'s layout."""
-    a, b = jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32)
+def own(a, b) -> jax.Array:
+    """[B, K] similarities of a_i with each of its own b_i,k (b: [B, K, ...]): products of
+    vectors, or MaxSim of token vectors in `token_sets`'s layout."""
+    a, b = jnp.asarray(a), jnp.asarray(b)
     if a.ndim == 2:
-        return jnp.einsum("nd,nd->n", a, b, precision=EXACT)
-    return jnp.sum(jnp.max(jnp.einsum("nid,njd->nij", a, b, precision=EXACT), -1), -1)
+        return jnp.einsum("bd,bkd->bk", a, b, precision=EXACT)
+    s = jnp.einsum("bid,bkjd->bkij", a, b, precision=EXACT)
+    return jnp.sum(jnp.max(s, axis=-1), axis=-1)
 
 
 def padded_tokens(texts: Sequence[np.ndarray], query: bool, width: int = 0) -> np.ndarray:

@@ -13,6 +13,13 @@ os.environ["XLA_FLAGS"] = (
     os.environ["JAXEMBED_SUITE_XLA_FLAGS"] + " --xla_force_host_platform_device_count=8"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# One XLA compilation cache for the session and the processes it starts: many tests compile
+# the same tiny train step (a new jit object per `train.main`), and an identical program is
+# then loaded instead of compiled again (test_train_main, test_sparse and test_multi_vector:
+# 241 s -> 165 s). A fresh folder per session, so nothing of an earlier run is reused.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="jaxembed-xla-cache-")
+    atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], True)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

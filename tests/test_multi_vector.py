@@ -157,7 +157,7 @@ def test_a_multi_vector_model_mines_by_maxsim(colbert_runs, train_setup, tmp_pat
 def test_maxsim_search_ranks_as_a_float64_brute_force():
     """`search.top_k` on token vectors (padded as `search.padded_tokens` lays them out) in
     blocks of 4 documents and 3 queries ranks as MaxSim over the real tokens in float64;
-    `search.paired` scores each query with its own document alike."""
+    `search.own` scores each query with its own document alike."""
     from jaxembed import search
 
     rng = np.random.default_rng(0)
@@ -172,7 +172,7 @@ def test_maxsim_search_ranks_as_a_float64_brute_force():
     scores, idx = search.top_k(qp, dp, k=5, block=4, query_block=3)
     assert_close(scores, np.sort(want, 1)[:, ::-1][:, :5])
     np.testing.assert_array_equal(idx, np.argsort(-want, 1, kind="stable")[:, :5])
-    assert_close(np.asarray(search.paired(qp, dp[:7])), want[np.arange(7), np.arange(7)])
+    assert_close(np.asarray(search.own(qp, dp[:7, None]))[:, 0], want[np.arange(7), np.arange(7)])
 
 
 def test_reused_document_tokens_score_as_fresh_ones(colbert_runs):
