@@ -134,10 +134,23 @@ MESHES = {
 }
 
 
+# A sentence-transformers Dense head (EmbeddingGemma-style, 32 -> 48 -> 16 without bias, and a
+# tanh layer with a projected residual): every mesh test trains it with the backbone.
+HEAD = (
+    HeadLayer("dense", 32, 48, bias=False),
+    HeadLayer("normalize"),
+    HeadLayer("dense", 48, 16, activation="tanh", residual=True),
+)
+
+
+def dense_head():
+    return build_head(HEAD, 32, seed=3)
+
+
 @pytest.fixture(scope="module")
 def reference():
-    """Loss and gradients on one device, dropout on, no GradCache."""
-    return loss_and_grads_on(MESHES["1x1"], gradcache=False)
+    """Loss and gradients on one device, dropout on, no GradCache, with `HEAD`."""
+    return loss_and_grads_on(MESHES["1x1"], gradcache=False, head=dense_head())
 
 
 def loss_and_grads(step: step_lib.Step, state, batch, frozen=None) -> tuple[float, dict]:
@@ -180,42 +193,28 @@ def one_device_and_mesh(make_model, shape=(2, 4)):
 # in test_multihost (data=8 vs fsdp=8 after a restore); here the mixed meshes.
 @pytest.mark.parametrize("name", ["2x4", "2x2x2"])
 def test_loss_and_grads_independent_of_mesh(reference, name):
-    loss, grads = loss_and_grads_on(MESHES[name], gradcache=False)
+    loss, grads = loss_and_grads_on(MESHES[name], gradcache=False, head=dense_head())
     assert_close(loss, reference[0])
     assert_close(grads, reference[1])
 
 
 def test_gradcache_equals_full_batch_with_dropout(reference):
-    loss, grads = loss_and_grads_on(MESHES["2x4"], gradcache=True, chunk=8)
+    loss, grads = loss_and_grads_on(MESHES["2x4"], gradcache=True, chunk=8, head=dense_head())
     assert_close(loss, reference[0])
     assert_close(grads, reference[1])
     # Gradient reaches every parameter (no silently detached tower).
     assert all(np.abs(g).max() > 0 for g in jax.tree.leaves(grads))
 
 
-def test_dense_head_trains_the_same_on_every_mesh_and_with_gradcache():
-    """A sentence-transformers Dense head (EmbeddingGemma-style, 32 -> 48 -> 16 without bias,
-    and a tanh layer with a projected residual) trains with the backbone: its gradients and
-    the backbone's are those of one device on a 2x4 FSDP mesh with GradCache."""
-    layers = [
-        HeadLayer("dense", 32, 48, bias=False),
-        HeadLayer("normalize"),
-        HeadLayer("dense", 48, 16, activation="tanh", residual=True),
-    ]
-
-    def head():
-        return build_head(layers, 32, seed=3)
-
-    loss1, grads1 = loss_and_grads_on(MESHES["1x1"], gradcache=False, head=head())
-    loss8, grads8 = loss_and_grads_on(MESHES["2x4"], gradcache=True, head=head())
-    assert_close(loss8, loss1)
-    assert_close(grads8, grads1)
-    assert set(grads1["head"]["dense"]) == {0, 1}
-    assert {"kernel"} == set(grads1["head"]["dense"][0]["linear"])
-    assert set(grads1["head"]["dense"][1]) == {"linear", "residual"}
-    assert all(np.abs(g).max() > 0 for g in jax.tree.leaves(grads1["head"]))
-    # The head's kernels get weight decay, its biases do not, as the backbone's.
-    mask = train_state.decay_mask(grads1)
+def test_the_dense_head_trains_with_the_backbone(reference):
+    """`HEAD`'s gradients (equal on every mesh and with GradCache: the tests above) reach
+    each of its weights, and its kernels get weight decay, its biases not, as the backbone's."""
+    grads = reference[1]
+    assert set(grads["head"]["dense"]) == {0, 1}
+    assert {"kernel"} == set(grads["head"]["dense"][0]["linear"])
+    assert set(grads["head"]["dense"][1]) == {"linear", "residual"}
+    assert all(np.abs(g).max() > 0 for g in jax.tree.leaves(grads["head"]))
+    mask = train_state.decay_mask(grads)
     assert mask["head"]["dense"][1]["linear"] == {"kernel": True, "bias": False}
 
 
