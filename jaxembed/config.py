@@ -159,9 +159,16 @@ SCHEMA = Group(
         query_expansion=Field(
             0,
             "a multi-vector model's queries cut or padded with the mask token to this many "
-            "tokens, all attended and scored (ColBERT's query augmentation; 32 in ColBERT). "
+            "tokens, all scored (ColBERT's query augmentation; 32 in ColBERT). "
             "data.max_query_length must equal it. 0: none (a multi-vector folder's own)",
             at_least=0,
+            resume=True,
+        ),
+        query_expansion_attend=Field(
+            True,
+            "with model.query_expansion: whether the encoder attends to the expansion tokens "
+            "(sentence-transformers' and PyLate's attend; False: classic ColBERT, where they "
+            "read the query but nothing reads them)",
             resume=True,
         ),
         csr_hidden_dim=Field(0, "0 = 4x the embedding size", at_least=0, resume=True),
@@ -447,12 +454,12 @@ def check(key: str, value):
 def output_type(c: ml_collections.ConfigDict) -> dict:
     """The model type ``config.model`` asks for, as `hf.sentence_transformers.output_settings`
     takes it: ``sparse``, ``csr`` (the autoencoder's hidden_dim, k, k_aux, dead_threshold)
-    and ``multi_vector`` (dim, query expansion)."""
+    and ``multi_vector`` (dim, query expansion, whether it is attended)."""
     m = c.model
     return dict(
         sparse=m.sparse,
         csr=(m.csr_hidden_dim, m.csr_k, m.csr_k_aux, m.csr_dead_threshold),
-        multi_vector=(m.multi_vector_dim, m.query_expansion),
+        multi_vector=(m.multi_vector_dim, m.query_expansion, m.query_expansion_attend),
     )
 
 

@@ -182,9 +182,12 @@ def per_device_bytes(tree) -> int:
     return total
 
 
-def host_batch(config, length_q: int, length_p: int, seed: int = 0) -> dict:
+def host_batch(
+    config, length_q: int, length_p: int, seed: int = 0, hidden_expansion: bool = False
+) -> dict:
     """A host batch (`jaxembed.data.pipeline`) of a global batch of random texts at full
-    ``length_q`` / ``length_p`` tokens: the step's largest rows at those lengths."""
+    ``length_q`` / ``length_p`` tokens: the step's largest rows at those lengths.
+    ``hidden_expansion``: the queries end in a query expansion that is not attended."""
     rng = np.random.default_rng(seed)
     b = config.train.global_batch
     k = int(dict(config.data.num_negatives).get("retrieval", 0))
@@ -194,6 +197,7 @@ def host_batch(config, length_q: int, length_p: int, seed: int = 0) -> dict:
 
     return dict(
         query=texts(b, length_q),
+        query_hidden=[length_q // 2] * b if hidden_expansion else None,
         pos=texts(b, length_p),
         neg=texts(b * k, length_p),
         neg_valid=np.ones((b, k), bool),
@@ -220,14 +224,17 @@ def dry_run(config, target: str) -> list[str]:
     devices = use_host_devices(count)
     model, head = abstract_model(config)
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices)
-    pooling = config.model.pooling or run_settings(config).pooling or "mean"
+    settings = run_settings(config)
+    pooling = config.model.pooling or settings.pooling or "mean"
+    hidden = bool(settings.query_expansion) and not settings.query_expansion_attend
     dp, impl = sharding.data_parallel_size(mesh), config.model.attention
     step = step_lib.make_step(config, mesh, model, head, pooling)
     lines = header(platform, count, mesh, config, step.abstract, frozen(model, mesh))
     data = pipeline.PipelineConfig.from_config(config)
     query, passage = data.buckets("query"), data.buckets("passage")
     for lq, lp in dict.fromkeys([(max(query), max(passage)), (min(query), min(passage))]):
-        arrays = step_lib.row_packing(config, mesh).pack_local(host_batch(config, lq, lp))
+        batch = host_batch(config, lq, lp, hidden_expansion=hidden)
+        arrays = step_lib.row_packing(config, mesh).pack_local(batch)
         args = (step.abstract, on(arrays, mesh), frozen(model, mesh))
         what = f"train step (rows x tokens: {rows(arrays)})"
         lines += lower(step.jitted("retrieval"), args, platform, what, impl)

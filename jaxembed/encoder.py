@@ -77,12 +77,12 @@ class Encoder:
         # Texts per row: several with packing, else one (a padded batch). A static shape.
         self.segments = MAX_SEGMENTS if packing else 1
 
-        def embed(params, ids, segment_ids, pool_ids):
+        def embed(params, ids, segment_ids, pool_ids, key_ids):
             """(rows, segments, dim) unit (or sparse) vectors of rows (`jaxembed.packing`)."""
             model = nnx.merge(graphdef, params["model"])
             # One text per row is a padded batch: key lengths, not a mask, for fused kernels.
             packed = segment_ids if self.segments > 1 else None
-            h = splade_inputs(model, model(ids, segment_ids > 0, segment_ids=packed), self.pooling)
+            h = splade_inputs(model, model(ids, key_ids > 0, segment_ids=packed), self.pooling)
             if self.multi_vector:  # (rows, length, dim): every token, through the head
                 h = h.astype(jnp.float32)
                 if "head" in params:
@@ -126,15 +126,14 @@ class Encoder:
         )
         return state if on_mesh else jax.device_put(state, sharding.replicated(self._mesh))
 
-    def _forward(self, ids: np.ndarray, segments: np.ndarray, pooled: np.ndarray) -> jax.Array:
-        """Embeddings ``(rows, segments, dim)`` of one batch of rows."""
+    def _forward(self, *arrays: np.ndarray) -> jax.Array:
+        """Embeddings ``(rows, segments, dim)`` of one batch of rows: its ids, segment ids,
+        pooled and attended segment ids (`jaxembed.packing.fill`)."""
         if self._mesh is None:
-            return self._jitted(
-                self._params, jnp.asarray(ids), jnp.asarray(segments), jnp.asarray(pooled)
-            )
-        rows, n = ids.shape[0], sharding.data_parallel_size(self._mesh)
+            return self._jitted(self._params, *map(jnp.asarray, arrays))
+        rows, n = arrays[0].shape[0], sharding.data_parallel_size(self._mesh)
         placed = []
-        for a in (ids, segments, pooled):
+        for a in arrays:
             a = np.concatenate([a, np.zeros((-rows % n, *a.shape[1:]), a.dtype)])
             # Each process supplies only the rows of its own devices (all hosts hold `a`).
             placed.append(
@@ -268,12 +267,14 @@ class Encoder:
         limit = self._limit(max_length)
         expansion = self.st.query_expansion if query else 0
         prompt_text = self.resolve_prompt(prompt_name, prompt)
-        ids = self.tokenize(list(texts), prompt_text, expansion or limit)
+        ids, hidden = self.tokenize(list(texts), prompt_text, expansion or limit), None
         if expansion:
-            ids = expand_queries(ids, expansion, self.tokenizer)
+            ids, hidden = expand_queries(
+                ids, expansion, self.tokenizer, self.st.query_expansion_attend
+            )
         out: list = [None] * len(ids)
         for rows, per_batch, length in self.batches(ids, batch_size, expansion or limit):
-            *arrays, where = fill(ids, rows, per_batch, length, self.pad_id, 0)
+            *arrays, where = fill(ids, rows, per_batch, length, self.pad_id, 0, hidden)
             emb, seg = np.asarray(self._forward(*arrays)), arrays[1]
             for text, row, segment in where:
                 out[text] = emb[row][seg[row] == segment + 1]

@@ -36,6 +36,7 @@ from jaxembed.retrieval import (
     mean_over_sets,
     on_mesh,
     reuse_last,
+    scored_by,
     st_encoder_fns,
 )
 
@@ -171,6 +172,9 @@ def _main(args) -> dict:
         raise EvalDataError(f"--data: two sets share a folder name: {[str(s) for s in sets]}")
     data = {p.name: load_beir(p, args.split) for p in sets}
     model = _load_backend(args)
+    if args.mteb and scored_by(model) == "MaxSim":
+        raise ValueError(f"{args.model}: --mteb scores one vector per text; a multi-vector "
+                         "model is evaluated without it (exact MaxSim search)")  # fmt: skip
     make_fns = encoder_fns if args.backend == "jax" else st_encoder_fns
     try:  # an undefined prompt name stops here, before anything is encoded
         q_fn, d_fn, prompts = make_fns(model, args.query_prompt, args.doc_prompt, args.batch_size)

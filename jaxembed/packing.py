@@ -91,19 +91,24 @@ def fill(
     length: int,
     pad_id: int,
     skip: int = 0,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    hidden: Sequence[int] | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """The ``(num_rows, length)`` arrays of ``rows`` (indices into ``tokens``), back to back.
 
-    Returns ``(ids, segments, pooled, where)``: token ids (``pad_id`` after the last text),
-    segment ids, the segment ids of the tokens to pool (each text's first ``skip`` tokens,
-    a prompt, are attended to but not pooled), and ``where``, one ``(text, row, segment -
-    1)`` per placed text: where its pooled embedding lands. Rows past ``len(rows)`` are empty.
+    Returns ``(ids, segments, pooled, keys, where)``: token ids (``pad_id`` after the last
+    text), segment ids, the segment ids of the tokens to pool (each text's first ``skip``
+    tokens, a prompt, are attended to but not pooled), the segment ids of the tokens
+    attended to (``segments`` but for each text's last ``hidden[text]`` tokens: ColBERT's
+    query expansion, which reads its text but which nothing reads), and ``where``, one
+    ``(text, row, segment - 1)`` per placed text: where its pooled embedding lands. Rows
+    past ``len(rows)`` are empty.
     """
     if len(rows) > num_rows:
         raise ValueError(f"{len(rows)} rows do not fit in a batch of {num_rows}")
     ids = np.full((num_rows, length), pad_id, np.int32)
     segments = np.zeros((num_rows, length), np.int32)
     pooled = np.zeros((num_rows, length), np.int32)
+    keys = np.zeros((num_rows, length), np.int32)
     where = []
     for r, texts in enumerate(rows):
         at = 0
@@ -114,6 +119,7 @@ def fill(
             ids[r, at:end] = tokens[i]
             segments[r, at:end] = s
             pooled[r, min(at + skip, end) : end] = s
+            keys[r, at : end - (hidden[i] if hidden is not None else 0)] = s
             where.append((i, r, s - 1))
             at = end
-    return ids, segments, pooled, np.asarray(where, np.int64).reshape(-1, 3)
+    return ids, segments, pooled, keys, np.asarray(where, np.int64).reshape(-1, 3)

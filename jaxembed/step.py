@@ -22,6 +22,8 @@ and a slot per text gathers its embedding back into the (B, dim) order the loss 
 B rows of the global batch, K hard negatives each:
 
     query_ids, query_seg, query_pool   (Rq, Lq) int32  ids, segment ids, pooled segments
+    query_keys                         (Rq, Lq) int32  the segment ids attended to (present
+                                       when ColBERT's query expansion is not attended)
     pos_ids, pos_seg                   (Rp, Lp) int32
     neg_ids, neg_seg                   (Rn, Lp) int32  (present when K > 0)
     query_slot, pos_slot, neg_slot     (B, 2), (B, 2), (B, K, 2) int32  (global row, segment - 1)
@@ -274,8 +276,9 @@ def texts_per_row(config) -> int:
 
 
 def make_encode(graphdef, pooling: str, segments: int) -> Callable:
-    """``encode(model_params, ids, seg, pool_seg, seeds) -> (rows, segments, hidden)``, fp32;
-    with `TOKENS` pooling (late interaction) every token's: ``(rows, length, hidden)``.
+    """``encode(model_params, ids, seg, pool_seg, seeds, keys=None) -> (rows, segments,
+    hidden)``, fp32; with `TOKENS` pooling (late interaction) every token's: ``(rows,
+    length, hidden)``. ``keys``: the segment ids of the tokens attended to (None: ``seg``).
 
     Rows of texts (`jaxembed.packing`): every text is pooled on its own, as if alone in its
     row. ``seeds`` (one per row, or None: no dropout) make each row's dropout masks depend
@@ -283,13 +286,14 @@ def make_encode(graphdef, pooling: str, segments: int) -> Callable:
     or the mesh. ``segments`` is the most texts a row holds (1: one per row).
     """
 
-    def encode(model_params, ids, seg, pool_seg, seeds):
+    def encode(model_params, ids, seg, pool_seg, seeds, keys=None):
         model = nnx.merge(graphdef, model_params)
         if seeds is not None:
             lora.seed_dropout(model, seeds)  # LoRA adapters' dropout, if any
         # One text per row is a padded batch: key lengths, not a mask, for fused kernels.
         packed = seg if segments > 1 else None
-        hidden = model(ids, seg > 0, segment_ids=packed, dropout_seed=seeds)
+        attended = (seg if keys is None else keys) > 0
+        hidden = model(ids, attended, segment_ids=packed, dropout_seed=seeds)
         if pooling == TOKENS:  # late interaction: every token's vector
             return hidden.astype(jnp.float32)
         hidden = splade_inputs(model, hidden, pooling)  # SPLADE pools the MLM logits
@@ -305,14 +309,16 @@ def text_tokens(seg: jax.Array, slots: jax.Array) -> jax.Array:
 
 
 def towers(batch: dict, seed) -> dict[str, tuple]:
-    """The encoder's inputs per tower: ``(ids, segment ids, pooled segments, row seeds)``."""
+    """The encoder's inputs per tower: ``(ids, segment ids, pooled segments, row seeds,
+    attended segment ids or None)``."""
     out = {}
     kinds = (("query", "query_pool"), ("pos", "pos_seg"), ("neg", "neg_seg"))
     for t, (name, pool_key) in enumerate(kinds):
         if f"{name}_ids" in batch:
             ids = batch[f"{name}_ids"]
             seeds = gradcache.row_seeds(seed, t, ids.shape[0])
-            out[name] = (ids, batch[f"{name}_seg"], batch[pool_key], seeds)
+            keys = batch.get(f"{name}_keys")
+            out[name] = (ids, batch[f"{name}_seg"], batch[pool_key], seeds, keys)
     return out
 
 

@@ -64,13 +64,21 @@ def append_eos(tokenizer, pooling: str):
     return tokenizer
 
 
-def expand_queries(ids: list[list[int]], length: int, tokenizer) -> list[list[int]]:
+def expand_queries(
+    ids: list[list[int]], length: int, tokenizer, attend: bool
+) -> tuple[list[list[int]], list[int] | None]:
     """ColBERT's query augmentation on queries tokenized to at most ``length`` tokens: each
-    padded to exactly ``length`` with the mask token, which the encoder attends to and
-    MaxSim scores (sentence-transformers' ``query_expansion``: fixed, attended, the mask
-    token). A query that fills ``length`` is the truncated one sentence-transformers reads."""
+    padded to exactly ``length`` with the mask token, which MaxSim scores
+    (sentence-transformers' ``query_expansion``: fixed, the mask token). A query that fills
+    ``length`` is the truncated one sentence-transformers reads.
+
+    Returns ``(ids, hidden)``: the expanded queries and, unless ``attend`` (the encoder
+    attends to the expansion too), each query's count of expansion tokens, which read the
+    query but which no token reads (`jaxembed.packing.fill`'s ``hidden``): classic ColBERT.
+    """
     mask = expansion_token(tokenizer)
-    return [list(x) + [mask] * (length - len(x)) for x in ids]
+    hidden = None if attend else [length - len(x) for x in ids]
+    return [list(x) + [mask] * (length - len(x)) for x in ids], hidden
 
 
 def expansion_token(tokenizer) -> int:

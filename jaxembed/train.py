@@ -34,7 +34,7 @@ from jaxembed.data import pipeline, readers
 from jaxembed.data.pipeline import NO_STOP, PREEMPTED, TIME_LIMIT
 from jaxembed.export_meta import run_meta, trained_prompts
 from jaxembed.files import local_copy, run_path
-from jaxembed.hf.sentence_transformers import read_st_config
+from jaxembed.hf.sentence_transformers import STConfig, read_st_config
 from jaxembed.models import attention as attention_lib
 from jaxembed.models import lora
 from jaxembed.retrieval import Evaluator, on_mesh
@@ -167,7 +167,7 @@ def open_run(config, workdir, log: RunLog):
             f"config.data.max_query_length={config.data.max_query_length}: queries are "
             f"{st.query_expansion} tokens with the model's query expansion; set it to that"
         )
-    sources, builder = open_data(config, model_dir, log, st.query_expansion)
+    sources, builder = open_data(config, model_dir, log, st)
     return model_dir, st, pooling, builder, run_meta(config, model_dir, pooling, sources)
 
 
@@ -278,10 +278,10 @@ def run_step(step, state, batch: dict, task: str, frozen, compiled: set, log):
 
 
 def open_data(
-    config, model_dir: Path, log, query_expansion: int = 0
+    config, model_dir: Path, log, st: STConfig | None = None
 ) -> tuple[list, pipeline.BatchBuilder]:
     """The training sources (checked the same on every host) and this host's batch builder
-    (queries expanded to ``query_expansion`` tokens, a multi-vector model's, if not 0)."""
+    (queries expanded as the model's settings ``st`` say, a multi-vector model's)."""
     sources = readers.open_sources(
         list(config.data.train), skip_bad=config.data.skip_bad, columns=dict(config.data.columns)
     )
@@ -304,7 +304,9 @@ def open_data(
         sources,
         str(model_dir),
         dataclasses.replace(
-            pipeline.PipelineConfig.from_config(config), query_expansion=query_expansion
+            pipeline.PipelineConfig.from_config(config),
+            query_expansion=st.query_expansion if st else 0,
+            query_expansion_attend=st.query_expansion_attend if st else False,
         ),
         config.train.steps,
         jax.process_index(),

@@ -49,8 +49,8 @@ def prepare_model_dir(source: str, target, pooling: str = "", **output) -> Path:
     ``target`` may be a bucket folder: built locally, then uploaded, config.json last.
     ``output`` (`config.output_type`) makes the run another model type (`hf.
     sentence_transformers.output_settings`): ``sparse="csr"`` appends an autoencoder to a
-    dense model, ``"splade"`` pools the MLM head's logits, ``multi_vector=(dim, expansion)``
-    keeps every token (a folder already of the type keeps its own).
+    dense model, ``"splade"`` pools the MLM head's logits, ``multi_vector=(dim, expansion,
+    attended)`` keeps every token (a folder already of the type keeps its own).
     """
     if (target / "config.json").exists():
         return target

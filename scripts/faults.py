@@ -99,9 +99,18 @@ def cases(tmp: Path, model: Path):
         train(tmp, "r-nan", data, "--config.optim.lr=1e30", "--config.optim.warmup_steps=0"),
     )
     yield "truncated safetensors", train(tmp, "r-trunc", data, f"--config.model.path={truncated}")
-    bucket = train(tmp, "r-gs", data)
-    bucket[bucket.index("--workdir") + 1] = "gs://my-bucket/runs/x"
-    yield "a bucket URL as the workdir", bucket
+    bucket = train(tmp, "r-s3", data)
+    bucket[bucket.index("--workdir") + 1] = "s3://my-bucket/runs/x"
+    yield "an S3 URL as the workdir (gs:// is read and written)", bucket
+    yield (
+        "SPLADE on a model without an MLM head",
+        train(tmp, "r-splade", data, "--config.model.sparse=splade"),
+    )
+    yield (
+        "ColBERT queries longer than their expansion",
+        train(tmp, "r-colbert", data, "--config.model.multi_vector_dim=16",
+              "--config.model.query_expansion=16"),
+    )  # fmt: skip
     yield (
         "cuDNN asked for where it cannot run (dry run)",
         train(tmp, "r-dry", data, "--dry-run", "gpu:1", "--config.model.attention=cudnn"),

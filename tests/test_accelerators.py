@@ -197,15 +197,20 @@ def tiny_folder(kind: str, tmp_path):
         ("modernbert", "gpu:8", ["cudnn in", "xla (cuDNN: two-sided window"]),
         ("embeddinggemma", "gpu:1", ["cudnn in", "xla (cuDNN: two-sided window"]),
         ("qwen3", "gpu:2", ["attention: cudnn (auto on gpu)"]),
+        ("colbert", "gpu:2", ["attention: cudnn (auto on gpu)"]),
     ],
 )
 def test_dry_run_reports_each_backbones_masks(kind, target, want, tmp_path):
     """Windows both ways, causal and grouped-query heads, bf16, packed rows: each backbone's
     step and encoder lower for the target; `auto` runs the fused kernel where it can, XLA
     (saying why) for ModernBERT's and EmbeddingGemma's two-sided windows, which cuDNN asked
-    for by name refuses in one line."""
+    for by name refuses in one line. ``colbert``: BERT as a multi-vector model whose query
+    expansion nothing attends to (the step's query rows with keys of their own)."""
     c = config_lib.default_config()
     c.model.path, c.model.dtype = str(tiny_folder(kind, tmp_path)), "bfloat16"
+    if kind == "colbert":
+        c.model.multi_vector_dim, c.model.query_expansion = 8, 128
+        c.model.query_expansion_attend = False
     c.train.global_batch, c.train.packing, c.eval.batch_size = 16, True, 16
     c.data.max_query_length = c.data.max_passage_length = 128
     c.data.query_buckets = c.data.passage_buckets = (128,)

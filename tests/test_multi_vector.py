@@ -23,8 +23,9 @@ DOCS = ["apt installs packages.", "dpkg is the low-level tool under apt", "x"]
 
 @pytest.fixture(scope="module")
 def colbert_runs(train_setup, tmp_path_factory):
-    """A 16-dimension token projection on the tiny BERT, queries expanded to 16 tokens,
-    prompts as markers; four steps straight, and a copy cut back to its step 2 and resumed."""
+    """A 16-dimension token projection on the tiny BERT, queries expanded to 16 tokens that
+    are not attended to (classic ColBERT), prompts as markers; four steps straight, and a
+    copy cut back to its step 2 and resumed."""
     from trainrun import tiny_config
 
     from jaxembed import train
@@ -34,8 +35,9 @@ def colbert_runs(train_setup, tmp_path_factory):
     def config():
         return tiny_config(
             train_setup, steps=4, model__multi_vector_dim=16, model__query_expansion=16,
-            data__query_prefix="[Q] ", data__passage_prefix="[D] ", loss__temperature=1.0,
-            ckpt__every=2, data__train=train_setup[2][:1],
+            model__query_expansion_attend=False, data__query_prefix="[Q] ",
+            data__passage_prefix="[D] ", loss__temperature=1.0, ckpt__every=2,
+            data__train=train_setup[2][:1],
         )  # fmt: skip
 
     straight = train.main(config(), base / "straight")
@@ -59,9 +61,10 @@ def test_the_export_is_a_multi_vector_encoder_with_our_tokens_and_scores(
     colbert_runs, train_setup, tmp_path
 ):
     """sentence-transformers 6's MultiVectorEncoder loads the export: its query tokens
-    (markers, expansion to 16) and document tokens, and its MaxSim scores, are ours (the
-    run's and the exported folder's through jaxembed.load); `jaxembed.evaluate` gives the
-    same metrics through either backend."""
+    (markers, expansion to 16, not attended) and document tokens, and its MaxSim scores,
+    are ours (the run's and the exported folder's through jaxembed.load, packed or not);
+    `jaxembed.evaluate` gives the same metrics through either backend. The folder's
+    expansion made attended reads as sentence-transformers reads it, and differently."""
     from sentence_transformers import MultiVectorEncoder
 
     import jaxembed
@@ -73,6 +76,7 @@ def test_the_export_is_a_multi_vector_encoder_with_our_tokens_and_scores(
     assert convert.main(["--checkpoint", str(base / "straight"), "--out", str(out)]) == 0
     st = read_st_config(out)
     assert st.multi_vector and st.query_expansion == 16 and st.normalize
+    assert not st.query_expansion_attend
     assert [(x.kind, x.in_features, x.out_features, x.bias) for x in st.head] == [
         ("dense", 32, 16, False)
     ]
@@ -83,14 +87,23 @@ def test_the_export_is_a_multi_vector_encoder_with_our_tokens_and_scores(
     q = ours.encode_tokens(QUERIES, "query", query=True)
     d = ours.encode_tokens(DOCS, "document")
     assert [len(x) for x in q] == [16, 16] and all(x.shape[1] == 16 for x in d)
-    exported = jaxembed.load(out)
-    for a, b in zip(exported.encode_tokens(QUERIES, "query", query=True), q, strict=True):
+    packed = jaxembed.load(out, packing=True)
+    for a, b in zip(packed.encode_tokens(QUERIES, "query", query=True), q, strict=True):
         assert_close(a, b)
     ref = MultiVectorEncoder(str(out), device="cpu")
     theirs_q, theirs_d = ref.encode_query(QUERIES), ref.encode_document(DOCS)
     for a, b in zip([*theirs_q, *theirs_d], [*q, *d], strict=True):
         assert a.shape == b.shape
         assert_close(a.numpy(), b)
+    attended = tmp_path / "attended"  # the same weights, the expansion attended
+    shutil.copytree(out, attended)
+    cfg_file = attended / "sentence_bert_config.json"
+    cfg_file.write_text(cfg_file.read_text().replace('"attend": false', '"attend": true'))
+    mine = jaxembed.load(attended).encode_tokens(QUERIES, "query", query=True)
+    theirs = MultiVectorEncoder(str(attended), device="cpu").encode_query(QUERIES)
+    for a, b in zip(theirs, mine, strict=True):
+        assert_close(a.numpy(), b)
+    assert np.abs(mine[0] - q[0]).max() > 1e-3  # the short query's expansion now read
     scores = np.asarray(
         search.maxsim(search.padded_tokens(q, True), search.padded_tokens(d, False))
     )
@@ -103,6 +116,8 @@ def test_the_export_is_a_multi_vector_encoder_with_our_tokens_and_scores(
     torch_side = evaluate.main([*dev, "--backend", "sentence-transformers"])["mean"]
     assert_close(torch_side, jax_side, tol=1e-4)
     assert torch.is_tensor(theirs_q[0])
+    with pytest.raises(SystemExit):  # MTEB scores one vector per text: refused in one line
+        evaluate.main([*dev, "--mteb"])
 
 
 def test_multi_vector_settings_are_checked_in_one_line(train_setup, tmp_path):

@@ -361,12 +361,14 @@ def test_distillation_is_the_same_packed_on_a_mesh_with_gradcache_and_matryoshka
 
 def test_late_interaction_is_the_same_packed_on_a_mesh_with_gradcache():
     """Multi-vector (ColBERT): every token projected by a bias-free Dense (32 -> 16),
-    normalised, MaxSim InfoNCE with KL distillation, symmetric: one text per row on one
-    device equals packed rows (a text's row-mates masked out of its token set) on the 2x4
-    mesh with GradCache chunks of 8, the projection's gradients included; and it is not the
-    pooled model's loss."""
+    normalised, MaxSim InfoNCE with KL distillation, symmetric, each query's last tokens an
+    expansion no token attends to: one text per row on one device equals packed rows (a
+    text's row-mates masked out of its token set) on the 2x4 mesh with GradCache chunks of
+    8, the projection's gradients included; and it is not the pooled model's loss."""
     host = random_batch(seed=5)
-    host["teacher"] = np.random.default_rng(2).normal(0, 3, (B, 1 + K)).astype(np.float32)
+    rng = np.random.default_rng(2)
+    host["teacher"] = rng.normal(0, 3, (B, 1 + K)).astype(np.float32)
+    host["query_hidden"] = [int(rng.integers(0, len(q))) for q in host["query"]]
     packing = pipeline.Packing((LQ,), (LP,), granule=8, num_segments=8)
     head = [HeadLayer("dense", 32, 16, bias=False), HeadLayer("normalize")]
     results = []
@@ -378,11 +380,14 @@ def test_late_interaction_is_the_same_packed_on_a_mesh_with_gradcache():
         c.loss.symmetric, c.loss.kl_weight.retrieval = True, 0.5
         step = step_lib.make_step(c, mesh, tiny_model(), build_head(head, 32), "tokens")
         state = step.init(tiny_model(), build_head(head, 32))
+        assert (b["query_keys"] != b["query_seg"]).any()  # the expansion is hidden
         results.append(loss_and_grads(step, state, b))
     assert_close(results[1], results[0])
     assert np.abs(results[0][1]["head"]["dense"][0]["linear"]["kernel"]).max() > 0
     pooled = step_lib.make_step(c, mesh, tiny_model(), build_head(head, 32), "mean")
     assert abs(loss_and_grads(pooled, state, b)[0] - results[1][0]) > 1e-2
+    attended = {k: v for k, v in b.items() if k != "query_keys"}  # the expansion attended
+    assert abs(loss_and_grads(step, state, attended)[0] - results[1][0]) > 1e-4
 
 
 def test_chunk_and_batch_errors():

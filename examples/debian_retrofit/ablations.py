@@ -34,8 +34,9 @@ bench: mean nDCG@10 over the dev zero-shot languages
   sentence-transformers' scale (``csr``: temperature 1) and at the recipe's (``csr-t0.05``).
 - ``multi_vector``: the recipe (its ``recipe`` cell's run, dense) against the recipe as a
   multi-vector model (``configs/multi_vector.py``: 128 dimensions a token, 32-token expanded
-  queries, MaxSim, temperature 1; ``colbert``), at ``--steps`` of its own (equal wall time:
-  the steps the dense run's time buys); zero-shot languages only for ``colbert`` (exact
+  queries, MaxSim, temperature 1; ``colbert``; ``colbert-hidden``: the expansion tokens
+  not attended to, as classic ColBERT), at ``--steps`` of its own (equal wall time: the
+  steps the dense run's time buys); zero-shot languages only for the ColBERT cells (exact
   MaxSim search is slow on 2 cores).
 - ``recipe``: the whole recipe (``config.py``: mined-linked groups, symmetric loss with
   false-negative masking, lr 1e-4, dropout off, the Cyrillic rewrite) on mixed positives,
@@ -87,7 +88,7 @@ STUDIES = {
     "recipe": tuple(RECIPE_CELLS),
     "quantization": ("float", "binary", "binary-w2", "binary-w4"),
     "sparse": ("dense", "csr", "csr-t0.05"),
-    "multi_vector": ("dense", "colbert"),
+    "multi_vector": ("dense", "colbert", "colbert-hidden"),
 }
 # Recipe-based studies: the recipe's batches and query rewrite, its run as the dense cell.
 RECIPE_STUDIES = ("recipe", "quantization", "sparse", "multi_vector")
@@ -145,8 +146,9 @@ def cell_data(study: str, cell: str, out: Path, examples: int) -> tuple[list[Pat
             overrides = ["--config.loss.quantization=binary",
                          f"--config.loss.quantization_weight={weight}"]  # fmt: skip
         return [mined_pairs(out, examples, "mix")], overrides
-    if study == "multi_vector":
-        return [mined_pairs(out, examples, "mix")], []
+    if study == "multi_vector":  # colbert-hidden: classic ColBERT's unattended expansion
+        hidden = ["--config.model.query_expansion_attend=False"] if cell == "colbert-hidden" else []
+        return [mined_pairs(out, examples, "mix")], hidden
     if study == "sparse":
         overrides = []
         if cell != "dense":
@@ -196,7 +198,7 @@ def run_cell(study, cell, seed, args) -> dict:
     if (study, cell) in DENSE_CELLS:  # the recipe's run
         workdir = args.out / "recipe" / f"recipe-seed{seed}-{args.steps}x{args.batch}"
     config = HERE / "config.py"
-    if (study, cell) == ("multi_vector", "colbert"):  # the recipe, a vector per token
+    if cell.startswith("colbert"):  # the recipe, a vector per token
         config = ROOT / "configs" / "multi_vector.py"
     workdir.parent.mkdir(parents=True, exist_ok=True)
     cmd = [
@@ -222,7 +224,7 @@ def run_cell(study, cell, seed, args) -> dict:
             str(workdir),
             DEBIAN,
             "binary" if study == "quantization" else "none",
-            zero_shot_only=cell == "colbert",
+            zero_shot_only=cell.startswith("colbert"),
         ),
     }
 

@@ -105,8 +105,10 @@ class PipelineConfig:
     passage_prefix: str = _DATA.passage_prefix
     instruction_template: str = _DATA.instruction_template
     # A multi-vector model's query expansion (the run folder's, not config.data's): queries
-    # padded with the mask token to this many tokens (`tokenizer.expand_queries`); 0: none.
+    # padded with the mask token to this many tokens (`tokenizer.expand_queries`); 0: none;
+    # attended by the encoder or not (then the step's batch holds ``query_keys``).
     query_expansion: int = 0
+    query_expansion_attend: bool = False
 
     @classmethod
     def from_config(cls, config) -> PipelineConfig:
@@ -423,9 +425,11 @@ class BatchBuilder:
             g if g is not None and g.random() < cfg.query_transform_rate else None for g in rngs
         ]
         texts = [self.query_text(r, g) for r, g in zip(records, rngs, strict=True)]
-        q_ids = self._tokenize(texts, cfg.max_query_length)
+        q_ids, q_hidden = self._tokenize(texts, cfg.max_query_length), None
         if cfg.query_expansion:
-            q_ids = expand_queries(q_ids, cfg.query_expansion, self.tokenizer)
+            q_ids, q_hidden = expand_queries(
+                q_ids, cfg.query_expansion, self.tokenizer, cfg.query_expansion_attend
+            )
         p_ids = self._tokenize(
             [cfg.passage_prefix + r["positive"] for r in records], cfg.max_passage_length
         )
@@ -438,6 +442,7 @@ class BatchBuilder:
             neg_hash[r, : len(negs)] = [text_hash(t) for t in negs]
         return {
             "query": q_ids,
+            "query_hidden": q_hidden,  # expansion tokens no token attends to, or None
             "pos": p_ids,
             "neg": n_ids,
             "neg_valid": valid,
@@ -459,12 +464,14 @@ class BatchBuilder:
 # for padding, and ``<tower>_slot``: for every text, (global row, segment - 1), where the
 # step finds its pooled embedding in the (R, segments, dim) output. With one text per row
 # this is a padded batch. Absent texts (padded hard negatives) take no room; their slot is
-# any valid one and ``neg_valid`` masks them in the loss.
+# any valid one and ``neg_valid`` masks them in the loss. ``query_keys`` (the segment ids
+# attended to) is there only when a multi-vector model's query expansion is not attended.
 
 STEP_KEYS = (
     "query_ids",
     "query_seg",
     "query_pool",
+    "query_keys",
     "query_slot",
     "pos_ids",
     "pos_seg",
@@ -549,8 +556,9 @@ class Packing:
         out["teacher"] = batch.get("teacher", np.full((b, 1 + k), np.nan, np.float32))
         for name, plan in plans.items():
             length = lengths["query" if name == "query" else "passage"]
-            ids, seg, pooled, where = fill(
-                batch[name], plan, rows[name], length, int(batch["pad_id"])
+            hidden = batch.get(f"{name}_hidden")
+            ids, seg, pooled, keys, where = fill(
+                batch[name], plan, rows[name], length, int(batch["pad_id"]), hidden=hidden
             )
             slot = np.zeros((len(batch[name]), 2), np.int32)
             slot[:, 0] = global_rows[name][0]
@@ -559,6 +567,8 @@ class Packing:
             out[f"{name}_ids"], out[f"{name}_seg"] = ids, seg
             if name == "query":
                 out["query_pool"] = pooled
+            if hidden is not None:
+                out[f"{name}_keys"] = keys
             out[f"{name}_slot"] = (
                 slot.reshape(*batch["neg_valid"].shape, 2) if name == "neg" else slot
             )

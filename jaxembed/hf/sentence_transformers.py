@@ -73,8 +73,10 @@ class STConfig:
     head_dirs: tuple[str, ...] = ()
     normalize: bool = False
     # A multi-vector model's query expansion (ColBERT): every query cut or padded with the
-    # mask token to this many tokens, all attended and scored (0: none).
+    # mask token to this many tokens, all scored (0: none); attended by the encoder or, as
+    # sentence-transformers defaults, not (they read the query, nothing reads them).
     query_expansion: int = 0
+    query_expansion_attend: bool = False
 
     @property
     def has_weights(self) -> bool:
@@ -159,7 +161,7 @@ def read_st_config(path: str | Path) -> STConfig:
         cfg = _read_json(bert_cfg)
         st.max_seq_length = cfg.get("max_seq_length")
         st.do_lower_case = bool(cfg.get("do_lower_case", False))
-        st.query_expansion = _query_expansion(cfg, bert_cfg)
+        st.query_expansion, st.query_expansion_attend = _query_expansion(cfg, bert_cfg)
     st_cfg = path / "config_sentence_transformers.json"
     if st_cfg.exists():
         cfg = _read_json(st_cfg)
@@ -232,22 +234,24 @@ def _check_mask(cfg_file: Path) -> None:
             raise ValueError(f"{cfg_file}: {key}={cfg[key]!r}; supported: none (every token)")
 
 
-def _query_expansion(cfg: dict, cfg_file: Path) -> int:
-    """The Transformer's ``query_expansion`` as its length (0: none); only ColBERT's fixed
-    width with the expansion tokens attended, by the tokenizer's mask token."""
+def _query_expansion(cfg: dict, cfg_file: Path) -> tuple[int, bool]:
+    """The Transformer's ``query_expansion`` as (length, attended) ((0, False): none); only
+    ColBERT's fixed width, by the tokenizer's mask token."""
     for key in ("query_length", "document_length"):
         if cfg.get(key) is not None:
             raise ValueError(f"{cfg_file}: {key}={cfg[key]!r}; supported: null (max_seq_length)")
     qe = cfg.get("query_expansion")
     if qe is None:
-        return 0
-    got = (qe.get("strategy"), qe.get("attend", False), qe.get("token"))
-    if got[:2] != ("fixed", True) or got[2] is not None or not qe.get("length"):
+        return 0, False
+    attend = qe.get("attend", False)
+    if qe.get("strategy") != "fixed" or qe.get("token") is not None or not qe.get("length"):
         raise ValueError(
-            f"{cfg_file}: query_expansion {qe}; supported: strategy fixed, attend true, token "
-            "null (the mask token), a length"
+            f"{cfg_file}: query_expansion {qe}; supported: strategy fixed, token null (the "
+            "mask token), a length"
         )
-    return int(qe["length"])
+    if not isinstance(attend, bool):
+        raise ValueError(f"{cfg_file}: query_expansion attend={attend!r}; true or false")
+    return int(qe["length"]), attend
 
 
 def _splade_pooling(cfg_file: Path) -> str:
@@ -381,24 +385,30 @@ def csr_layer(
 
 
 def output_settings(
-    st: STConfig, hidden_size: int, sparse: str = "none", csr: tuple = (), multi_vector=(0, 0)
+    st: STConfig,
+    hidden_size: int,
+    sparse: str = "none",
+    csr: tuple = (),
+    multi_vector=(0, 0, False),
 ) -> STConfig:
     """The sentence-transformers settings of a run started from a folder with ``st``, per
     the model type its config asks for: ``sparse`` (``model.sparse``) SPLADE pooling, or the
     folder's head, a Normalize and `csr_layer` (``csr``: its sizes); ``multi_vector`` =
-    (``model.multi_vector_dim``, ``model.query_expansion``) a MultiVectorEncoder: every
-    token's last hidden state through a bias-free Dense to that many dimensions, normalised
-    (sentence-transformers' default head). A folder already of the asked type keeps its own
-    (a multi-vector one takes a new query expansion); without either, ``st`` itself."""
-    dim, expansion = multi_vector
-    if expansion and not (dim or st.multi_vector):
+    (``model.multi_vector_dim``, ``model.query_expansion``, ``model.query_expansion_attend``)
+    a MultiVectorEncoder: every token's last hidden state through a bias-free Dense to that
+    many dimensions, normalised (sentence-transformers' default head). A folder already of
+    the asked type keeps its own (a multi-vector one takes a new query expansion); without
+    either, ``st`` itself."""
+    dim, length, attend = multi_vector
+    if length and not (dim or st.multi_vector):
         raise ValueError("model.query_expansion is ColBERT's: it needs model.multi_vector_dim")
+    expansion = dict(query_expansion=length, query_expansion_attend=attend and bool(length))
     if dim and not st.multi_vector:
         head = (HeadLayer("dense", hidden_size, dim, bias=False),)
         return dataclasses.replace(st, pooling=TOKENS, head=head, head_dirs=("1_Dense",),
-                                   normalize=True, query_expansion=expansion)  # fmt: skip
+                                   normalize=True, **expansion)  # fmt: skip
     if st.multi_vector:
-        return dataclasses.replace(st, query_expansion=expansion or st.query_expansion)
+        return dataclasses.replace(st, **expansion) if length else st
     if sparse == "splade" and st.pooling != SPLADE:
         return dataclasses.replace(st, pooling=SPLADE, head=(), head_dirs=(), normalize=False)
     if sparse == "csr" and not st.sparse:
@@ -563,7 +573,7 @@ def _write_multi_vector(path: Path, st: STConfig, head: Head | None) -> list[str
                                                    "module_output_name": _TOKEN})  # fmt: skip
     expansion = None
     if st.query_expansion:
-        expansion = {"strategy": "fixed", "attend": True, "token": None,
+        expansion = {"strategy": "fixed", "attend": st.query_expansion_attend, "token": None,
                      "length": st.query_expansion}  # fmt: skip
     transformer = {
         "transformer_task": "feature-extraction",

@@ -64,11 +64,14 @@ class Mask:
     @classmethod
     def of(cls, attention_mask, segment_ids=None, *, causal=False, impl="auto") -> Mask:
         """The mask of a backbone's inputs: packed rows by ``segment_ids`` (padding 0 sees
-        padding, so no query is left without keys), else ``attention_mask`` (1 real, 0
-        padding), where every query of a row with text sees that text's tokens."""
+        padding, so no query is left without keys), else by row, where every query of a row
+        with text sees that text's tokens. Either way only the keys ``attention_mask`` marks
+        (1, else 0: padding, or ColBERT's query expansion, which reads its text but is
+        read by none of it) are seen."""
         if segment_ids is not None:
             seg = segment_ids.astype(jnp.int32)
-            return cls(seg, seg, causal=causal, packed=True, impl=impl)
+            kv = jnp.where(attention_mask > 0, seg, 0)
+            return cls(seg, kv, causal=causal, packed=True, impl=impl)
         kv = (attention_mask > 0).astype(jnp.int32)
         # A row of padding only (batch filler) sees its padding: finite, and never read.
         q = jnp.broadcast_to(jnp.max(kv, axis=1, keepdims=True), kv.shape)
