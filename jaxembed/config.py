@@ -95,7 +95,7 @@ class Field:
         """The allowed values and the help, as ``--help`` shows them."""
         parts = [f"one of {list(self.choices)}"] if self.choices else []
         parts += [f"must {self.bounds()}"] if self.bounds() else []
-        parts += ["None: off"] if self.none_ok else []
+        parts += ["None: off"] if self.none_ok and self.default is not None else []
         parts += ["must match on resume"] if self.resume else []
         return "; ".join(parts + ([self.help] if self.help else []))
 
@@ -165,10 +165,12 @@ SCHEMA = Group(
             resume=True,
         ),
         query_expansion_attend=Field(
-            True,
-            "with model.query_expansion: whether the encoder attends to the expansion tokens "
-            "(sentence-transformers' and PyLate's attend; False: classic ColBERT, where they "
-            "read the query but nothing reads them)",
+            None,
+            "whether the encoder attends to the query expansion's tokens (sentence-transformers' "
+            "attend; false: classic ColBERT, they read the query but nothing reads them). "
+            "None: a multi-vector folder's own, else false, sentence-transformers' default",
+            choices=(True, False),
+            none_ok=True,
             resume=True,
         ),
         csr_hidden_dim=Field(0, "0 = 4x the embedding size", at_least=0, resume=True),
@@ -594,8 +596,9 @@ def override(config: ml_collections.ConfigDict, key: str, text: str) -> None:
             raise ValueError(f"--config.{key}: config.{'.'.join(parents[: i + 1])} is not a group")
         group = group[part]
     field, parent = FIELDS.get(key), FIELDS.get(".".join(parents))
-    if field is not None:
-        group[name] = _parse(text, field.default, key, field.none_ok)
+    if field is not None:  # a setting None by default parses as its choices' type
+        like = field.default if field.default is not None or not field.choices else field.choices[0]
+        group[name] = _parse(text, like, key, field.none_ok)
     elif parent is not None and (parent.keys is None or name in parent.keys):
         # An entry of a dict setting: typed like the entry it replaces, if any.
         group[name] = _parse(text, group.get(name), key)

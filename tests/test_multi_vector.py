@@ -144,6 +144,26 @@ def test_multi_vector_settings_are_checked_in_one_line(train_setup, tmp_path):
         train.main(c, tmp_path / "d")
 
 
+def test_a_folders_query_expansion_is_kept_unless_the_config_names_another():
+    """`output_settings`: a new expansion is not attended unless asked (sentence-transformers'
+    default); a multi-vector folder keeps its length and attend unless the config names
+    them; attend without any expansion is one line."""
+    from jaxembed.hf.sentence_transformers import STConfig, output_settings
+
+    def settings(st, length=0, attend=None, dim=0):
+        out = output_settings(st, 32, multi_vector=(dim, length, attend))
+        return out, (out.query_expansion, out.query_expansion_attend)
+
+    classic, got = settings(STConfig(), 8, dim=16)
+    assert classic.multi_vector and got == (8, False)
+    attended, got = settings(classic, attend=True)
+    assert got == (8, True)
+    assert settings(attended)[1] == settings(attended, 8)[1] == (8, True)
+    assert settings(attended, 12, False)[1] == (12, False)
+    with pytest.raises(ValueError, match=r"query_expansion_attend: the model has no query exp"):
+        settings(STConfig(), attend=True, dim=16)
+
+
 def test_a_multi_vector_model_mines_by_maxsim(colbert_runs, train_setup, tmp_path):
     """Mining with a multi-vector model: every query's tokens (expanded) against every
     document's by exact MaxSim, cached as (texts, tokens, dim) shards; the cosine default

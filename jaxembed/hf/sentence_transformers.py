@@ -389,7 +389,7 @@ def output_settings(
     hidden_size: int,
     sparse: str = "none",
     csr: tuple = (),
-    multi_vector=(0, 0, False),
+    multi_vector=(0, 0, None),
 ) -> STConfig:
     """The sentence-transformers settings of a run started from a folder with ``st``, per
     the model type its config asks for: ``sparse`` (``model.sparse``) SPLADE pooling, or the
@@ -397,18 +397,25 @@ def output_settings(
     (``model.multi_vector_dim``, ``model.query_expansion``, ``model.query_expansion_attend``)
     a MultiVectorEncoder: every token's last hidden state through a bias-free Dense to that
     many dimensions, normalised (sentence-transformers' default head). A folder already of
-    the asked type keeps its own (a multi-vector one takes a new query expansion); without
-    either, ``st`` itself."""
+    the asked type keeps its own (a multi-vector one takes a new query expansion, or a new
+    attend; attend None keeps the folder's, whose default is sentence-transformers');
+    without either, ``st`` itself."""
     dim, length, attend = multi_vector
     if length and not (dim or st.multi_vector):
         raise ValueError("model.query_expansion is ColBERT's: it needs model.multi_vector_dim")
-    expansion = dict(query_expansion=length, query_expansion_attend=attend and bool(length))
+    if attend is not None and not (length or st.query_expansion):
+        raise ValueError("model.query_expansion_attend: the model has no query expansion "
+                         "(set model.query_expansion)")  # fmt: skip
+    expansion = dict(
+        query_expansion=length or st.query_expansion,
+        query_expansion_attend=st.query_expansion_attend if attend is None else attend,
+    )
     if dim and not st.multi_vector:
         head = (HeadLayer("dense", hidden_size, dim, bias=False),)
         return dataclasses.replace(st, pooling=TOKENS, head=head, head_dirs=("1_Dense",),
                                    normalize=True, **expansion)  # fmt: skip
     if st.multi_vector:
-        return dataclasses.replace(st, **expansion) if length else st
+        return dataclasses.replace(st, **expansion)
     if sparse == "splade" and st.pooling != SPLADE:
         return dataclasses.replace(st, pooling=SPLADE, head=(), head_dirs=(), normalize=False)
     if sparse == "csr" and not st.sparse:
