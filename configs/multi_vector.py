@@ -5,9 +5,11 @@ vector per token.
 Dense (384 -> 128, new, randomly initialised, as sentence-transformers' MultiVectorEncoder
 starts a bare model) and is normalised; a query scores a document by MaxSim, the sum over
 the query's tokens of its best cosine with a document token. Queries are ColBERT's: 32
-tokens, padded with [MASK] (``model.query_expansion=32``, attended and scored), and the
-texts carry sentence-transformers' markers as prompts ("[Q] ", "[D] "). The loss is the
-recipe's symmetric InfoNCE with in-batch and hard negatives, on MaxSim / temperature:
+tokens, padded with [MASK] (``model.query_expansion=32``), which MaxSim scores and which
+read the query but nothing reads (classic ColBERT and sentence-transformers' default;
+``model.query_expansion_attend=True`` scored the same on Debian dev: bench/RESULTS.md),
+and the texts carry sentence-transformers' markers as prompts ("[Q] ", "[D] "). The loss
+is the recipe's symmetric InfoNCE with in-batch and hard negatives, on MaxSim / temperature:
 1.0, sentence-transformers' and PyLate's default for an unbounded score (a sum over 32
 query tokens).
 

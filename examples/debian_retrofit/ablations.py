@@ -33,11 +33,11 @@ bench: mean nDCG@10 over the dev zero-shot languages
   autoencoder appended (``model.sparse="csr"``: 1,536 latents, 96 kept, dot product), at
   sentence-transformers' scale (``csr``: temperature 1) and at the recipe's (``csr-t0.05``).
 - ``multi_vector``: the recipe (its ``recipe`` cell's run, dense) against the recipe as a
-  multi-vector model (``configs/multi_vector.py``: 128 dimensions a token, 32-token expanded
-  queries, MaxSim, temperature 1; ``colbert``; ``colbert-hidden``: the expansion tokens
-  not attended to, as classic ColBERT), at ``--steps`` of its own (equal wall time: the
-  steps the dense run's time buys); zero-shot languages only for the ColBERT cells (exact
-  MaxSim search is slow on 2 cores).
+  multi-vector model (``configs/multi_vector.py``: 128 dimensions a token, 32-token queries
+  expanded with [MASK] that nothing attends to, MaxSim, temperature 1; ``colbert``; and
+  ``colbert-attended``, the encoder attending to the expansion too), at ``--steps`` of its
+  own (equal wall time: the steps the dense run's time buys); zero-shot languages only for
+  the ColBERT cells (exact MaxSim search is slow on 2 cores).
 - ``recipe``: the whole recipe (``config.py``: mined-linked groups, symmetric loss with
   false-negative masking, lr 1e-4, dropout off, the Cyrillic rewrite) on mixed positives,
   on synopsis + body positives, and with each choice undone in turn: which of them the
@@ -88,7 +88,7 @@ STUDIES = {
     "recipe": tuple(RECIPE_CELLS),
     "quantization": ("float", "binary", "binary-w2", "binary-w4"),
     "sparse": ("dense", "csr", "csr-t0.05"),
-    "multi_vector": ("dense", "colbert", "colbert-hidden"),
+    "multi_vector": ("dense", "colbert", "colbert-attended"),
 }
 # Recipe-based studies: the recipe's batches and query rewrite, its run as the dense cell.
 RECIPE_STUDIES = ("recipe", "quantization", "sparse", "multi_vector")
@@ -146,9 +146,9 @@ def cell_data(study: str, cell: str, out: Path, examples: int) -> tuple[list[Pat
             overrides = ["--config.loss.quantization=binary",
                          f"--config.loss.quantization_weight={weight}"]  # fmt: skip
         return [mined_pairs(out, examples, "mix")], overrides
-    if study == "multi_vector":  # colbert-hidden: classic ColBERT's unattended expansion
-        hidden = ["--config.model.query_expansion_attend=False"] if cell == "colbert-hidden" else []
-        return [mined_pairs(out, examples, "mix")], hidden
+    if study == "multi_vector":  # colbert-attended: the encoder attends to the expansion
+        attend = ["--config.model.query_expansion_attend=True"]
+        return [mined_pairs(out, examples, "mix")], attend if cell == "colbert-attended" else []
     if study == "sparse":
         overrides = []
         if cell != "dense":
