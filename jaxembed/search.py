@@ -107,24 +107,64 @@ def all_pairs(a: jax.Array, b: jax.Array) -> jax.Array:
     return jnp.matmul(a, b.T, precision=EXACT) if a.ndim == 2 else maxsim(a, b)
 
 
-@functools.partial(jax.jit, static_argnames=("k",))
-def _merge_block(best_s, best_i, q, d, n_valid, offset, k):
-    """Folds one corpus block into the running top-k (ties: lower corpus index first)."""
+# A multi-vector corpus is scanned in blocks of this many documents of one width: each
+# document's real tokens rounded up to TOKEN_WIDTH (few shapes compile). On Debian's
+# documents (90 tokens on average, at most 256) about a third of the full width's MaxSim
+# work (bench/RESULTS.md).
+TOKEN_BLOCK = 256
+TOKEN_WIDTH = 32
+
+
+def token_lengths(docs: np.ndarray, rows: int = 1024) -> np.ndarray:
+    """Each document's width that counts for MaxSim (documents in `token_sets`'s layout):
+    up to its last token that is not a copy of its first; the copies after it change no
+    max. Read ``rows`` documents at a time (a memory-mapped shard stays on disk)."""
+    out = np.ones(len(docs), np.int64)
+    for lo in range(0, len(docs), rows):
+        block = np.asarray(docs[lo : lo + rows])
+        differs = np.any(block != block[:, :1], axis=2)  # (rows, L)
+        last = block.shape[1] - np.argmax(differs[:, ::-1], axis=1)
+        out[lo : lo + len(block)] = np.where(differs.any(axis=1), last, 1)
+    return out
+
+
+@functools.partial(jax.jit, static_argnames=("k", "ordered"))
+def _merge_block(best_s, best_i, q, d, ids, k, ordered):
+    """Folds one corpus block (its documents' corpus indices ``ids``, -1: padding) into the
+    running top-k, ties ranking the lower corpus index first. ``ordered``: the block's
+    indices follow the running best's (a corpus scanned in order), so `jax.lax.top_k`'s
+    tie rule (lower position first) is the index rule; else a sort by (score, index)."""
     # Exact fp32 (no TF32/bf16 passes on accelerators), so near-ties rank as in float32;
     # token vectors ([n, L, D], a multi-vector model's) score by MaxSim.
-    s = all_pairs(q, d)
-    col = jnp.arange(d.shape[0])
-    s = jnp.where(col[None, :] < n_valid, s, -jnp.inf)
+    s = jnp.where(ids[None, :] >= 0, all_pairs(q, d), -jnp.inf)
     cand_s = jnp.concatenate([best_s, s], axis=1)
-    cand_i = jnp.concatenate([best_i, jnp.broadcast_to(offset + col, s.shape)], axis=1)
-    # top_k puts the lower position first among equal values; the running best always sits
-    # before the block and holds lower corpus indices, so the tie rule holds across blocks.
-    top_s, pos = jax.lax.top_k(cand_s, k)
-    return top_s, jnp.take_along_axis(cand_i, pos, axis=1)
+    cand_i = jnp.concatenate([best_i, jnp.broadcast_to(ids, s.shape)], axis=1)
+    if ordered:
+        top_s, pos = jax.lax.top_k(cand_s, k)
+        return top_s, jnp.take_along_axis(cand_i, pos, axis=1)
+    last = jnp.iinfo(jnp.int32).max  # empty slots and padding after every real index
+    neg, idx = jax.lax.sort((-cand_s, jnp.where(cand_i < 0, last, cand_i)), num_keys=2)
+    return -neg[:, :k], jnp.where(idx[:, :k] == last, -1, idx[:, :k])
 
 
 def _pow2_at_least(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
+
+
+def _blocks(docs: np.ndarray, rows: int) -> list[tuple[np.ndarray, int]]:
+    """The scan's blocks of ``docs``: (corpus indices, width) each, in scan order. Vectors
+    in corpus order at full width; token vectors by width, each document's its
+    `token_lengths` rounded up to `TOKEN_WIDTH`, widest first. A block never mixes widths,
+    so a document's score is computed alike whatever the rest of the corpus (the same
+    document twice scores the same, to the last bit)."""
+    if docs.ndim == 2:
+        return [(np.arange(s, min(s + rows, len(docs))), 0) for s in range(0, len(docs), rows)]
+    widths = np.minimum(-(-token_lengths(docs) // TOKEN_WIDTH) * TOKEN_WIDTH, docs.shape[1])
+    out = []
+    for width in sorted(set(widths.tolist()), reverse=True):
+        ids = np.flatnonzero(widths == width)
+        out += [(ids[s : s + rows], width) for s in range(0, len(ids), rows)]
+    return out
 
 
 def top_k(
@@ -140,12 +180,15 @@ def top_k(
     (both padded to a power of two, so few shapes compile), so memory stays at about
     ``query_block * (block + k)`` floats. Equal scores rank the lower document index first,
     whatever the block sizes. Token vectors (``[n, L, D]``, laid out as `token_sets`
-    does) are scored by MaxSim, exactly; then a block of queries holds at most 2^26
-    similarities at a time (`MAXSIM_CHUNK` documents of ``Ld`` tokens each).
+    does) are scored by MaxSim, exactly, in blocks of at most `TOKEN_BLOCK` documents of
+    one width, each cut to its real tokens (`token_lengths`, `_blocks`); a block of
+    queries then holds at most 2^26 similarities at a time (`MAXSIM_CHUNK` documents of
+    ``Ld`` tokens each).
     """
     queries = np.asarray(queries, np.float32)
     docs = np.asarray(docs, np.float32)
     if queries.ndim == 3:
+        block = min(block, TOKEN_BLOCK)
         per_query = MAXSIM_CHUNK * queries.shape[1] * docs.shape[1]
         query_block = min(query_block, max(1, (1 << 26) // per_query))
     k = min(k, len(docs))
@@ -156,17 +199,20 @@ def top_k(
         return out_s, out_i
     d_rows = min(_pow2_at_least(block), _pow2_at_least(len(docs)))
     q_rows = min(_pow2_at_least(query_block), _pow2_at_least(n_q))
-    n_docs = len(docs)
-    docs = np.concatenate([docs, np.zeros((-n_docs % d_rows, *docs.shape[1:]), np.float32)])
+    blocks = _blocks(docs, d_rows)
     for qs in range(0, n_q, q_rows):
         q = np.zeros((q_rows, *queries.shape[1:]), np.float32)
         q[: min(q_rows, n_q - qs)] = queries[qs : qs + q_rows]
         q = jnp.asarray(q)
         best_s = jnp.full((q_rows, k), -jnp.inf, jnp.float32)
         best_i = jnp.full((q_rows, k), -1, jnp.int32)
-        for ds in range(0, n_docs, d_rows):
+        for ids, width in blocks:
+            d = docs[ids[0] : ids[-1] + 1] if docs.ndim == 2 else docs[ids, :width]
+            if len(ids) < d_rows:  # the last block, padded (index -1: never a result)
+                d = np.concatenate([d, np.zeros((d_rows - len(d), *d.shape[1:]), np.float32)])
+                ids = np.concatenate([ids, np.full(d_rows - len(ids), -1)])
             best_s, best_i = _merge_block(
-                best_s, best_i, q, jnp.asarray(docs[ds : ds + d_rows]), n_docs - ds, ds, k
+                best_s, best_i, q, jnp.asarray(d), jnp.asarray(ids, jnp.int32), k, docs.ndim == 2
             )
         rows = min(q_rows, n_q - qs)
         out_s[qs : qs + rows] = np.asarray(best_s)[:rows]

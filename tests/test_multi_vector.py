@@ -191,8 +191,9 @@ def test_a_multi_vector_model_mines_by_maxsim(colbert_runs, train_setup, tmp_pat
 
 def test_maxsim_search_ranks_as_a_float64_brute_force():
     """`search.top_k` on token vectors (padded as `search.padded_tokens` lays them out) in
-    blocks of 4 documents and 3 queries ranks as MaxSim over the real tokens in float64;
-    `search.own` scores each query with its own document alike."""
+    blocks of 4 documents of one width, cut to their real tokens, and 3 queries ranks as
+    MaxSim over the real tokens in float64, equal documents by index; `search.own` scores
+    each query with its own document alike."""
     from jaxembed import search
 
     rng = np.random.default_rng(0)
@@ -201,12 +202,16 @@ def test_maxsim_search_ranks_as_a_float64_brute_force():
         out = [rng.normal(size=(rng.integers(1, longest + 1), 8)) for _ in range(n)]
         return [(x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32) for x in out]
 
-    q, d = texts(7, 5), texts(13, 9)
+    q, d = texts(7, 5), texts(13, 70)
+    d += [d[5], d[3]]  # exact ties: the lower index ranks first
     want = np.array([[(a.astype(np.float64) @ b.T).max(1).sum() for b in d] for a in q])
-    qp, dp = search.padded_tokens(q, query=True), search.padded_tokens(d, query=False, width=12)
-    scores, idx = search.top_k(qp, dp, k=5, block=4, query_block=3)
-    assert_close(scores, np.sort(want, 1)[:, ::-1][:, :5])
-    np.testing.assert_array_equal(idx, np.argsort(-want, 1, kind="stable")[:, :5])
+    qp, dp = search.padded_tokens(q, query=True), search.padded_tokens(d, query=False, width=80)
+    np.testing.assert_array_equal(search.token_lengths(dp), [len(x) for x in d])
+    widths = [w for _, w in search._blocks(dp, 4)]
+    assert widths == sorted(widths, reverse=True) and min(widths) < 80, widths
+    scores, idx = search.top_k(qp, dp, k=len(d), block=4, query_block=3)
+    assert_close(scores, np.sort(want, 1)[:, ::-1])
+    np.testing.assert_array_equal(idx, np.argsort(-want, 1, kind="stable"))
     assert_close(np.asarray(search.own(qp, dp[:7, None]))[:, 0], want[np.arange(7), np.arange(7)])
 
 
