@@ -107,10 +107,10 @@ def all_pairs(a: jax.Array, b: jax.Array) -> jax.Array:
     return jnp.matmul(a, b.T, precision=EXACT) if a.ndim == 2 else maxsim(a, b)
 
 
-# A multi-vector corpus is scanned in blocks of this many documents of one width: each
-# document's real tokens rounded up to TOKEN_WIDTH (few shapes compile). On Debian's
-# documents (90 tokens on average, at most 256) about a third of the full width's MaxSim
-# work (bench/RESULTS.md).
+# A multi-vector corpus is scanned in blocks of at most this many documents of one width:
+# each document's real tokens rounded up to TOKEN_WIDTH (few shapes compile). On Debian's
+# dev corpus (4,029 documents of 94 tokens on average, at most 256) about half the work of
+# scanning every document at the longest's width (bench/RESULTS.md).
 TOKEN_BLOCK = 256
 TOKEN_WIDTH = 32
 
@@ -155,8 +155,8 @@ def _blocks(docs: np.ndarray, rows: int) -> list[tuple[np.ndarray, int]]:
     """The scan's blocks of ``docs``: (corpus indices, width) each, in scan order. Vectors
     in corpus order at full width; token vectors by width, each document's its
     `token_lengths` rounded up to `TOKEN_WIDTH`, widest first. A block never mixes widths,
-    so a document's score is computed alike whatever the rest of the corpus (the same
-    document twice scores the same, to the last bit)."""
+    so within a search a document's score does not depend on the documents around it (the
+    same document twice scores the same, to the last bit)."""
     if docs.ndim == 2:
         return [(np.arange(s, min(s + rows, len(docs))), 0) for s in range(0, len(docs), rows)]
     widths = np.minimum(-(-token_lengths(docs) // TOKEN_WIDTH) * TOKEN_WIDTH, docs.shape[1])
@@ -208,9 +208,15 @@ def top_k(
         best_i = jnp.full((q_rows, k), -1, jnp.int32)
         for ids, width in blocks:
             d = docs[ids[0] : ids[-1] + 1] if docs.ndim == 2 else docs[ids, :width]
-            if len(ids) < d_rows:  # the last block, padded (index -1: never a result)
-                d = np.concatenate([d, np.zeros((d_rows - len(d), *d.shape[1:]), np.float32)])
-                ids = np.concatenate([ids, np.full(d_rows - len(ids), -1)])
+            # A short block (the last; a width's last) padded (index -1: never a result);
+            # a width's to a power of two, at least a MaxSim chunk: few shapes, every
+            # chunk computed alike, little padding when a width has few documents.
+            rows = d_rows
+            if docs.ndim == 3:
+                rows = max(min(d_rows, MAXSIM_CHUNK), _pow2_at_least(len(ids)))
+            if len(ids) < rows:
+                d = np.concatenate([d, np.zeros((rows - len(d), *d.shape[1:]), np.float32)])
+                ids = np.concatenate([ids, np.full(rows - len(ids), -1)])
             best_s, best_i = _merge_block(
                 best_s, best_i, q, jnp.asarray(d), jnp.asarray(ids, jnp.int32), k, docs.ndim == 2
             )

@@ -212,6 +212,9 @@ def test_maxsim_search_ranks_as_a_float64_brute_force():
     scores, idx = search.top_k(qp, dp, k=len(d), block=4, query_block=3)
     assert_close(scores, np.sort(want, 1)[:, ::-1])
     np.testing.assert_array_equal(idx, np.argsort(-want, 1, kind="stable"))
+    whole = search.top_k(qp, dp, k=len(d))  # one block a width: the same ranking
+    np.testing.assert_array_equal(whole[1], idx)
+    assert_close(whole[0], scores)
     assert_close(np.asarray(search.own(qp, dp[:7, None]))[:, 0], want[np.arange(7), np.arange(7)])
 
 
