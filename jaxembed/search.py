@@ -152,13 +152,15 @@ def _pow2_at_least(n: int) -> int:
 
 
 def _blocks(docs: np.ndarray, rows: int) -> list[tuple[np.ndarray, int]]:
-    """The scan's blocks of ``docs``: (corpus indices, width) each, in scan order. Vectors
-    in corpus order at full width; token vectors by width, each document's its
-    `token_lengths` rounded up to `TOKEN_WIDTH`, widest first. A block never mixes widths,
-    so within a search a document's score does not depend on the documents around it (the
-    same document twice scores the same, to the last bit)."""
-    if docs.ndim == 2:
-        return [(np.arange(s, min(s + rows, len(docs))), 0) for s in range(0, len(docs), rows)]
+    """The scan's blocks of ``docs``: (corpus indices, width) each, in scan order. Vectors,
+    and token vectors that fit in one block, in corpus order at full width (one compile);
+    other token vectors by width, each document's its `token_lengths` rounded up to
+    `TOKEN_WIDTH`, widest first. A block never mixes widths, so within a search a
+    document's score does not depend on the documents around it (the same document twice
+    scores the same, to the last bit)."""
+    if docs.ndim == 2 or len(docs) <= rows:  # in order (one block: one compile)
+        width = docs.shape[1] if docs.ndim == 3 else 0
+        return [(np.arange(s, min(s + rows, len(docs))), width) for s in range(0, len(docs), rows)]
     widths = np.minimum(-(-token_lengths(docs) // TOKEN_WIDTH) * TOKEN_WIDTH, docs.shape[1])
     out = []
     for width in sorted(set(widths.tolist()), reverse=True):
@@ -200,6 +202,7 @@ def top_k(
     d_rows = min(_pow2_at_least(block), _pow2_at_least(len(docs)))
     q_rows = min(_pow2_at_least(query_block), _pow2_at_least(n_q))
     blocks = _blocks(docs, d_rows)
+    ordered = docs.ndim == 2 or len(blocks) == 1  # corpus order: top_k's tie rule holds
     for qs in range(0, n_q, q_rows):
         q = np.zeros((q_rows, *queries.shape[1:]), np.float32)
         q[: min(q_rows, n_q - qs)] = queries[qs : qs + q_rows]
@@ -207,7 +210,7 @@ def top_k(
         best_s = jnp.full((q_rows, k), -jnp.inf, jnp.float32)
         best_i = jnp.full((q_rows, k), -1, jnp.int32)
         for ids, width in blocks:
-            d = docs[ids[0] : ids[-1] + 1] if docs.ndim == 2 else docs[ids, :width]
+            d = docs[ids[0] : ids[-1] + 1] if ordered else docs[ids, :width]
             # A short block (the last; a width's last) padded (index -1: never a result);
             # a width's to a power of two, at least a MaxSim chunk: few shapes, every
             # chunk computed alike, little padding when a width has few documents.
@@ -218,7 +221,7 @@ def top_k(
                 d = np.concatenate([d, np.zeros((rows - len(d), *d.shape[1:]), np.float32)])
                 ids = np.concatenate([ids, np.full(rows - len(ids), -1)])
             best_s, best_i = _merge_block(
-                best_s, best_i, q, jnp.asarray(d), jnp.asarray(ids, jnp.int32), k, docs.ndim == 2
+                best_s, best_i, q, jnp.asarray(d), jnp.asarray(ids, jnp.int32), k, ordered
             )
         rows = min(q_rows, n_q - qs)
         out_s[qs : qs + rows] = np.asarray(best_s)[:rows]
