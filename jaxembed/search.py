@@ -214,12 +214,12 @@ def top_k(
             # A short block (the last; a width's last) padded (index -1: never a result);
             # a width's to a power of two, at least a MaxSim chunk: few shapes, every
             # chunk computed alike, little padding when a width has few documents.
-            rows = d_rows
+            size = d_rows
             if docs.ndim == 3:
-                rows = max(min(d_rows, MAXSIM_CHUNK), _pow2_at_least(len(ids)))
-            if len(ids) < rows:
-                d = np.concatenate([d, np.zeros((rows - len(d), *d.shape[1:]), np.float32)])
-                ids = np.concatenate([ids, np.full(rows - len(ids), -1)])
+                size = max(min(d_rows, MAXSIM_CHUNK), _pow2_at_least(len(ids)))
+            if len(ids) < size:
+                d = np.concatenate([d, np.zeros((size - len(d), *d.shape[1:]), np.float32)])
+                ids = np.concatenate([ids, np.full(size - len(ids), -1)])
             best_s, best_i = _merge_block(
                 best_s, best_i, q, jnp.asarray(d), jnp.asarray(ids, jnp.int32), k, ordered
             )
