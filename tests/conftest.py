@@ -13,6 +13,15 @@ os.environ["XLA_FLAGS"] = (
     os.environ["JAXEMBED_SUITE_XLA_FLAGS"] + " --xla_force_host_platform_device_count=8"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# XLA:CPU runs the 8 devices' programs on one pool of max(cores, devices) threads, where a
+# collective blocks its thread until every device joins. An executable loaded from the
+# compilation cache below keeps no order between the collectives inside loops and
+# conditionals and the others (XLA's thunk deserialiser gives nested thunk sequences their
+# own communicator resource: helpers.conditionals_with_collectives), so devices can enter
+# two collectives in opposite orders; with 8 threads all 8 may then wait and XLA aborts
+# after 40 s (CI of 2026-12-04). Twice the threads lets every device run both; the tests
+# took the same time either way (test_train_step + test_multi_vector: 232 s, 228 s).
+os.environ.setdefault("PJRT_NPROC", "16")
 # One XLA compilation cache for the session and the processes it starts: many tests compile
 # the same tiny train step (a new jit object per `train.main`), and an identical program is
 # then loaded instead of compiled again (test_train_main, test_sparse and test_multi_vector:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -267,6 +268,55 @@ def reference_jit(fn, **jit_kwargs):
 
     options = OTHER_SUMMATION_ORDER if jax.default_backend() == "cpu" else None
     return jax.jit(fn, compiler_options=options, **jit_kwargs)
+
+
+COLLECTIVE = re.compile(
+    r"\b(all-gather|all-reduce|reduce-scatter|collective-permute|all-to-all)(-start)?\("
+)
+
+
+def conditionals_with_collectives(hlo: str) -> list[str]:
+    """The branches of ``conditional`` instructions in compiled HLO text that run a
+    collective, directly or through the computations they call.
+
+    XLA:CPU loses the order of such collectives against the program's other collectives
+    when it loads an executable from the persistent compilation cache (its thunk
+    deserialiser gives a conditional's branches their own communicator resource): devices
+    then enter collectives in different orders and deadlock once every thread of the
+    8-device pool waits in one (CI of 2026-12-04: `jnp.diagonal`'s platform `cond` in the
+    loss). Our steps keep collectives out of conditionals."""
+    bodies, name = {}, None
+    for line in hlo.splitlines():
+        header = re.match(r"^(?:ENTRY )?%?([\w.\-]+) .*\{$", line)
+        if header:
+            name, bodies[header.group(1)] = header.group(1), []
+        elif line.startswith("}"):
+            name = None
+        elif name:
+            bodies[name].append(line)
+
+    def called(body: str) -> list[str]:
+        names = re.findall(r"(?:calls|to_apply|body|condition)=%?([\w.\-]+)", body)
+        for group in re.findall(r"branch_computations=\{([^}]*)\}", body):
+            names += re.findall(r"%?([\w.\-]+)", group)
+        return names
+
+    def collective(comp: str, seen: set) -> bool:
+        if comp in seen or comp not in bodies:
+            return False
+        seen.add(comp)
+        body = "\n".join(bodies[comp])
+        return bool(COLLECTIVE.search(body)) or any(collective(c, seen) for c in called(body))
+
+    branches = [
+        b
+        for lines in bodies.values()
+        for line in lines
+        if " conditional(" in line
+        for group in re.findall(r"branch_computations=\{([^}]*)\}", line)
+        for b in re.findall(r"%?([\w.\-]+)", group)
+    ]
+    return [b for b in branches if collective(b, set())]
 
 
 def masked_error(a, b, mask):

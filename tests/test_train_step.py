@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from helpers import assert_close, reference_jit
+from helpers import assert_close, conditionals_with_collectives, reference_jit
 
 from jaxembed import config as config_lib
 from jaxembed import sharding, train_state
@@ -155,10 +155,16 @@ def reference():
 
 def loss_and_grads(step: step_lib.Step, state, batch, frozen=None) -> tuple[float, dict]:
     """`step.train_step` without the update: ``(loss, gradients)`` as NumPy; on one device
-    compiled in another summation order than on a mesh (`helpers.reference_jit`)."""
+    compiled in another summation order than on a mesh (`helpers.reference_jit`); on a mesh
+    no collective runs inside a conditional (`helpers.conditionals_with_collectives`)."""
     fn = functools.partial(step_lib.train_step, step=step, task="retrieval", update=False)
-    jit = reference_jit if step.mesh.size == 1 else jax.jit
-    loss, grads, _ = jit(fn)(state, sharding.shard_batch(batch, step.mesh), frozen)
+    batch = sharding.shard_batch(batch, step.mesh)
+    if step.mesh.size == 1:
+        loss, grads, _ = reference_jit(fn)(state, batch, frozen)
+    else:
+        compiled = jax.jit(fn).lower(state, batch, frozen).compile()
+        assert not conditionals_with_collectives(compiled.as_text())
+        loss, grads, _ = compiled(state, batch, frozen)
     return float(loss), jax.tree.map(np.asarray, grads)
 
 
@@ -187,6 +193,34 @@ def one_device_and_mesh(make_model, shape=(2, 4)):
         step = step_lib.make_step(make_config(dropout=False), mesh, model)
         results.append(loss_and_grads(step, step.init(model), step_batch(random_batch())))
     return results
+
+
+def test_conditionals_with_collectives_finds_a_gather_in_a_branch():
+    """The check `loss_and_grads` runs on every mesh step, on the shape CI deadlocked on
+    (`jnp.diagonal`'s gradient: a scatter whose gathers sit in a one-branch conditional)."""
+    hlo = """
+%scatter_region (p: (s32[1,2], f32[1])) -> (f32[1,8]) {
+  %idx = s32[1,2]{1,0} get-tuple-element(%p), index=0
+  %all-gather = s32[8,2]{1,0} all-gather(%idx), channel_id=5, dimensions={0}
+  ROOT %t = (f32[1,8]{1,0}) tuple(%w)
+}
+
+%calls_it (p: (s32[1,2], f32[1])) -> (f32[1,8]) {
+  ROOT %c = (f32[1,8]{1,0}) call(%p), to_apply=%scatter_region
+}
+
+%local (p: f32[1]) -> f32[1] {
+  ROOT %n = f32[1]{0} negate(%p)
+}
+
+ENTRY %main (a: s32[], b: (s32[1,2], f32[1]), c: f32[1]) -> f32[1] {
+  %direct = (f32[1,8]{1,0}) conditional(%a, %b), branch_computations={%scatter_region}
+  %nested = (f32[1,8]{1,0}) conditional(%a, %b), branch_computations={%calls_it, %local}
+  ROOT %r = f32[1]{0} all-reduce(%c), channel_id=7, to_apply=%local
+}
+"""
+    assert conditionals_with_collectives(hlo) == ["scatter_region", "calls_it"]
+    assert conditionals_with_collectives(hlo.replace("all-gather(", "negate(")) == []
 
 
 # Pure data parallel (8x1) and pure FSDP (1x8) are also compared end to end, loss by loss,
