@@ -148,9 +148,9 @@ def _in_batch_term(qn, pn, nn, temp, neg_mask, pos_hash, neg_hash, *, with_negat
     qp = all_pairs(qn, pn) / temp  # [B, B]
     valid = _in_batch_valid(pos_hash)
     qp_masked = qp if valid is None else jnp.where(valid, qp, _MASKED)
-    # Row i's own logit, picked by a mask rather than `jnp.diagonal`: that is a `cond` on
-    # the platform, and on a mesh its gradient's gathers sat inside the `conditional`,
-    # where XLA:CPU's cached executables lose the order of collectives (a deadlock).
+    # Row i's own logit, picked by a mask: `jnp.diagonal` is a `cond` on the platform, and
+    # on a mesh its gradient's collectives sat inside it (a deadlock on XLA:CPU: the
+    # design notes, convention 7).
     target = jnp.sum(jnp.where(jnp.eye(b, dtype=bool), qp, 0.0), axis=1)
     logits = qp_masked
     if with_negatives:

@@ -8,9 +8,9 @@ from pathlib import Path
 
 # The flags the suite is started with reach the processes tests start (helpers.xla_flags):
 # `XLA_FLAGS=--xla_cpu_prefer_vector_width=512 pytest` runs everything in that summation order.
-# Before them, LLVM's optimisation level 0 for the CPU code XLA emits (XLA's own HLO passes,
-# fusion included, run as ever): the suite's programs are tiny and compiled far more than
-# run, so compiling faster wins (whole suite 1,040 s -> 876 s, 443 passed both ways,
+# Before them, LLVM's optimisation level 0 for the CPU code XLA emits (the level of LLVM's
+# code generation only): the suite's programs are tiny and compiled far more than run
+# (whole suite: 1,040 s at the default level, 876 s and 914 s at 0, 443 passed each time,
 # 2026-12-04); `XLA_FLAGS=--xla_backend_optimization_level=2 pytest` runs it optimised.
 os.environ.setdefault(
     "JAXEMBED_SUITE_XLA_FLAGS",
@@ -20,15 +20,12 @@ os.environ["XLA_FLAGS"] = (
     os.environ["JAXEMBED_SUITE_XLA_FLAGS"] + " --xla_force_host_platform_device_count=8"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# XLA:CPU runs the 8 devices' programs on one pool of max(cores, devices) threads, where a
-# collective blocks its thread until every device joins. An executable loaded from the
-# compilation cache below keeps no order between the collectives inside loops and
-# conditionals and the others (XLA's thunk deserialiser gives nested thunk sequences their
-# own communicator resource: helpers.conditionals_with_collectives), so devices can enter
-# two collectives in opposite orders; with 8 threads all 8 may then wait and XLA aborts
-# after 40 s (CI of 2026-12-04). Twice the threads lets every device run both; the tests
-# took the same time either way (test_train_step + test_multi_vector: 232 s, 228 s).
-os.environ.setdefault("PJRT_NPROC", "16")
+# At least twice as many XLA:CPU threads as devices: a collective holds a thread until all
+# 8 devices join it, and a program loaded from the compilation cache below may let two
+# devices enter two collectives in opposite orders; with 8 threads all may wait (a CI
+# deadlock: docs/design.md, convention 7). Same time: test_train_step + test_multi_vector
+# took 232 s with 8 threads, 228 s with 16.
+os.environ.setdefault("PJRT_NPROC", str(max(16, os.cpu_count() or 1)))
 # One XLA compilation cache for the session and the processes it starts: many tests compile
 # the same tiny train step (a new jit object per `train.main`), and an identical program is
 # then loaded instead of compiled again (test_train_main, test_sparse and test_multi_vector:

@@ -271,20 +271,28 @@ def reference_jit(fn, **jit_kwargs):
 
 
 COLLECTIVE = re.compile(
-    r"\b(all-gather|all-reduce|reduce-scatter|collective-permute|all-to-all)(-start)?\("
+    r"\b(all-gather|all-reduce|reduce-scatter|collective-permute|all-to-all"
+    r"|collective-broadcast)(-start)?\("
 )
+_ONE_CALLED = re.compile(
+    r"\b(?:calls|to_apply|body|condition|true_computation|false_computation)=%?([\w.\-]+)"
+)
+_MANY_CALLED = re.compile(r"\b(?:branch_computations|called_computations)=\{([^}]*)\}")
+
+
+def _called(text: str) -> list[str]:
+    """The computations an HLO instruction (or a computation's body) calls."""
+    names = _ONE_CALLED.findall(text)
+    for group in _MANY_CALLED.findall(text):
+        names += re.findall(r"%?([\w.\-]+)", group)
+    return names
 
 
 def conditionals_with_collectives(hlo: str) -> list[str]:
     """The branches of ``conditional`` instructions in compiled HLO text that run a
-    collective, directly or through the computations they call.
-
-    XLA:CPU loses the order of such collectives against the program's other collectives
-    when it loads an executable from the persistent compilation cache (its thunk
-    deserialiser gives a conditional's branches their own communicator resource): devices
-    then enter collectives in different orders and deadlock once every thread of the
-    8-device pool waits in one (CI of 2026-12-04: `jnp.diagonal`'s platform `cond` in the
-    loss). Our steps keep collectives out of conditionals."""
+    collective, directly or through the computations they call (why none may:
+    docs/design.md, convention 7). Text without one computation in it is an error, so a
+    change of XLA's printed format fails the check instead of passing it."""
     bodies, name = {}, None
     for line in hlo.splitlines():
         header = re.match(r"^(?:ENTRY )?%?([\w.\-]+) .*\{$", line)
@@ -294,27 +302,22 @@ def conditionals_with_collectives(hlo: str) -> list[str]:
             name = None
         elif name:
             bodies[name].append(line)
-
-    def called(body: str) -> list[str]:
-        names = re.findall(r"(?:calls|to_apply|body|condition)=%?([\w.\-]+)", body)
-        for group in re.findall(r"branch_computations=\{([^}]*)\}", body):
-            names += re.findall(r"%?([\w.\-]+)", group)
-        return names
+    if not bodies:
+        raise ValueError("no HLO computation found in the text")
 
     def collective(comp: str, seen: set) -> bool:
         if comp in seen or comp not in bodies:
             return False
         seen.add(comp)
         body = "\n".join(bodies[comp])
-        return bool(COLLECTIVE.search(body)) or any(collective(c, seen) for c in called(body))
+        return bool(COLLECTIVE.search(body)) or any(collective(c, seen) for c in _called(body))
 
     branches = [
-        b
+        branch
         for lines in bodies.values()
         for line in lines
         if " conditional(" in line
-        for group in re.findall(r"branch_computations=\{([^}]*)\}", line)
-        for b in re.findall(r"%?([\w.\-]+)", group)
+        for branch in _called(line)
     ]
     return [b for b in branches if collective(b, set())]
 

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from helpers import assert_close, conditionals_with_collectives, reference_jit
+from helpers import COLLECTIVE, assert_close, conditionals_with_collectives, reference_jit
 
 from jaxembed import config as config_lib
 from jaxembed import sharding, train_state
@@ -163,7 +163,9 @@ def loss_and_grads(step: step_lib.Step, state, batch, frozen=None) -> tuple[floa
         loss, grads, _ = reference_jit(fn)(state, batch, frozen)
     else:
         compiled = jax.jit(fn).lower(state, batch, frozen).compile()
-        assert not conditionals_with_collectives(compiled.as_text())
+        hlo = compiled.as_text()
+        assert COLLECTIVE.search(hlo)  # a mesh step gathers: the check reads its text
+        assert not conditionals_with_collectives(hlo)
         loss, grads, _ = compiled(state, batch, frozen)
     return float(loss), jax.tree.map(np.asarray, grads)
 
@@ -197,30 +199,34 @@ def one_device_and_mesh(make_model, shape=(2, 4)):
 
 def test_conditionals_with_collectives_finds_a_gather_in_a_branch():
     """The check `loss_and_grads` runs on every mesh step, on the shape CI deadlocked on
-    (`jnp.diagonal`'s gradient: a scatter whose gathers sit in a one-branch conditional)."""
+    (`jnp.diagonal`'s gradient: a scatter whose gathers sit in a one-branch conditional),
+    in both forms XLA prints conditionals in. Schematic HLO text, not a valid module."""
     hlo = """
-%scatter_region (p: (s32[1,2], f32[1])) -> (f32[1,8]) {
+%branch_with_gather (p: (s32[1,2], f32[1])) -> (f32[1,8]) {
   %idx = s32[1,2]{1,0} get-tuple-element(%p), index=0
   %all-gather = s32[8,2]{1,0} all-gather(%idx), channel_id=5, dimensions={0}
-  ROOT %t = (f32[1,8]{1,0}) tuple(%w)
+  ROOT %t = (f32[1,8]{1,0}) tuple(%all-gather)
 }
 
 %calls_it (p: (s32[1,2], f32[1])) -> (f32[1,8]) {
-  ROOT %c = (f32[1,8]{1,0}) call(%p), to_apply=%scatter_region
+  ROOT %c = (f32[1,8]{1,0}) call(%p), to_apply=%branch_with_gather
 }
 
 %local (p: f32[1]) -> f32[1] {
   ROOT %n = f32[1]{0} negate(%p)
 }
 
-ENTRY %main (a: s32[], b: (s32[1,2], f32[1]), c: f32[1]) -> f32[1] {
-  %direct = (f32[1,8]{1,0}) conditional(%a, %b), branch_computations={%scatter_region}
+ENTRY %main (a: s32[], b: (s32[1,2], f32[1]), c: f32[1], d: pred[]) -> f32[1] {
+  %direct = (f32[1,8]{1,0}) conditional(%a, %b), branch_computations={%branch_with_gather}
   %nested = (f32[1,8]{1,0}) conditional(%a, %b), branch_computations={%calls_it, %local}
+  %if = f32[1]{0} conditional(%d, %c, %c), true_computation=%local, false_computation=%calls_it
   ROOT %r = f32[1]{0} all-reduce(%c), channel_id=7, to_apply=%local
 }
 """
-    assert conditionals_with_collectives(hlo) == ["scatter_region", "calls_it"]
+    assert conditionals_with_collectives(hlo) == ["branch_with_gather", "calls_it", "calls_it"]
     assert conditionals_with_collectives(hlo.replace("all-gather(", "negate(")) == []
+    with pytest.raises(ValueError, match="no HLO computation"):
+        conditionals_with_collectives("HloModule m")
 
 
 # Pure data parallel (8x1) and pure FSDP (1x8) are also compared end to end, loss by loss,
