@@ -153,20 +153,24 @@ def reference():
     return loss_and_grads_on(MESHES["1x1"], gradcache=False, head=dense_head())
 
 
+def jit_on(mesh, fn, *args):
+    """``fn`` compiled for arguments like ``args``: on one device in another summation order
+    than on a mesh (`helpers.reference_jit`); on a mesh checked to run no collective inside
+    a conditional (`helpers.conditionals_with_collectives`)."""
+    if mesh.size == 1:
+        return reference_jit(fn)
+    compiled = jax.jit(fn).lower(*args).compile()
+    hlo = compiled.as_text()
+    assert COLLECTIVE.search(hlo)  # a mesh step gathers: the check reads its text
+    assert not conditionals_with_collectives(hlo)
+    return compiled
+
+
 def loss_and_grads(step: step_lib.Step, state, batch, frozen=None) -> tuple[float, dict]:
-    """`step.train_step` without the update: ``(loss, gradients)`` as NumPy; on one device
-    compiled in another summation order than on a mesh (`helpers.reference_jit`); on a mesh
-    no collective runs inside a conditional (`helpers.conditionals_with_collectives`)."""
+    """`step.train_step` without the update: ``(loss, gradients)`` as NumPy (`jit_on`)."""
     fn = functools.partial(step_lib.train_step, step=step, task="retrieval", update=False)
-    batch = sharding.shard_batch(batch, step.mesh)
-    if step.mesh.size == 1:
-        loss, grads, _ = reference_jit(fn)(state, batch, frozen)
-    else:
-        compiled = jax.jit(fn).lower(state, batch, frozen).compile()
-        hlo = compiled.as_text()
-        assert COLLECTIVE.search(hlo)  # a mesh step gathers: the check reads its text
-        assert not conditionals_with_collectives(hlo)
-        loss, grads, _ = compiled(state, batch, frozen)
+    args = (state, sharding.shard_batch(batch, step.mesh), frozen)
+    loss, grads, _ = jit_on(step.mesh, fn, *args)(*args)
     return float(loss), jax.tree.map(np.asarray, grads)
 
 
@@ -198,7 +202,7 @@ def one_device_and_mesh(make_model, shape=(2, 4)):
 
 
 def test_conditionals_with_collectives_finds_a_gather_in_a_branch():
-    """The check `loss_and_grads` runs on every mesh step, on the shape CI deadlocked on
+    """The check `jit_on` runs on every mesh step, on the shape CI deadlocked on
     (`jnp.diagonal`'s gradient: a scatter whose gathers sit in a one-branch conditional),
     in both forms XLA prints conditionals in. Schematic HLO text, not a valid module."""
     hlo = """
@@ -309,9 +313,9 @@ def test_splade_trains_the_same_on_every_mesh_and_with_gradcache():
         model = BertModel(dataclasses.replace(TINY, add_mlm_head=True), rngs=nnx.Rngs(0))
         step = step_lib.make_step(c, mesh, model, None, "splade")
         fn = functools.partial(step_lib.train_step, step=step, task="retrieval", update=False)
-        jitted = (reference_jit if mesh.size == 1 else jax.jit)(fn)
         batch = sharding.shard_batch(step_batch(random_batch(), segments), mesh)
         state = step.init(model)
+        jitted = jit_on(mesh, fn, state, batch, None)
         loss, grads, _ = jitted(state.replace(step=jnp.int32(5)), batch, None)  # full weight
         unregularised = jitted(state, batch, None)[0]  # step 0: weight 0
         out.append((float(loss), jax.tree.map(np.asarray, grads), float(unregularised)))
